@@ -1,0 +1,215 @@
+"""The callcp exception hierarchy: one tree for the whole library.
+
+Callcp 1.0 had two trees of the same names, one rooted at
+``SecureTCPServerError`` (server side) and one at ``SecureTCPClientError``
+(client side).  Code written for it catches either root around either side,
+so here every concrete error derives from *both* roots through
+:class:`CallcpError`'s children::
+
+    CallcpError
+    ├── SecureTCPServerError ─┐
+    ├── SecureTCPClientError ─┤ (both are bases of everything below)
+    │   ├── KeyManagementError        bad, unreadable or mismatched key files
+    │   ├── HandshakeError            the handshake could not complete
+    │   │   ├── VersionMismatch       no protocol version in common
+    │   │   ├── ServerKeyError        the server's key is not trusted
+    │   │   │   ├── UnknownServerKey  no pin, no known-hosts entry, no TOFU
+    │   │   │   └── ServerKeyChanged  the key differs from the pin/known host
+    │   │   ├── ClientAuthError       client authentication failed/refused
+    │   │   └── HandshakeTimeout
+    │   ├── CryptoError               a record failed authentication
+    │   ├── RemoteProtocolError       the peer sent bytes that break the rules
+    │   │   └── MessageTooLarge       a message over the configured maximum
+    │   ├── TransportError            the connection itself
+    │   │   ├── ConnectionClosed      the connection is closed (see .code)
+    │   │   │   ├── ConnectionClosedOK     with an authenticated close
+    │   │   │   └── ConnectionClosedError  broken, truncated, or failed
+    │   │   └── CallcpTimeout         an I/O deadline passed
+    │   └── LocalProtocolError        the caller misused the API
+
+Errors say whose fault it was (the h11 split): ``RemoteProtocolError`` and
+``CryptoError`` mean the peer (or an attacker on the path) sent bad bytes;
+``LocalProtocolError`` means this program called the API wrongly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = [
+    "CallcpError",
+    "SecureTCPServerError",
+    "SecureTCPClientError",
+    "KeyManagementError",
+    "HandshakeError",
+    "VersionMismatch",
+    "ServerKeyError",
+    "UnknownServerKey",
+    "ServerKeyChanged",
+    "ClientAuthError",
+    "HandshakeTimeout",
+    "CryptoError",
+    "RemoteProtocolError",
+    "MessageTooLarge",
+    "TransportError",
+    "ConnectionClosed",
+    "ConnectionClosedOK",
+    "ConnectionClosedError",
+    "CallcpTimeout",
+    "LocalProtocolError",
+    "CloseCode",
+]
+
+
+class CloseCode:
+    """Codes carried by CLOSE records and plaintext alerts (u16 on the wire)."""
+
+    NORMAL = 0
+    PROTOCOL_ERROR = 1
+    HANDSHAKE_FAILURE = 2
+    UNSUPPORTED_VERSION = 3
+    UNTRUSTED_KEY = 4
+    UNAUTHORIZED = 5
+    MESSAGE_TOO_LARGE = 6
+    DECRYPT_ERROR = 7
+    TIMEOUT = 8
+    INTERNAL_ERROR = 9
+    GOING_AWAY = 10
+
+    NAMES = {
+        0: "normal closure",
+        1: "protocol error",
+        2: "handshake failure",
+        3: "unsupported version",
+        4: "untrusted key",
+        5: "unauthorized",
+        6: "message too large",
+        7: "decrypt error",
+        8: "timeout",
+        9: "internal error",
+        10: "going away",
+    }
+
+    @classmethod
+    def name(cls, code: int) -> str:
+        return cls.NAMES.get(code, f"code {code}")
+
+
+class CallcpError(Exception):
+    """Base class of every error callcp raises."""
+
+
+class SecureTCPServerError(CallcpError):
+    """Callcp 1.0's server-side root; every callcp error is one."""
+
+
+class SecureTCPClientError(CallcpError):
+    """Callcp 1.0's client-side root; every callcp error is one."""
+
+
+class _Error(SecureTCPServerError, SecureTCPClientError):
+    """Internal common base: under both Callcp 1.0 roots."""
+
+
+class KeyManagementError(_Error):
+    """A key could not be generated, loaded, parsed, decrypted or saved."""
+
+
+class HandshakeError(_Error):
+    """The handshake failed; no application data was exchanged."""
+
+    #: the close code to tell the peer, when one applies
+    code: int = CloseCode.HANDSHAKE_FAILURE
+
+
+class VersionMismatch(HandshakeError):
+    """The two sides share no protocol version."""
+
+    code = CloseCode.UNSUPPORTED_VERSION
+
+
+class ServerKeyError(HandshakeError):
+    """The server's key is not one this client trusts."""
+
+    code = CloseCode.UNTRUSTED_KEY
+
+
+class UnknownServerKey(ServerKeyError):
+    """The server is unknown and trust-on-first-use was not allowed."""
+
+
+class ServerKeyChanged(ServerKeyError):
+    """The server presented a key other than the pinned or known one.
+
+    ``expected`` and ``presented`` hold the two ``SHA256:`` fingerprints.
+    """
+
+    def __init__(self, message: str, *, expected: str, presented: str) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.presented = presented
+
+
+class ClientAuthError(HandshakeError):
+    """Client authentication was missing, invalid, or not authorized."""
+
+    code = CloseCode.UNAUTHORIZED
+
+
+class HandshakeTimeout(HandshakeError):
+    """The handshake did not finish within its deadline."""
+
+    code = CloseCode.TIMEOUT
+
+
+class RemoteProtocolError(_Error):
+    """The peer sent bytes that violate callcp/2."""
+
+    code: int = CloseCode.PROTOCOL_ERROR
+
+
+class CryptoError(RemoteProtocolError):
+    """A record failed authentication: tampered, replayed, reordered,
+    reflected, dropped, or sealed with another key."""
+
+    code = CloseCode.DECRYPT_ERROR
+
+
+class MessageTooLarge(RemoteProtocolError):
+    """An incoming message exceeded ``max_message_size``."""
+
+    code = CloseCode.MESSAGE_TOO_LARGE
+
+
+class TransportError(_Error):
+    """The connection failed or is closed."""
+
+
+class ConnectionClosed(TransportError):
+    """The connection is closed; ``code`` and ``reason`` say how.
+
+    ``code`` is a :class:`CloseCode` value, or ``None`` when the connection
+    ended without any close record (a TCP close or reset).
+    """
+
+    def __init__(self, message: str, *, code: Optional[int] = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class ConnectionClosedOK(ConnectionClosed):
+    """The connection was closed cleanly with an authenticated close."""
+
+
+class ConnectionClosedError(ConnectionClosed):
+    """The connection broke: the peer vanished, closed TCP without the
+    authenticated close (possible truncation), or closed with an error code."""
+
+
+class CallcpTimeout(TransportError, TimeoutError):
+    """A socket operation did not finish before its deadline."""
+
+
+class LocalProtocolError(_Error):
+    """This program used the API in a way the protocol does not allow."""

@@ -1,0 +1,67 @@
+"""Events the sans-I/O core hands to adapters: small, frozen, past tense."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+__all__ = [
+    "Event",
+    "NEED_DATA",
+    "NeedData",
+    "ServerKeyAccepted",
+    "HandshakeCompleted",
+    "MessageReceived",
+    "CloseReceived",
+]
+
+
+class NeedData:
+    """Sentinel type: feed more bytes with ``receive_data`` before asking again."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+
+
+@dataclass(frozen=True)
+class ServerKeyAccepted:
+    """(client) The server's key passed verification and the client's key
+    exchange is queued: the client may send data now (1-RTT)."""
+
+    __slots__ = ("fingerprint",)
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class HandshakeCompleted:
+    """Both Finished MACs verified; ``peer_fingerprint`` is the peer's key
+    (the server's for a client; the client's, or None, for a server)."""
+
+    __slots__ = ("version", "peer_fingerprint")
+    version: int
+    peer_fingerprint: Optional[str]
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    """A whole, authenticated message."""
+
+    __slots__ = ("data",)
+    data: bytes
+
+
+@dataclass(frozen=True)
+class CloseReceived:
+    """The peer sent an authenticated CLOSE."""
+
+    __slots__ = ("code", "reason")
+    code: int
+    reason: str
+
+
+Event = Union[ServerKeyAccepted, HandshakeCompleted, MessageReceived, CloseReceived]

@@ -1,0 +1,757 @@
+"""The callcp/2 connection state machines (client and server), sans I/O.
+
+Theory of operation
+-------------------
+A protocol object owns everything about one connection except the socket.
+The adapter loop is always the same::
+
+    proto.receive_data(bytes_from_socket)     # b"" means the peer closed TCP
+    while (event := proto.next_event()) is not NEED_DATA:
+        ...handle event...
+    socket.sendall(proto.data_to_send())
+
+and ``proto.send(message)`` / ``proto.close()`` queue outgoing records.
+
+Incoming bytes are cut into frames (``wire``).  What a frame may do depends
+on the state, and the allowed (state, frame type) pairs are the table
+``_CLIENT_TABLE`` / ``_SERVER_TABLE`` below; any other pair is a protocol
+violation.  The first error of any kind is *fatal*: the object queues a
+CLOSE record (or, before keys exist, a plaintext ALERT) telling the peer why,
+remembers the error, raises it, and from then on refuses to be used.
+
+Flights (1-RTT, the server speaks first)::
+
+    server:  SERVER_HELLO
+    client:  CLIENT_HELLO, [CLIENT_AUTH], FINISHED, DATA...     (one flight)
+    server:  FINISHED, DATA...
+
+The client may send data as soon as it has queued its FINISHED: its keys
+depend on a premaster secret that only the holder of the server's (verified)
+RSA key can decrypt.  It reads the server's FINISHED before any server data,
+so nothing is delivered to the application from an unconfirmed handshake.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections import deque
+from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
+
+from .errors import (
+    CallcpError,
+    ClientAuthError,
+    CloseCode,
+    ConnectionClosed,
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    CryptoError,
+    HandshakeError,
+    LocalProtocolError,
+    MessageTooLarge,
+    RemoteProtocolError,
+    VersionMismatch,
+)
+from .events import (
+    NEED_DATA,
+    CloseReceived,
+    Event,
+    HandshakeCompleted,
+    MessageReceived,
+    NeedData,
+    ServerKeyAccepted,
+)
+from .keys import fingerprint_der, load_public_der, public_der
+from .records import DEFAULT_KEY_UPDATE_INTERVAL, RecordReceiver, RecordSender
+from .schedule import HandshakeSecrets, derive_handshake_secrets
+from .wire import (
+    HEADER,
+    HEADER_SIZE,
+    MAX_FRAGMENT,
+    MAX_PLAINTEXT_FRAME,
+    MAX_RECORD_BODY,
+    SUPPORTED_VERSIONS,
+    TAG_SIZE,
+    ClientHello,
+    FrameType,
+    ServerHello,
+    decode_alert,
+    decode_client_auth,
+    encode_alert,
+    encode_client_auth,
+    frame,
+    split_versions,
+)
+
+__all__ = [
+    "State",
+    "Entropy",
+    "ClientProtocol",
+    "ServerProtocol",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "OAEP",
+    "PSS",
+]
+
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+CLIENT_AUTH_CONTEXT = b"callcp/2 client auth\x00"
+PREMASTER_SIZE = 32
+
+#: Verifies the server's key: called with (fingerprint, DER); raises to refuse.
+ServerKeyVerifier = Callable[[str, bytes], None]
+#: Decides whether a client key (by fingerprint) may connect.
+ClientAuthorizer = Callable[[str], bool]
+
+
+class State(enum.Enum):
+    WAIT_SERVER_HELLO = "wait ServerHello"
+    WAIT_CLIENT_HELLO = "wait ClientHello"
+    WAIT_CLIENT_AUTH = "wait client authentication"
+    WAIT_CLIENT_FINISHED = "wait client Finished"
+    WAIT_SERVER_FINISHED = "wait server Finished"
+    OPEN = "open"
+    CLOSED = "closed"  # the peer's authenticated CLOSE arrived
+    FAILED = "failed"  # a fatal error happened (either side's fault)
+
+
+_HANDSHAKE_STATES = frozenset(
+    {
+        State.WAIT_SERVER_HELLO,
+        State.WAIT_CLIENT_HELLO,
+        State.WAIT_CLIENT_AUTH,
+        State.WAIT_CLIENT_FINISHED,
+        State.WAIT_SERVER_FINISHED,
+    }
+)
+
+
+class Entropy:
+    """Every source of randomness the handshake uses, in one replaceable place.
+
+    Tests substitute a deterministic subclass to reproduce the known-answer
+    handshake of docs/PROTOCOL.md; production code never does.
+    """
+
+    def random(self, n: int) -> bytes:
+        import os
+
+        return os.urandom(n)
+
+    def x25519_key(self) -> x25519.X25519PrivateKey:
+        return x25519.X25519PrivateKey.generate()
+
+    def oaep_encrypt(self, key: rsa.RSAPublicKey, premaster: bytes) -> bytes:
+        return key.encrypt(premaster, OAEP)
+
+
+def _finished_mac(key: bytes, transcript_hash: bytes) -> bytes:
+    h = hmac.HMAC(key, hashes.SHA256())
+    h.update(transcript_hash)
+    return h.finalize()
+
+
+def _verify_finished(key: bytes, transcript_hash: bytes, received: bytes) -> bool:
+    h = hmac.HMAC(key, hashes.SHA256())
+    h.update(transcript_hash)
+    try:
+        h.verify(received)  # constant-time comparison
+    except InvalidSignature:
+        return False
+    return True
+
+
+# An exception class chosen by the close code a peer sent during the handshake.
+_HANDSHAKE_ERROR_BY_CODE: Dict[int, type] = {
+    CloseCode.UNSUPPORTED_VERSION: VersionMismatch,
+    CloseCode.UNAUTHORIZED: ClientAuthError,
+    CloseCode.UNTRUSTED_KEY: HandshakeError,
+}
+
+Handler = Callable[["_Protocol", bytes, bytes], Optional[Event]]
+
+
+class _Protocol:
+    """What the client and server share: framing, records, messages, close."""
+
+    _TABLE: Dict[Tuple[State, int], str] = {}
+    _role = ""
+
+    def __init__(
+        self,
+        *,
+        max_message_size: int,
+        key_update_interval: int,
+        entropy: Optional[Entropy],
+    ) -> None:
+        if max_message_size < 0:
+            raise ValueError("max_message_size must be >= 0")
+        if key_update_interval < 1:
+            raise ValueError("key_update_interval must be >= 1")
+        self.max_message_size = max_message_size
+        self.key_update_interval = key_update_interval
+        self._entropy = entropy or Entropy()
+        self.state: State = State.FAILED  # set by subclasses
+        self.version: Optional[int] = None
+        self.peer_fingerprint: Optional[str] = None
+        self.error: Optional[CallcpError] = None
+        self._close_received: Optional[Tuple[int, str]] = None
+        self._close_sent = False
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        self._out: List[bytes] = []
+        self._events: Deque[Event] = deque()
+        self._transcript = hashlib.sha256()
+        self._secrets: Optional[HandshakeSecrets] = None
+        self._sender: Optional[RecordSender] = None
+        self._receiver: Optional[RecordReceiver] = None
+        self._fragments: List[bytes] = []
+        self._fragments_size = 0
+
+    # ---------------------------------------------------------------- public
+
+    @property
+    def can_send(self) -> bool:
+        """True when ``send`` would succeed."""
+        return (
+            self._sender is not None
+            and not self._close_sent
+            and self.state
+            in (
+                State.OPEN,
+                State.WAIT_SERVER_FINISHED,
+                State.CLOSED,
+            )
+        )
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the peer; ``b""`` means the peer closed TCP."""
+        if self._eof:
+            if data:
+                raise LocalProtocolError("receive_data() after end of stream")
+            return
+        if not data:
+            self._eof = True
+            return
+        if self.state is State.FAILED or self.state is State.CLOSED:
+            return  # nothing more is read from a finished connection
+        self._buf += data
+
+    def next_event(self) -> Union[Event, NeedData]:
+        """The next event, or NEED_DATA.
+
+        Raises:
+            HandshakeError, RemoteProtocolError (incl. CryptoError,
+            MessageTooLarge): the peer broke the protocol; the connection is
+            now failed and ``data_to_send()`` holds the close/alert to send.
+            ConnectionClosed: the connection is closed or failed already
+            (ConnectionClosedOK after the peer's normal CLOSE).
+        """
+        if self._events:
+            return self._events.popleft()
+        if self.state is State.FAILED or self.state is State.CLOSED:
+            raise self.closed_error()
+        try:
+            while True:
+                frame_ = self._next_frame()
+                if frame_ is None:
+                    if self._eof:
+                        self._on_eof()
+                    return NEED_DATA
+                event = self._dispatch(*frame_)
+                if event is not None:
+                    return event
+        except CallcpError as exc:
+            err = self._fail(exc)
+            if err is exc:
+                raise
+            raise err from exc
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the socket now (possibly empty)."""
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def send(self, message: Union[bytes, bytearray, memoryview]) -> None:
+        """Queue one message (any size: it is split into 64 KiB records).
+
+        Raises:
+            LocalProtocolError: the handshake has not reached the point where
+                data may be sent, or the connection is closing.
+            ConnectionClosed: the connection is closed or failed.
+        """
+        self._check_can_send()
+        view = memoryview(message).cast("B")
+        total = len(view)
+        if total <= MAX_FRAGMENT:
+            self._seal(FrameType.DATA_END, view)
+            return
+        offset = 0
+        while offset < total:
+            end = offset + MAX_FRAGMENT
+            self._seal(FrameType.DATA_END if end >= total else FrameType.DATA, view[offset:end])
+            offset = end
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Queue the authenticated CLOSE (idempotent).  Before keys exist it
+        is a plaintext ALERT.  After it, ``send`` is refused."""
+        if self._close_sent or self.state is State.FAILED:
+            return
+        self._close_sent = True
+        if self._sender is not None:
+            self._seal(FrameType.CLOSE, encode_alert(code, reason))
+        else:
+            self._out.append(frame(FrameType.ALERT, encode_alert(code, reason)))
+
+    def fail(self, exc: CallcpError) -> None:
+        """Mark the connection failed because of ``exc`` (a local decision such
+        as a timeout) and queue the matching close for the peer."""
+        self._fail(exc)
+
+    def closed_error(self) -> ConnectionClosed:
+        """The exception for using this connection after it closed or failed."""
+        if self._close_received is not None:
+            code, reason = self._close_received
+            if code == CloseCode.NORMAL:
+                return ConnectionClosedOK(
+                    "the peer closed the connection", code=code, reason=reason
+                )
+            return ConnectionClosedError(
+                f"the peer closed the connection: {CloseCode.name(code)}"
+                + (f" ({reason})" if reason else ""),
+                code=code,
+                reason=reason,
+            )
+        if self.error is not None:
+            if isinstance(self.error, ConnectionClosed):
+                return self.error
+            return ConnectionClosedError(
+                f"the connection failed: {self.error}",
+                code=getattr(self.error, "code", None),
+                reason=str(self.error),
+            )
+        if self._close_sent:
+            return ConnectionClosedOK("the connection was closed locally", code=CloseCode.NORMAL)
+        return ConnectionClosedError("the connection is closed")
+
+    # ---------------------------------------------------------------- frames
+
+    def _next_frame(self) -> Optional[Tuple[int, bytes, bytes]]:
+        """Cut one whole frame off the buffer: (type, header, body), or None."""
+        buf, pos = self._buf, self._pos
+        avail = len(buf) - pos
+        if avail < HEADER_SIZE:
+            if avail and self.state is State.WAIT_SERVER_HELLO and buf[pos] == 0x2D:
+                self._legacy_peer()
+            return None
+        ftype, length = HEADER.unpack_from(buf, pos)
+        if ftype in FrameType.PLAINTEXT:
+            limit = MAX_PLAINTEXT_FRAME
+        elif ftype in FrameType.ENCRYPTED:
+            limit = MAX_RECORD_BODY
+            if length < TAG_SIZE:
+                raise RemoteProtocolError(f"record of {length} bytes is shorter than its tag")
+        else:
+            if self.state is State.WAIT_SERVER_HELLO and buf[pos] == 0x2D:
+                self._legacy_peer()
+            raise RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
+        if length > limit:
+            raise RemoteProtocolError(
+                f"{FrameType.NAMES[ftype]} frame announces {length} bytes; the limit is {limit}"
+            )
+        end = pos + HEADER_SIZE + length
+        if len(buf) < end:
+            return None
+        header = bytes(buf[pos : pos + HEADER_SIZE])
+        body = bytes(buf[pos + HEADER_SIZE : end])
+        if end == len(buf):
+            buf.clear()
+            self._pos = 0
+        elif end > 262144:
+            del buf[:end]
+            self._pos = 0
+        else:
+            self._pos = end
+        return ftype, header, body
+
+    def _legacy_peer(self) -> None:
+        raise HandshakeError(
+            "the server sent a PEM public key: it speaks the Callcp 1.0 wire format, "
+            "which callcp/2 clients do not speak by default (see legacy mode)"
+        )
+
+    def _dispatch(self, ftype: int, header: bytes, body: bytes) -> Optional[Event]:
+        name = self._TABLE.get((self.state, ftype))
+        if name is None:
+            raise RemoteProtocolError(
+                f"unexpected {FrameType.NAMES[ftype]} frame in state '{self.state.value}'"
+            )
+        if ftype in FrameType.ENCRYPTED:
+            body = self._open(header, body)
+        handler: Handler = getattr(type(self), name)
+        return handler(self, header, body)
+
+    def _open(self, header: bytes, body: bytes) -> bytes:
+        assert self._receiver is not None  # guaranteed by the state tables
+        try:
+            return self._receiver.open(header, body)
+        except CryptoError as exc:
+            if self.state in _HANDSHAKE_STATES:
+                raise HandshakeError(
+                    "the peer's handshake record failed authentication: the two sides "
+                    "derived different keys (man in the middle, or a key mismatch)"
+                ) from exc
+            raise
+
+    def _seal(self, ftype: int, plaintext: Union[bytes, memoryview]) -> None:
+        sender = self._sender
+        assert sender is not None
+        if sender.seq >= self.key_update_interval:
+            sender.seal(FrameType.KEY_UPDATE, b"", self._out)
+            sender.update()
+        sender.seal(ftype, plaintext, self._out)
+
+    def _check_can_send(self) -> None:
+        if self.state is State.FAILED:
+            raise self.closed_error()
+        if self._close_sent:
+            raise LocalProtocolError("send() after close()")
+        if not self.can_send:
+            raise LocalProtocolError(f"cannot send data in state '{self.state.value}'")
+
+    def _on_eof(self) -> None:
+        partial = len(self._buf) - self._pos
+        detail = f" ({partial} bytes of an incomplete frame buffered)" if partial else ""
+        if self.state in _HANDSHAKE_STATES:
+            raise HandshakeError(f"the peer closed the connection during the handshake{detail}")
+        raise ConnectionClosedError(
+            "the peer closed TCP without an authenticated close: the stream may have "
+            f"been truncated{detail}"
+        )
+
+    def _fail(self, exc: CallcpError) -> CallcpError:
+        """Make ``exc`` fatal: record it, tell the peer, return what to raise."""
+        if self.state in _HANDSHAKE_STATES and isinstance(exc, RemoteProtocolError):
+            wrapped = HandshakeError(f"handshake failed: {exc}")
+            wrapped.code = exc.code
+            wrapped.__cause__ = exc
+            exc = wrapped
+        if self.state is not State.FAILED:
+            if not isinstance(exc, ConnectionClosed):
+                self.close(getattr(exc, "code", CloseCode.PROTOCOL_ERROR), str(exc))
+            self.state = State.FAILED
+            self.error = exc
+        self._events.clear()
+        self._fragments.clear()
+        return exc
+
+    # ------------------------------------------------------- shared handlers
+
+    def _transcript_add(self, ftype: int, body: bytes) -> None:
+        self._transcript.update(frame(ftype, body))
+
+    def _on_data(self, header: bytes, body: bytes) -> Optional[Event]:
+        if not body:
+            raise RemoteProtocolError("empty DATA fragment")
+        self._add_fragment(body)
+        return None
+
+    def _on_data_end(self, header: bytes, body: bytes) -> Optional[Event]:
+        if body:
+            self._add_fragment(body)
+        data = self._fragments[0] if len(self._fragments) == 1 else b"".join(self._fragments)
+        self._fragments.clear()
+        self._fragments_size = 0
+        return MessageReceived(data)
+
+    def _add_fragment(self, body: bytes) -> None:
+        self._fragments_size += len(body)
+        if self._fragments_size > self.max_message_size:
+            raise MessageTooLarge(
+                f"incoming message exceeds max_message_size ({self.max_message_size} bytes)"
+            )
+        self._fragments.append(body)
+
+    def _on_key_update(self, header: bytes, body: bytes) -> Optional[Event]:
+        if body:
+            raise RemoteProtocolError("KEY_UPDATE record with a body")
+        assert self._receiver is not None
+        self._receiver.update()
+        return None
+
+    def _on_close(self, header: bytes, body: bytes) -> Optional[Event]:
+        code, reason = decode_alert(body)
+        if self.state in _HANDSHAKE_STATES:
+            cls = _HANDSHAKE_ERROR_BY_CODE.get(code, HandshakeError)
+            err = cls(f"the peer refused the handshake: {CloseCode.name(code)}: {reason}")
+            self._close_received = (code, reason)
+            self._close_sent = True  # never answer a refusal
+            raise err
+        if self._fragments:
+            # A message was cut short by the close: it is dropped, never delivered.
+            self._fragments.clear()
+            code = code if code != CloseCode.NORMAL else CloseCode.PROTOCOL_ERROR
+            reason = reason or "closed in the middle of a message"
+        self._close_received = (code, reason)
+        self.state = State.CLOSED
+        if not self._close_sent and self._sender is not None:
+            self.close(CloseCode.NORMAL, "")
+        return CloseReceived(code, reason)
+
+    def _on_alert(self, header: bytes, body: bytes) -> Optional[Event]:
+        code, reason = decode_alert(body)
+        cls = _HANDSHAKE_ERROR_BY_CODE.get(code, HandshakeError)
+        self._close_sent = True  # never answer an alert
+        raise cls(
+            f"the peer aborted the handshake: {CloseCode.name(code)}"
+            + (f": {reason}" if reason else "")
+            + " (unauthenticated alert)"
+        )
+
+
+# ======================================================================= client
+
+
+class ClientProtocol(_Protocol):
+    """The client side of one callcp/2 connection.
+
+    ``verify_server_key(fingerprint, der)`` decides whether to trust the
+    server's RSA key; it raises (a ServerKeyError) to refuse.  ``client_key``
+    is the client's RSA key for servers that require client authentication.
+    """
+
+    _role = "client"
+
+    def __init__(
+        self,
+        verify_server_key: ServerKeyVerifier,
+        *,
+        client_key: Optional[rsa.RSAPrivateKey] = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        key_update_interval: int = DEFAULT_KEY_UPDATE_INTERVAL,
+        versions: Tuple[int, ...] = SUPPORTED_VERSIONS,
+        entropy: Optional[Entropy] = None,
+    ) -> None:
+        super().__init__(
+            max_message_size=max_message_size,
+            key_update_interval=key_update_interval,
+            entropy=entropy,
+        )
+        self._verify = verify_server_key
+        self._client_key = client_key
+        self._versions = versions
+        self.state = State.WAIT_SERVER_HELLO
+        self.server_fingerprint: Optional[str] = None
+
+    def _on_server_hello(self, header: bytes, body: bytes) -> Optional[Event]:
+        hello = ServerHello.decode(body)
+        common = split_versions(hello.versions, self._versions)
+        if not common:
+            raise VersionMismatch(
+                f"the server offers protocol versions {list(hello.versions)}; "
+                f"this client supports {list(self._versions)}"
+            )
+        self.version = common[0]
+        server_key = load_public_der(hello.rsa_public_der, what="server")
+        fp = fingerprint_der(hello.rsa_public_der)
+        self._verify(fp, hello.rsa_public_der)  # raises ServerKeyError to refuse
+        self.server_fingerprint = self.peer_fingerprint = fp
+        if hello.require_client_auth and self._client_key is None:
+            raise ClientAuthError(
+                "the server requires client authentication; pass a client key (client_key=...)"
+            )
+
+        entropy = self._entropy
+        eph = entropy.x25519_key()
+        try:
+            dh = eph.exchange(x25519.X25519PublicKey.from_public_bytes(hello.x25519_public))
+        except ValueError as exc:
+            raise HandshakeError("the server's X25519 share is invalid") from exc
+        premaster = entropy.random(PREMASTER_SIZE)
+        client_hello = ClientHello(
+            version=self.version,
+            random=entropy.random(32),
+            x25519_public=eph.public_key().public_bytes_raw(),
+            encrypted_premaster=entropy.oaep_encrypt(server_key, premaster),
+        )
+        ch_frame = client_hello.encode()
+        self._transcript_add(FrameType.SERVER_HELLO, body)
+        self._transcript.update(ch_frame)
+        th = self._transcript.digest()
+        secrets = self._secrets = derive_handshake_secrets(dh, premaster, th)
+        self._sender = RecordSender(secrets.client_traffic)
+        self._receiver = RecordReceiver(secrets.server_traffic)
+        self._out.append(ch_frame)
+
+        if hello.require_client_auth:
+            assert self._client_key is not None
+            signature = self._client_key.sign(CLIENT_AUTH_CONTEXT + th, PSS, hashes.SHA256())
+            auth = encode_client_auth(public_der(self._client_key), signature)
+            self._transcript_add(FrameType.CLIENT_AUTH, auth)
+            self._seal(FrameType.CLIENT_AUTH, auth)
+        verify_data = _finished_mac(secrets.client_finished, self._transcript.digest())
+        self._transcript_add(FrameType.FINISHED, verify_data)
+        self._seal(FrameType.FINISHED, verify_data)
+        self.state = State.WAIT_SERVER_FINISHED
+        return ServerKeyAccepted(fp)
+
+    def _on_server_finished(self, header: bytes, body: bytes) -> Optional[Event]:
+        assert self._secrets is not None and self.version is not None
+        if not _verify_finished(self._secrets.server_finished, self._transcript.digest(), body):
+            raise HandshakeError("the server's Finished MAC does not verify")
+        self._secrets = None  # the finished keys are no longer needed
+        self.state = State.OPEN
+        return HandshakeCompleted(self.version, self.peer_fingerprint)
+
+    _TABLE = {
+        (State.WAIT_SERVER_HELLO, FrameType.SERVER_HELLO): "_on_server_hello",
+        (State.WAIT_SERVER_HELLO, FrameType.ALERT): "_on_alert",
+        (State.WAIT_SERVER_FINISHED, FrameType.FINISHED): "_on_server_finished",
+        (State.WAIT_SERVER_FINISHED, FrameType.ALERT): "_on_alert",
+        (State.WAIT_SERVER_FINISHED, FrameType.CLOSE): "_on_close",
+        (State.OPEN, FrameType.DATA): "_on_data",
+        (State.OPEN, FrameType.DATA_END): "_on_data_end",
+        (State.OPEN, FrameType.KEY_UPDATE): "_on_key_update",
+        (State.OPEN, FrameType.CLOSE): "_on_close",
+    }
+
+
+# ======================================================================= server
+
+
+class ServerProtocol(_Protocol):
+    """The server side of one callcp/2 connection.
+
+    Call ``start()`` once: it queues the ServerHello.  With
+    ``authorize_client`` set, the server requires client authentication and
+    admits only the client keys for which it returns True.
+    """
+
+    _role = "server"
+
+    def __init__(
+        self,
+        server_key: rsa.RSAPrivateKey,
+        *,
+        authorize_client: Optional[ClientAuthorizer] = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        key_update_interval: int = DEFAULT_KEY_UPDATE_INTERVAL,
+        versions: Tuple[int, ...] = SUPPORTED_VERSIONS,
+        entropy: Optional[Entropy] = None,
+        server_public_der: Optional[bytes] = None,
+    ) -> None:
+        super().__init__(
+            max_message_size=max_message_size,
+            key_update_interval=key_update_interval,
+            entropy=entropy,
+        )
+        self._key = server_key
+        self._public_der = server_public_der or public_der(server_key)
+        self._authorize = authorize_client
+        self._versions = versions
+        self._eph: Optional[x25519.X25519PrivateKey] = None
+        self.state = State.WAIT_CLIENT_HELLO
+        self._started = False
+
+    def start(self) -> None:
+        """Queue the ServerHello (the server speaks first)."""
+        if self._started:
+            raise LocalProtocolError("start() called twice")
+        self._started = True
+        self._eph = self._entropy.x25519_key()
+        hello = ServerHello(
+            versions=self._versions,
+            random=self._entropy.random(32),
+            x25519_public=self._eph.public_key().public_bytes_raw(),
+            rsa_public_der=self._public_der,
+            require_client_auth=self._authorize is not None,
+        )
+        sh_frame = hello.encode()
+        self._transcript.update(sh_frame)
+        self._out.append(sh_frame)
+
+    def _on_client_hello(self, header: bytes, body: bytes) -> Optional[Event]:
+        if not self._started or self._eph is None:
+            raise LocalProtocolError("ServerProtocol.start() was not called")
+        hello = ClientHello.decode(body)
+        if hello.version not in self._versions:
+            raise VersionMismatch(
+                f"the client chose protocol version {hello.version}; "
+                f"this server offered {list(self._versions)}"
+            )
+        self.version = hello.version
+        # Implicit rejection: a premaster that fails to decrypt is replaced by
+        # random bytes, so the failure shows only as a Finished mismatch and
+        # the server offers no decryption oracle.
+        try:
+            premaster = self._key.decrypt(hello.encrypted_premaster, OAEP)
+        except ValueError:
+            premaster = b""
+        if len(premaster) != PREMASTER_SIZE:
+            premaster = self._entropy.random(PREMASTER_SIZE)
+        try:
+            dh = self._eph.exchange(x25519.X25519PublicKey.from_public_bytes(hello.x25519_public))
+        except ValueError as exc:
+            raise HandshakeError("the client's X25519 share is invalid") from exc
+        self._eph = None
+        self._transcript_add(FrameType.CLIENT_HELLO, body)
+        self._secrets = derive_handshake_secrets(dh, premaster, self._transcript.digest())
+        self._sender = RecordSender(self._secrets.server_traffic)
+        self._receiver = RecordReceiver(self._secrets.client_traffic)
+        self.state = (
+            State.WAIT_CLIENT_AUTH if self._authorize is not None else State.WAIT_CLIENT_FINISHED
+        )
+        return None
+
+    def _on_client_auth(self, header: bytes, body: bytes) -> Optional[Event]:
+        assert self._authorize is not None
+        der, signature = decode_client_auth(body)
+        try:
+            client_key = load_public_der(der, what="client")
+        except HandshakeError as exc:
+            raise ClientAuthError(str(exc)) from exc
+        try:
+            client_key.verify(
+                signature, CLIENT_AUTH_CONTEXT + self._transcript.digest(), PSS, hashes.SHA256()
+            )
+        except InvalidSignature:
+            raise ClientAuthError("the client's authentication signature is invalid") from None
+        fp = fingerprint_der(der)
+        if not self._authorize(fp):
+            raise ClientAuthError(f"client key {fp} is not authorized")
+        self.peer_fingerprint = fp
+        self._transcript_add(FrameType.CLIENT_AUTH, body)
+        self.state = State.WAIT_CLIENT_FINISHED
+        return None
+
+    def _on_client_finished(self, header: bytes, body: bytes) -> Optional[Event]:
+        assert self._secrets is not None and self.version is not None
+        if not _verify_finished(self._secrets.client_finished, self._transcript.digest(), body):
+            raise HandshakeError("the client's Finished MAC does not verify")
+        self._transcript_add(FrameType.FINISHED, body)
+        verify_data = _finished_mac(self._secrets.server_finished, self._transcript.digest())
+        self._secrets = None
+        self.state = State.OPEN
+        self._seal(FrameType.FINISHED, verify_data)
+        return HandshakeCompleted(self.version, self.peer_fingerprint)
+
+    _TABLE = {
+        (State.WAIT_CLIENT_HELLO, FrameType.CLIENT_HELLO): "_on_client_hello",
+        (State.WAIT_CLIENT_HELLO, FrameType.ALERT): "_on_alert",
+        (State.WAIT_CLIENT_AUTH, FrameType.CLIENT_AUTH): "_on_client_auth",
+        (State.WAIT_CLIENT_FINISHED, FrameType.FINISHED): "_on_client_finished",
+        (State.OPEN, FrameType.DATA): "_on_data",
+        (State.OPEN, FrameType.DATA_END): "_on_data_end",
+        (State.OPEN, FrameType.KEY_UPDATE): "_on_key_update",
+        (State.OPEN, FrameType.CLOSE): "_on_close",
+    }

@@ -1,0 +1,253 @@
+"""Byte layouts of callcp/2: frame header, record types, hello bodies.
+
+Every frame on the wire, in both directions and in every phase, is::
+
+    type    u8      one of the FrameType values
+    length  u32     big-endian length of the body that follows
+    body    length bytes
+
+Plaintext frames (SERVER_HELLO, CLIENT_HELLO, ALERT) appear only during the
+handshake.  Every other type is an AEAD record: its body is
+AES-256-GCM(key, nonce, plaintext, aad = the 5 header bytes), i.e. ciphertext
+followed by the 16-byte tag.  The type is in clear but authenticated.
+
+docs/PROTOCOL.md is the specification; this module is its executable form.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import List, Tuple
+
+from .errors import HandshakeError, RemoteProtocolError
+
+__all__ = [
+    "MAGIC",
+    "VERSION_2",
+    "SUPPORTED_VERSIONS",
+    "HEADER",
+    "HEADER_SIZE",
+    "TAG_SIZE",
+    "MAX_FRAGMENT",
+    "MAX_RECORD_BODY",
+    "MAX_PLAINTEXT_FRAME",
+    "FrameType",
+    "ServerHello",
+    "ClientHello",
+    "encode_alert",
+    "decode_alert",
+]
+
+MAGIC = b"CALLCP"
+VERSION_2 = 2
+SUPPORTED_VERSIONS: Tuple[int, ...] = (VERSION_2,)
+
+HEADER = struct.Struct(">BI")
+HEADER_SIZE = HEADER.size  # 5
+TAG_SIZE = 16
+#: Maximum plaintext carried by one record (64 KiB).
+MAX_FRAGMENT = 65536
+#: Maximum body of an encrypted record.
+MAX_RECORD_BODY = MAX_FRAGMENT + TAG_SIZE
+#: Maximum body of a plaintext handshake frame (hellos and alerts).
+MAX_PLAINTEXT_FRAME = 4096
+#: Maximum length of a close or alert reason, in bytes of UTF-8.
+MAX_REASON = 256
+
+
+class FrameType:
+    # plaintext, handshake only
+    SERVER_HELLO = 0x01
+    CLIENT_HELLO = 0x02
+    ALERT = 0x03
+    # encrypted records
+    FINISHED = 0x10
+    CLIENT_AUTH = 0x11
+    DATA = 0x20  # a message fragment; more follow
+    DATA_END = 0x21  # the last (or only) fragment of a message
+    KEY_UPDATE = 0x30
+    CLOSE = 0x31
+
+    PLAINTEXT = frozenset({SERVER_HELLO, CLIENT_HELLO, ALERT})
+    ENCRYPTED = frozenset({FINISHED, CLIENT_AUTH, DATA, DATA_END, KEY_UPDATE, CLOSE})
+    NAMES = {
+        0x01: "SERVER_HELLO",
+        0x02: "CLIENT_HELLO",
+        0x03: "ALERT",
+        0x10: "FINISHED",
+        0x11: "CLIENT_AUTH",
+        0x20: "DATA",
+        0x21: "DATA_END",
+        0x30: "KEY_UPDATE",
+        0x31: "CLOSE",
+    }
+
+
+def frame(ftype: int, body: bytes) -> bytes:
+    """A whole plaintext frame."""
+    return HEADER.pack(ftype, len(body)) + body
+
+
+class _Reader:
+    """Bounds-checked cursor over a frame body; overruns are remote errors."""
+
+    __slots__ = ("_data", "_pos", "_what")
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self._data = data
+        self._pos = 0
+        self._what = what
+
+    def take(self, n: int) -> bytes:
+        end = self._pos + n
+        if end > len(self._data):
+            raise HandshakeError(f"{self._what} is truncated")
+        out = self._data[self._pos : end]
+        self._pos = end
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        value: int = struct.unpack(">H", self.take(2))[0]
+        return value
+
+    def vec16(self) -> bytes:
+        return self.take(self.u16())
+
+    def done(self) -> None:
+        if self._pos != len(self._data):
+            raise HandshakeError(f"{self._what} has {len(self._data) - self._pos} trailing bytes")
+
+
+@dataclass(frozen=True)
+class ServerHello:
+    """The server's first flight, in clear.
+
+    body = MAGIC(6) | n u8 | versions u16*n | server_random(32) |
+           x25519_public(32) | rsa_public_der vec16 | flags u8
+    """
+
+    versions: Tuple[int, ...]
+    random: bytes
+    x25519_public: bytes
+    rsa_public_der: bytes
+    require_client_auth: bool
+
+    def encode(self) -> bytes:
+        body = b"".join(
+            [
+                MAGIC,
+                bytes([len(self.versions)]),
+                b"".join(struct.pack(">H", v) for v in self.versions),
+                self.random,
+                self.x25519_public,
+                struct.pack(">H", len(self.rsa_public_der)),
+                self.rsa_public_der,
+                bytes([1 if self.require_client_auth else 0]),
+            ]
+        )
+        return frame(FrameType.SERVER_HELLO, body)
+
+    @classmethod
+    def decode(cls, body: bytes) -> ServerHello:
+        r = _Reader(body, "ServerHello")
+        if r.take(len(MAGIC)) != MAGIC:
+            raise HandshakeError("ServerHello has a bad magic: the peer is not a callcp server")
+        n = r.u8()
+        if n == 0:
+            raise HandshakeError("ServerHello offers no protocol version")
+        versions = tuple(r.u16() for _ in range(n))
+        random = r.take(32)
+        x_pub = r.take(32)
+        der = r.vec16()
+        flags = r.u8()
+        r.done()
+        if flags & ~1:
+            raise HandshakeError(f"ServerHello has unknown flags 0x{flags:02x}")
+        return cls(versions, random, x_pub, der, bool(flags & 1))
+
+
+@dataclass(frozen=True)
+class ClientHello:
+    """The client's key exchange, in clear.
+
+    body = MAGIC(6) | version u16 | client_random(32) | x25519_public(32) |
+           encrypted_premaster vec16   (RSA-OAEP-SHA256 of 32 bytes)
+    """
+
+    version: int
+    random: bytes
+    x25519_public: bytes
+    encrypted_premaster: bytes
+
+    def encode(self) -> bytes:
+        body = b"".join(
+            [
+                MAGIC,
+                struct.pack(">H", self.version),
+                self.random,
+                self.x25519_public,
+                struct.pack(">H", len(self.encrypted_premaster)),
+                self.encrypted_premaster,
+            ]
+        )
+        return frame(FrameType.CLIENT_HELLO, body)
+
+    @classmethod
+    def decode(cls, body: bytes) -> ClientHello:
+        r = _Reader(body, "ClientHello")
+        if r.take(len(MAGIC)) != MAGIC:
+            raise HandshakeError("ClientHello has a bad magic: the peer is not a callcp client")
+        version = r.u16()
+        random = r.take(32)
+        x_pub = r.take(32)
+        enc = r.vec16()
+        r.done()
+        return cls(version, random, x_pub, enc)
+
+
+def encode_alert(code: int, reason: str) -> bytes:
+    """Body of a CLOSE record or a plaintext ALERT: code u16 | reason (UTF-8)."""
+    raw = reason.encode("utf-8", "replace")[:MAX_REASON]
+    return struct.pack(">H", code) + raw
+
+
+def decode_alert(body: bytes) -> Tuple[int, str]:
+    if len(body) < 2 or len(body) > 2 + MAX_REASON:
+        raise RemoteProtocolError(f"close/alert body of {len(body)} bytes is malformed")
+    (code,) = struct.unpack(">H", body[:2])
+    return code, body[2:].decode("utf-8", "replace")
+
+
+def encode_client_auth(public_der: bytes, signature: bytes) -> bytes:
+    """CLIENT_AUTH plaintext: public_der vec16 | signature vec16."""
+    return b"".join(
+        [
+            struct.pack(">H", len(public_der)),
+            public_der,
+            struct.pack(">H", len(signature)),
+            signature,
+        ]
+    )
+
+
+def decode_client_auth(body: bytes) -> Tuple[bytes, bytes]:
+    r = _Reader(body, "CLIENT_AUTH")
+    der = r.vec16()
+    sig = r.vec16()
+    r.done()
+    return der, sig
+
+
+def split_versions(offered: Tuple[int, ...], supported: Tuple[int, ...]) -> List[int]:
+    """The versions both sides support, best first."""
+    return sorted(set(offered) & set(supported), reverse=True)
+
+
+def alert_frame(code: int, reason: str) -> bytes:
+    """A whole plaintext ALERT frame, e.g. for refusing a connection before
+    any handshake state exists (server at capacity)."""
+    return frame(FrameType.ALERT, encode_alert(code, reason))

@@ -1,0 +1,317 @@
+"""Attacks on the core, each of which must be detected with a specific
+exception and without handing any byte of a bad message to the application."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa, x25519
+
+from callcp._core.errors import (
+    CallcpError,
+    ConnectionClosedError,
+    CryptoError,
+    HandshakeError,
+    ServerKeyChanged,
+    VersionMismatch,
+)
+from callcp._core.events import MessageReceived
+from callcp._core.keys import fingerprint
+from callcp._core.protocol import OAEP, ClientProtocol, ServerProtocol
+from callcp._core.records import RecordReceiver
+from callcp._core.schedule import derive_handshake_secrets
+from callcp._core.wire import FrameType, ServerHello
+from tests.helpers import FixedEntropy, Pair, drain, feed, pin, split_frames
+
+REQUEST = b"transfer 100 to alice"
+REPLY = b"done: transfer 100 to alice"
+
+
+@dataclass
+class Session:
+    """A recorded, reproducible session: both sides' entropy is fixed, so a
+    fresh pair built by ``make_pair`` emits the very same bytes again."""
+
+    server_key: rsa.RSAPrivateKey
+    s2c: bytes  # ServerHello | Finished, DATA_END(reply) | CLOSE
+    c2s: bytes  # ClientHello, Finished, DATA_END(request) | CLOSE
+    oaep: bytes
+
+    def client(self) -> ClientProtocol:
+        ent = FixedEntropy([b"P" * 32, b"C" * 32], b"\x11" * 32, self.oaep)
+        return ClientProtocol(pin(fingerprint(self.server_key)), entropy=ent)
+
+    def server(self) -> ServerProtocol:
+        ent = FixedEntropy([b"S" * 32, b"F" * 32], b"\x22" * 32)
+        s = ServerProtocol(self.server_key, entropy=ent)
+        s.start()
+        return s
+
+
+@pytest.fixture(scope="module")
+def session(server_key: rsa.RSAPrivateKey) -> Session:
+    oaep = server_key.public_key().encrypt(b"P" * 32, OAEP)
+    rec = Session(server_key, b"", b"", oaep)
+    c, s = rec.client(), rec.server()
+    sh = s.data_to_send()
+    feed(c, sh)
+    c.send(REQUEST)
+    c2s = c.data_to_send()
+    assert [type(e).__name__ for e in feed(s, c2s)] == ["HandshakeCompleted", "MessageReceived"]
+    s.send(REPLY)
+    s2c = s.data_to_send()
+    feed(c, s2c)
+    c.close()
+    c_close = c.data_to_send()
+    feed(s, c_close)
+    s_close = s.data_to_send()
+    rec.s2c = sh + s2c + s_close
+    rec.c2s = c2s + c_close
+    return rec
+
+
+def _record_ends(stream: bytes) -> List[int]:
+    ends, pos = [], 0
+    for f in split_frames(stream):
+        pos += len(f)
+        ends.append(pos)
+    return ends
+
+
+def _deliver(proto: object, stream: bytes) -> Tuple[List[bytes], BaseException]:
+    """Feed a whole stream then EOF; return the delivered messages and the
+    error that must end it."""
+    delivered: List[bytes] = []
+    try:
+        proto.receive_data(stream)  # type: ignore[attr-defined]
+        proto.receive_data(b"")  # type: ignore[attr-defined]
+        while True:
+            ev = proto.next_event()  # type: ignore[attr-defined]
+            if isinstance(ev, MessageReceived):
+                delivered.append(ev.data)
+    except CallcpError as exc:
+        return delivered, exc
+    raise AssertionError("unreachable")
+
+
+def test_recorded_session_replays_cleanly(session: Session) -> None:
+    """Sanity: the untampered recording is accepted by fresh objects."""
+    c = session.client()
+    c.receive_data(session.s2c[: _record_ends(session.s2c)[0]])
+    drain(c)
+    delivered, err = _deliver(c, session.s2c[_record_ends(session.s2c)[0] :])
+    assert delivered == [REPLY]
+    assert err.__class__.__name__ == "ConnectionClosedOK"
+
+
+@pytest.mark.parametrize("direction", ["server_to_client", "client_to_server"])
+def test_bit_flip_in_every_position_is_detected(session: Session, direction: str) -> None:
+    stream = session.s2c if direction == "server_to_client" else session.c2s
+    message = REPLY if direction == "server_to_client" else REQUEST
+    frames = split_frames(stream)
+    ends = _record_ends(stream)
+    data_index = [f[0] for f in frames].index(FrameType.DATA_END)
+    data_end = ends[data_index]
+    for i in range(len(stream)):
+        for bit in (0x01, 0x80):
+            tampered = bytearray(stream)
+            tampered[i] ^= bit
+            proto = session.client() if direction == "server_to_client" else session.server()
+            delivered, err = _deliver(proto, bytes(tampered))
+            assert isinstance(err, CallcpError)
+            assert err.__class__.__name__ != "ConnectionClosedOK", (i, bit)
+            # the message is delivered only if the flip lies after its record
+            if i < data_end:
+                assert delivered == [], (i, bit, delivered)
+            else:
+                assert delivered == [message], (i, bit)
+
+
+def test_replayed_record_rejected(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.client.send(b"pay 5")
+    record = p.client.data_to_send()
+    assert feed(p.server, record) == [MessageReceived(b"pay 5")]
+    with pytest.raises(CryptoError):
+        feed(p.server, record)
+
+
+def test_reordered_records_rejected(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.client.send(b"first")
+    first = p.client.data_to_send()
+    p.client.send(b"second")
+    second = p.client.data_to_send()
+    with pytest.raises(CryptoError):
+        feed(p.server, second + first)
+
+
+def test_dropped_record_detected(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.client.send(b"first")
+    p.client.data_to_send()  # lost on the way
+    p.client.send(b"second")
+    with pytest.raises(CryptoError):
+        p.to_server()
+
+
+def test_reflected_record_rejected(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.client.send(b"c1")
+    p.to_server()
+    p.server.send(b"s1")
+    reflected = p.server.data_to_send()
+    with pytest.raises(CryptoError):
+        feed(p.server, reflected)
+
+
+def test_dropped_fragment_of_a_large_message(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.client.send(b"q" * 300_000)
+    frames = split_frames(p.client.data_to_send())
+    with pytest.raises(CryptoError):
+        feed(p.server, b"".join(frames[:2] + frames[3:]))
+
+
+def test_whole_client_session_replayed_to_server(session: Session) -> None:
+    """A recorded client flight replayed against a server with fresh randomness."""
+    s = ServerProtocol(session.server_key)
+    s.start()
+    delivered, err = _deliver(s, session.c2s)
+    assert delivered == []
+    assert isinstance(err, HandshakeError)
+
+
+def test_mitm_with_own_rsa_key_rejected_by_pin(
+    server_key: rsa.RSAPrivateKey, other_key: rsa.RSAPrivateKey
+) -> None:
+    expected = fingerprint(server_key)
+    c = ClientProtocol(pin(expected))
+    mitm = ServerProtocol(other_key)
+    mitm.start()
+    with pytest.raises(ServerKeyChanged) as info:
+        feed(c, mitm.data_to_send())
+    assert info.value.expected == expected
+    assert info.value.presented == fingerprint(other_key)
+    # nothing of the client's key exchange was produced; only an alert
+    out = c.data_to_send()
+    assert [f[0] for f in split_frames(out)] == [FrameType.ALERT]
+    with pytest.raises(CallcpError):
+        c.send(b"secret")
+
+
+def test_mitm_substituting_x25519_share(server_key: rsa.RSAPrivateKey) -> None:
+    """The attacker relays the real RSA key but swaps in its own X25519 share."""
+    c = ClientProtocol(pin(fingerprint(server_key)))
+    s = ServerProtocol(server_key)
+    s.start()
+    sh_frame = s.data_to_send()
+    hello = ServerHello.decode(sh_frame[5:])
+    attacker = x25519.X25519PrivateKey.generate()
+    forged = ServerHello(
+        hello.versions,
+        hello.random,
+        attacker.public_key().public_bytes_raw(),
+        hello.rsa_public_der,
+        hello.require_client_auth,
+    ).encode()
+    feed(c, forged)
+    c.send(b"secret first request")
+    flight = c.data_to_send()
+    # the server must not deliver the request, and must fail the handshake
+    delivered, err = _deliver(s, flight)
+    assert delivered == []
+    assert isinstance(err, HandshakeError)
+    # and the attacker cannot read it either: it lacks the premaster
+    frames = split_frames(flight)
+    assert b"secret first request" not in flight
+    assert len(frames) == 3
+
+
+def test_version_downgrade_detected(server_key: rsa.RSAPrivateKey) -> None:
+    """Both sides support versions 2 and 3; the attacker strips 3 from the
+    ServerHello so the client picks 2.  The transcript catches it."""
+    c = ClientProtocol(pin(fingerprint(server_key)), versions=(2, 3))
+    s = ServerProtocol(server_key, versions=(2, 3))
+    s.start()
+    hello = ServerHello.decode(s.data_to_send()[5:])
+    assert hello.versions == (2, 3)
+    stripped = ServerHello(
+        (2,), hello.random, hello.x25519_public, hello.rsa_public_der, hello.require_client_auth
+    ).encode()
+    feed(c, stripped)
+    assert c.version == 2
+    c.send(b"request")
+    delivered, err = _deliver(s, c.data_to_send())
+    assert delivered == []
+    assert isinstance(err, HandshakeError)
+
+
+def test_unknown_versions_fail_clearly(server_key: rsa.RSAPrivateKey) -> None:
+    c = ClientProtocol(pin(fingerprint(server_key)))
+    s = ServerProtocol(server_key, versions=(5, 6))
+    s.start()
+    with pytest.raises(VersionMismatch, match="versions"):
+        feed(c, s.data_to_send())
+
+
+def test_session_keys_differ_per_connection(server_key: rsa.RSAPrivateKey) -> None:
+    secrets = set()
+    for _ in range(3):
+        p = Pair(server_key)
+        p.to_client()
+        assert p.client._secrets is not None
+        secrets.add(p.client._secrets.client_traffic)
+    assert len(secrets) == 3
+
+
+def test_session_keys_depend_on_the_x25519_secret(server_key: rsa.RSAPrivateKey) -> None:
+    """Same premaster, same randoms, different X25519 share: different keys."""
+    results = []
+    for x in (b"\x11" * 32, b"\x12" * 32):
+        ent = FixedEntropy([b"P" * 32, b"C" * 32], x, b"\0" * 256)
+        c = ClientProtocol(pin(fingerprint(server_key)), entropy=ent)
+        s = ServerProtocol(server_key, entropy=FixedEntropy([b"S" * 32], b"\x22" * 32))
+        s.start()
+        feed(c, s.data_to_send())
+        assert c._secrets is not None
+        results.append(c._secrets)
+    assert results[0].client_traffic != results[1].client_traffic
+    assert results[0].server_traffic != results[1].server_traffic
+
+
+def test_rsa_key_leak_does_not_open_recorded_session(session: Session) -> None:
+    """Forward secrecy: with the server's RSA private key an eavesdropper
+    recovers the premaster, but without an X25519 private key it cannot
+    derive the traffic keys of a recorded session."""
+    sh, ch = split_frames(session.s2c)[0], split_frames(session.c2s)[0]
+    enc = ch[5 + 6 + 2 + 32 + 32 + 2 :]
+    premaster = session.server_key.decrypt(enc, OAEP)
+    assert premaster == b"P" * 32
+    import hashlib
+
+    th = hashlib.sha256(sh + ch).digest()
+    # the eavesdropper's best guesses for the X25519 secret fail
+    for guess in (b"\0" * 32, os.urandom(32), ch[5 + 6 + 2 + 32 : 5 + 6 + 2 + 64]):
+        secrets = derive_handshake_secrets(guess, premaster, th)
+        receiver = RecordReceiver(secrets.client_traffic)
+        finished = split_frames(session.c2s)[1]
+        with pytest.raises(CryptoError):
+            receiver.open(finished[:5], finished[5:])
+
+
+def test_eof_before_close_after_data_is_truncation(session: Session) -> None:
+    s = session.server()
+    without_close = session.c2s[: _record_ends(session.c2s)[2]]
+    delivered, err = _deliver(s, without_close)
+    assert delivered == [REQUEST]
+    assert isinstance(err, ConnectionClosedError)
+    assert "truncat" in str(err)

@@ -1,0 +1,296 @@
+"""The sans-I/O core on its own: handshake, messages, key update, close."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from callcp._core.errors import (
+    ClientAuthError,
+    CloseCode,
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    HandshakeError,
+    LocalProtocolError,
+    MessageTooLarge,
+    RemoteProtocolError,
+    VersionMismatch,
+)
+from callcp._core.events import (
+    CloseReceived,
+    HandshakeCompleted,
+    MessageReceived,
+    ServerKeyAccepted,
+)
+from callcp._core.keys import fingerprint
+from callcp._core.protocol import ServerProtocol, State
+from callcp._core.wire import FrameType, HEADER
+from tests.helpers import Pair, drain, feed, split_frames
+
+
+def test_handshake_and_first_request_in_one_flight(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    events = p.to_client()
+    assert events == [ServerKeyAccepted(fingerprint(server_key))]
+    # 1-RTT: the client may send its first request before the server answers
+    p.client.send(b"first request")
+    flight = p.client.data_to_send()
+    kinds = [f[0] for f in split_frames(flight)]
+    assert kinds == [FrameType.CLIENT_HELLO, FrameType.FINISHED, FrameType.DATA_END]
+    events = feed(p.server, flight)
+    assert events == [HandshakeCompleted(2, None), MessageReceived(b"first request")]
+    p.server.send(b"reply")
+    events = p.to_client()
+    assert events == [HandshakeCompleted(2, fingerprint(server_key)), MessageReceived(b"reply")]
+    assert p.client.state is State.OPEN and p.server.state is State.OPEN
+
+
+def test_client_cannot_send_before_server_hello(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    with pytest.raises(LocalProtocolError):
+        p.client.send(b"too early")
+
+
+@pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 3 * 65536 + 5])
+def test_message_sizes_round_trip(server_key: rsa.RSAPrivateKey, size: int) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    payload = bytes(i % 251 for i in range(size))
+    p.client.send(payload)
+    assert p.to_server() == [MessageReceived(payload)]
+    p.server.send(payload)
+    assert p.to_client() == [MessageReceived(payload)]
+
+
+def test_records_are_at_most_64k(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.client.send(b"x" * (200 * 1024))
+    frames = split_frames(p.client.data_to_send())
+    assert [f[0] for f in frames] == [FrameType.DATA] * 3 + [FrameType.DATA_END]
+    assert all(len(f) - 5 - 16 <= 65536 for f in frames)
+
+
+def test_message_boundaries_kept(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    for m in [b"a", b"", b"bc" * 40000, b"d"]:
+        p.client.send(m)
+    assert p.to_server() == [
+        MessageReceived(b"a"),
+        MessageReceived(b""),
+        MessageReceived(b"bc" * 40000),
+        MessageReceived(b"d"),
+    ]
+
+
+def test_byte_at_a_time_delivery(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    p.to_client()
+    p.client.send(b"hello")
+    flight = p.client.data_to_send()
+    events = []
+    for i in range(len(flight)):
+        events += feed(p.server, flight[i : i + 1])
+    assert events == [HandshakeCompleted(2, None), MessageReceived(b"hello")]
+
+
+def test_max_message_size_enforced_without_buffering_it(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key, server_kwargs={"max_message_size": 100_000})
+    p.handshake()
+    p.client.send(b"x" * 100_000)
+    assert p.to_server() == [MessageReceived(b"x" * 100_000)]
+    p.client.send(b"x" * 100_001)
+    with pytest.raises(MessageTooLarge, match="100000"):
+        p.to_server()
+    # the server tells the client, with an authenticated close
+    (event,) = p.to_client()
+    assert isinstance(event, CloseReceived) and event.code == CloseCode.MESSAGE_TOO_LARGE
+    with pytest.raises(ConnectionClosedError, match="message too large") as info:
+        p.client.next_event()
+    assert info.value.code == CloseCode.MESSAGE_TOO_LARGE
+
+
+def test_key_update_rolls_keys_in_both_directions(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(
+        server_key,
+        client_kwargs={"key_update_interval": 3},
+        server_kwargs={"key_update_interval": 3},
+    )
+    p.handshake()
+    for i in range(20):
+        p.client.send(b"ping %d" % i)
+        p.server.send(b"pong %d" % i)
+    assert [e.data for e in p.to_server()] == [b"ping %d" % i for i in range(20)]  # type: ignore[union-attr]
+    assert [e.data for e in p.to_client()] == [b"pong %d" % i for i in range(20)]  # type: ignore[union-attr]
+    assert p.client._sender is not None and p.client._sender.generation >= 6
+    assert p.server._receiver is not None and p.server._receiver.generation >= 6
+
+
+def test_key_update_changes_the_key(server_key: rsa.RSAPrivateKey) -> None:
+    """A record sealed after an update does not open under the old key."""
+    p = Pair(server_key, client_kwargs={"key_update_interval": 2})
+    p.handshake()
+    p.client.send(b"a")  # seq 1 (Finished was 0)
+    p.client.send(b"b")  # KEY_UPDATE at seq 2, then b under the new key
+    frames = split_frames(p.client.data_to_send())
+    assert [f[0] for f in frames] == [FrameType.DATA_END, FrameType.KEY_UPDATE, FrameType.DATA_END]
+    # drop the KEY_UPDATE: the next record must fail to authenticate
+    feed(p.server, frames[0])
+    from callcp._core.errors import CryptoError
+
+    with pytest.raises(CryptoError):
+        feed(p.server, frames[2])
+
+
+def test_clean_close_both_ways(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.client.send(b"last")
+    p.client.close()
+    assert p.to_server() == [MessageReceived(b"last"), CloseReceived(CloseCode.NORMAL, "")]
+    with pytest.raises(ConnectionClosedOK):
+        p.server.next_event()
+    # the server answered with its own CLOSE
+    assert p.to_client() == [CloseReceived(CloseCode.NORMAL, "")]
+    with pytest.raises(LocalProtocolError):
+        p.client.send(b"after close")
+
+
+def test_eof_without_close_is_truncation(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.client.send(b"data")
+    p.to_server()
+    p.server.receive_data(b"")
+    with pytest.raises(ConnectionClosedError, match="truncated"):
+        p.server.next_event()
+
+
+def test_eof_mid_message_delivers_nothing(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.client.send(b"y" * 200_000)
+    data = p.client.data_to_send()
+    assert feed(p.server, data[: len(data) - 10]) == []
+    p.server.receive_data(b"")
+    with pytest.raises(ConnectionClosedError):
+        p.server.next_event()
+
+
+def test_close_mid_message_drops_the_partial_message(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.client.send(b"z" * 200_000)
+    frames = split_frames(p.client.data_to_send())
+    # deliver two DATA fragments, then a close sealed as the next record
+    partial = b"".join(frames[:2])
+    assert feed(p.server, partial) == []
+    # forge what the client would send next: its own close (seq continues)
+    c = p.client
+    c._sender.seq = 3  # type: ignore[union-attr]  # after Finished + 2 fragments
+    c._close_sent = False
+    c.close()
+    events = feed(p.server, c.data_to_send())
+    assert events == [CloseReceived(CloseCode.PROTOCOL_ERROR, "closed in the middle of a message")]
+
+
+def test_version_mismatch_is_clear(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key, server_kwargs={"versions": (7,)})
+    with pytest.raises(VersionMismatch, match=r"\[7\].*\[2\]"):
+        p.to_client()
+    # the client tells the server, in a plaintext alert
+    with pytest.raises(VersionMismatch):
+        p.to_server()
+
+
+def test_server_rejects_a_version_it_did_not_offer(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key, client_kwargs={"versions": (2, 9)})
+    # the client picks the best common version: 2
+    p.handshake()
+    assert p.client.version == 2
+
+
+def test_client_auth_required_and_authorized(
+    server_key: rsa.RSAPrivateKey, client_key: rsa.RSAPrivateKey
+) -> None:
+    fp = fingerprint(client_key)
+    p = Pair(
+        server_key,
+        client_kwargs={"client_key": client_key},
+        server_kwargs={"authorize_client": {fp}.__contains__},
+    )
+    p.to_client()
+    p.client.send(b"hi")
+    assert p.to_server() == [HandshakeCompleted(2, fp), MessageReceived(b"hi")]
+
+
+def test_unlisted_client_refused_before_any_message(
+    server_key: rsa.RSAPrivateKey, client_key: rsa.RSAPrivateKey, other_key: rsa.RSAPrivateKey
+) -> None:
+    p = Pair(
+        server_key,
+        client_kwargs={"client_key": other_key},
+        server_kwargs={"authorize_client": {fingerprint(client_key)}.__contains__},
+    )
+    p.to_client()
+    p.client.send(b"secret request")
+    p.server.receive_data(p.client.data_to_send())
+    with pytest.raises(ClientAuthError, match="not authorized"):
+        p.server.next_event()  # no MessageReceived came first
+    with pytest.raises(ClientAuthError, match="unauthorized"):
+        p.to_client()
+
+
+def test_client_without_key_told_clearly(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key, server_kwargs={"authorize_client": lambda fp: True})
+    with pytest.raises(ClientAuthError, match="client_key"):
+        p.to_client()
+
+
+def test_client_auth_signature_must_verify(
+    server_key: rsa.RSAPrivateKey, client_key: rsa.RSAPrivateKey, other_key: rsa.RSAPrivateKey
+) -> None:
+    """Presenting an authorized public key without its private key fails."""
+    from callcp._core import protocol
+
+    allowed = fingerprint(client_key)
+    p = Pair(
+        server_key,
+        client_kwargs={"client_key": other_key},
+        server_kwargs={"authorize_client": {allowed}.__contains__},
+    )
+    real = protocol.public_der
+    protocol.public_der = lambda key: real(client_key)  # type: ignore[assignment]
+    try:
+        p.to_client()
+    finally:
+        protocol.public_der = real
+    with pytest.raises(ClientAuthError, match="signature"):
+        p.to_server()
+
+
+def test_failed_connection_refuses_further_use(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.server.receive_data(HEADER.pack(FrameType.DATA_END, 100) + b"\0" * 100)
+    with pytest.raises(RemoteProtocolError):
+        p.server.next_event()
+    with pytest.raises(ConnectionClosedError):
+        p.server.next_event()
+    with pytest.raises(ConnectionClosedError):
+        p.server.send(b"x")
+
+
+def test_server_start_twice_is_local_error(server_key: rsa.RSAPrivateKey) -> None:
+    s = ServerProtocol(server_key)
+    s.start()
+    with pytest.raises(LocalProtocolError):
+        s.start()
+
+
+def test_handshake_eof_is_handshake_error(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    p.server.receive_data(b"")
+    with pytest.raises(HandshakeError, match="during the handshake"):
+        drain(p.server)

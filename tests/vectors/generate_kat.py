@@ -1,0 +1,84 @@
+"""Regenerate tests/vectors/handshake_kat.json (run once; the test then pins it).
+
+    python tests/vectors/generate_kat.py
+
+The RSA key and the OAEP ciphertext are random when made; everything else is
+fixed.  Re-running it makes a *new* vector: only do so when the protocol
+changes on purpose, and update docs/PROTOCOL.md to match.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from callcp._core.keys import fingerprint
+from callcp._core.protocol import OAEP, ClientProtocol, ServerProtocol
+from tests.helpers import FixedEntropy
+
+HERE = Path(__file__).parent
+
+INPUTS = {
+    "server_random": bytes(range(0x00, 0x20)),
+    "server_x25519_private": bytes(range(0x20, 0x40)),
+    "client_random": bytes(range(0x40, 0x60)),
+    "client_x25519_private": bytes(range(0x60, 0x80)),
+    "premaster": bytes(range(0x80, 0xA0)),
+    "request": b"hello callcp/2",
+    "reply": b"hello client",
+}
+
+
+def run(key: rsa.RSAPrivateKey, oaep: bytes) -> dict:
+    i = INPUTS
+    fp = fingerprint(key)
+    c = ClientProtocol(
+        lambda f, der: None,
+        entropy=FixedEntropy([i["premaster"], i["client_random"]], i["client_x25519_private"], oaep),
+    )
+    s = ServerProtocol(key, entropy=FixedEntropy([i["server_random"]], i["server_x25519_private"]))
+    s.start()
+    server_hello = s.data_to_send()
+    c.receive_data(server_hello)
+    c.next_event()
+    secrets = c._secrets
+    c.send(i["request"])
+    client_flight = c.data_to_send()
+    s.receive_data(client_flight)
+    s.next_event()
+    s.next_event()
+    s.send(i["reply"])
+    server_flight = s.data_to_send()
+    assert secrets is not None
+    return {
+        "fingerprint": fp,
+        "server_hello": server_hello.hex(),
+        "client_flight": client_flight.hex(),
+        "server_flight": server_flight.hex(),
+        "client_traffic_secret": secrets.client_traffic.hex(),
+        "server_traffic_secret": secrets.server_traffic.hex(),
+        "client_finished_key": secrets.client_finished.hex(),
+        "server_finished_key": secrets.server_finished.hex(),
+    }
+
+
+def main() -> None:
+    key = rsa.generate_private_key(65537, 2048)
+    oaep = key.public_key().encrypt(INPUTS["premaster"], OAEP)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    vector = {
+        "inputs": {k: v.hex() for k, v in INPUTS.items()},
+        "server_private_key_pem": pem,
+        "encrypted_premaster": oaep.hex(),
+        "expected": run(key, oaep),
+    }
+    (HERE / "handshake_kat.json").write_text(json.dumps(vector, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
