@@ -24,7 +24,7 @@ from callcp._core.events import (
 )
 from callcp._core.keys import fingerprint
 from callcp._core.protocol import ServerProtocol, State
-from callcp._core.wire import FrameType, HEADER
+from callcp._core.wire import HEADER, FrameType
 from tests.helpers import Pair, drain, feed, split_frames
 
 

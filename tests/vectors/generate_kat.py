@@ -37,7 +37,9 @@ def run(key: rsa.RSAPrivateKey, oaep: bytes) -> dict:
     fp = fingerprint(key)
     c = ClientProtocol(
         lambda f, der: None,
-        entropy=FixedEntropy([i["premaster"], i["client_random"]], i["client_x25519_private"], oaep),
+        entropy=FixedEntropy(
+            [i["premaster"], i["client_random"]], i["client_x25519_private"], oaep
+        ),
     )
     s = ServerProtocol(key, entropy=FixedEntropy([i["server_random"]], i["server_x25519_private"]))
     s.start()

@@ -1,0 +1,81 @@
+"""callcp: encrypted, authenticated, message-oriented channels over plain TCP.
+
+Blocking API::
+
+    import callcp
+    with callcp.connect("127.0.0.1", 8436) as conn:
+        reply = conn.request(b"hello")
+
+The Callcp 1.0 API (``SecureTCPServer``, ``SecureTCPClient``) is kept.
+"""
+
+from ._core.errors import (
+    CallcpError,
+    CallcpTimeout,
+    ClientAuthError,
+    CloseCode,
+    ConnectionClosed,
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    CryptoError,
+    HandshakeError,
+    HandshakeTimeout,
+    KeyManagementError,
+    LocalProtocolError,
+    MessageTooLarge,
+    RemoteProtocolError,
+    SecureTCPClientError,
+    SecureTCPServerError,
+    ServerKeyChanged,
+    ServerKeyError,
+    TransportError,
+    UnknownServerKey,
+    VersionMismatch,
+)
+from ._core.keys import fingerprint
+from .compat import SecureTCPClient, SecureTCPServer
+from .keys import KeyPair
+from .sync import Connection, Server, connect, serve
+from .trust import AuthorizedKeys, KnownHosts, ServerKeyPolicy
+
+__version__ = "2.0.0"
+
+__all__ = [
+    # blocking API
+    "connect",
+    "serve",
+    "Connection",
+    "Server",
+    # keys and trust
+    "KeyPair",
+    "KnownHosts",
+    "AuthorizedKeys",
+    "ServerKeyPolicy",
+    "fingerprint",
+    # Callcp 1.0 API
+    "SecureTCPServer",
+    "SecureTCPClient",
+    # errors
+    "CallcpError",
+    "SecureTCPServerError",
+    "SecureTCPClientError",
+    "KeyManagementError",
+    "HandshakeError",
+    "VersionMismatch",
+    "ServerKeyError",
+    "UnknownServerKey",
+    "ServerKeyChanged",
+    "ClientAuthError",
+    "HandshakeTimeout",
+    "CryptoError",
+    "RemoteProtocolError",
+    "MessageTooLarge",
+    "TransportError",
+    "ConnectionClosed",
+    "ConnectionClosedOK",
+    "ConnectionClosedError",
+    "CallcpTimeout",
+    "LocalProtocolError",
+    "CloseCode",
+    "__version__",
+]

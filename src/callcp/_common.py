@@ -1,0 +1,135 @@
+"""What the blocking and asyncio adapters share that is not protocol:
+turning user options into a trust policy and a server key, and logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from ._core.errors import KeyManagementError
+from .keys import KeyPair
+from .trust import AuthorizedKeys, ServerKeyPolicy
+
+__all__ = [
+    "DEFAULT_PORT",
+    "DEFAULT_SERVER_KEY",
+    "KeySource",
+    "AuthorizedSource",
+    "check_port",
+    "logger_for",
+    "server_key_verifier",
+    "load_server_key",
+    "load_client_key",
+    "client_authorizer",
+]
+
+DEFAULT_PORT = 8436
+#: Where ``serve()`` keeps its key when none is given.
+DEFAULT_SERVER_KEY = Path("~/.callcp/server_key.pem")
+
+PathLike = Union[str, "os.PathLike[str]"]
+KeySource = Union[KeyPair, rsa.RSAPrivateKey, str, "os.PathLike[str]"]
+AuthorizedSource = Union[AuthorizedKeys, PathLike, "list[str]", "set[str]", "tuple[str, ...]"]
+
+LOG = logging.getLogger("callcp")
+
+
+def check_port(port: int, *, allow_zero: bool) -> None:
+    """Refuse a port outside 1..65535 (0 too, where it means "pick one")."""
+    low = 0 if allow_zero else 1
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
+        raise ValueError(f"port must be an integer from {low} to 65535, not {port!r}")
+
+
+def logger_for(logger: Optional[logging.Logger]) -> logging.Logger:
+    return logger if logger is not None else LOG
+
+
+def server_key_verifier(
+    host: str,
+    port: int,
+    *,
+    server_fingerprint: Optional[str],
+    known_hosts: Optional[PathLike],
+    trust_on_first_use: bool,
+    insecure: bool,
+    logger: logging.Logger,
+) -> Callable[[str, bytes], None]:
+    """Build the core's ``verify_server_key`` callback from the user's options.
+
+    Precedence: ``insecure`` (explicit, logged loudly) > a pinned
+    ``server_fingerprint`` > the known-hosts file (trust on first use unless
+    turned off).
+    """
+    if insecure:
+        if server_fingerprint is not None:
+            raise ValueError("insecure=True contradicts server_fingerprint=...; choose one")
+        policy = ServerKeyPolicy.insecure()
+        logger.warning(
+            "SERVER KEY CHECKING IS OFF for %s:%s: anyone on the network path can "
+            "impersonate the server (insecure=True)",
+            host,
+            port,
+        )
+    elif server_fingerprint is not None:
+        policy = ServerKeyPolicy.pinned(server_fingerprint)
+    else:
+        policy = ServerKeyPolicy.known_hosts(known_hosts, trust_on_first_use=trust_on_first_use)
+
+    def verify(fingerprint: str, der: bytes) -> None:
+        outcome = policy.verify(host, port, fingerprint)
+        if outcome == "new":
+            logger.warning(
+                "permanently added %s:%s (%s) to the known hosts (trust on first use)",
+                host,
+                port,
+                fingerprint,
+            )
+
+    return verify
+
+
+def load_server_key(key: Optional[KeySource], *, password: Optional[str] = None) -> KeyPair:
+    """A server KeyPair from a KeyPair, a private key, or a PEM path (generated
+    there on first use).  ``None`` means DEFAULT_SERVER_KEY."""
+    if isinstance(key, KeyPair):
+        return key
+    if isinstance(key, rsa.RSAPrivateKey):
+        return KeyPair(key)
+    path = Path(os.path.expanduser(key if key is not None else DEFAULT_SERVER_KEY))
+    return KeyPair.load_or_generate(path, password=password)
+
+
+def load_client_key(
+    key: Optional[KeySource], *, password: Optional[str] = None
+) -> Optional[KeyPair]:
+    """A client KeyPair, or None.  A path must exist: clients never generate."""
+    if key is None or isinstance(key, KeyPair):
+        return key
+    if isinstance(key, rsa.RSAPrivateKey):
+        return KeyPair(key)
+    return KeyPair.load(Path(os.path.expanduser(key)), password=password)
+
+
+def client_authorizer(
+    authorized_keys: Optional[AuthorizedSource],
+) -> Optional[Callable[[str], bool]]:
+    """The core's ``authorize_client`` from a file path, a list of
+    fingerprints, or an AuthorizedKeys; None turns client auth off."""
+    if authorized_keys is None:
+        return None
+    if isinstance(authorized_keys, AuthorizedKeys):
+        allowed = authorized_keys
+    elif isinstance(authorized_keys, (list, set, tuple, frozenset)):
+        allowed = AuthorizedKeys.from_fingerprints(authorized_keys)
+    elif isinstance(authorized_keys, (str, os.PathLike)):
+        allowed = AuthorizedKeys.load(Path(os.path.expanduser(authorized_keys)))
+    else:
+        raise KeyManagementError(
+            f"authorized_keys must be a path or fingerprints, not {type(authorized_keys).__name__}"
+        )
+    return allowed.__contains__

@@ -1,0 +1,160 @@
+"""The optional rich console UI of the Callcp 1.0 API (``use_display=True``).
+
+``rich`` is an optional extra (``pip install 'callcp[display]'``) and is
+imported lazily, only when a display is asked for.  Without it,
+:func:`make_display` returns ``None`` and logs ONE warning per process: the
+caller then only logs, exactly as with ``use_display=False``.
+
+The display is an interactive console, not a log.  Even so it never shows keys,
+and the server side never shows message contents (only sizes); the client may
+echo back what its user typed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import threading
+from types import ModuleType
+from typing import Any, Iterator, Optional
+
+__all__ = ["RICH_MISSING_WARNING", "Display", "make_display", "rich_available"]
+
+RICH_MISSING_WARNING = (
+    "rich is not installed; use_display=True falls back to logging "
+    "(pip install 'callcp[display]')"
+)
+
+#: Longest message preview the client display shows, in characters.
+PREVIEW_CHARS = 200
+
+_warn_lock = threading.Lock()
+_warned = False
+
+
+def _import_rich() -> ModuleType:
+    """Import ``rich.console`` (raises ImportError when rich is missing).
+
+    Kept as a function so tests can simulate a missing ``rich``.
+    """
+    return importlib.import_module("rich.console")
+
+
+def rich_available() -> bool:
+    """Whether ``rich`` can be imported."""
+    try:
+        _import_rich()
+    except ImportError:
+        return False
+    return True
+
+
+class Display:
+    """A thin rich console for the Callcp 1.0 classes.
+
+    Thread-safe (rich's Console serialises its output).  ``console`` is any
+    ``rich.console.Console``; the default writes to standard output.
+
+    Raises:
+        ImportError: ``rich`` is not installed (see :func:`make_display`).
+    """
+
+    def __init__(self, console: Optional[Any] = None) -> None:
+        rich_console = _import_rich()
+        from rich.panel import Panel
+        from rich.text import Text
+
+        self._Panel = Panel
+        self._Text = Text
+        self.console: Any = console if console is not None else rich_console.Console()
+
+    # ------------------------------------------------------------- one-liners
+
+    def _line(self, style: str, prefix: str, message: str) -> None:
+        # A Text object, never markup: peer data such as "[bold]" is shown as is.
+        self.console.print(self._Text(prefix + message, style=style))
+
+    def print_info(self, message: str) -> None:
+        self._line("cyan", "ℹ ", message)
+
+    def print_success(self, message: str) -> None:
+        self._line("green", "✔ ", message)
+
+    def print_warning(self, message: str) -> None:
+        self._line("yellow", "⚠ ", message)
+
+    def print_error(self, message: str) -> None:
+        self._line("bold red", "✖ ", message)
+
+    # ---------------------------------------------------------------- panels
+
+    def _panel(self, lines: list[str], title: str, style: str) -> None:
+        body = self._Text("\n".join(lines))
+        self.console.print(self._Panel(body, title=title, border_style=style, expand=False))
+
+    def startup_banner(self, host: str, port: int, fingerprint: str) -> None:
+        """The server's banner: where it listens and which key it proves."""
+        self._panel(
+            [
+                f"Listening on  {host}:{port}",
+                f"Server key    {fingerprint}",
+                "Protocol      callcp/2 (RSA-2048 + X25519, AES-256-GCM)",
+                "Press Ctrl-C to stop",
+            ],
+            "callcp server",
+            "blue",
+        )
+
+    def connection_banner(self, peer: str, fingerprint: Optional[str] = None) -> None:
+        """A client connected (``fingerprint``: its key, with client auth)."""
+        lines = [f"Client  {peer}"]
+        if fingerprint:
+            lines.append(f"Key     {fingerprint}")
+        self._panel(lines, "New connection", "cyan")
+
+    def handshake_panel(self, peer: str, fingerprint: Optional[str]) -> None:
+        """The handshake finished with ``peer`` (``fingerprint``: its key, if known)."""
+        lines = [f"Peer        {peer}"]
+        if fingerprint:
+            lines.append(f"Peer key    {fingerprint}")
+        lines.append("Key exchange  RSA-OAEP-SHA256 + X25519 -> HKDF-SHA256")
+        self._panel(lines, "Handshake complete", "green")
+
+    def channel_panel(self) -> None:
+        self._panel(["AES-256-GCM, authenticated and replay-protected"],
+                    "Encrypted channel active", "green")
+
+    def message(self, direction: str, data: bytes) -> None:
+        """A preview of ``data`` (client side only: what the user sent)."""
+        text = data.decode("utf-8", errors="replace")
+        if len(text) > PREVIEW_CHARS:
+            text = text[:PREVIEW_CHARS] + f"… ({len(data)} bytes)"
+        self._line("magenta", f"{direction} ", text)
+
+    # --------------------------------------------------------------- spinner
+
+    @contextlib.contextmanager
+    def status(self, message: str) -> Iterator[None]:
+        """A spinner shown while the ``with`` block runs."""
+        with self.console.status(self._Text(message)):
+            yield
+
+
+def make_display(enabled: bool, logger: logging.Logger) -> Optional[Display]:
+    """A :class:`Display` if ``enabled`` and rich is installed, else ``None``.
+
+    When rich is missing, logs :data:`RICH_MISSING_WARNING` through
+    ``logger`` once per process.  Never raises.
+    """
+    global _warned
+    if not enabled:
+        return None
+    try:
+        return Display()
+    except ImportError:
+        with _warn_lock:
+            first, _warned = not _warned, True
+        if first:
+            logger.warning(RICH_MISSING_WARNING)
+        return None

@@ -1,0 +1,671 @@
+"""The blocking adapter: sockets and threads around the sans-I/O core.
+
+This module only moves bytes: every protocol decision is made by
+``callcp._core.protocol``.  OSError is translated into callcp errors in one
+place, ``_translate``.
+
+Threading: a Connection may be used by one thread receiving while another
+sends.  ``_proto_lock`` guards the core object; ``_send_lock`` keeps queued
+bytes in order on the socket; ``_recv_lock`` serialises receivers.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional, Set, Tuple, Union
+
+from ._common import (
+    DEFAULT_PORT,
+    AuthorizedSource,
+    KeySource,
+    PathLike,
+    check_port,
+    client_authorizer,
+    load_client_key,
+    load_server_key,
+    logger_for,
+    server_key_verifier,
+)
+from ._core.errors import (
+    CallcpError,
+    CallcpTimeout,
+    CloseCode,
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    HandshakeTimeout,
+    TransportError,
+)
+from ._core.events import NEED_DATA, CloseReceived, HandshakeCompleted, MessageReceived
+from ._core.protocol import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    ClientProtocol,
+    ServerProtocol,
+    State,
+    _Protocol,
+)
+from ._core.wire import alert_frame
+
+__all__ = ["Connection", "Server", "connect", "serve"]
+
+#: Bytes asked of the socket per read.
+READ_SIZE = 256 * 1024
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_MAX_CONNECTIONS = 512
+DEFAULT_MAX_HANDSHAKES = 64
+
+Address = Tuple[Any, ...]
+
+
+class _Default:
+    """Sentinel type: "use the connection's timeout"."""
+
+    __slots__ = ()
+
+
+DEFAULT = _Default()
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+def _translate(exc: OSError, doing: str) -> TransportError:
+    """The one place where socket errors become callcp errors."""
+    if isinstance(exc, socket.timeout):
+        return CallcpTimeout(f"timed out while {doing}")
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return ConnectionClosedError(f"the connection was reset while {doing}: {exc.strerror}")
+    return TransportError(f"network error while {doing}: {exc}")
+
+
+class Connection:
+    """One encrypted, authenticated, message-oriented connection.
+
+    Obtained from :func:`connect` (client) or given to a :func:`serve`
+    handler (server).  Messages keep their boundaries; each is any size up to
+    the receiver's ``max_message_size``.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        proto: _Protocol,
+        *,
+        timeout: Optional[float],
+        logger: logging.Logger,
+    ) -> None:
+        self._sock = sock
+        self._proto = proto
+        self._timeout = timeout
+        self._log = logger
+        self._proto_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._reading = False
+        self._stopping = False  # the server is shutting down
+        self._closed = False
+        sock.settimeout(timeout)
+        try:
+            self.remote_address: Address = tuple(sock.getpeername())
+        except OSError:
+            self.remote_address = ()
+        self.local_address: Address = tuple(sock.getsockname())
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def peer_fingerprint(self) -> Optional[str]:
+        """The peer's key fingerprint (``SHA256:...``): the server's on a
+        client; the client's on a server with client authentication, else None."""
+        return self._proto.peer_fingerprint
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def settimeout(self, timeout: Optional[float]) -> None:
+        """Deadline in seconds for each later blocking operation (None: wait forever)."""
+        self._timeout = timeout
+        self._sock.settimeout(timeout)
+
+    # -------------------------------------------------------------- sending
+
+    def send(self, message: Buffer) -> None:
+        """Send one message.
+
+        Raises:
+            ConnectionClosed: the connection is closed or failed.
+            CallcpTimeout, TransportError: the network failed (the connection
+                is then closed).
+        """
+        with self._send_lock:
+            with self._proto_lock:
+                self._proto.send(message)
+                out = self._proto.data_to_send()
+            self._write(out)
+
+    def _write(self, data: bytes) -> None:
+        """Write under ``_send_lock``; a failed write kills the connection."""
+        if not data:
+            return
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            err = _translate(exc, "sending")
+            with self._proto_lock:
+                self._proto.fail(err)
+            self._close_socket()
+            raise err from exc
+
+    def _flush(self, *, best_effort: bool = True) -> None:
+        """Write whatever the core has queued (close replies, alerts, the
+        handshake flight).  With ``best_effort`` a failed write is ignored:
+        the connection is failing or closing anyway."""
+        with self._send_lock:
+            with self._proto_lock:
+                out = self._proto.data_to_send()
+            try:
+                self._write(out)
+            except CallcpError:
+                if not best_effort:
+                    raise
+
+    # ------------------------------------------------------------ receiving
+
+    def recv(self, timeout: Union[float, None, _Default] = DEFAULT) -> bytes:
+        """Receive the next whole message.
+
+        ``timeout`` overrides the connection's timeout for this call (None:
+        wait forever).  A timeout leaves the connection usable.
+
+        Raises:
+            ConnectionClosedOK: the peer closed the connection cleanly.
+            ConnectionClosedError: it closed with an error, or vanished without
+                the authenticated close (possible truncation).
+            CryptoError, RemoteProtocolError, MessageTooLarge: the peer sent bad
+                bytes; the connection is closed.
+            CallcpTimeout: nothing arrived in time.
+        """
+        deadline = None
+        t = self._timeout if isinstance(timeout, _Default) else timeout
+        if t is not None:
+            deadline = time.monotonic() + t
+        with self._recv_lock:
+            while True:
+                event = self._next_event()
+                if event is NEED_DATA:
+                    self._read(deadline)
+                elif isinstance(event, MessageReceived):
+                    return event.data
+                elif isinstance(event, CloseReceived):
+                    self._flush()  # our reply CLOSE
+                    self._close_socket()
+                    raise self._proto.closed_error()
+                # HandshakeCompleted / ServerKeyAccepted: nothing to do here
+
+    def _next_event(self) -> Any:
+        try:
+            with self._proto_lock:
+                return self._proto.next_event()
+        except CallcpError:
+            self._flush()
+            self._close_socket()
+            raise
+
+    def _read(self, deadline: Optional[float]) -> None:
+        with self._state_lock:
+            if self._stopping:
+                self._stop_now()
+            self._reading = True
+        try:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CallcpTimeout("timed out while receiving")
+                self._sock.settimeout(remaining)
+            data = self._sock.recv(READ_SIZE)
+        except OSError as exc:
+            if self._closed:
+                raise self._proto.closed_error() from None
+            err = _translate(exc, "receiving")
+            if isinstance(err, CallcpTimeout):
+                raise err from None  # the connection stays usable
+            with self._proto_lock:
+                self._proto.fail(err)
+            self._close_socket()
+            raise err from exc
+        finally:
+            with self._state_lock:
+                self._reading = False
+            if not self._closed:
+                self._sock.settimeout(self._timeout)
+        if not data and self._stopping:
+            self._stop_now()
+        with self._proto_lock:
+            self._proto.receive_data(data)
+
+    def request(self, message: Buffer, timeout: Union[float, None, _Default] = DEFAULT) -> bytes:
+        """Send one message and return the next message received."""
+        self.send(message)
+        return self.recv(timeout)
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Incoming messages until the peer closes cleanly (a broken
+        connection raises instead of ending the loop).  Each wait is bounded
+        by the connection's timeout (the server's ``idle_timeout``)."""
+        while True:
+            try:
+                yield self.recv()
+            except ConnectionClosedOK:
+                return
+
+    # -------------------------------------------------------------- closing
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Send the authenticated close and close the socket; never raises."""
+        if self._closed:
+            return
+        try:
+            with self._proto_lock:
+                self._proto.close(code, reason)
+            self._flush()
+        finally:
+            self._close_socket()
+
+    def _close_socket(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+    def _stop_now(self) -> None:
+        """(server shutdown) close with GOING_AWAY and tell the handler."""
+        self.close(CloseCode.GOING_AWAY, "server shutting down")
+        raise ConnectionClosedOK(
+            "the server is shutting down", code=CloseCode.GOING_AWAY, reason="server shutting down"
+        )
+
+    def _begin_stop(self) -> None:
+        """Called by Server.shutdown(): an idle reader is woken and closed now;
+        a busy handler finishes its current message first."""
+        with self._state_lock:
+            self._stopping = True
+            if self._reading:
+                try:
+                    self._sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<callcp.Connection {self.remote_address!r} {self._proto.state.value}>"
+
+
+# ================================================================== client
+
+
+def connect(
+    host: str,
+    port: int = DEFAULT_PORT,
+    *,
+    timeout: Optional[float] = DEFAULT_TIMEOUT,
+    server_fingerprint: Optional[str] = None,
+    known_hosts: Optional[PathLike] = None,
+    trust_on_first_use: bool = True,
+    insecure: bool = False,
+    client_key: Optional[KeySource] = None,
+    key_password: Optional[str] = None,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    logger: Optional[logging.Logger] = None,
+) -> Connection:
+    """Open a callcp/2 connection and run the client side of the handshake.
+
+    The server's key is checked against ``server_fingerprint`` if given, else
+    against the known-hosts file (``known_hosts``, default
+    ``~/.callcp/known_hosts``; an unknown server is trusted on first use
+    unless ``trust_on_first_use=False``).  ``insecure=True`` turns checking
+    off, loudly.  Returns once the client's key exchange is sent, so the first
+    request shares its flight (1-RTT); the server's Finished is checked before
+    any reply is returned.
+
+    Raises:
+        ServerKeyChanged, UnknownServerKey: the server's key is not trusted.
+        HandshakeError: any other handshake failure.
+        CallcpTimeout, TransportError: the network failed (nothing listening,
+            unreachable, timeout).
+        KeyManagementError: ``client_key`` could not be loaded.
+    """
+    check_port(port, allow_zero=False)
+    log = logger_for(logger)
+    verifier = server_key_verifier(
+        host,
+        port,
+        server_fingerprint=server_fingerprint,
+        known_hosts=known_hosts,
+        trust_on_first_use=trust_on_first_use,
+        insecure=insecure,
+        logger=log,
+    )
+    keypair = load_client_key(client_key, password=key_password)
+    proto = ClientProtocol(
+        verifier,
+        client_key=keypair.private_key if keypair is not None else None,
+        max_message_size=max_message_size,
+    )
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise _translate(exc, f"connecting to {host}:{port}") from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn = Connection(sock, proto, timeout=timeout, logger=log)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while proto.state is State.WAIT_SERVER_HELLO:
+            event = conn._next_event()
+            if event is NEED_DATA:
+                conn._read(deadline)
+        conn._flush(best_effort=False)
+    except CallcpTimeout as exc:
+        conn._close_socket()
+        raise HandshakeTimeout(f"no ServerHello from {host}:{port} within {timeout} s") from exc
+    except BaseException:
+        conn._close_socket()
+        raise
+    return conn
+
+
+# ================================================================== server
+
+Handler = Callable[[Connection], Any]
+
+
+class Server:
+    """A threaded callcp/2 server; see :func:`serve`."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        host: Optional[str] = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        *,
+        key: Optional[KeySource] = None,
+        key_password: Optional[str] = None,
+        authorized_keys: Optional[AuthorizedSource] = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        backlog: int = 128,
+        reuse_port: bool = False,
+        logger: Optional[logging.Logger] = None,
+    ) -> None:
+        check_port(port, allow_zero=True)
+        if max_connections < 1 or max_handshakes < 1:
+            raise ValueError("max_connections and max_handshakes must be >= 1")
+        self._handler = handler
+        self._log = logger_for(logger)
+        self.keypair = load_server_key(key, password=key_password)
+        self._public_der = self.keypair.public_der
+        self._authorize = client_authorizer(authorized_keys)
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.max_message_size = max_message_size
+        self._handshakes = threading.BoundedSemaphore(max_handshakes)
+        self._lock = threading.Lock()
+        self._active: Set[Connection] = set()
+        self._threads: Set[threading.Thread] = set()
+        self._shutdown_requested = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._sock = self._bind(host, port, backlog, reuse_port)
+
+    @staticmethod
+    def _bind(host: Optional[str], port: int, backlog: int, reuse_port: bool) -> socket.socket:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, kind, proto, _, addr = infos[0]
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(addr)
+                sock.listen(backlog)
+            except BaseException:
+                sock.close()
+                raise
+        except OSError as exc:
+            raise _translate(exc, f"listening on {host}:{port}") from exc
+        return sock
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def server_address(self) -> Address:
+        return tuple(self._sock.getsockname())
+
+    @property
+    def port(self) -> int:
+        port: int = self._sock.getsockname()[1]
+        return port
+
+    @property
+    def fingerprint(self) -> str:
+        return self.keypair.fingerprint
+
+    @property
+    def active_connections(self) -> int:
+        with self._lock:
+            return len(self._threads)
+
+    # ------------------------------------------------------------ serving
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept and serve connections until :meth:`shutdown` (returns at
+        once if shutdown was already requested)."""
+        with self._lock:
+            if self._shutdown_requested.is_set():
+                return
+            self._stopped.clear()
+        try:
+            self._sock.settimeout(poll_interval)
+            self._log.info(
+                "callcp server listening on %s (key %s)", self.server_address, self.fingerprint
+            )
+            while not self._shutdown_requested.is_set():
+                try:
+                    sock, addr = self._sock.accept()
+                except socket.timeout:
+                    continue
+                except OSError as exc:
+                    if self._shutdown_requested.is_set():
+                        break
+                    self._log.warning("accept failed: %s", exc)
+                    time.sleep(0.05)  # e.g. EMFILE: do not spin
+                    continue
+                self._admit(sock, addr)
+        finally:
+            self._stopped.set()
+
+    def _admit(self, sock: socket.socket, addr: Address) -> None:
+        with self._lock:
+            full = len(self._threads) >= self.max_connections
+            if not full:
+                thread = threading.Thread(
+                    target=self._serve_one, args=(sock, addr), name=f"callcp-{addr}", daemon=True
+                )
+                self._threads.add(thread)
+        if full:
+            self._log.warning(
+                "refused %s: max_connections (%d) reached", _fmt(addr), self.max_connections
+            )
+            try:
+                sock.settimeout(0)
+                sock.send(alert_frame(CloseCode.GOING_AWAY, "server busy: too many connections"))
+            except OSError:
+                pass
+            sock.close()
+            return
+        thread.start()
+
+    def _serve_one(self, sock: socket.socket, addr: Address) -> None:
+        peer = _fmt(addr)
+        conn: Optional[Connection] = None
+        try:
+            conn = self._handshake(sock, peer)
+            if conn is None:
+                return
+            with self._lock:
+                self._active.add(conn)
+                stopping = self._shutdown_requested.is_set()
+            if stopping:
+                conn._begin_stop()
+            try:
+                self._handler(conn)
+            except ConnectionClosedOK:
+                pass
+            except CallcpTimeout:
+                self._log.warning("closed %s: idle for more than %s s", peer, self.idle_timeout)
+                conn.close(CloseCode.TIMEOUT, "idle timeout")
+            except CallcpError as exc:
+                self._log.warning("connection %s ended: %s", peer, exc)
+            except Exception:
+                self._log.exception("handler raised on connection %s", peer)
+                conn.close(CloseCode.INTERNAL_ERROR, "internal server error")
+        finally:
+            if conn is not None:
+                conn.close()
+                with self._lock:
+                    self._active.discard(conn)
+            else:
+                sock.close()
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _handshake(self, sock: socket.socket, peer: str) -> Optional[Connection]:
+        """Run the server handshake under the handshake deadline; None on failure
+        (logged on one line)."""
+        if not self._handshakes.acquire(timeout=self.handshake_timeout):
+            self._log.warning("dropped %s: too many handshakes in progress", peer)
+            return None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            proto = ServerProtocol(
+                self.keypair.private_key,
+                authorize_client=self._authorize,
+                max_message_size=self.max_message_size,
+                server_public_der=self._public_der,
+            )
+            conn = Connection(sock, proto, timeout=self.handshake_timeout, logger=self._log)
+            deadline = time.monotonic() + self.handshake_timeout
+            try:
+                proto.start()
+                conn._flush()
+                while True:
+                    event = conn._next_event()
+                    if event is NEED_DATA:
+                        conn._read(deadline)
+                    elif isinstance(event, HandshakeCompleted):
+                        break
+                conn._flush()  # our Finished
+            except CallcpTimeout:
+                err = HandshakeTimeout(f"handshake timed out after {self.handshake_timeout} s")
+                with conn._proto_lock:
+                    proto.fail(err)
+                conn._flush()
+                conn._close_socket()
+                self._log.warning("handshake with %s failed: %s", peer, err)
+                return None
+            except CallcpError as exc:
+                conn._close_socket()
+                self._log.warning("handshake with %s failed: %s", peer, exc)
+                return None
+            conn.settimeout(self.idle_timeout)
+            who = f" as {proto.peer_fingerprint}" if proto.peer_fingerprint else ""
+            self._log.debug("connection from %s%s", peer, who)
+            return conn
+        finally:
+            self._handshakes.release()
+
+    # ------------------------------------------------------------ stopping
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop accepting, let in-flight requests finish (up to ``timeout``
+        seconds), then close every connection with an authenticated close."""
+        with self._lock:
+            self._shutdown_requested.set()
+        self._stopped.wait(timeout=2.0)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        with self._lock:
+            conns = list(self._active)
+        for conn in conns:
+            conn._begin_stop()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                threads = list(self._threads)
+            if not threads:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                with self._lock:
+                    conns = list(self._active)
+                for conn in conns:
+                    conn.close(CloseCode.GOING_AWAY, "server shutting down")
+                for t in threads:
+                    t.join(timeout=1.0)
+                break
+            threads[0].join(timeout=min(remaining, 0.1))
+        self._log.info("callcp server stopped")
+
+    close = shutdown
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _fmt(addr: Address) -> str:
+    if len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
+    return str(addr)
+
+
+def serve(
+    handler: Handler,
+    host: Optional[str] = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    **options: Any,
+) -> Server:
+    """Create a listening :class:`Server` (bound now; call ``serve_forever()``).
+
+    ``handler(conn)`` runs in its own thread for each connection, after the
+    handshake (and client authorization) succeeded; the connection is closed
+    when it returns.  Options: ``key`` (KeyPair, RSA private key or PEM path,
+    generated on first use; default ``~/.callcp/server_key.pem``),
+    ``key_password``, ``authorized_keys`` (path or fingerprints: requires
+    client authentication), ``max_connections`` (512), ``max_handshakes``
+    (64), ``handshake_timeout`` (10 s), ``idle_timeout`` (300 s),
+    ``max_message_size`` (16 MiB), ``backlog``, ``reuse_port``, ``logger``.
+    """
+    return Server(handler, host, port, **options)

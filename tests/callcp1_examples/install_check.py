@@ -1,0 +1,1 @@
+from Server import SecureTCPServer; from Client import SecureTCPClient; print('Installation successful')
