@@ -243,12 +243,6 @@ class SecureTCPServer:
             self.logger.info("Received shutdown signal")
             if self.display is not None:
                 self.display.print_warning("Received shutdown signal")
-        except OSError:
-            # sync.Server.serve_forever() raises EBADF when shutdown() closed
-            # the listening socket before serve_forever() reached accept()
-            # (reported as a sync.py bug).  That is a requested stop, not an error.
-            if not self._stop_requested:
-                raise
 
     def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish (``shutdown_timeout``),
