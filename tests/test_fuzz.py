@@ -51,12 +51,23 @@ def _waiting_client(key: rsa.RSAPrivateKey) -> _Protocol:
     return p.client
 
 
+def _streaming_server(key: rsa.RSAPrivateKey) -> _Protocol:
+    p = Pair(key)
+    p.handshake()
+    p.client.start_stream(None, "f")
+    p.client.send_stream_data(b"some bytes")
+    p.to_server()
+    assert p.server.state is State.STREAMING
+    return p.server
+
+
 MAKERS: dict[str, Callable[[rsa.RSAPrivateKey], _Protocol]] = {
     "fresh_server": _fresh_server,
     "fresh_client": _fresh_client,
     "waiting_client": _waiting_client,
     "open_server": _open_server,
     "open_client": _open_client,
+    "streaming_server": _streaming_server,
 }
 
 

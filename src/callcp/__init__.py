@@ -1,6 +1,6 @@
 """callcp: encrypted, authenticated, message-oriented channels over plain TCP.
 
-Blocking API::
+Blocking API (``callcp.aio`` has the same, awaited)::
 
     import callcp
     with callcp.connect("127.0.0.1", 8436) as conn:
@@ -28,11 +28,14 @@ from ._core.errors import (
     SecureTCPServerError,
     ServerKeyChanged,
     ServerKeyError,
+    StreamAbortedError,
     TransportError,
     UnknownServerKey,
     VersionMismatch,
 )
 from ._core.keys import fingerprint
+from . import aio
+from ._streams import StreamInfo
 from .compat import SecureTCPClient, SecureTCPServer
 from .keys import KeyPair
 from .sync import Connection, Server, connect, serve
@@ -46,6 +49,9 @@ __all__ = [
     "serve",
     "Connection",
     "Server",
+    "StreamInfo",
+    # asyncio API: callcp.aio.connect, callcp.aio.serve
+    "aio",
     # keys and trust
     "KeyPair",
     "KnownHosts",
@@ -76,6 +82,7 @@ __all__ = [
     "ConnectionClosedError",
     "CallcpTimeout",
     "LocalProtocolError",
+    "StreamAbortedError",
     "CloseCode",
     "__version__",
 ]

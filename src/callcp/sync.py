@@ -36,9 +36,21 @@ from ._core.errors import (
     ConnectionClosedError,
     ConnectionClosedOK,
     HandshakeTimeout,
+    LocalProtocolError,
+    StreamAbortedError,
     TransportError,
 )
-from ._core.events import NEED_DATA, CloseReceived, HandshakeCompleted, MessageReceived
+from ._core.events import (
+    NEED_DATA,
+    CloseReceived,
+    HandshakeCompleted,
+    MessageReceived,
+    ServerKeyAccepted,
+    StreamAborted,
+    StreamChunk,
+    StreamEnded,
+    StreamStarted,
+)
 from ._core.protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
     ClientProtocol,
@@ -47,6 +59,15 @@ from ._core.protocol import (
     _Protocol,
 )
 from ._core.wire import alert_frame
+from ._streams import (
+    Destination,
+    Progress,
+    Sink,
+    Source,
+    StreamInfo,
+    iter_chunks,
+    source_size,
+)
 
 __all__ = ["Connection", "Server", "connect", "serve"]
 
@@ -105,6 +126,7 @@ class Connection:
         self._recv_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._reading = False
+        self._pending: Any = None  # an event recv()/recv_stream() handed back
         self._stopping = False  # the server is shutting down
         self._closed = False
         sock.settimeout(timeout)
@@ -147,6 +169,66 @@ class Connection:
                 out = self._proto.data_to_send()
             self._write(out)
 
+    def send_stream(
+        self,
+        source: Source,
+        *,
+        size: Optional[int] = None,
+        name: str = "",
+        progress: Optional[Progress] = None,
+    ) -> StreamInfo:
+        """Send a payload of any size as one stream, 64 KiB at a time.
+
+        ``source`` is a binary file, a bytes-like object or an iterable of
+        bytes-like chunks; memory use does not depend on its size.  ``size``
+        (found by itself for regular files) and ``name`` are hints for the
+        receiver.  ``progress(sent, total_or_None)`` is called after each
+        chunk.  If reading the source fails, the stream is aborted (the
+        receiver discards it) and the error is raised here.
+
+        Returns the stream's length and SHA-256, which the receiver verified
+        against its own count before accepting the stream.
+
+        Raises:
+            ConnectionClosed, CallcpTimeout, TransportError: the connection failed.
+            LocalProtocolError: the connection cannot send now.
+            Whatever reading ``source`` raises (the stream is then aborted).
+        """
+        if size is None:
+            size = source_size(source)
+        with self._send_lock:
+            with self._proto_lock:
+                self._proto.start_stream(size, name)
+                out = self._proto.data_to_send()
+            self._write(out)
+            done = 0
+            chunks = iter_chunks(source)
+            while True:
+                try:
+                    chunk = next(chunks, None)
+                except BaseException as exc:
+                    with self._proto_lock:
+                        self._proto.abort_stream(
+                            f"the sender's source failed ({type(exc).__name__})"
+                        )
+                        out = self._proto.data_to_send()
+                    self._write(out)
+                    raise
+                if chunk is None:
+                    break
+                with self._proto_lock:
+                    self._proto.send_stream_data(chunk)
+                    out = self._proto.data_to_send()
+                self._write(out)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, size)
+            with self._proto_lock:
+                length, digest = self._proto.end_stream()
+                out = self._proto.data_to_send()
+            self._write(out)
+        return StreamInfo(length, digest.hex(), name)
+
     def _write(self, data: bytes) -> None:
         """Write under ``_send_lock``; a failed write kills the connection."""
         if not data:
@@ -188,23 +270,102 @@ class Connection:
             CryptoError, RemoteProtocolError, MessageTooLarge: the peer sent bad
                 bytes; the connection is closed.
             CallcpTimeout: nothing arrived in time.
+            LocalProtocolError: a stream arrived instead (it stays pending for
+                :meth:`recv_stream`).
         """
-        deadline = None
         t = self._timeout if isinstance(timeout, _Default) else timeout
-        if t is not None:
-            deadline = time.monotonic() + t
+        deadline = None if t is None else time.monotonic() + t
         with self._recv_lock:
-            while True:
-                event = self._next_event()
-                if event is NEED_DATA:
-                    self._read(deadline)
-                elif isinstance(event, MessageReceived):
-                    return event.data
-                elif isinstance(event, CloseReceived):
-                    self._flush()  # our reply CLOSE
-                    self._close_socket()
-                    raise self._proto.closed_error()
-                # HandshakeCompleted / ServerKeyAccepted: nothing to do here
+            event = self._next_app_event(deadline)
+            if isinstance(event, MessageReceived):
+                return event.data
+            self._pending = event
+            raise LocalProtocolError(
+                "a stream arrived, not a message: receive it with recv_stream()"
+            )
+
+    def recv_stream(self, dest: Destination, *, progress: Optional[Progress] = None) -> StreamInfo:
+        """Receive a stream into ``dest`` (a path, or a binary file) in bounded
+        memory, whatever its size.
+
+        A path receives the bytes in ``<path>.part``, renamed to ``<path>``
+        only once the stream's length and SHA-256 verified; on failure the
+        ``.part`` file is deleted.  A seekable file is truncated back to where
+        it started on failure.  ``progress(received, total_or_None)`` is
+        called after each chunk.  Each wait for data is bounded by the
+        connection's timeout; a timeout in the middle of a stream closes the
+        connection.
+
+        Raises:
+            StreamAbortedError: the sender abandoned the stream (the connection
+                stays usable).
+            ConnectionClosedError: the connection broke mid-stream (truncation).
+            CryptoError, RemoteProtocolError: a chunk was tampered with, or the
+                stream failed its integrity check.
+            LocalProtocolError: a message arrived instead (it stays pending for
+                :meth:`recv`).
+            OSError: ``dest`` could not be written.
+        """
+        with self._recv_lock:
+            event = self._next_app_event(self._deadline())
+            started = event
+            if not isinstance(started, StreamStarted):
+                self._pending = event
+                raise LocalProtocolError("a message arrived, not a stream: receive it with recv()")
+            size = started.size
+            try:
+                sink = Sink(dest)
+            except BaseException:
+                self._abandon_stream("the receiver could not open its output")
+                raise
+            done = 0
+            try:
+                while True:
+                    event = self._next_app_event(self._deadline())
+                    if isinstance(event, StreamChunk):
+                        sink.write(event.data)
+                        done += len(event.data)
+                        if progress is not None:
+                            progress(done, size)
+                    elif isinstance(event, StreamEnded):
+                        sink.commit()
+                        return StreamInfo(event.length, event.sha256.hex(), started.name)
+                    elif isinstance(event, StreamAborted):
+                        raise StreamAbortedError(
+                            "the sender abandoned the stream"
+                            + (f": {event.reason}" if event.reason else ""),
+                            reason=event.reason,
+                        )
+            except BaseException as exc:
+                sink.discard()
+                if isinstance(exc, CallcpTimeout) or not isinstance(exc, CallcpError):
+                    self._abandon_stream("the receiver failed in the middle of a stream")
+                raise
+
+    def _abandon_stream(self, reason: str) -> None:
+        """A stream cannot be received to its end here: close the connection
+        (the rest of the stream would otherwise be misread)."""
+        self.close(CloseCode.INTERNAL_ERROR, reason)
+
+    def _deadline(self) -> Optional[float]:
+        return None if self._timeout is None else time.monotonic() + self._timeout
+
+    def _next_app_event(self, deadline: Optional[float]) -> Any:
+        """The next event the application sees (a message or a stream event),
+        reading from the socket as needed; the peer's CLOSE raises."""
+        if self._pending is not None:
+            event, self._pending = self._pending, None
+            return event
+        while True:
+            event = self._next_event()
+            if event is NEED_DATA:
+                self._read(deadline)
+            elif isinstance(event, CloseReceived):
+                self._flush()  # our reply CLOSE
+                self._close_socket()
+                raise self._proto.closed_error()
+            elif not isinstance(event, (HandshakeCompleted, ServerKeyAccepted)):
+                return event
 
     def _next_event(self) -> Any:
         try:

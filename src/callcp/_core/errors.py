@@ -20,6 +20,7 @@ so here every concrete error derives from *both* roots through
     │   ├── CryptoError               a record failed authentication
     │   ├── RemoteProtocolError       the peer sent bytes that break the rules
     │   │   └── MessageTooLarge       a message over the configured maximum
+    │   ├── StreamAbortedError        the sender abandoned a stream
     │   ├── TransportError            the connection itself
     │   │   ├── ConnectionClosed      the connection is closed (see .code)
     │   │   │   ├── ConnectionClosedOK     with an authenticated close
@@ -57,6 +58,7 @@ __all__ = [
     "ConnectionClosedError",
     "CallcpTimeout",
     "LocalProtocolError",
+    "StreamAbortedError",
     "CloseCode",
 ]
 
@@ -179,6 +181,15 @@ class MessageTooLarge(RemoteProtocolError):
     """An incoming message exceeded ``max_message_size``."""
 
     code = CloseCode.MESSAGE_TOO_LARGE
+
+
+class StreamAbortedError(_Error):
+    """The peer abandoned the stream it was sending (``reason`` says why);
+    the connection stays usable."""
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class TransportError(_Error):

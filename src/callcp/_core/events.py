@@ -13,6 +13,10 @@ __all__ = [
     "HandshakeCompleted",
     "MessageReceived",
     "CloseReceived",
+    "StreamStarted",
+    "StreamChunk",
+    "StreamEnded",
+    "StreamAborted",
 ]
 
 
@@ -64,4 +68,47 @@ class CloseReceived:
     reason: str
 
 
-Event = Union[ServerKeyAccepted, HandshakeCompleted, MessageReceived, CloseReceived]
+@dataclass(frozen=True)
+class StreamStarted:
+    """The peer began a stream; ``size`` is its announced length (None: unknown)."""
+
+    __slots__ = ("size", "name")
+    size: Optional[int]
+    name: str
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """Authenticated bytes of the current stream, in order."""
+
+    __slots__ = ("data",)
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    """The stream is complete: its length and SHA-256 were verified."""
+
+    __slots__ = ("length", "sha256")
+    length: int
+    sha256: bytes
+
+
+@dataclass(frozen=True)
+class StreamAborted:
+    """The sender abandoned the stream; what arrived of it is incomplete."""
+
+    __slots__ = ("reason",)
+    reason: str
+
+
+Event = Union[
+    ServerKeyAccepted,
+    HandshakeCompleted,
+    MessageReceived,
+    CloseReceived,
+    StreamStarted,
+    StreamChunk,
+    StreamEnded,
+    StreamAborted,
+]

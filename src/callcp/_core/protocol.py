@@ -36,7 +36,8 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
+from hmac import compare_digest as hmac_compare
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac
@@ -64,6 +65,10 @@ from .events import (
     MessageReceived,
     NeedData,
     ServerKeyAccepted,
+    StreamAborted,
+    StreamChunk,
+    StreamEnded,
+    StreamStarted,
 )
 from .keys import fingerprint_der, load_public_der, public_der
 from .records import DEFAULT_KEY_UPDATE_INTERVAL, RecordReceiver, RecordSender
@@ -81,8 +86,12 @@ from .wire import (
     ServerHello,
     decode_alert,
     decode_client_auth,
+    decode_stream_end,
+    decode_stream_start,
     encode_alert,
     encode_client_auth,
+    encode_stream_end,
+    encode_stream_start,
     frame,
     split_versions,
 )
@@ -117,6 +126,7 @@ class State(enum.Enum):
     WAIT_CLIENT_FINISHED = "wait client Finished"
     WAIT_SERVER_FINISHED = "wait server Finished"
     OPEN = "open"
+    STREAMING = "open, receiving a stream"
     CLOSED = "closed"  # the peer's authenticated CLOSE arrived
     FAILED = "failed"  # a fatal error happened (either side's fault)
 
@@ -174,6 +184,9 @@ _HANDSHAKE_ERROR_BY_CODE: Dict[int, type] = {
     CloseCode.UNTRUSTED_KEY: HandshakeError,
 }
 
+# States in which this side may send data (the client from its Finished on).
+_SENDING_STATES = frozenset({State.OPEN, State.STREAMING, State.WAIT_SERVER_FINISHED, State.CLOSED})
+
 Handler = Callable[["_Protocol", bytes, bytes], Optional[Event]]
 
 
@@ -214,22 +227,23 @@ class _Protocol:
         self._receiver: Optional[RecordReceiver] = None
         self._fragments: List[bytes] = []
         self._fragments_size = 0
+        # the stream being received (State.STREAMING) / sent
+        self._in_stream_hash: Optional[Any] = None
+        self._in_stream_length = 0
+        self._out_stream_hash: Optional[Any] = None
+        self._out_stream_length = 0
 
     # ---------------------------------------------------------------- public
 
     @property
     def can_send(self) -> bool:
         """True when ``send`` would succeed."""
-        return (
-            self._sender is not None
-            and not self._close_sent
-            and self.state
-            in (
-                State.OPEN,
-                State.WAIT_SERVER_FINISHED,
-                State.CLOSED,
-            )
-        )
+        return self._sender is not None and not self._close_sent and self.state in _SENDING_STATES
+
+    @property
+    def sending_stream(self) -> bool:
+        """True between ``start_stream`` and ``end_stream``/``abort_stream``."""
+        return self._out_stream_hash is not None
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes read from the peer; ``b""`` means the peer closed TCP."""
@@ -291,6 +305,8 @@ class _Protocol:
             ConnectionClosed: the connection is closed or failed.
         """
         self._check_can_send()
+        if self._out_stream_hash is not None:
+            raise LocalProtocolError("send() while a stream is being sent: end it first")
         view = memoryview(message).cast("B")
         total = len(view)
         if total <= MAX_FRAGMENT:
@@ -301,6 +317,58 @@ class _Protocol:
             end = offset + MAX_FRAGMENT
             self._seal(FrameType.DATA_END if end >= total else FrameType.DATA, view[offset:end])
             offset = end
+
+    # Streams: payloads of any size, delivered to the receiver chunk by chunk
+    # (no max_message_size, no buffering), closed by a STREAM_END carrying the
+    # length and SHA-256 that the receiver checks.
+
+    def start_stream(self, size: Optional[int] = None, name: str = "") -> None:
+        """Begin sending a stream; ``size`` (if known) and ``name`` are hints
+        for the receiver (progress, file name).
+
+        Raises:
+            LocalProtocolError: a stream is already being sent, or sending is
+                not possible now.
+            ValueError: ``name`` is over 255 bytes of UTF-8.
+        """
+        self._check_can_send()
+        if self._out_stream_hash is not None:
+            raise LocalProtocolError("a stream is already being sent")
+        body = encode_stream_start(size, name)
+        self._out_stream_hash = hashlib.sha256()
+        self._out_stream_length = 0
+        self._seal(FrameType.STREAM_START, body)
+
+    def send_stream_data(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        """Queue stream bytes (split into 64 KiB records; empty data is a no-op)."""
+        self._check_can_send()
+        digest = self._out_stream_hash
+        if digest is None:
+            raise LocalProtocolError("send_stream_data() without start_stream()")
+        view = memoryview(data).cast("B")
+        digest.update(view)
+        self._out_stream_length += len(view)
+        for offset in range(0, len(view), MAX_FRAGMENT):
+            self._seal(FrameType.STREAM_DATA, view[offset : offset + MAX_FRAGMENT])
+
+    def end_stream(self) -> Tuple[int, bytes]:
+        """Finish the stream; returns its (length, SHA-256)."""
+        self._check_can_send()
+        digest = self._out_stream_hash
+        if digest is None:
+            raise LocalProtocolError("end_stream() without start_stream()")
+        result = (self._out_stream_length, digest.digest())
+        self._out_stream_hash = None
+        self._seal(FrameType.STREAM_END, encode_stream_end(*result))
+        return result
+
+    def abort_stream(self, reason: str = "") -> None:
+        """Abandon the stream being sent; the receiver discards what it got."""
+        self._check_can_send()
+        if self._out_stream_hash is None:
+            raise LocalProtocolError("abort_stream() without start_stream()")
+        self._out_stream_hash = None
+        self._seal(FrameType.STREAM_ABORT, encode_alert(CloseCode.NORMAL, reason))
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Queue the authenticated CLOSE (idempotent).  Before keys exist it
@@ -434,6 +502,8 @@ class _Protocol:
         detail = f" ({partial} bytes of an incomplete frame buffered)" if partial else ""
         if self.state in _HANDSHAKE_STATES:
             raise HandshakeError(f"the peer closed the connection during the handshake{detail}")
+        if self.state is State.STREAMING:
+            detail = f" in the middle of a stream ({self._in_stream_length} bytes received){detail}"
         raise ConnectionClosedError(
             "the peer closed TCP without an authenticated close: the stream may have "
             f"been truncated{detail}"
@@ -453,6 +523,7 @@ class _Protocol:
             self.error = exc
         self._events.clear()
         self._fragments.clear()
+        self._in_stream_hash = None
         return exc
 
     # ------------------------------------------------------- shared handlers
@@ -482,6 +553,42 @@ class _Protocol:
             )
         self._fragments.append(body)
 
+    def _on_stream_start(self, header: bytes, body: bytes) -> Optional[Event]:
+        if self._fragments:
+            raise RemoteProtocolError("STREAM_START in the middle of a message")
+        size, name = decode_stream_start(body)
+        self._in_stream_hash = hashlib.sha256()
+        self._in_stream_length = 0
+        self.state = State.STREAMING
+        return StreamStarted(size, name)
+
+    def _on_stream_data(self, header: bytes, body: bytes) -> Optional[Event]:
+        if not body:
+            raise RemoteProtocolError("empty STREAM_DATA record")
+        assert self._in_stream_hash is not None
+        self._in_stream_hash.update(body)
+        self._in_stream_length += len(body)
+        return StreamChunk(body)
+
+    def _on_stream_end(self, header: bytes, body: bytes) -> Optional[Event]:
+        length, digest = decode_stream_end(body)
+        assert self._in_stream_hash is not None
+        ours = self._in_stream_hash.digest()
+        if length != self._in_stream_length or not hmac_compare(digest, ours):
+            raise RemoteProtocolError(
+                f"stream integrity check failed: the sender reports {length} bytes, "
+                f"{self._in_stream_length} arrived, or their SHA-256 differs"
+            )
+        self._in_stream_hash = None
+        self.state = State.OPEN
+        return StreamEnded(length, ours)
+
+    def _on_stream_abort(self, header: bytes, body: bytes) -> Optional[Event]:
+        _, reason = decode_alert(body)
+        self._in_stream_hash = None
+        self.state = State.OPEN
+        return StreamAborted(reason)
+
     def _on_key_update(self, header: bytes, body: bytes) -> Optional[Event]:
         if body:
             raise RemoteProtocolError("KEY_UPDATE record with a body")
@@ -497,11 +604,14 @@ class _Protocol:
             self._close_received = (code, reason)
             self._close_sent = True  # never answer a refusal
             raise err
-        if self._fragments:
-            # A message was cut short by the close: it is dropped, never delivered.
+        if self._fragments or self.state is State.STREAMING:
+            # A message or stream was cut short by the close: the message is
+            # dropped, never delivered; the stream is reported incomplete.
+            what = "stream" if self.state is State.STREAMING else "message"
             self._fragments.clear()
+            self._in_stream_hash = None
             code = code if code != CloseCode.NORMAL else CloseCode.PROTOCOL_ERROR
-            reason = reason or "closed in the middle of a message"
+            reason = reason or f"closed in the middle of a {what}"
         self._close_received = (code, reason)
         self.state = State.CLOSED
         if not self._close_sent and self._sender is not None:
@@ -518,6 +628,20 @@ class _Protocol:
             + " (unauthenticated alert)"
         )
 
+
+# What an open connection accepts, on both sides.
+_OPEN_TABLE: Dict[Tuple[State, int], str] = {
+    (State.OPEN, FrameType.DATA): "_on_data",
+    (State.OPEN, FrameType.DATA_END): "_on_data_end",
+    (State.OPEN, FrameType.STREAM_START): "_on_stream_start",
+    (State.OPEN, FrameType.KEY_UPDATE): "_on_key_update",
+    (State.OPEN, FrameType.CLOSE): "_on_close",
+    (State.STREAMING, FrameType.STREAM_DATA): "_on_stream_data",
+    (State.STREAMING, FrameType.STREAM_END): "_on_stream_end",
+    (State.STREAMING, FrameType.STREAM_ABORT): "_on_stream_abort",
+    (State.STREAMING, FrameType.KEY_UPDATE): "_on_key_update",
+    (State.STREAMING, FrameType.CLOSE): "_on_close",
+}
 
 # ======================================================================= client
 
@@ -619,10 +743,7 @@ class ClientProtocol(_Protocol):
         (State.WAIT_SERVER_FINISHED, FrameType.FINISHED): "_on_server_finished",
         (State.WAIT_SERVER_FINISHED, FrameType.ALERT): "_on_alert",
         (State.WAIT_SERVER_FINISHED, FrameType.CLOSE): "_on_close",
-        (State.OPEN, FrameType.DATA): "_on_data",
-        (State.OPEN, FrameType.DATA_END): "_on_data_end",
-        (State.OPEN, FrameType.KEY_UPDATE): "_on_key_update",
-        (State.OPEN, FrameType.CLOSE): "_on_close",
+        **_OPEN_TABLE,
     }
 
 
@@ -750,8 +871,5 @@ class ServerProtocol(_Protocol):
         (State.WAIT_CLIENT_HELLO, FrameType.ALERT): "_on_alert",
         (State.WAIT_CLIENT_AUTH, FrameType.CLIENT_AUTH): "_on_client_auth",
         (State.WAIT_CLIENT_FINISHED, FrameType.FINISHED): "_on_client_finished",
-        (State.OPEN, FrameType.DATA): "_on_data",
-        (State.OPEN, FrameType.DATA_END): "_on_data_end",
-        (State.OPEN, FrameType.KEY_UPDATE): "_on_key_update",
-        (State.OPEN, FrameType.CLOSE): "_on_close",
+        **_OPEN_TABLE,
     }

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from .errors import HandshakeError, RemoteProtocolError
 
@@ -66,11 +66,28 @@ class FrameType:
     CLIENT_AUTH = 0x11
     DATA = 0x20  # a message fragment; more follow
     DATA_END = 0x21  # the last (or only) fragment of a message
+    STREAM_START = 0x22  # a stream begins: size hint and name
+    STREAM_DATA = 0x23  # a stream chunk
+    STREAM_END = 0x24  # a stream ends: length and SHA-256 of its bytes
+    STREAM_ABORT = 0x25  # the sender gave up on the stream
     KEY_UPDATE = 0x30
     CLOSE = 0x31
 
     PLAINTEXT = frozenset({SERVER_HELLO, CLIENT_HELLO, ALERT})
-    ENCRYPTED = frozenset({FINISHED, CLIENT_AUTH, DATA, DATA_END, KEY_UPDATE, CLOSE})
+    ENCRYPTED = frozenset(
+        {
+            FINISHED,
+            CLIENT_AUTH,
+            DATA,
+            DATA_END,
+            STREAM_START,
+            STREAM_DATA,
+            STREAM_END,
+            STREAM_ABORT,
+            KEY_UPDATE,
+            CLOSE,
+        }
+    )
     NAMES = {
         0x01: "SERVER_HELLO",
         0x02: "CLIENT_HELLO",
@@ -79,6 +96,10 @@ class FrameType:
         0x11: "CLIENT_AUTH",
         0x20: "DATA",
         0x21: "DATA_END",
+        0x22: "STREAM_START",
+        0x23: "STREAM_DATA",
+        0x24: "STREAM_END",
+        0x25: "STREAM_ABORT",
         0x30: "KEY_UPDATE",
         0x31: "CLOSE",
     }
@@ -251,3 +272,46 @@ def alert_frame(code: int, reason: str) -> bytes:
     """A whole plaintext ALERT frame, e.g. for refusing a connection before
     any handshake state exists (server at capacity)."""
     return frame(FrameType.ALERT, encode_alert(code, reason))
+
+
+#: STREAM_START size value meaning "unknown".
+UNKNOWN_SIZE = 2**64 - 1
+MAX_STREAM_NAME = 255
+
+
+def encode_stream_start(size: Optional[int], name: str) -> bytes:
+    """STREAM_START body: size u64 (2**64-1: unknown) | name vec16 (UTF-8)."""
+    raw = name.encode("utf-8")
+    if len(raw) > MAX_STREAM_NAME:
+        raise ValueError(
+            f"stream name is {len(raw)} bytes of UTF-8; the limit is {MAX_STREAM_NAME}"
+        )
+    if size is not None and not 0 <= size < UNKNOWN_SIZE:
+        raise ValueError(f"stream size {size} out of range")
+    return struct.pack(">QH", UNKNOWN_SIZE if size is None else size, len(raw)) + raw
+
+
+def decode_stream_start(body: bytes) -> Tuple[Optional[int], str]:
+    if len(body) < 10:
+        raise RemoteProtocolError("STREAM_START is truncated")
+    size, n = struct.unpack(">QH", body[:10])
+    raw = body[10:]
+    if len(raw) != n or n > MAX_STREAM_NAME:
+        raise RemoteProtocolError("STREAM_START has a malformed name")
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RemoteProtocolError("STREAM_START name is not UTF-8") from None
+    return (None if size == UNKNOWN_SIZE else size), name
+
+
+def encode_stream_end(length: int, digest: bytes) -> bytes:
+    """STREAM_END body: length u64 | SHA-256 of the stream's bytes (32)."""
+    return struct.pack(">Q", length) + digest
+
+
+def decode_stream_end(body: bytes) -> Tuple[int, bytes]:
+    if len(body) != 40:
+        raise RemoteProtocolError(f"STREAM_END body of {len(body)} bytes is malformed")
+    (length,) = struct.unpack(">Q", body[:8])
+    return length, body[8:]

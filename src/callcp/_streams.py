@@ -1,0 +1,136 @@
+"""Stream sources and sinks shared by the blocking and asyncio adapters.
+
+A *source* is a binary file object (anything with ``read(n)``), a bytes-like
+object, or an iterable of bytes-like chunks.  A *sink* is a path or a
+writable binary file object.  For a path the bytes go to ``<path>.part``,
+which is renamed to ``<path>`` only after the stream's length and SHA-256
+verified; on any failure it is deleted.  For a file object, a failure
+truncates it back to where it started when it is seekable (when it is not,
+the exception is the only signal: do not trust what was written).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Iterator, Optional, Union
+
+__all__ = [
+    "StreamInfo",
+    "Progress",
+    "Source",
+    "Destination",
+    "Sink",
+    "iter_chunks",
+    "source_size",
+    "CHUNK_SIZE",
+]
+
+#: Bytes read from a source per record.
+CHUNK_SIZE = 65536
+
+#: ``progress(bytes_done, total_or_None)``
+Progress = Callable[[int, Optional[int]], None]
+Buffer = Union[bytes, bytearray, memoryview]
+Source = Union[IO[bytes], Buffer, Iterable[Buffer]]
+Destination = Union[str, "os.PathLike[str]", IO[bytes]]
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a completed stream was: its length, SHA-256 (hex) and name."""
+
+    length: int
+    sha256: str
+    name: str = ""
+
+
+def iter_chunks(source: Source, chunk_size: int = CHUNK_SIZE) -> Iterator[Buffer]:
+    """Cut a source into chunks of at most ``chunk_size`` bytes (bounded memory).
+
+    Raises:
+        TypeError: the source is not a binary file, bytes-like or an iterable
+            of bytes-like objects.
+    """
+    read = getattr(source, "read", None)
+    if read is not None:
+        while True:
+            chunk = read(chunk_size)
+            if not chunk:
+                return
+            if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                raise TypeError("send_stream() needs a file opened in binary mode")
+            yield chunk
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        view = memoryview(source).cast("B")
+        for offset in range(0, len(view), chunk_size):
+            yield view[offset : offset + chunk_size]
+    else:
+        for item in source:
+            if not isinstance(item, (bytes, bytearray, memoryview)):
+                raise TypeError(f"stream chunks must be bytes-like, not {type(item).__name__}")
+            view = memoryview(item).cast("B")
+            for offset in range(0, len(view), chunk_size):
+                yield view[offset : offset + chunk_size]
+
+
+def source_size(source: Any) -> Optional[int]:
+    """The number of bytes left in a source, when it can be known cheaply
+    (bytes-like objects and regular files); else None."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return memoryview(source).nbytes
+    try:
+        st = os.fstat(source.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return max(0, int(st.st_size - source.tell()))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+class Sink:
+    """Where a received stream goes; ``commit()`` or ``discard()`` it."""
+
+    def __init__(self, dest: Destination) -> None:
+        self.path: Optional[Path] = None
+        self._part: Optional[Path] = None
+        if isinstance(dest, (str, os.PathLike)):
+            self.path = Path(dest)
+            self._part = self.path.with_name(self.path.name + ".part")
+            self._fh: IO[bytes] = open(self._part, "wb")  # noqa: SIM115 - closed in commit/discard
+            self._start = 0
+        else:
+            if not hasattr(dest, "write"):
+                raise TypeError("recv_stream() needs a path or a binary file opened for writing")
+            self._fh = dest
+            try:
+                self._start = dest.tell() if dest.seekable() else -1
+            except (OSError, AttributeError, ValueError):
+                self._start = -1
+
+    def write(self, data: bytes) -> None:
+        self._fh.write(data)
+
+    def commit(self) -> None:
+        """The stream verified: make the output final."""
+        if self._part is not None and self.path is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self._part, self.path)
+        else:
+            self._fh.flush()
+
+    def discard(self) -> None:
+        """The stream failed: remove (or roll back) what was written.  Never raises."""
+        try:
+            if self._part is not None:
+                self._fh.close()
+                self._part.unlink()
+            elif self._start >= 0:
+                self._fh.seek(self._start)
+                self._fh.truncate()
+        except (OSError, ValueError):
+            pass
