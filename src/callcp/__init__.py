@@ -9,6 +9,7 @@ Blocking API (``callcp.aio`` has the same, awaited)::
 The Callcp 1.0 API (``SecureTCPServer``, ``SecureTCPClient``) is kept.
 """
 
+from . import aio
 from ._core.errors import (
     CallcpError,
     CallcpTimeout,
@@ -22,6 +23,7 @@ from ._core.errors import (
     HandshakeTimeout,
     KeyManagementError,
     LocalProtocolError,
+    MessagePending,
     MessageTooLarge,
     RemoteProtocolError,
     SecureTCPClientError,
@@ -29,12 +31,12 @@ from ._core.errors import (
     ServerKeyChanged,
     ServerKeyError,
     StreamAbortedError,
+    StreamPending,
     TransportError,
     UnknownServerKey,
     VersionMismatch,
 )
 from ._core.keys import fingerprint
-from . import aio
 from ._streams import StreamInfo
 from .compat import SecureTCPClient, SecureTCPServer
 from .keys import KeyPair
@@ -83,6 +85,8 @@ __all__ = [
     "CallcpTimeout",
     "LocalProtocolError",
     "StreamAbortedError",
+    "StreamPending",
+    "MessagePending",
     "CloseCode",
     "__version__",
 ]

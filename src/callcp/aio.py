@@ -62,7 +62,9 @@ from ._core.errors import (
     ConnectionClosedOK,
     HandshakeTimeout,
     LocalProtocolError,
+    MessagePending,
     StreamAbortedError,
+    StreamPending,
     TransportError,
 )
 from ._core.events import (
@@ -390,8 +392,10 @@ class Connection:
             if isinstance(event, MessageReceived):
                 return event.data
             self._link.events.appendleft(event)
-            raise LocalProtocolError(
-                "a stream arrived, not a message: receive it with recv_stream()"
+            raise StreamPending(
+                "a stream arrived, not a message: receive it with recv_stream()",
+                name=event.name,
+                size=event.size,
             )
 
     async def request(self, message: Buffer, timeout: Any = DEFAULT) -> bytes:
@@ -419,7 +423,7 @@ class Connection:
             started = await self._next_app_event(self._timeout)
             if not isinstance(started, StreamStarted):
                 self._link.events.appendleft(started)
-                raise LocalProtocolError("a message arrived, not a stream: receive it with recv()")
+                raise MessagePending("a message arrived, not a stream: receive it with recv()")
             try:
                 sink = Sink(dest)
             except BaseException:

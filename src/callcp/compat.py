@@ -295,7 +295,10 @@ class SecureTCPServer:
                     return
                 conn.send(reply)
                 self.logger.debug(
-                    "%s: message %d: %d bytes in, %d bytes out", peer, count, len(message),
+                    "%s: message %d: %d bytes in, %d bytes out",
+                    peer,
+                    count,
+                    len(message),
                     len(reply),
                 )
                 if display is not None:

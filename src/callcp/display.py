@@ -22,8 +22,7 @@ from typing import Any, Iterator, Optional
 __all__ = ["RICH_MISSING_WARNING", "Display", "make_display", "rich_available"]
 
 RICH_MISSING_WARNING = (
-    "rich is not installed; use_display=True falls back to logging "
-    "(pip install 'callcp[display]')"
+    "rich is not installed; use_display=True falls back to logging (pip install 'callcp[display]')"
 )
 
 #: Longest message preview the client display shows, in characters.
@@ -122,8 +121,9 @@ class Display:
         self._panel(lines, "Handshake complete", "green")
 
     def channel_panel(self) -> None:
-        self._panel(["AES-256-GCM, authenticated and replay-protected"],
-                    "Encrypted channel active", "green")
+        self._panel(
+            ["AES-256-GCM, authenticated and replay-protected"], "Encrypted channel active", "green"
+        )
 
     def message(self, direction: str, data: bytes) -> None:
         """A preview of ``data`` (client side only: what the user sent)."""

@@ -36,8 +36,9 @@ from ._core.errors import (
     ConnectionClosedError,
     ConnectionClosedOK,
     HandshakeTimeout,
-    LocalProtocolError,
+    MessagePending,
     StreamAbortedError,
+    StreamPending,
     TransportError,
 )
 from ._core.events import (
@@ -270,7 +271,7 @@ class Connection:
             CryptoError, RemoteProtocolError, MessageTooLarge: the peer sent bad
                 bytes; the connection is closed.
             CallcpTimeout: nothing arrived in time.
-            LocalProtocolError: a stream arrived instead (it stays pending for
+            StreamPending: a stream arrived instead (it stays pending for
                 :meth:`recv_stream`).
         """
         t = self._timeout if isinstance(timeout, _Default) else timeout
@@ -280,8 +281,10 @@ class Connection:
             if isinstance(event, MessageReceived):
                 return event.data
             self._pending = event
-            raise LocalProtocolError(
-                "a stream arrived, not a message: receive it with recv_stream()"
+            raise StreamPending(
+                "a stream arrived, not a message: receive it with recv_stream()",
+                name=event.name,
+                size=event.size,
             )
 
     def recv_stream(self, dest: Destination, *, progress: Optional[Progress] = None) -> StreamInfo:
@@ -302,7 +305,7 @@ class Connection:
             ConnectionClosedError: the connection broke mid-stream (truncation).
             CryptoError, RemoteProtocolError: a chunk was tampered with, or the
                 stream failed its integrity check.
-            LocalProtocolError: a message arrived instead (it stays pending for
+            MessagePending: a message arrived instead (it stays pending for
                 :meth:`recv`).
             OSError: ``dest`` could not be written.
         """
@@ -311,7 +314,7 @@ class Connection:
             started = event
             if not isinstance(started, StreamStarted):
                 self._pending = event
-                raise LocalProtocolError("a message arrived, not a stream: receive it with recv()")
+                raise MessagePending("a message arrived, not a stream: receive it with recv()")
             size = started.size
             try:
                 sink = Sink(dest)

@@ -27,6 +27,8 @@ so here every concrete error derives from *both* roots through
     │   │   │   └── ConnectionClosedError  broken, truncated, or failed
     │   │   └── CallcpTimeout         an I/O deadline passed
     │   └── LocalProtocolError        the caller misused the API
+    │       ├── StreamPending         recv() met a stream: use recv_stream()
+    │       └── MessagePending        recv_stream() met a message: use recv()
 
 Errors say whose fault it was (the h11 split): ``RemoteProtocolError`` and
 ``CryptoError`` mean the peer (or an attacker on the path) sent bad bytes;
@@ -59,6 +61,8 @@ __all__ = [
     "CallcpTimeout",
     "LocalProtocolError",
     "StreamAbortedError",
+    "StreamPending",
+    "MessagePending",
     "CloseCode",
 ]
 
@@ -77,6 +81,7 @@ class CloseCode:
     TIMEOUT = 8
     INTERNAL_ERROR = 9
     GOING_AWAY = 10
+    REFUSED = 11
 
     NAMES = {
         0: "normal closure",
@@ -90,6 +95,7 @@ class CloseCode:
         8: "timeout",
         9: "internal error",
         10: "going away",
+        11: "refused",
     }
 
     @classmethod
@@ -224,3 +230,19 @@ class CallcpTimeout(TransportError, TimeoutError):
 
 class LocalProtocolError(_Error):
     """This program used the API in a way the protocol does not allow."""
+
+
+class StreamPending(LocalProtocolError):
+    """``recv()`` found a stream where a message was expected.  The stream
+    stays pending: receive it with ``recv_stream()`` (``name`` and ``size``
+    are the sender's hints), or close the connection."""
+
+    def __init__(self, message: str, *, name: str, size: Optional[int]) -> None:
+        super().__init__(message)
+        self.name = name
+        self.size = size
+
+
+class MessagePending(LocalProtocolError):
+    """``recv_stream()`` found a message where a stream was expected; the
+    message stays pending for ``recv()``."""
