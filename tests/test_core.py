@@ -294,3 +294,21 @@ def test_handshake_eof_is_handshake_error(server_key: rsa.RSAPrivateKey) -> None
     p.server.receive_data(b"")
     with pytest.raises(HandshakeError, match="during the handshake"):
         drain(p.server)
+
+
+def test_key_update_interval_of_one_with_client_auth(
+    server_key: rsa.RSAPrivateKey, client_key: rsa.RSAPrivateKey
+) -> None:
+    """Even the smallest interval never puts a KEY_UPDATE inside the handshake."""
+    p = Pair(
+        server_key,
+        client_kwargs={"client_key": client_key, "key_update_interval": 1},
+        server_kwargs={"authorize_client": lambda fp: True, "key_update_interval": 1},
+    )
+    p.to_client()
+    for i in range(3):
+        p.client.send(b"m%d" % i)
+    events = p.to_server()
+    assert [e.data for e in events if isinstance(e, MessageReceived)] == [b"m0", b"m1", b"m2"]
+    p.server.send(b"r")
+    assert p.to_client()[-1] == MessageReceived(b"r")

@@ -184,6 +184,8 @@ _HANDSHAKE_ERROR_BY_CODE: Dict[int, type] = {
     CloseCode.UNTRUSTED_KEY: HandshakeError,
 }
 
+_HANDSHAKE_RECORDS = frozenset({FrameType.CLIENT_AUTH, FrameType.FINISHED})
+
 # States in which this side may send data (the client from its Finished on).
 _SENDING_STATES = frozenset({State.OPEN, State.STREAMING, State.WAIT_SERVER_FINISHED, State.CLOSED})
 
@@ -484,7 +486,9 @@ class _Protocol:
     def _seal(self, ftype: int, plaintext: Union[bytes, memoryview]) -> None:
         sender = self._sender
         assert sender is not None
-        if sender.seq >= self.key_update_interval:
+        # Roll the key once the interval is reached, but never in the middle
+        # of the handshake flight (the peer accepts KEY_UPDATE only when open).
+        if sender.seq >= self.key_update_interval and ftype not in _HANDSHAKE_RECORDS:
             sender.seal(FrameType.KEY_UPDATE, b"", self._out)
             sender.update()
         sender.seal(ftype, plaintext, self._out)
