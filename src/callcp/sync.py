@@ -161,6 +161,8 @@ class Connection:
 
         Raises:
             ConnectionClosed: the connection is closed or failed.
+            LocalProtocolError: after our own close(), or while a stream is
+                being sent.
             CallcpTimeout, TransportError: the network failed (the connection
                 is then closed).
         """
@@ -385,7 +387,9 @@ class Connection:
                 self._stop_now()
             self._reading = True
         try:
-            if deadline is not None:
+            if deadline is None:
+                self._sock.settimeout(None)
+            else:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise CallcpTimeout("timed out while receiving")
@@ -596,6 +600,7 @@ class Server:
         self._stopped = threading.Event()
         self._stopped.set()
         self._sock = self._bind(host, port, backlog, reuse_port)
+        self._address: Address = tuple(self._sock.getsockname())
 
     @staticmethod
     def _bind(host: Optional[str], port: int, backlog: int, reuse_port: bool) -> socket.socket:
@@ -620,11 +625,12 @@ class Server:
 
     @property
     def server_address(self) -> Address:
-        return tuple(self._sock.getsockname())
+        """The bound address (still known after shutdown)."""
+        return self._address
 
     @property
     def port(self) -> int:
-        port: int = self._sock.getsockname()[1]
+        port: int = self._address[1]
         return port
 
     @property

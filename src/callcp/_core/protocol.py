@@ -55,6 +55,7 @@ from .errors import (
     LocalProtocolError,
     MessageTooLarge,
     RemoteProtocolError,
+    ServerKeyError,
     VersionMismatch,
 )
 from .events import (
@@ -183,6 +184,9 @@ _HANDSHAKE_ERROR_BY_CODE: Dict[int, type] = {
     CloseCode.UNAUTHORIZED: ClientAuthError,
     CloseCode.UNTRUSTED_KEY: HandshakeError,
 }
+
+# Close codes that end a connection cleanly (the peer's choice, not a failure).
+_CLEAN_CODES = frozenset({CloseCode.NORMAL, CloseCode.GOING_AWAY})
 
 _HANDSHAKE_RECORDS = frozenset({FrameType.CLIENT_AUTH, FrameType.FINISHED})
 
@@ -392,7 +396,7 @@ class _Protocol:
         """The exception for using this connection after it closed or failed."""
         if self._close_received is not None:
             code, reason = self._close_received
-            if code == CloseCode.NORMAL:
+            if code in _CLEAN_CODES:
                 return ConnectionClosedOK(
                     "the peer closed the connection", code=code, reason=reason
                 )
@@ -522,7 +526,11 @@ class _Protocol:
             exc = wrapped
         if self.state is not State.FAILED:
             if not isinstance(exc, ConnectionClosed):
-                self.close(getattr(exc, "code", CloseCode.PROTOCOL_ERROR), str(exc))
+                code = getattr(exc, "code", CloseCode.PROTOCOL_ERROR)
+                # What we tell the peer: why its bytes were refused, but never
+                # our local trust decisions (they name local files).
+                reason = CloseCode.name(code) if isinstance(exc, ServerKeyError) else str(exc)
+                self.close(code, reason)
             self.state = State.FAILED
             self.error = exc
         self._events.clear()
@@ -614,7 +622,7 @@ class _Protocol:
             what = "stream" if self.state is State.STREAMING else "message"
             self._fragments.clear()
             self._in_stream_hash = None
-            code = code if code != CloseCode.NORMAL else CloseCode.PROTOCOL_ERROR
+            code = code if code not in _CLEAN_CODES else CloseCode.PROTOCOL_ERROR
             reason = reason or f"closed in the middle of a {what}"
         self._close_received = (code, reason)
         self.state = State.CLOSED

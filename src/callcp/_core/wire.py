@@ -240,7 +240,15 @@ def decode_alert(body: bytes) -> Tuple[int, str]:
     if len(body) < 2 or len(body) > 2 + MAX_REASON:
         raise RemoteProtocolError(f"close/alert body of {len(body)} bytes is malformed")
     (code,) = struct.unpack(">H", body[:2])
-    return code, body[2:].decode("utf-8", "replace")
+    return code, printable(body[2:].decode("utf-8", "replace"))
+
+
+def printable(text: str) -> str:
+    """The peer's text made safe for one log line: control and other
+    non-printable characters are shown escaped (no forged log lines)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def encode_client_auth(public_der: bytes, signature: bytes) -> bytes:
@@ -302,6 +310,8 @@ def decode_stream_start(body: bytes) -> Tuple[Optional[int], str]:
         name = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise RemoteProtocolError("STREAM_START name is not UTF-8") from None
+    if not name.isprintable():
+        raise RemoteProtocolError("STREAM_START name contains control characters")
     return (None if size == UNKNOWN_SIZE else size), name
 
 
