@@ -70,9 +70,7 @@ def key_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def running_server(
-    key_files: tuple[Path, Path], **options: Any
-) -> Iterator[SecureTCPServer]:
+def running_server(key_files: tuple[Path, Path], **options: Any) -> Iterator[SecureTCPServer]:
     """A SecureTCPServer on 127.0.0.1:<free port>, started in a thread."""
     private, public = key_files
     options.setdefault("use_display", False)
@@ -179,8 +177,9 @@ class Proc:
                 self._reader.join(5)
                 if text in self.output:
                     return
-                pytest.fail(f"process exited ({self.popen.returncode}) before {text!r}:\n"
-                            + self.output)
+                pytest.fail(
+                    f"process exited ({self.popen.returncode}) before {text!r}:\n" + self.output
+                )
             if time.monotonic() > deadline:
                 pytest.fail(f"no {text!r} within {timeout} s:\n{self.output}")
             time.sleep(0.05)
@@ -214,8 +213,14 @@ def process(args: list[str], cwd: Path, env: dict[str, str]) -> Iterator[Proc]:
 
 def run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-        timeout=WAIT, check=False,
+        args,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
     )
 
 
@@ -301,8 +306,11 @@ def test_readme_install_check_from_a_checkout(repo_copy: Path, tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "Installation successful"
     # ... and callcp really came from the checkout's src/, not an install.
-    where = run([sys.executable, "-S", "-c", "import Server, callcp; print(callcp.__file__)"],
-                repo_copy, env)
+    where = run(
+        [sys.executable, "-S", "-c", "import Server, callcp; print(callcp.__file__)"],
+        repo_copy,
+        env,
+    )
     assert where.stdout.strip().startswith(str(repo_copy / "src")), where.stdout + where.stderr
 
 
@@ -344,8 +352,14 @@ def test_server_py_and_client_py_scripts(tmp_path: Path) -> None:
     with process([sys.executable, "-S", str(REPO / "Server.py")], tmp_path, env) as server:
         server.wait_for("callcp server listening")
         done = run(
-            [sys.executable, "-S", str(REPO / "Client.py"), "localhost", "8436",
-             "Hello from client"],
+            [
+                sys.executable,
+                "-S",
+                str(REPO / "Client.py"),
+                "localhost",
+                "8436",
+                "Hello from client",
+            ],
             tmp_path,
             env,
         )
@@ -513,8 +527,12 @@ def test_bad_key_files_raise_key_management_error(
 ) -> None:
     corrupt = tmp_path / "corrupt.pem"
     corrupt.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
-    server = SecureTCPServer(private_key_path=corrupt, public_key_path=None, use_display=False,
-                             logger=logging.getLogger("test.compat.keys"))
+    server = SecureTCPServer(
+        private_key_path=corrupt,
+        public_key_path=None,
+        use_display=False,
+        logger=logging.getLogger("test.compat.keys"),
+    )
     with pytest.raises(KeyManagementError), caplog.at_level(logging.ERROR):
         server.initialize()
     assert "Key management failed" in caplog.text
@@ -522,8 +540,9 @@ def test_bad_key_files_raise_key_management_error(
 
     other = tmp_path / "other_public.pem"
     other.write_bytes(KeyPair.generate().public_pem())
-    mismatched = SecureTCPServer(private_key_path=key_files[0], public_key_path=other,
-                                 use_display=False)
+    mismatched = SecureTCPServer(
+        private_key_path=key_files[0], public_key_path=other, use_display=False
+    )
     with pytest.raises(SecureTCPServerError):  # a KeyManagementError, under 1.0's root
         mismatched.initialize()
 
@@ -552,8 +571,9 @@ def test_start_before_initialize() -> None:
 @pytest.mark.parametrize(
     "callback",
     [
-        pytest.param(lambda m: (_ for _ in ()).throw(ValueError(f"cannot parse {m!r}")),
-                     id="raises"),
+        pytest.param(
+            lambda m: (_ for _ in ()).throw(ValueError(f"cannot parse {m!r}")), id="raises"
+        ),
         pytest.param(lambda m: m.decode(), id="returns-str"),
     ],
 )
@@ -585,8 +605,9 @@ def test_failing_callback_closes_that_connection_only(
         assert other.send_message(b"still up") == b"still up"
         other.disconnect()
 
-    errors = [r for r in caplog.records
-              if r.name == "test.compat.server" and r.levelno >= logging.ERROR]
+    errors = [
+        r for r in caplog.records if r.name == "test.compat.server" and r.levelno >= logging.ERROR
+    ]
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert "message_callback" in errors[0].getMessage()
     assert "\n" not in errors[0].getMessage() and errors[0].exc_info is None
@@ -596,8 +617,9 @@ def test_failing_callback_closes_that_connection_only(
 def test_connect_failures_are_client_errors_with_the_10_prefix(
     key_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    client = SecureTCPClient("127.0.0.1", free_port(), use_display=False, timeout=WAIT,
-                             known_hosts=tmp_path / "kh")
+    client = SecureTCPClient(
+        "127.0.0.1", free_port(), use_display=False, timeout=WAIT, known_hosts=tmp_path / "kh"
+    )
     with pytest.raises(TransportError) as info:
         client.connect()
     assert isinstance(info.value, SecureTCPClientError)
@@ -623,16 +645,23 @@ def test_known_hosts_trust_on_first_use(key_files: tuple[Path, Path], tmp_path: 
         assert server.fingerprint is not None
         assert server.fingerprint in known.read_text()
         client.disconnect()
-        strict = client_for(server, tmp_path, known_hosts=tmp_path / "empty",
-                            trust_on_first_use=False)
+        strict = client_for(
+            server, tmp_path, known_hosts=tmp_path / "empty", trust_on_first_use=False
+        )
         with pytest.raises(HandshakeError):
             strict.connect()
 
 
 def test_start_failure_and_restart(key_files: tuple[Path, Path], tmp_path: Path) -> None:
     with running_server(key_files) as busy:
-        clash = SecureTCPServer("127.0.0.1", busy.port, key_files[0], key_files[1],
-                                use_display=False, logger=logging.getLogger("test.compat.clash"))
+        clash = SecureTCPServer(
+            "127.0.0.1",
+            busy.port,
+            key_files[0],
+            key_files[1],
+            use_display=False,
+            logger=logging.getLogger("test.compat.clash"),
+        )
         clash.initialize()
         with pytest.raises(TransportError):
             clash.start()
@@ -650,8 +679,14 @@ def test_start_failure_and_restart(key_files: tuple[Path, Path], tmp_path: Path)
 def test_shutdown_from_another_thread_with_clients_connected(
     key_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    server = SecureTCPServer("127.0.0.1", 0, key_files[0], key_files[1], use_display=False,
-                             logger=logging.getLogger("test.compat.server"))
+    server = SecureTCPServer(
+        "127.0.0.1",
+        0,
+        key_files[0],
+        key_files[1],
+        use_display=False,
+        logger=logging.getLogger("test.compat.server"),
+    )
     server.initialize()
     thread = threading.Thread(target=server.start, daemon=True)
     thread.start()
@@ -684,8 +719,10 @@ def test_nothing_secret_is_logged(
 
 
 def test_default_loggers_are_callcp1s() -> None:
-    for make, name in ((lambda: SecureTCPClient(use_display=False), "callcp.client"),
-                       (lambda: SecureTCPServer(use_display=False), "callcp.server")):
+    for make, name in (
+        (lambda: SecureTCPClient(use_display=False), "callcp.client"),
+        (lambda: SecureTCPServer(use_display=False), "callcp.server"),
+    ):
         logger = logging.getLogger(name)
         saved = (logger.handlers[:], logger.level)
         logger.handlers.clear()
@@ -775,8 +812,15 @@ def test_display_shows_banners_and_escapes_peer_text() -> None:
     shown.print_success("s")
     shown.message("Client →", b"x" * 500)
     text = out.getvalue()
-    for needle in ("0.0.0.0:8436", "SHA256:abc", "127.0.0.1:5000", "Encrypted channel active",
-                   "Handshake complete", "[bold]not markup[/bold]", "(500 bytes)"):
+    for needle in (
+        "0.0.0.0:8436",
+        "SHA256:abc",
+        "127.0.0.1:5000",
+        "Encrypted channel active",
+        "Handshake complete",
+        "[bold]not markup[/bold]",
+        "(500 bytes)",
+    ):
         assert needle in text, needle
 
 
@@ -800,4 +844,3 @@ def test_server_display_with_rich_does_not_show_messages(
     text = out.getvalue()
     assert "received 13 bytes, replied 13 bytes" in text
     assert "private words" not in text
-
