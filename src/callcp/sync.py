@@ -119,6 +119,10 @@ class Connection:
         logger: logging.Logger,
     ) -> None:
         self._sock = sock
+        # One reusable read buffer: recv(256 KiB) would allocate (and often
+        # mmap) a fresh 256 KiB object on every call.
+        self._rbuf = bytearray(READ_SIZE)
+        self._rview = memoryview(self._rbuf)
         self._proto = proto
         self._timeout = timeout
         self._log = logger
@@ -394,7 +398,8 @@ class Connection:
                 if remaining <= 0:
                     raise CallcpTimeout("timed out while receiving")
                 self._sock.settimeout(remaining)
-            data = self._sock.recv(READ_SIZE)
+            n = self._sock.recv_into(self._rbuf)
+            data = self._rview[:n].tobytes()
         except OSError as exc:
             if self._closed:
                 raise self._proto.closed_error() from None
