@@ -312,3 +312,30 @@ def test_key_update_interval_of_one_with_client_auth(
     assert [e.data for e in events if isinstance(e, MessageReceived)] == [b"m0", b"m1", b"m2"]
     p.server.send(b"r")
     assert p.to_client()[-1] == MessageReceived(b"r")
+
+
+def test_deferred_decryption(server_key: rsa.RSAPrivateKey) -> None:
+    """defer_decryption hands the RSA work to the adapter, then resumes."""
+    from callcp._core.events import DecryptionRequested
+
+    p = Pair(server_key, server_kwargs={"defer_decryption": True})
+    p.to_client()
+    p.client.send(b"early")
+    p.server.receive_data(p.client.data_to_send())
+    request = p.server.next_event()
+    assert isinstance(request, DecryptionRequested)
+    assert p.server.state is State.WAIT_DECRYPTION
+    with pytest.raises(LocalProtocolError):
+        p.server.next_event()
+    p.server.premaster_decrypted(request.run())
+    assert drain(p.server) == [HandshakeCompleted(2, None), MessageReceived(b"early")]
+
+
+def test_deferred_decryption_failure_is_implicitly_rejected(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key, server_kwargs={"defer_decryption": True})
+    p.to_client()
+    p.server.receive_data(p.client.data_to_send())
+    p.server.next_event()
+    p.server.premaster_decrypted(None)  # as if the ciphertext were bad
+    with pytest.raises(HandshakeError):
+        drain(p.server)

@@ -70,6 +70,7 @@ from ._core.errors import (
 from ._core.events import (
     NEED_DATA,
     CloseReceived,
+    DecryptionRequested,
     HandshakeCompleted,
     MessageReceived,
     ServerKeyAccepted,
@@ -88,7 +89,7 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_MAX_CONNECTIONS = 10000
-DEFAULT_MAX_HANDSHAKES = 256
+DEFAULT_MAX_HANDSHAKES = 16
 #: Received-but-unread bytes past which a link stops reading the socket.
 PAUSE_READING_AT = 1 << 20
 RESUME_READING_AT = 256 << 10
@@ -115,9 +116,15 @@ def _translate(exc: OSError, doing: str) -> TransportError:
 class _Link(asyncio.Protocol):
     """One TCP connection: moves bytes between the transport and the core."""
 
-    def __init__(self, core: _Protocol, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        core: _Protocol,
+        loop: asyncio.AbstractEventLoop,
+        decryptions: Optional[_Decryptions] = None,
+    ) -> None:
         self.core = core
         self.loop = loop
+        self._decryptions = decryptions
         self.transport: Optional[asyncio.Transport] = None
         self.events: Deque[Any] = deque()
         self.buffered = 0
@@ -129,6 +136,8 @@ class _Link(asyncio.Protocol):
         self._drain_waiters: List[asyncio.Future[None]] = []
         self._paused_reading = False
         self._paused_writing = False
+        self._decrypting = False  # a premaster decryption runs in a worker thread
+        self._lost: Optional[Tuple[Optional[Exception]]] = None  # connection_lost, deferred
 
     # ------------------------------------------------------ asyncio.Protocol
 
@@ -149,6 +158,11 @@ class _Link(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._decrypting:
+            # The peer's whole flight (and maybe its close) may be buffered
+            # behind the ClientHello: finish reading it first (_decrypted).
+            self._lost = (exc,)
+            return
         if self.error is None:
             if exc is not None:
                 self.error = _translate(exc, "receiving") if isinstance(exc, OSError) else exc
@@ -177,11 +191,21 @@ class _Link(asyncio.Protocol):
 
     def pump(self) -> None:
         """Drain the core's events into the queue; act on handshake and close."""
+        if self._decrypting:
+            return  # resumed by _decrypted()
         core = self.core
         try:
             while True:
                 event = core.next_event()
                 if event is NEED_DATA:
+                    break
+                if isinstance(event, DecryptionRequested):
+                    # The RSA work runs in a worker thread (cryptography drops
+                    # the GIL): the loop is never held by it, and handshakes
+                    # use every core.
+                    self._decrypting = True
+                    assert self._decryptions is not None
+                    self._decryptions.submit(self, event)
                     break
                 if isinstance(event, (ServerKeyAccepted, HandshakeCompleted)):
                     if not self.handshake.done():
@@ -207,6 +231,23 @@ class _Link(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.pause_reading()
         self._wake()
+
+    def decrypted(self, premaster: Optional[bytes]) -> None:
+        """The premaster's decryption finished (None: it failed)."""
+        self._decrypting = False
+        if self.error is None:  # else it failed meanwhile (handshake timeout)
+            assert isinstance(self.core, ServerProtocol)
+            try:
+                self.core.premaster_decrypted(premaster)
+            except CallcpError as exc:
+                self.error = exc
+                self._fail_handshake(exc)
+                self.flush()
+                self.close_transport()
+            else:
+                self.pump()
+        if self._lost is not None:
+            self.connection_lost(*self._lost)
 
     def take(self) -> Any:
         """The next queued application event (caller checked there is one)."""
@@ -263,6 +304,41 @@ class _Link(asyncio.Protocol):
             self.handshake.set_exception(exc)
 
 
+class _Decryptions:
+    """Runs the servers' RSA decryptions in worker threads, at most ``limit``
+    at once; the rest wait their turn in order (bounded by max_connections
+    and each link's handshake timeout).  cryptography releases the GIL for
+    them, so they use every core and never hold the event loop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running = 0
+        self.waiting: Deque[Tuple[_Link, DecryptionRequested]] = deque()
+
+    def submit(self, link: _Link, request: DecryptionRequested) -> None:
+        if self.running < self.limit:
+            self._start(link, request)
+        else:
+            self.waiting.append((link, request))
+
+    def _start(self, link: _Link, request: DecryptionRequested) -> None:
+        self.running += 1
+        job = link.loop.run_in_executor(None, request.run)
+
+        def done(job: asyncio.Future[Optional[bytes]]) -> None:
+            self.running -= 1
+            result = None if job.cancelled() or job.exception() else job.result()
+            link.decrypted(result)
+            while self.waiting and self.running < self.limit:
+                nxt, req = self.waiting.popleft()
+                if nxt.error is not None:  # gave up while waiting
+                    nxt.decrypted(None)
+                else:
+                    self._start(nxt, req)
+
+        job.add_done_callback(done)
+
+
 class Connection:
     """One callcp/2 connection for asyncio; the same methods as
     :class:`callcp.sync.Connection`, awaited."""
@@ -298,6 +374,9 @@ class Connection:
 
     def _check_open(self) -> None:
         link = self._link
+        if link.error is not None and not link.error_reported:
+            link.error_reported = True  # the first time, the error itself
+            raise link.error
         if link.error is not None or link.transport is None or link.transport.is_closing():
             raise self._closed_error()
 
@@ -307,7 +386,9 @@ class Connection:
             return err
         if err is None:
             return ConnectionClosedOK("the connection was closed locally", code=CloseCode.NORMAL)
-        return ConnectionClosedError(f"the connection failed: {err}")
+        return ConnectionClosedError(
+            f"the connection failed: {err}", code=getattr(err, "code", None), reason=str(err)
+        )
 
     async def send(self, message: Buffer) -> None:
         """Send one message.
@@ -342,24 +423,22 @@ class Connection:
             core.start_stream(size, name)
             link.flush()
             done = 0
-            chunks = _achunks(source)
-            while True:
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    break
-                except BaseException as exc:
-                    if core.sending_stream and core.can_send:
-                        core.abort_stream(f"the sender's source failed ({type(exc).__name__})")
-                        link.flush()
-                    raise
-                self._check_open()
-                core.send_stream_data(chunk)
-                link.flush()
-                await link.drain()
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, size)
+            try:
+                async for chunk in _achunks(source):
+                    self._check_open()
+                    core.send_stream_data(chunk)
+                    link.flush()
+                    await link.drain()
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, size)
+            except BaseException as exc:
+                # Whatever stopped us (the source, the progress callback, a
+                # cancellation), the peer must not be left inside the stream.
+                if core.sending_stream and core.can_send:
+                    core.abort_stream(f"the sender failed ({type(exc).__name__})")
+                    link.flush()
+                raise
             self._check_open()
             length, digest = core.end_stream()
             link.flush()
@@ -614,7 +693,7 @@ class Server:
         self.shutdown_timeout = shutdown_timeout
         self._server: Optional[asyncio.AbstractServer] = None
         self._links: Set[_Link] = set()
-        self._handshaking = 0
+        self._decryptions = _Decryptions(max_handshakes)
         self._conns: Set[Connection] = set()
         self._tasks: Set[asyncio.Task[None]] = set()
         self._closing = False
@@ -634,6 +713,7 @@ class Server:
             )
         except OSError as exc:
             raise _translate(exc, f"listening on {host}:{port}") from exc
+        self._port: int = self.sockets[0].getsockname()[1]
         self._log.info(
             "callcp server listening on %s (key %s)",
             ", ".join(str(s.getsockname()) for s in self.sockets),
@@ -651,8 +731,8 @@ class Server:
 
     @property
     def port(self) -> int:
-        port: int = self.sockets[0].getsockname()[1]
-        return port
+        """The bound port (still known after close())."""
+        return self._port
 
     @property
     def fingerprint(self) -> str:
@@ -673,22 +753,19 @@ class Server:
             return _Refuse(self._log, "server shutting down")
         if len(self._links) >= self.max_connections:
             return _Refuse(self._log, f"max_connections ({self.max_connections}) reached")
-        if self._handshaking >= self.max_handshakes:
-            return _Refuse(self._log, f"max_handshakes ({self.max_handshakes}) in progress")
         core = ServerProtocol(
             self.keypair.private_key,
             authorize_client=self._authorize,
             max_message_size=self.max_message_size,
             server_public_der=self._public_der,
+            defer_decryption=True,
         )
-        link = _Link(core, loop)
+        link = _Link(core, loop, self._decryptions)
         self._links.add(link)
-        self._handshaking += 1
         timer = loop.call_later(self.handshake_timeout, self._handshake_timeout, link)
 
         def handshake_done(fut: asyncio.Future[Any]) -> None:
             timer.cancel()
-            self._handshaking -= 1
             exc = fut.exception() if not fut.cancelled() else None
             peer = _fmt(link)
             if exc is not None:
@@ -841,7 +918,8 @@ async def serve(
     ``await handler(conn)`` runs as a task for each connection once its
     handshake (and client authorization) succeeded; the connection is closed
     when it returns.  Options as :func:`callcp.sync.serve`, with defaults
-    ``max_connections=10000``, ``max_handshakes=256``, plus
+    ``max_connections=10000``, ``max_handshakes=16`` (RSA decryptions
+    running at once in worker threads; more handshakes wait their turn), plus
     ``shutdown_timeout`` (5 s).
     """
     check_port(port, allow_zero=True)

@@ -209,32 +209,38 @@ class Connection:
                 out = self._proto.data_to_send()
             self._write(out)
             done = 0
-            chunks = iter_chunks(source)
-            while True:
-                try:
-                    chunk = next(chunks, None)
-                except BaseException as exc:
+            try:
+                for chunk in iter_chunks(source):
                     with self._proto_lock:
-                        self._proto.abort_stream(
-                            f"the sender's source failed ({type(exc).__name__})"
-                        )
+                        self._proto.send_stream_data(chunk)
                         out = self._proto.data_to_send()
                     self._write(out)
-                    raise
-                if chunk is None:
-                    break
-                with self._proto_lock:
-                    self._proto.send_stream_data(chunk)
-                    out = self._proto.data_to_send()
-                self._write(out)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, size)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, size)
+            except BaseException as exc:
+                # Whatever stopped us (the source, the progress callback, an
+                # interrupt), the peer must not be left inside the stream.
+                self._abort_stream(exc)
+                raise
             with self._proto_lock:
                 length, digest = self._proto.end_stream()
                 out = self._proto.data_to_send()
             self._write(out)
         return StreamInfo(length, digest.hex(), name)
+
+    def _abort_stream(self, exc: BaseException) -> None:
+        """(under ``_send_lock``) Tell the peer the stream is abandoned; if that
+        cannot be sent, the connection is closed."""
+        with self._proto_lock:
+            if not (self._proto.sending_stream and self._proto.can_send):
+                return
+            self._proto.abort_stream(f"the sender failed ({type(exc).__name__})")
+            out = self._proto.data_to_send()
+        try:
+            self._write(out)
+        except CallcpError:
+            pass  # _write failed the connection
 
     def _write(self, data: bytes) -> None:
         """Write under ``_send_lock``; a failed write kills the connection."""
@@ -243,11 +249,34 @@ class Connection:
         try:
             self._sock.sendall(data)
         except OSError as exc:
-            err = _translate(exc, "sending")
+            err = self._reason_for_write_error(exc)
             with self._proto_lock:
                 self._proto.fail(err)
             self._close_socket()
             raise err from exc
+
+    def _reason_for_write_error(self, exc: OSError) -> CallcpError:
+        """A write failed, typically because the peer closed on us (a refused
+        upload).  Its CLOSE record may be waiting unread: if so, report that
+        (with its code and reason) rather than a bare reset."""
+        err: CallcpError = _translate(exc, "sending")
+        if not isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            return err
+        try:
+            pending = self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
+        except OSError:
+            return err
+        with self._proto_lock:
+            self._proto.receive_data(pending)
+            try:
+                while True:
+                    event = self._proto.next_event()
+                    if event is NEED_DATA:
+                        return err
+                    if isinstance(event, CloseReceived):
+                        return self._proto.closed_error()
+            except CallcpError:
+                return err
 
     def _flush(self, *, best_effort: bool = True) -> None:
         """Write whatever the core has queued (close replies, alerts, the

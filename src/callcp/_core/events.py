@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 __all__ = [
     "Event",
@@ -17,6 +17,7 @@ __all__ = [
     "StreamChunk",
     "StreamEnded",
     "StreamAborted",
+    "DecryptionRequested",
 ]
 
 
@@ -102,7 +103,30 @@ class StreamAborted:
     reason: str
 
 
+@dataclass(frozen=True)
+class DecryptionRequested:
+    """(server, ``defer_decryption=True``) The ClientHello's premaster needs
+    its RSA decryption.  Call ``run()`` -- anywhere, e.g. in a worker thread:
+    it touches nothing but the key -- and hand the result to
+    ``ServerProtocol.premaster_decrypted()`` before asking for more events."""
+
+    __slots__ = ("key", "ciphertext")
+    key: Any
+    ciphertext: bytes
+
+    def run(self) -> Optional[bytes]:
+        """The decrypted premaster, or None if decryption failed."""
+        from .protocol import OAEP
+
+        try:
+            plaintext: bytes = self.key.decrypt(self.ciphertext, OAEP)
+        except ValueError:
+            return None
+        return plaintext
+
+
 Event = Union[
+    DecryptionRequested,
     ServerKeyAccepted,
     HandshakeCompleted,
     MessageReceived,

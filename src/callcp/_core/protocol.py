@@ -61,6 +61,7 @@ from .errors import (
 from .events import (
     NEED_DATA,
     CloseReceived,
+    DecryptionRequested,
     Event,
     HandshakeCompleted,
     MessageReceived,
@@ -126,6 +127,7 @@ class State(enum.Enum):
     WAIT_CLIENT_AUTH = "wait client authentication"
     WAIT_CLIENT_FINISHED = "wait client Finished"
     WAIT_SERVER_FINISHED = "wait server Finished"
+    WAIT_DECRYPTION = "wait for the premaster's decryption"
     OPEN = "open"
     STREAMING = "open, receiving a stream"
     CLOSED = "closed"  # the peer's authenticated CLOSE arrived
@@ -134,6 +136,7 @@ class State(enum.Enum):
 
 _HANDSHAKE_STATES = frozenset(
     {
+        State.WAIT_DECRYPTION,
         State.WAIT_SERVER_HELLO,
         State.WAIT_CLIENT_HELLO,
         State.WAIT_CLIENT_AUTH,
@@ -278,6 +281,8 @@ class _Protocol:
             return self._events.popleft()
         if self.state is State.FAILED or self.state is State.CLOSED:
             raise self.closed_error()
+        if self.state is State.WAIT_DECRYPTION:
+            raise LocalProtocolError("call premaster_decrypted() before asking for more events")
         try:
             while True:
                 frame_ = self._next_frame()
@@ -767,7 +772,10 @@ class ServerProtocol(_Protocol):
 
     Call ``start()`` once: it queues the ServerHello.  With
     ``authorize_client`` set, the server requires client authentication and
-    admits only the client keys for which it returns True.
+    admits only the client keys for which it returns True.  With
+    ``defer_decryption=True`` the RSA decryption of the premaster is handed
+    to the adapter as a DecryptionRequested event (to run off the event loop)
+    instead of running inside ``next_event()``.
     """
 
     _role = "server"
@@ -782,6 +790,7 @@ class ServerProtocol(_Protocol):
         versions: Tuple[int, ...] = SUPPORTED_VERSIONS,
         entropy: Optional[Entropy] = None,
         server_public_der: Optional[bytes] = None,
+        defer_decryption: bool = False,
     ) -> None:
         super().__init__(
             max_message_size=max_message_size,
@@ -793,6 +802,8 @@ class ServerProtocol(_Protocol):
         self._authorize = authorize_client
         self._versions = versions
         self._eph: Optional[x25519.X25519PrivateKey] = None
+        self._peer_share: Optional[x25519.X25519PublicKey] = None
+        self._defer_decryption = defer_decryption
         self.state = State.WAIT_CLIENT_HELLO
         self._started = False
 
@@ -823,28 +834,54 @@ class ServerProtocol(_Protocol):
                 f"this server offered {list(self._versions)}"
             )
         self.version = hello.version
+        try:
+            peer_share = x25519.X25519PublicKey.from_public_bytes(hello.x25519_public)
+        except ValueError as exc:
+            raise HandshakeError("the client's X25519 share is invalid") from exc
+        self._transcript_add(FrameType.CLIENT_HELLO, body)
+        self._peer_share = peer_share
+        request = DecryptionRequested(self._key, hello.encrypted_premaster)
+        if self._defer_decryption:
+            self.state = State.WAIT_DECRYPTION
+            return request
+        self._finish_key_exchange(request.run())
+        return None
+
+    def premaster_decrypted(self, premaster: Optional[bytes]) -> None:
+        """Resume the handshake with ``DecryptionRequested.run()``'s result.
+
+        Raises:
+            LocalProtocolError: no decryption was requested.
+            HandshakeError: the key exchange failed (the connection is failed).
+        """
+        if self.state is not State.WAIT_DECRYPTION:
+            raise LocalProtocolError("premaster_decrypted() without a DecryptionRequested")
+        try:
+            self._finish_key_exchange(premaster)
+        except CallcpError as exc:
+            err = self._fail(exc)
+            if err is exc:
+                raise
+            raise err from exc
+
+    def _finish_key_exchange(self, premaster: Optional[bytes]) -> None:
+        assert self._eph is not None and self._peer_share is not None
         # Implicit rejection: a premaster that fails to decrypt is replaced by
         # random bytes, so the failure shows only as a Finished mismatch and
         # the server offers no decryption oracle.
-        try:
-            premaster = self._key.decrypt(hello.encrypted_premaster, OAEP)
-        except ValueError:
-            premaster = b""
-        if len(premaster) != PREMASTER_SIZE:
+        if premaster is None or len(premaster) != PREMASTER_SIZE:
             premaster = self._entropy.random(PREMASTER_SIZE)
         try:
-            dh = self._eph.exchange(x25519.X25519PublicKey.from_public_bytes(hello.x25519_public))
+            dh = self._eph.exchange(self._peer_share)
         except ValueError as exc:
             raise HandshakeError("the client's X25519 share is invalid") from exc
-        self._eph = None
-        self._transcript_add(FrameType.CLIENT_HELLO, body)
+        self._eph = self._peer_share = None
         self._secrets = derive_handshake_secrets(dh, premaster, self._transcript.digest())
         self._sender = RecordSender(self._secrets.server_traffic)
         self._receiver = RecordReceiver(self._secrets.client_traffic)
         self.state = (
             State.WAIT_CLIENT_AUTH if self._authorize is not None else State.WAIT_CLIENT_FINISHED
         )
-        return None
 
     def _on_client_auth(self, header: bytes, body: bytes) -> Optional[Event]:
         assert self._authorize is not None

@@ -289,6 +289,8 @@ MAX_STREAM_NAME = 255
 
 def encode_stream_start(size: Optional[int], name: str) -> bytes:
     """STREAM_START body: size u64 (2**64-1: unknown) | name vec16 (UTF-8)."""
+    if not name.isprintable():
+        raise ValueError("stream name must not contain control characters")
     raw = name.encode("utf-8")
     if len(raw) > MAX_STREAM_NAME:
         raise ValueError(

@@ -1,0 +1,8 @@
+"""``python -m callcp``: the same as the ``callcp`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1113 @@
+"""The ``callcp`` command: ``serve``, ``send``, ``send-file``, ``keygen``, ``fingerprint``.
+
+Run it as ``callcp`` (the console script) or ``python -m callcp``.  This module
+is deliberately thin: it parses arguments, calls callcp's public API and
+prints.  What it owns is the small application protocol of ``callcp serve``:
+
+- a message is answered with the same message (upper-cased with ``--upper``);
+- a stream is a file: with ``--receive-dir`` it is stored under the base name
+  the sender gave (:func:`safe_file_name`), never overwriting anything
+  (:func:`reserve_path`), and confirmed with one message
+  ``stored <name> <length> <sha256hex>`` that ``send-file`` checks against
+  its own SHA-256; without ``--receive-dir`` (or for an unsafe name) the
+  connection is closed with ``CloseCode.REFUSED`` and a reason.
+
+Exit codes
+    0    success
+    1    unexpected internal error (a bug: run with -v and report it)
+    2    usage error: bad or missing arguments (a bad port, a malformed
+         --fingerprint, an unknown command...)
+    3    network: nothing listening, host unreachable or unknown, timed out,
+         connection closed or reset, address already in use
+    4    the server's key is not trusted: it changed, it is unknown and
+         --no-tofu was given, or the known-hosts line for it is malformed
+    5    handshake or client-authentication failure
+    6    protocol or integrity error: tampered or malformed data, a SHA-256
+         mismatch after send-file, an unexpected reply, the server refused
+    7    local file or key error: missing or unreadable file, bad key file,
+         wrong passphrase, cannot write, refusing to overwrite
+    130  interrupted (Ctrl-C)
+
+Every error ends as one line on standard error, ``callcp: error: ...``; with
+``-v`` the traceback is printed before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import io
+import logging
+import os
+import re
+import signal
+import socket
+import stat
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import FrameType
+from typing import (
+    IO,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    NoReturn,
+    Optional,
+    Sequence,
+    Tuple,
+    cast,
+)
+
+import callcp
+from callcp import (
+    CallcpTimeout,
+    ClientAuthError,
+    CloseCode,
+    Connection,
+    ConnectionClosed,
+    ConnectionClosedOK,
+    CryptoError,
+    HandshakeError,
+    HandshakeTimeout,
+    KeyManagementError,
+    KeyPair,
+    LocalProtocolError,
+    RemoteProtocolError,
+    ServerKeyChanged,
+    ServerKeyError,
+    StreamAbortedError,
+    StreamPending,
+    TransportError,
+)
+from callcp._common import DEFAULT_PORT, DEFAULT_SERVER_KEY
+from callcp.keys import PASSPHRASE_ENV, load_public_key
+from callcp.trust import DEFAULT_KNOWN_HOSTS, format_address, normalize_fingerprint
+
+__all__ = ["main", "build_parser", "safe_file_name", "reserve_path"]
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_NETWORK = 3
+EXIT_UNTRUSTED = 4
+EXIT_HANDSHAKE = 5
+EXIT_PROTOCOL = 6
+EXIT_LOCAL = 7
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0    success
+  1    unexpected internal error (run with -v and report it)
+  2    usage error (bad or missing arguments)
+  3    network: nothing listening, unreachable, timed out, connection closed
+  4    the server's key is not trusted (changed, or unknown with --no-tofu)
+  5    handshake or client-authentication failure
+  6    protocol or integrity error (SHA-256 mismatch, server refused, bad data)
+  7    local file or key error (missing/unreadable file, bad key, passphrase)
+  130  interrupted (Ctrl-C)
+"""
+
+KEYS_HELP = f"""\
+keys:
+  Servers keep their RSA key in {DEFAULT_SERVER_KEY} (generated on first run);
+  clients remember servers' keys in {DEFAULT_KNOWN_HOSTS} (trust on first use,
+  as SSH does). Private key files are encrypted with the passphrase in the
+  environment variable {PASSPHRASE_ENV} when it is set.
+"""
+
+#: The server's reply to a stored file: ``stored <name> <length> <sha256hex>``.
+STORED_PREFIX = "stored "
+REFUSE_FILES_REASON = "this server does not accept files (start it with --receive-dir)"
+#: Refused streams up to this size are drained before the close (see _refuse).
+REFUSE_DRAIN_LIMIT = 1 << 20
+#: Longest received file name accepted, in UTF-8 bytes (room left for " (n)" and ".part").
+MAX_NAME_BYTES = 200
+#: Close codes that mean "the peer reported a protocol problem or refused".
+_PROTOCOL_CLOSE_CODES = frozenset(
+    {
+        CloseCode.PROTOCOL_ERROR,
+        CloseCode.DECRYPT_ERROR,
+        CloseCode.MESSAGE_TOO_LARGE,
+        CloseCode.REFUSED,
+        CloseCode.UNSUPPORTED_VERSION,
+    }
+)
+
+log = logging.getLogger("callcp.cli")
+
+
+class CommandError(Exception):
+    """An error the CLI itself detected, with its exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ====================================================================== parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line on stderr (and exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"callcp: error: {message} (see '{self.prog} --help')\n")
+
+
+def _port(text: str, *, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    try:
+        port = int(text, 10)
+    except ValueError:
+        port = -1
+    if not low <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"invalid port {text!r}: expected a number from {low} to 65535"
+        )
+    return port
+
+
+def _listen_port(text: str) -> int:
+    return _port(text, allow_zero=True)
+
+
+def _fingerprint(text: str) -> str:
+    try:
+        return normalize_fingerprint(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid fingerprint {text[:80]!r}: expected 'SHA256:' followed by 43 base64 "
+            "characters, as `callcp fingerprint` prints"
+        ) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds >= 0")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected an integer >= 1")
+    return value
+
+
+_SIZE = re.compile(r"([0-9]+)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional K/M/G (binary) suffix: ``65536``, ``16M``, ``1GiB``."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match or int(match.group(1)) < 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: expected a number of bytes >= 1, optionally with K, M or G"
+        )
+    return int(match.group(1)) << (10 * " kmg".index(match.group(2).lower() or " "))
+
+
+def _name_problem(name: str) -> Optional[str]:
+    """Why a stream name cannot be sent (callcp/2: printable UTF-8, at most 255 bytes)."""
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8"
+    if size > 255:
+        return f"it is {size} bytes of UTF-8, over the limit of 255"
+    if not name.isprintable():
+        return "it contains control characters"
+    return None
+
+
+def _stream_name(text: str) -> str:
+    problem = _name_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"invalid name {text[:80]!r}: {problem}")
+    return text
+
+
+def _global_options(suppress: bool) -> _Parser:
+    """-v/-q/--no-display, accepted before and after the command name."""
+    default: Dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    p = _Parser(add_help=False)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        **(default or {"default": 0}),
+        help="more output: log to stderr at INFO (-vv: DEBUG); errors show their traceback",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        **(default or {"default": False}),
+        help="less output: no progress, notes or warnings (results and errors still print)",
+    )
+    p.add_argument(
+        "--no-display",
+        action="store_true",
+        **(default or {"default": False}),
+        help="never use rich (plain text output, e.g. plain progress lines)",
+    )
+    return p
+
+
+def _client_options() -> _Parser:
+    p = _Parser(add_help=False)
+    trust = p.add_mutually_exclusive_group()
+    trust.add_argument(
+        "--fingerprint",
+        metavar="SHA256:...",
+        type=_fingerprint,
+        help="accept only the server key with this fingerprint (a pin; the known-hosts "
+        "file is then not used)",
+    )
+    trust.add_argument(
+        "--insecure",
+        action="store_true",
+        help="DO NOT check the server's key at all: encrypted but NOT authenticated "
+        "(anyone on the path can impersonate the server); for tests only",
+    )
+    p.add_argument(
+        "--known-hosts",
+        metavar="PATH",
+        help=f"known-hosts file (default: {DEFAULT_KNOWN_HOSTS})",
+    )
+    p.add_argument(
+        "--no-tofu",
+        action="store_true",
+        help="refuse servers that are not in the known-hosts file yet (no trust on first use)",
+    )
+    p.add_argument(
+        "--client-key",
+        metavar="PATH",
+        help="authenticate with this RSA private key (PEM), for servers started with "
+        f"--authorized-keys (passphrase: ${PASSPHRASE_ENV})",
+    )
+    p.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_seconds,
+        default=30.0,
+        help="seconds to wait for each network operation (default: 30; 0: wait forever)",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``callcp`` argument parser."""
+    parser = _Parser(
+        prog="callcp",
+        description="Encrypted, authenticated, message-oriented channels over plain TCP\n"
+        "(callcp/2: RSA + X25519 key exchange, AES-256-GCM). Run 'callcp COMMAND --help'\n"
+        "for a command's options.",
+        epilog=KEYS_HELP + "\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_global_options(suppress=False)],
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"callcp {callcp.__version__} (protocol callcp/2)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    sub.required = True
+    common = _global_options(suppress=True)
+    client = _client_options()
+
+    def add(
+        name: str, help: str, description: str, parents: Sequence[_Parser] = ()
+    ) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=description,
+            epilog=EXIT_CODES_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[common, *parents],
+        )
+
+    # -- serve
+    p = add(
+        "serve",
+        "run a server (echo by default) until Ctrl-C",
+        "Run a callcp server until Ctrl-C (or SIGTERM), then shut down gracefully.\n"
+        "Prints one line, 'listening on HOST:PORT (server key SHA256:...)'; give that\n"
+        "fingerprint to clients (callcp send --fingerprint ...). Each message is\n"
+        "echoed back (in upper case with --upper). Files sent with `callcp send-file`\n"
+        "are stored in --receive-dir under the base name the sender gave (never\n"
+        "overwriting: 'name (1).ext', 'name (2).ext'...; names that are empty, '.',\n"
+        "'..', hold control characters or are longer than 200 bytes are refused) and\n"
+        "confirmed with their SHA-256. Without --receive-dir, files are refused.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument(
+        "--port",
+        type=_listen_port,
+        default=DEFAULT_PORT,
+        help=f"port to listen on (default: {DEFAULT_PORT}; 0: any free port)",
+    )
+    p.add_argument(
+        "--key",
+        metavar="PATH",
+        help=f"server private key, generated there on first run (default: {DEFAULT_SERVER_KEY})",
+    )
+    p.add_argument("--upper", action="store_true", help="reply in upper case instead of echoing")
+    p.add_argument(
+        "--receive-dir", metavar="DIR", help="accept files and store them here (created if needed)"
+    )
+    p.add_argument(
+        "--authorized-keys",
+        metavar="FILE",
+        help="require client authentication: accept only the client key fingerprints "
+        "(or PEM public keys) listed in FILE",
+    )
+    p.add_argument(
+        "--max-message-size",
+        metavar="BYTES",
+        type=_size,
+        help="largest message accepted, e.g. 1048576 or 16M (default: 16M; files are not limited)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        metavar="S",
+        type=_seconds,
+        help="seconds a client gets to finish the handshake (default: 10)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        metavar="S",
+        type=_seconds,
+        help="close connections silent for this long (default: 300; 0: never)",
+    )
+    p.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=_count,
+        help="serve at most N clients at once; more are refused (default: 512)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    # -- send
+    p = add(
+        "send",
+        "send one message and print the reply",
+        "Connect to a callcp server, send MESSAGE and print the reply (as UTF-8 text;\n"
+        "--raw writes its bytes as they are). MESSAGE '-' reads the message from stdin.\n"
+        f"The server's key is checked against {DEFAULT_KNOWN_HOSTS} (trusted and\n"
+        "recorded on first use), or against --fingerprint.",
+        [client],
+    )
+    p.add_argument("host", metavar="HOST", help="the server's host name or address")
+    p.add_argument("port", metavar="PORT", type=_port, help="the server's port (1-65535)")
+    p.add_argument("message", metavar="MESSAGE", help="the message ('-': read it from stdin)")
+    p.add_argument("--raw", action="store_true", help="write the reply's bytes as they are")
+    p.set_defaults(func=cmd_send)
+
+    # -- send-file
+    p = add(
+        "send-file",
+        "send a file to a server started with --receive-dir",
+        "Stream a file of any size to a server started with --receive-dir, with a\n"
+        "progress display (a rich progress bar on a terminal, else one line per\n"
+        "second), then check the server's confirmation: its SHA-256 of what it\n"
+        "stored must match the file's (a mismatch exits with code 6).",
+        [client],
+    )
+    p.add_argument("host", metavar="HOST", help="the server's host name or address")
+    p.add_argument("port", metavar="PORT", type=_port, help="the server's port (1-65535)")
+    p.add_argument("path", metavar="PATH", help="the file to send")
+    p.add_argument(
+        "--name",
+        type=_stream_name,
+        help="the name to store it under (default: the file's base name)",
+    )
+    p.set_defaults(func=cmd_send_file)
+
+    # -- keygen
+    p = add(
+        "keygen",
+        "generate an RSA key pair and print its fingerprint",
+        "Generate an RSA key pair: the private key goes to PATH (PKCS#8 PEM, mode\n"
+        "0600, written atomically), the public key next to it as '<stem>.pub.pem'\n"
+        "(server_key.pem -> server_key.pub.pem) or to --public. Existing files are\n"
+        "never overwritten without --force. The private key is encrypted when the\n"
+        f"environment variable {PASSPHRASE_ENV} is set. Prints the key's fingerprint.",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        default=str(DEFAULT_SERVER_KEY),
+        help=f"private key file (default: {DEFAULT_SERVER_KEY})",
+    )
+    p.add_argument(
+        "--public", metavar="PATH", help="public key file (default: <stem of PATH>.pub.pem)"
+    )
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=(2048, 3072, 4096),
+        default=2048,
+        help="RSA key size (default: 2048)",
+    )
+    p.add_argument("--force", action="store_true", help="replace existing key files")
+    p.set_defaults(func=cmd_keygen)
+
+    # -- fingerprint
+    p = add(
+        "fingerprint",
+        "print the SHA256 fingerprint of a key file, or of a server's key",
+        "Print the SHA256: fingerprint of a PEM private or public key file (default:\n"
+        f"{DEFAULT_SERVER_KEY}), the form --fingerprint and known_hosts use.\n"
+        "With --remote HOST PORT, print the key a running server PRESENTS. That is\n"
+        "not a verification: compare it with `callcp fingerprint` run on the server\n"
+        "(or obtained over another trusted channel) before pinning it.",
+    )
+    p.add_argument("path", metavar="PATH", nargs="?", help="a PEM key file")
+    p.add_argument(
+        "--remote",
+        nargs=2,
+        metavar=("HOST", "PORT"),
+        help="ask a running server for its key (not verified)",
+    )
+    p.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_seconds,
+        default=30.0,
+        help="with --remote: seconds to wait (default: 30)",
+    )
+    p.set_defaults(func=cmd_fingerprint)
+    return parser
+
+
+# ====================================================================== output
+
+
+def _say(text: str = "", *, file: Any = None) -> None:
+    print(text, file=file if file is not None else sys.stdout, flush=True)
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    """An informational line on stderr (hidden by -q)."""
+    if not args.quiet:
+        _say(text, file=sys.stderr)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _addr(host: Any, port: Any) -> str:
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class _CliFormatter(logging.Formatter):
+    """``callcp: warning: ...`` for clients; timestamped lines for ``serve``."""
+
+    def __init__(self, timestamps: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s" if timestamps else None)
+        self._timestamps = timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self._timestamps:
+            return super().format(record)
+        text = f"callcp: {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CliFormatter(timestamps=args.command == "serve"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if args.verbose >= 2:
+        level = logging.DEBUG
+    elif args.verbose == 1:
+        level = logging.INFO
+    else:
+        level = logging.ERROR if args.quiet else logging.WARNING
+    root.setLevel(level)
+    log.setLevel(logging.WARNING if args.quiet else min(level, logging.INFO))
+
+
+def _silent_logger() -> logging.Logger:
+    """A logger that drops everything (for --insecure, which warns on its own)."""
+    silent = logging.getLogger("callcp.cli.silent")
+    silent.propagate = False
+    if not silent.handlers:
+        silent.addHandler(logging.NullHandler())
+    return silent
+
+
+# ====================================================================== client
+
+
+def _connect(args: argparse.Namespace) -> Connection:
+    logger: Optional[logging.Logger] = None
+    if args.insecure:
+        _say(
+            "callcp: WARNING: --insecure: the server's key is NOT checked. The connection "
+            f"is encrypted, but anyone on the network path can impersonate "
+            f"{_addr(args.host, args.port)} and read or change everything sent. Pin the "
+            "server's key with --fingerprint instead (see `callcp fingerprint`).",
+            file=sys.stderr,
+        )
+        if not args.verbose:
+            logger = _silent_logger()  # the library's own warning would repeat ours
+    return callcp.connect(
+        args.host,
+        args.port,
+        timeout=args.timeout or None,
+        server_fingerprint=args.fingerprint,
+        known_hosts=args.known_hosts,
+        trust_on_first_use=not args.no_tofu,
+        insecure=args.insecure,
+        client_key=args.client_key,
+        logger=logger,
+    )
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    if args.message == "-":
+        message = sys.stdin.buffer.read()
+    else:
+        message = args.message.encode("utf-8", "surrogateescape")
+    with _connect(args) as conn:
+        reply = conn.request(message)
+    if args.raw:
+        sys.stdout.buffer.write(reply)
+        sys.stdout.buffer.flush()
+    else:
+        _say(reply.decode("utf-8", "replace"))
+    return EXIT_OK
+
+
+class _PlainProgress:
+    """``sent N/TOTAL bytes (P%)`` at most once a second, plus a final line."""
+
+    def __init__(self, total: Optional[int], interval: float = 1.0) -> None:
+        self.total = total
+        self.interval = interval
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def _line(self, done: int) -> str:
+        if self.total:
+            return f"sent {done}/{self.total} bytes ({done * 100 // self.total}%)"
+        return f"sent {done} bytes"
+
+    def __call__(self, done: int, total: Optional[int]) -> None:
+        self.done = done
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            _say(self._line(done))
+
+    def finish(self) -> None:
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        rate = self.done / elapsed / (1 << 20)
+        _say(f"{self._line(self.done)} in {elapsed:.1f} s ({rate:.1f} MiB/s)")
+
+
+@contextlib.contextmanager
+def _progress(
+    args: argparse.Namespace, name: str, total: Optional[int]
+) -> Iterator[Optional[Callable[[int, Optional[int]], None]]]:
+    """The progress callback for send_stream: rich on a terminal, else plain lines."""
+    if args.quiet:
+        yield None
+        return
+    if not args.no_display and sys.stdout.isatty():
+        try:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+        except ImportError:
+            pass
+        else:
+            with Progress(
+                TextColumn("{task.description}", markup=False),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+            ) as bar:
+                task = bar.add_task(name, total=total)
+                yield lambda done, _total: bar.update(task, completed=done)
+            return
+    plain = _PlainProgress(total)
+    yield plain
+    plain.finish()
+
+
+def _parse_stored(reply: bytes) -> Optional[Tuple[str, int, str]]:
+    """``stored <name> <length> <sha256hex>`` -> (name, length, hex), else None."""
+    text = reply.decode("utf-8", "replace")
+    if not text.startswith(STORED_PREFIX):
+        return None
+    parts = text[len(STORED_PREFIX) :].rsplit(" ", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or not re.fullmatch(r"[0-9a-f]{64}", parts[2]):
+        return None
+    return parts[0], int(parts[1]), parts[2]
+
+
+def _refused(args: argparse.Namespace, exc: ConnectionClosed, what: str) -> CommandError:
+    where = _addr(args.host, args.port)
+    if exc.code == CloseCode.REFUSED:
+        return CommandError(
+            f"the server at {where} refused the file: {exc.reason or 'no reason given'}",
+            EXIT_PROTOCOL,
+        )
+    if exc.code is None:
+        return CommandError(
+            f"the connection to {where} broke {what} ({_one_line(str(exc))}); servers "
+            "started without --receive-dir refuse files: see the server's log",
+            EXIT_NETWORK,
+        )
+    return CommandError(f"{_one_line(str(exc))} ({what})", _exit_code_for_close(exc.code))
+
+
+def cmd_send_file(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    name = args.name if args.name is not None else path.name
+    problem = _name_problem(name)
+    if problem is not None:
+        raise CommandError(
+            f"cannot send the name {name!r}: {problem}; choose one with --name", EXIT_USAGE
+        )
+    # Open the file before connecting: a wrong path fails fast and offline.
+    with open(path, "rb") as source:
+        st = os.fstat(source.fileno())
+        size = st.st_size if stat.S_ISREG(st.st_mode) else None
+        with _connect(args) as conn:
+            try:
+                with _progress(args, name, size) as progress:
+                    sent = conn.send_stream(source, name=name, progress=progress)
+            except ConnectionClosed as exc:
+                raise _refused(args, exc, "while the file was being sent") from exc
+            try:
+                reply = conn.recv()
+            except ConnectionClosed as exc:
+                raise _refused(args, exc, "before confirming the file") from exc
+    stored = _parse_stored(reply)
+    if stored is None:
+        shown = reply[:80].decode("utf-8", "replace")
+        raise CommandError(
+            f"unexpected reply from the server (not a 'stored' confirmation): {shown!r}; "
+            "is it a callcp server started with --receive-dir?",
+            EXIT_PROTOCOL,
+        )
+    remote_name, remote_length, remote_sha = stored
+    if remote_sha != sent.sha256 or remote_length != sent.length:
+        raise CommandError(
+            f"INTEGRITY ERROR: the server stored {remote_length} bytes with SHA-256 "
+            f"{remote_sha}, but {sent.length} bytes with SHA-256 {sent.sha256} were sent",
+            EXIT_PROTOCOL,
+        )
+    if not args.quiet:
+        _say(f"stored as {remote_name!r} on {_addr(args.host, args.port)} ({sent.length} bytes)")
+    _say(f"remote SHA-256 matches: {sent.sha256}")
+    return EXIT_OK
+
+
+# ====================================================================== keys
+
+
+def _public_path_for(private: Path) -> Path:
+    stem = private.name[:-4] if private.name.endswith(".pem") else private.name
+    return private.with_name(stem + ".pub.pem")
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    private = Path(os.path.expanduser(args.output))
+    public = Path(os.path.expanduser(args.public)) if args.public else _public_path_for(private)
+    if private == public:
+        raise CommandError("the private and public key paths must differ", EXIT_USAGE)
+    if not args.force:
+        for existing in (private, public):
+            if os.path.lexists(existing):
+                raise CommandError(
+                    f"{existing} already exists; not overwriting it (--force replaces it, and "
+                    "clients that know the old key will then refuse the server)",
+                    EXIT_LOCAL,
+                )
+    keypair = KeyPair.generate(args.bits)
+    keypair.save(private, public)
+    if not args.quiet:
+        encrypted = f", encrypted with ${PASSPHRASE_ENV}" if os.environ.get(PASSPHRASE_ENV) else ""
+        _say(f"private key: {private} (RSA {keypair.key_size}, mode 0600{encrypted})")
+        _say(f"public key:  {public}")
+    _say(f"fingerprint: {keypair.fingerprint}" if not args.quiet else keypair.fingerprint)
+    return EXIT_OK
+
+
+def _file_fingerprint(path: Path) -> str:
+    """The fingerprint of a PEM private key file, else of a PEM public key file."""
+    try:
+        return KeyPair.load(path).fingerprint
+    except KeyManagementError as private_error:
+        try:
+            return callcp.fingerprint(load_public_key(path))
+        except KeyManagementError as public_error:
+            # Report what the file seems to be: the private-key error, unless it
+            # said the file holds a public key.
+            if "holds a public key" in str(private_error):
+                raise public_error from None
+            raise private_error from None
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    if args.remote is None:
+        path = Path(os.path.expanduser(args.path or DEFAULT_SERVER_KEY))
+        try:
+            _say(_file_fingerprint(path))
+        except KeyManagementError as exc:
+            if args.path is None and not os.path.lexists(path):
+                raise CommandError(
+                    f"no key at {path}: generate one with `callcp keygen` (or run "
+                    "`callcp serve`), or give the key file's path",
+                    EXIT_LOCAL,
+                ) from exc
+            raise
+        return EXIT_OK
+    if args.path is not None:
+        raise CommandError("give either PATH or --remote HOST PORT, not both", EXIT_USAGE)
+    host, port_text = args.remote
+    try:
+        port = _port(port_text)
+    except argparse.ArgumentTypeError as exc:
+        raise CommandError(f"argument --remote: {exc}", EXIT_USAGE) from None
+    args.host, args.port = host, port  # for error messages
+    logger = None if args.verbose else _silent_logger()
+    with callcp.connect(
+        host, port, insecure=True, timeout=args.timeout or None, logger=logger
+    ) as conn:
+        presented = conn.peer_fingerprint
+    if presented is None:  # pragma: no cover - connect() returns after the ServerHello
+        raise CommandError("the server presented no key", EXIT_PROTOCOL)
+    _say(presented)
+    _note(
+        args,
+        f"note: this is the key the server at {_addr(host, port)} PRESENTS; it was NOT "
+        "verified. Compare it with `callcp fingerprint` run on the server before pinning "
+        "it with --fingerprint.",
+    )
+    return EXIT_OK
+
+
+# ====================================================================== server
+
+
+def safe_file_name(sent: str) -> Optional[str]:
+    """The name a received file is stored under, or None to refuse it.
+
+    Only the base name the sender gave is kept (``../../etc/x`` -> ``x``, for
+    ``/`` and ``\\`` alike).  Refused: empty, ``.``, ``..``, names with NUL
+    or other control characters, and names over :data:`MAX_NAME_BYTES` bytes.
+    """
+    base = re.split(r"[/\\]", sent)[-1]
+    if base in ("", ".", "..") or "/" in base or "\\" in base:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in base):  # NUL, newlines, escapes
+        return None
+    if len(base.encode("utf-8", "replace")) > MAX_NAME_BYTES:
+        return None
+    return base
+
+
+def reserve_path(directory: Path, name: str) -> Path:
+    """Claim a new file for ``name`` in ``directory``: ``name``, else
+    ``stem (1).ext``, ``stem (2).ext``...; never an existing file.
+
+    The claim is an empty file created with O_EXCL (so concurrent transfers of
+    one name get different files); ``recv_stream`` later replaces it with the
+    verified ``.part`` file.  Candidates whose ``.part`` file exists are skipped.
+
+    Raises:
+        OSError: the directory cannot be written.
+    """
+    stem, ext = os.path.splitext(name)
+    for n in range(10000):
+        candidate = directory / (name if n == 0 else f"{stem} ({n}){ext}")
+        if os.path.lexists(candidate.with_name(candidate.name + ".part")):
+            continue
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(f"too many files named like {name!r} in {directory}")
+
+
+def _upper(message: bytes) -> bytes:
+    return message.decode("utf-8", "surrogateescape").upper().encode("utf-8", "surrogateescape")
+
+
+class _Discard:
+    """A write-only sink that drops up to ``limit`` bytes (then raises OSError)."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def write(self, data: bytes) -> int:
+        self.left -= len(data)
+        if self.left < 0:
+            raise OSError("more data than the sender announced")
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _refuse(conn: Connection, pending: StreamPending, reason: str, peer: str) -> None:
+    """Close the connection with REFUSED and ``reason``.
+
+    A small stream is received (and dropped) first.  Closing with the
+    stream's bytes still arriving makes the server's TCP stack send a reset,
+    and the sender, which does not read while it sends, then reports a reset
+    instead of the refusal; draining small streams makes the common case
+    exact.  Larger ones are cut off at once (their sender sees a reset).
+    """
+    log.warning("refused a file from %s: %s", peer, reason)
+    if pending.size is not None and pending.size <= REFUSE_DRAIN_LIMIT:
+        with contextlib.suppress(callcp.CallcpError, OSError):
+            conn.recv_stream(cast(IO[bytes], _Discard(REFUSE_DRAIN_LIMIT)))
+    conn.close(CloseCode.REFUSED, reason)
+
+
+def _receive_file(
+    conn: Connection, pending: StreamPending, receive_dir: Optional[Path], peer: str
+) -> bool:
+    """Store the pending stream (or refuse it); False when the connection is done."""
+    if receive_dir is None:
+        _refuse(conn, pending, REFUSE_FILES_REASON, peer)
+        return False
+    name = safe_file_name(pending.name)
+    if name is None:
+        _refuse(conn, pending, f"unsafe file name {pending.name[:100]!r}", peer)
+        return False
+    try:
+        path = reserve_path(receive_dir, name)
+    except OSError as exc:
+        log.error("cannot store a file from %s in %s: %s", peer, receive_dir, exc)
+        _refuse(conn, pending, "the server cannot store files right now", peer)
+        return False
+    try:
+        info = conn.recv_stream(path)
+    except StreamAbortedError as exc:
+        path.unlink(missing_ok=True)
+        log.warning("%s abandoned the file %r: %s", peer, name, exc.reason or "no reason")
+        return True
+    except OSError as exc:  # recv_stream closed the connection
+        path.unlink(missing_ok=True)
+        log.error("could not write %s (from %s): %s", path, peer, exc)
+        return False
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    log.info("received %r (%d bytes, sha256 %s) from %s", path.name, info.length, info.sha256, peer)
+    conn.send(f"{STORED_PREFIX}{path.name} {info.length} {info.sha256}".encode())
+    return True
+
+
+def _make_handler(upper: bool, receive_dir: Optional[Path]) -> Callable[[Connection], None]:
+    def handle(conn: Connection) -> None:
+        peer = _addr(*conn.remote_address[:2]) if conn.remote_address else "?"
+        while True:
+            try:
+                message = conn.recv()
+            except StreamPending as pending:
+                if not _receive_file(conn, pending, receive_dir, peer):
+                    return
+                continue
+            conn.send(_upper(message) if upper else message)
+
+    return handle
+
+
+def _sigterm(signum: int, frame: Optional[FrameType]) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    receive_dir: Optional[Path] = None
+    if args.receive_dir is not None:
+        receive_dir = Path(os.path.expanduser(args.receive_dir))
+        if os.path.lexists(receive_dir) and not receive_dir.is_dir():
+            raise CommandError(f"--receive-dir {receive_dir} is not a directory", EXIT_LOCAL)
+        receive_dir.mkdir(parents=True, exist_ok=True)
+    options: Dict[str, Any] = {
+        "key": os.path.expanduser(args.key) if args.key else None,
+        "authorized_keys": os.path.expanduser(args.authorized_keys)
+        if args.authorized_keys
+        else None,
+        "max_message_size": args.max_message_size,
+        "handshake_timeout": args.handshake_timeout,
+        "max_connections": args.max_connections,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.idle_timeout is not None:
+        options["idle_timeout"] = args.idle_timeout or None
+    server = callcp.serve(_make_handler(args.upper, receive_dir), args.host, args.port, **options)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        host, port = server.server_address[:2]
+        _say(f"listening on {_addr(host, port)} (server key {server.fingerprint})")
+        if receive_dir is not None:
+            log.info("storing received files in %s", receive_dir)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log.info("shutting down")
+    finally:
+        server.shutdown()
+    return EXIT_OK
+
+
+# ====================================================================== errors
+
+
+def _exit_code_for_close(code: Optional[int]) -> int:
+    return EXIT_PROTOCOL if code in _PROTOCOL_CLOSE_CODES else EXIT_NETWORK
+
+
+def _known_hosts_path(args: argparse.Namespace) -> str:
+    return os.path.expanduser(getattr(args, "known_hosts", None) or DEFAULT_KNOWN_HOSTS)
+
+
+def _explain(exc: BaseException, args: argparse.Namespace) -> Tuple[int, str]:
+    """(exit code, one-line message) for an error that ended a command."""
+    host: Any = getattr(args, "host", None)
+    port: Any = getattr(args, "port", None)
+    where = _addr(host, port) if host is not None else "the server"
+    text = _one_line(str(exc))
+    if isinstance(exc, CommandError):
+        return exc.code, text
+    if isinstance(exc, ServerKeyChanged):
+        if getattr(args, "fingerprint", None):
+            return EXIT_UNTRUSTED, (
+                f"the server at {where} presented key {exc.presented}, but --fingerprint "
+                f"pins {exc.expected}. Someone may be intercepting the connection, or the "
+                "server's key was replaced; if that change is expected, pin the new fingerprint"
+            )
+        try:
+            address = format_address(host, port) if host is not None else where
+        except (ValueError, TypeError):
+            address = where
+        known = _known_hosts_path(args)
+        return EXIT_UNTRUSTED, (
+            f"the server key of {address} has CHANGED: it presented {exc.presented}, but "
+            f"{known} records {exc.expected}. Someone may be intercepting the connection "
+            "(man-in-the-middle), or the server's key was replaced. If the change is "
+            f"expected, remove the line for {address} from {known} and connect again, "
+            f"or pin the new key with --fingerprint {exc.presented}"
+        )
+    if isinstance(exc, ServerKeyError):
+        return EXIT_UNTRUSTED, text
+    if isinstance(exc, HandshakeTimeout):
+        return EXIT_NETWORK, f"{text} (is {where} a callcp server? is it overloaded?)"
+    if isinstance(exc, ClientAuthError):
+        if not getattr(args, "client_key", None):
+            return EXIT_HANDSHAKE, (
+                f"the server at {where} requires client authentication: pass --client-key "
+                "PATH with a key listed in the server's --authorized-keys file"
+            )
+        return EXIT_HANDSHAKE, (
+            f"the server at {where} refused this client ({text}); ask its operator to add "
+            f"the key's fingerprint (callcp fingerprint {args.client_key}) to its "
+            "--authorized-keys file"
+        )
+    if isinstance(exc, HandshakeError):
+        return EXIT_HANDSHAKE, f"handshake with {where} failed: {text}"
+    if isinstance(exc, (CryptoError, RemoteProtocolError, LocalProtocolError)):
+        return EXIT_PROTOCOL, f"protocol error with {where}: {text}"
+    if isinstance(exc, StreamAbortedError):
+        return EXIT_PROTOCOL, text
+    if isinstance(exc, ConnectionClosedOK):
+        return EXIT_NETWORK, f"the server at {where} closed the connection without replying"
+    if isinstance(exc, ConnectionClosed):
+        return _exit_code_for_close(exc.code), text
+    if isinstance(exc, CallcpTimeout):
+        return EXIT_NETWORK, (
+            f"{text} (is {where} reachable and the server running? --timeout waits longer)"
+        )
+    if isinstance(exc, TransportError):
+        cause = exc.__cause__
+        if isinstance(cause, ConnectionRefusedError):
+            return EXIT_NETWORK, (
+                f"nothing is listening on {where} (connection refused): is the server "
+                "running, on that host and port?"
+            )
+        if isinstance(cause, socket.gaierror):
+            return EXIT_NETWORK, f"cannot resolve host {host!r}: {cause.strerror}"
+        if isinstance(cause, OSError) and args.command == "serve":
+            if cause.errno == errno.EADDRINUSE:
+                return EXIT_NETWORK, (
+                    f"cannot listen on {where}: the address is already in use (is another "
+                    "server running there? choose another --port)"
+                )
+            return EXIT_NETWORK, f"cannot listen on {where}: {cause.strerror or cause}"
+        return EXIT_NETWORK, text
+    if isinstance(exc, KeyManagementError):
+        return EXIT_LOCAL, text
+    if isinstance(exc, OSError):
+        what = f"{exc.filename}: " if exc.filename is not None else ""
+        return EXIT_LOCAL, f"{what}{exc.strerror.lower() if exc.strerror else text}"
+    return EXIT_INTERNAL, (
+        f"internal error: {type(exc).__name__}: {text} (run with -v for the traceback, "
+        "and please report it)"
+    )
+
+
+def _fix_stdout() -> None:
+    """Never fail to print a reply because the terminal's encoding lacks a character."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            with contextlib.suppress(ValueError, OSError):
+                stream.reconfigure(errors="replace")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the ``callcp`` command; returns its exit code."""
+    _fix_stdout()
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        _say("callcp: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (callcp send ... | head): not worth a message.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_INTERNAL
+    except Exception as exc:
+        code, message = _explain(exc, args)
+        if args.verbose:
+            traceback.print_exc()
+        _say(f"callcp: error: {message}", file=sys.stderr)
+        return code

@@ -1,0 +1,738 @@
+"""The ``callcp`` command, run for real in subprocesses (``python -m callcp``).
+
+Every subprocess gets HOME=<per-test directory> (so ``~/.callcp`` is
+per-test) and a timeout.  Servers are started with ``--port 0`` and report
+their port on their first line of output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pty
+import queue
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+import callcp
+from callcp.cli import reserve_path, safe_file_name
+
+pytestmark = pytest.mark.timeout(120)
+
+RUN_TIMEOUT = 60.0
+EXIT_NETWORK, EXIT_UNTRUSTED, EXIT_HANDSHAKE, EXIT_PROTOCOL, EXIT_LOCAL = 3, 4, 5, 6, 7
+LISTENING = re.compile(r"listening on (\S+):(\d+) \(server key (SHA256:[A-Za-z0-9+/]{43})\)")
+FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def cli_env(home: Path, **extra: str) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLCP_")}
+    env.update(HOME=str(home), PYTHONIOENCODING="utf-8", COLUMNS="100", **extra)
+    if "PYTHONPATH" not in extra:
+        env.pop("PYTHONPATH", None)
+    return env
+
+
+def run(
+    home: Path,
+    *args: str,
+    stdin: bytes = b"",
+    env: Optional[Dict[str, str]] = None,
+    timeout: float = RUN_TIMEOUT,
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "callcp", *args],
+        input=stdin,
+        capture_output=True,
+        env=env if env is not None else cli_env(home),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def out(result: subprocess.CompletedProcess[bytes]) -> str:
+    return result.stdout.decode("utf-8", "replace")
+
+
+def err(result: subprocess.CompletedProcess[bytes]) -> str:
+    return result.stderr.decode("utf-8", "replace")
+
+
+def error_line(result: subprocess.CompletedProcess[bytes], code: int) -> str:
+    """Assert a failure: the exit code, ONE line on stderr, no traceback."""
+    stderr = err(result)
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("callcp: error: "), stderr
+    assert result.returncode == code, (result.returncode, stderr)
+    return lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def write_random(path: Path, size: int) -> str:
+    """Write ``size`` random bytes to ``path``; return their SHA-256 hex."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 1 << 20))
+            digest.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class CliServer:
+    """``callcp serve --port 0 ...`` in a subprocess; stderr goes to a log file."""
+
+    def __init__(self, home: Path, args: List[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log_file = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "callcp", "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=self._log_file,
+            env=cli_env(home),
+        )
+        lines: queue.Queue[bytes] = queue.Queue()
+        assert self.proc.stdout is not None
+        stdout = self.proc.stdout
+        threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
+        try:
+            first = lines.get(timeout=RUN_TIMEOUT).decode("utf-8", "replace")
+        except queue.Empty:
+            self.stop()
+            raise AssertionError(f"the server printed nothing: {self.log()}") from None
+        match = LISTENING.search(first)
+        if match is None:
+            self.stop()
+            raise AssertionError(f"unexpected first line {first!r}; log: {self.log()}")
+        self.host, self.port, self.fingerprint = match[1], int(match[2]), match[3]
+        self.returncode: Optional[int] = None
+
+    @property
+    def address(self) -> List[str]:
+        return [self.host, str(self.port)]
+
+    def log(self) -> str:
+        return self.log_path.read_bytes().decode("utf-8", "replace")
+
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        self._log_file.close()
+        self.returncode = self.proc.returncode
+        return self.proc.returncode
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def key_file(tmp_path: Path, server_key: rsa.RSAPrivateKey) -> Path:
+    """The session's server key as a PEM file (generating one per server is slow)."""
+    path = tmp_path / "keys" / "server.pem"
+    callcp.KeyPair(server_key).save(path)
+    return path
+
+
+@pytest.fixture
+def other_key_file(tmp_path: Path, other_key: rsa.RSAPrivateKey) -> Path:
+    path = tmp_path / "keys" / "other.pem"
+    callcp.KeyPair(other_key).save(path)
+    return path
+
+
+@pytest.fixture
+def serve(home: Path, tmp_path: Path, key_file: Path) -> Iterator[Callable[..., CliServer]]:
+    """``serve(*args)``: a running ``callcp serve --port 0 --key <session key>``."""
+    servers: List[CliServer] = []
+
+    def start(*args: str, key: Optional[Path] = key_file, port: int = 0) -> CliServer:
+        argv = ["--port", str(port), *args]
+        if key is not None:
+            argv += ["--key", str(key)]
+        server = CliServer(home, argv, tmp_path / f"server{len(servers)}.log")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.returncode is None:
+            assert server.stop() == 0, server.log()
+
+
+# ---------------------------------------------------------------- help, version
+
+
+def test_help_for_every_command(home: Path) -> None:
+    main = run(home, "--help")
+    assert main.returncode == 0
+    text = out(main)
+    for word in ("serve", "send-file", "keygen", "fingerprint", "exit codes", "130"):
+        assert word in text
+    assert "bench" not in text
+    for command in ("serve", "send", "send-file", "keygen", "fingerprint"):
+        result = run(home, command, "--help")
+        assert result.returncode == 0, err(result)
+        assert f"usage: callcp {command}" in out(result)
+    assert "CALLCP_KEY_PASSPHRASE" in out(run(home, "keygen", "--help"))
+    assert ".pub.pem" in out(run(home, "keygen", "--help"))
+
+
+def test_version(home: Path) -> None:
+    result = run(home, "--version")
+    assert result.returncode == 0
+    assert callcp.__version__ in out(result)
+
+
+def test_console_script_is_installed(home: Path) -> None:
+    script = Path(sys.executable).parent / "callcp"
+    if not script.exists():
+        pytest.skip("the callcp console script is not installed in this environment")
+    result = subprocess.run(
+        [str(script), "--version"], capture_output=True, env=cli_env(home), timeout=RUN_TIMEOUT
+    )
+    assert result.returncode == 0
+    assert callcp.__version__ in out(result)
+
+
+# ---------------------------------------------------------------- serve + send
+
+
+def test_send_echo_trusts_on_first_use(home: Path, serve: Callable[..., CliServer]) -> None:
+    server = serve()
+    first = run(home, "send", *server.address, "hello wörld")
+    assert first.returncode == 0, err(first)
+    assert out(first) == "hello wörld\n"
+    assert "permanently added" in err(first)  # trust on first use is announced
+    known = (home / ".callcp" / "known_hosts").read_text()
+    assert f"127.0.0.1:{server.port} {server.fingerprint}" in known
+    again = run(home, "send", *server.address, "again")
+    assert (again.returncode, out(again), err(again)) == (0, "again\n", "")
+
+
+def test_send_upper(home: Path, serve: Callable[..., CliServer]) -> None:
+    server = serve("--upper")
+    result = run(home, "send", *server.address, "hello, wörld", "--fingerprint", server.fingerprint)
+    assert result.returncode == 0, err(result)
+    assert out(result) == "HELLO, WÖRLD\n"
+
+
+def test_send_raw_and_stdin(home: Path, serve: Callable[..., CliServer]) -> None:
+    server = serve()
+    payload = bytes(range(256)) * 4
+    result = run(
+        home, "send", *server.address, "-", "--raw", "--fingerprint", server.fingerprint,
+        stdin=payload,
+    )  # fmt: skip
+    assert result.returncode == 0, err(result)
+    assert result.stdout == payload
+
+
+def test_serve_stops_gracefully_on_sigterm(serve: Callable[..., CliServer]) -> None:
+    server = serve()
+    assert server.stop(signal.SIGTERM) == 0
+    assert "Traceback" not in server.log()
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_send_file_arrives_byte_identical(
+    home: Path, tmp_path: Path, serve: Callable[..., CliServer]
+) -> None:
+    inbox = tmp_path / "inbox"
+    server = serve("--receive-dir", str(inbox))
+    source = tmp_path / "data.bin"
+    size = 5 * 1024 * 1024 + 123
+    digest = write_random(source, size)
+    pin = ["--fingerprint", server.fingerprint]
+
+    result = run(home, "send-file", *server.address, str(source), *pin)
+    assert result.returncode == 0, err(result)
+    text = out(result)
+    assert f"remote SHA-256 matches: {digest}" in text
+    assert f"sent {size}/{size} bytes (100%)" in text  # the plain progress's final line
+    assert sha256_file(inbox / "data.bin") == digest
+    assert (inbox / "data.bin").stat().st_size == size
+
+    # A second file of the same name never overwrites the first.
+    again = run(home, "send-file", *server.address, str(source), *pin)
+    assert again.returncode == 0, err(again)
+    assert "'data (1).bin'" in out(again)
+    assert sha256_file(inbox / "data (1).bin") == digest
+    assert sorted(p.name for p in inbox.iterdir()) == ["data (1).bin", "data.bin"]
+
+    server.stop()
+    log = server.log()
+    assert f"received 'data.bin' ({size} bytes, sha256 {digest}) from 127.0.0.1:" in log
+    assert "received 'data (1).bin'" in log
+
+
+def test_send_file_names_are_sanitised(
+    home: Path, tmp_path: Path, serve: Callable[..., CliServer]
+) -> None:
+    inbox = tmp_path / "inbox"
+    server = serve("--receive-dir", str(inbox))
+    source = tmp_path / "x.txt"
+    source.write_bytes(b"payload\n")
+    pin = ["--fingerprint", server.fingerprint]
+    for name, stored in (
+        ("../../escape.txt", "escape.txt"),
+        ("..\\..\\windows.txt", "windows.txt"),
+        ("/etc/passwd", "passwd"),
+    ):
+        result = run(home, "send-file", *server.address, str(source), "--name", name, *pin)
+        assert result.returncode == 0, err(result)
+        assert f"stored as {stored!r}" in out(result)
+    assert sorted(p.name for p in inbox.iterdir()) == ["escape.txt", "passwd", "windows.txt"]
+    assert not (tmp_path / "escape.txt").exists()
+    for name in ("..", ".", "dir/", ""):
+        result = run(home, "send-file", *server.address, str(source), "--name", name, *pin)
+        line = error_line(result, EXIT_PROTOCOL)
+        assert "refused the file: unsafe file name" in line
+    for name in ("bad\nname", "x" * 256):  # callcp/2 cannot carry these: refused locally
+        result = run(home, "send-file", *server.address, str(source), "--name", name, *pin)
+        assert "invalid name" in error_line(result, 2)
+    assert sorted(p.name for p in inbox.iterdir()) == ["escape.txt", "passwd", "windows.txt"]
+
+
+def test_server_without_receive_dir_refuses_files(
+    home: Path, tmp_path: Path, serve: Callable[..., CliServer]
+) -> None:
+    server = serve()
+    source = tmp_path / "small.txt"
+    source.write_bytes(b"hello\n")
+    result = run(
+        home, "send-file", *server.address, str(source), "--fingerprint", server.fingerprint
+    )
+    line = error_line(result, EXIT_PROTOCOL)
+    assert "refused the file" in line
+    assert "--receive-dir" in line
+    server.stop()
+    assert "refused a file from 127.0.0.1:" in server.log()
+
+
+def test_send_file_missing_path(home: Path, tmp_path: Path) -> None:
+    # The file is opened before connecting: no server is needed to see this error.
+    missing = tmp_path / "no-such-file.bin"
+    result = run(home, "send-file", "127.0.0.1", "9", str(missing))
+    line = error_line(result, EXIT_LOCAL)
+    assert str(missing) in line
+    assert "no such file" in line
+
+
+def test_send_file_directory_path(home: Path, tmp_path: Path) -> None:
+    line = error_line(run(home, "send-file", "127.0.0.1", "9", str(tmp_path)), EXIT_LOCAL)
+    assert "directory" in line
+
+
+def test_receive_dir_that_is_a_file(home: Path, tmp_path: Path, key_file: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    result = run(
+        home, "serve", "--port", "0", "--key", str(key_file), "--receive-dir", str(not_a_dir)
+    )
+    assert "not a directory" in error_line(result, EXIT_LOCAL)
+
+
+def _stored_reply_server(
+    server_key: rsa.RSAPrivateKey, reply: Callable[[callcp.StreamInfo], bytes]
+) -> callcp.Server:
+    """An in-process server that receives a stream and answers ``reply(info)``."""
+
+    def handler(conn: callcp.Connection) -> None:
+        try:
+            conn.recv()
+        except callcp.StreamPending:
+            info = conn.recv_stream(open(os.devnull, "wb"))  # noqa: SIM115
+            conn.send(reply(info))
+
+    server = callcp.serve(handler, "127.0.0.1", 0, key=server_key)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (lambda info: f"stored x {info.length} {'0' * 64}".encode(), "INTEGRITY ERROR"),
+        (lambda info: f"stored x {info.length + 1} {info.sha256}".encode(), "INTEGRITY ERROR"),
+        (lambda info: b"thanks!", "unexpected reply from the server"),
+    ],
+)
+def test_send_file_checks_the_servers_confirmation(
+    home: Path,
+    tmp_path: Path,
+    server_key: rsa.RSAPrivateKey,
+    reply: Callable[[callcp.StreamInfo], bytes],
+    expected: str,
+) -> None:
+    server = _stored_reply_server(server_key, reply)
+    try:
+        source = tmp_path / "f.bin"
+        write_random(source, 100_000)
+        result = run(
+            home, "send-file", "127.0.0.1", str(server.port), str(source),
+            "--fingerprint", server.fingerprint,
+        )  # fmt: skip
+        assert expected in error_line(result, EXIT_PROTOCOL)
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+@pytest.mark.parametrize("mode", ["rich", "no-display", "rich-missing"])
+def test_send_file_progress_on_a_terminal(
+    home: Path, tmp_path: Path, serve: Callable[..., CliServer], mode: str
+) -> None:
+    server = serve("--receive-dir", str(tmp_path / "inbox"))
+    source = tmp_path / "tty.bin"
+    digest = write_random(source, 2 * 1024 * 1024)
+    extra: Dict[str, str] = {"TERM": "xterm-256color"}
+    args = ["send-file", *server.address, str(source), "--fingerprint", server.fingerprint]
+    if mode == "no-display":
+        args.insert(0, "--no-display")
+    if mode == "rich-missing":
+        fake = tmp_path / "fake-site" / "rich"
+        fake.mkdir(parents=True)
+        (fake / "__init__.py").write_text("raise ImportError('rich is hidden for this test')\n")
+        extra["PYTHONPATH"] = str(fake.parent)
+    text, returncode = run_in_pty(home, args, cli_env(home, **extra))
+    assert returncode == 0, text
+    assert f"remote SHA-256 matches: {digest}" in text
+    if mode == "rich":
+        assert "━" in text and "MB" in text  # rich's bar and byte counts
+        assert "sent 2097152/2097152" not in text
+    else:
+        assert "━" not in text
+        assert "sent 2097152/2097152 bytes (100%)" in text
+
+
+def run_in_pty(home: Path, args: List[str], env: Dict[str, str]) -> tuple[str, int]:
+    """Run the CLI with stdout on a pseudo-terminal; return (output, exit code)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "callcp", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    os.close(slave)
+    chunks: List[bytes] = []
+    deadline = time.monotonic() + RUN_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        returncode = proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    return b"".join(chunks).decode("utf-8", "replace"), returncode
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("CALLCP_SLOW") != "1", reason="slow (200 MiB transfer): set CALLCP_SLOW=1"
+)
+def test_send_file_200_mib(home: Path, tmp_path: Path, serve: Callable[..., CliServer]) -> None:
+    inbox = tmp_path / "inbox"
+    server = serve("--receive-dir", str(inbox))
+    source = tmp_path / "big.bin"
+    size = 200 * 1024 * 1024
+    digest = write_random(source, size)
+    started = time.monotonic()
+    result = run(
+        home, "send-file", *server.address, str(source), "--fingerprint", server.fingerprint,
+        timeout=600,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, err(result)
+    assert f"remote SHA-256 matches: {digest}" in out(result)
+    assert (inbox / "big.bin").stat().st_size == size
+    assert sha256_file(inbox / "big.bin") == digest
+    print(f"\n200 MiB send-file took {elapsed:.2f} s ({size / elapsed / 2**20:.0f} MiB/s)")
+
+
+# ---------------------------------------------------------------- keys
+
+
+def test_keygen_default_path_refuses_overwrite_and_force(home: Path) -> None:
+    first = run(home, "keygen")
+    assert first.returncode == 0, err(first)
+    private = home / ".callcp" / "server_key.pem"
+    public = home / ".callcp" / "server_key.pub.pem"
+    assert private.stat().st_mode & 0o777 == 0o600
+    fingerprint = FINGERPRINT.findall(out(first))[-1]
+    assert fingerprint == callcp.KeyPair.load(private).fingerprint
+
+    # fingerprint: default path, the private key, the public key
+    for args in ([], [str(private)], [str(public)]):
+        result = run(home, "fingerprint", *args)
+        assert (result.returncode, out(result)) == (0, fingerprint + "\n"), err(result)
+
+    again = run(home, "keygen")
+    assert "already exists" in error_line(again, EXIT_LOCAL)
+    assert callcp.KeyPair.load(private).fingerprint == fingerprint  # untouched
+
+    forced = run(home, "keygen", "--force")
+    assert forced.returncode == 0, err(forced)
+    assert FINGERPRINT.findall(out(forced))[-1] != fingerprint
+
+
+def test_keygen_bits_and_output(home: Path, tmp_path: Path) -> None:
+    path = tmp_path / "k" / "client.pem"
+    result = run(home, "keygen", "-o", str(path), "--bits", "3072", "-q")
+    assert result.returncode == 0, err(result)
+    assert callcp.KeyPair.load(path).key_size == 3072
+    assert out(result).strip() == callcp.KeyPair.load(path).fingerprint
+    assert (tmp_path / "k" / "client.pub.pem").exists()
+    bad = run(home, "keygen", "-o", str(tmp_path / "x.pem"), "--bits", "1024")
+    assert "invalid choice" in error_line(bad, 2)
+
+
+def test_keygen_with_passphrase(home: Path, tmp_path: Path) -> None:
+    path = tmp_path / "enc.pem"
+    env = cli_env(home, CALLCP_KEY_PASSPHRASE="correct horse")
+    assert run(home, "keygen", "-o", str(path), env=env).returncode == 0
+    assert b"ENCRYPTED" in path.read_bytes()
+    assert run(home, "fingerprint", str(path), env=env).returncode == 0
+    line = error_line(run(home, "fingerprint", str(path)), EXIT_LOCAL)
+    assert "CALLCP_KEY_PASSPHRASE" in line
+
+
+def test_fingerprint_remote(home: Path, serve: Callable[..., CliServer]) -> None:
+    server = serve()
+    result = run(home, "fingerprint", "--remote", *server.address)
+    assert result.returncode == 0, err(result)
+    assert out(result) == server.fingerprint + "\n"
+    assert "NOT verified" in err(result)
+    assert not (home / ".callcp" / "known_hosts").exists()  # nothing was trusted
+
+
+def test_fingerprint_errors(home: Path, tmp_path: Path) -> None:
+    line = error_line(run(home, "fingerprint"), EXIT_LOCAL)
+    assert "callcp keygen" in line  # no key yet: say how to make one
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"this is not a key\n")
+    assert "not a PEM file" in error_line(run(home, "fingerprint", str(garbage)), EXIT_LOCAL)
+    assert "directory" in error_line(run(home, "fingerprint", str(tmp_path)), EXIT_LOCAL)
+    error_line(run(home, "fingerprint", "--remote", "127.0.0.1", "70000"), 2)
+
+
+# ---------------------------------------------------------------- errors a new user hits
+
+
+def test_nothing_listening(home: Path) -> None:
+    port = free_port()
+    line = error_line(run(home, "send", "127.0.0.1", str(port), "hi"), EXIT_NETWORK)
+    assert f"nothing is listening on 127.0.0.1:{port}" in line
+    assert "is the server running" in line
+
+
+def test_verbose_shows_the_traceback(home: Path) -> None:
+    result = run(home, "-v", "send", "127.0.0.1", str(free_port()), "hi")
+    assert result.returncode == EXIT_NETWORK
+    assert "Traceback (most recent call last)" in err(result)
+    assert err(result).splitlines()[-1].startswith("callcp: error: nothing is listening")
+    # -v is accepted after the command name too
+    assert "Traceback" in err(run(home, "send", "-v", "127.0.0.1", str(free_port()), "hi"))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["send", "127.0.0.1", "70000", "hi"], "invalid port '70000'"),
+        (["send", "127.0.0.1", "abc", "hi"], "invalid port 'abc'"),
+        (["send", "127.0.0.1", "0", "hi"], "invalid port '0'"),
+        (["serve", "--port", "65536"], "invalid port '65536'"),
+        (["send", "127.0.0.1"], "the following arguments are required: PORT, MESSAGE"),
+        (["send-file", "127.0.0.1", "1"], "required: PATH"),
+        ([], "required: COMMAND"),
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["bench"], "invalid choice: 'bench'"),
+        (["send", "--fingerprint", "SHA256:nope", "h", "1", "m"], "invalid fingerprint"),
+        (["send", "--fingerprint", "abc", "--insecure", "h", "1", "m"], "invalid fingerprint"),
+        (
+            ["send", "--fingerprint", "SHA256:" + "A" * 43, "--insecure", "h", "1", "m"],
+            "not allowed with argument",
+        ),
+        (["serve", "--max-message-size", "lots"], "invalid size 'lots'"),
+        (["serve", "--idle-timeout", "-1"], "invalid duration '-1'"),
+        (["send", "--timeout", "soon", "h", "1", "m"], "invalid duration 'soon'"),
+    ],
+)
+def test_usage_errors(home: Path, args: List[str], expected: str) -> None:
+    line = error_line(run(home, *args), 2)
+    assert expected in line
+    assert "--help" in line
+
+
+def test_unreadable_key_files(home: Path, tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(
+        b"-----BEGIN PRIVATE KEY-----\nnot base64 at all\n-----END PRIVATE KEY-----\n"
+    )
+    line = error_line(run(home, "serve", "--port", "0", "--key", str(tmp_path)), EXIT_LOCAL)
+    assert f"{tmp_path}: it is a directory" in line
+    line = error_line(run(home, "serve", "--port", "0", "--key", str(garbage)), EXIT_LOCAL)
+    assert str(garbage) in line and "corrupted" in line
+    # The client key is loaded before connecting: no server needed.
+    line = error_line(
+        run(home, "send", "127.0.0.1", "9", "hi", "--client-key", str(garbage)), EXIT_LOCAL
+    )
+    assert str(garbage) in line
+    line = error_line(
+        run(home, "serve", "--port", "0", "--authorized-keys", str(tmp_path / "nope")), EXIT_LOCAL
+    )
+    assert "no such file" in line
+
+
+def test_changed_server_key(
+    home: Path, serve: Callable[..., CliServer], other_key_file: Path
+) -> None:
+    first = serve()
+    assert run(home, "send", *first.address, "hi").returncode == 0  # trusted on first use
+    port, old = first.port, first.fingerprint
+    first.stop()
+    second = serve(key=other_key_file, port=port)
+    assert second.port == port and second.fingerprint != old
+    line = error_line(run(home, "send", *second.address, "hi"), EXIT_UNTRUSTED)
+    known_hosts = str(home / ".callcp" / "known_hosts")
+    assert "CHANGED" in line
+    assert old in line and second.fingerprint in line  # both fingerprints
+    assert f"remove the line for 127.0.0.1:{port} from {known_hosts}" in line
+    assert f"--fingerprint {second.fingerprint}" in line
+    # pinning the new key is the documented way out
+    pinned = run(home, "send", *second.address, "hi", "--fingerprint", second.fingerprint)
+    assert (pinned.returncode, out(pinned)) == (0, "hi\n")
+
+
+def test_wrong_pin_and_no_tofu(home: Path, serve: Callable[..., CliServer]) -> None:
+    server = serve()
+    wrong = "SHA256:" + "A" * 43
+    line = error_line(
+        run(home, "send", *server.address, "hi", "--fingerprint", wrong), EXIT_UNTRUSTED
+    )
+    assert wrong in line and server.fingerprint in line
+    line = error_line(run(home, "send", *server.address, "hi", "--no-tofu"), EXIT_UNTRUSTED)
+    assert "not in the known hosts file" in line and server.fingerprint in line
+
+
+def test_insecure_warns_loudly(home: Path, serve: Callable[..., CliServer]) -> None:
+    server = serve()
+    result = run(home, "send", *server.address, "hi", "--insecure")
+    assert (result.returncode, out(result)) == (0, "hi\n")
+    lines = err(result).splitlines()
+    assert len(lines) == 1  # the CLI's warning, not repeated by the library
+    assert lines[0].startswith("callcp: WARNING: --insecure")
+    assert "NOT checked" in lines[0]
+    assert not (home / ".callcp" / "known_hosts").exists()
+
+
+def test_client_authentication(home: Path, tmp_path: Path, serve: Callable[..., CliServer]) -> None:
+    client_key = tmp_path / "client.pem"
+    made = run(home, "keygen", "-o", str(client_key), "-q")
+    assert made.returncode == 0, err(made)
+    allowed = tmp_path / "authorized"
+    allowed.write_text(out(made))
+    server = serve("--authorized-keys", str(allowed))
+    pin = ["--fingerprint", server.fingerprint]
+    ok = run(home, "send", *server.address, "hi", "--client-key", str(client_key), *pin)
+    assert (ok.returncode, out(ok)) == (0, "hi\n"), err(ok)
+    line = error_line(run(home, "send", *server.address, "hi", *pin), EXIT_HANDSHAKE)
+    assert "requires client authentication" in line and "--client-key" in line
+
+
+def test_address_in_use(home: Path, serve: Callable[..., CliServer], key_file: Path) -> None:
+    server = serve()
+    result = run(home, "serve", "--port", str(server.port), "--key", str(key_file))
+    assert "already in use" in error_line(result, EXIT_NETWORK)
+
+
+# ---------------------------------------------------------------- file naming (in process)
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("report.pdf", "report.pdf"),
+        ("../../etc/passwd", "passwd"),
+        ("C:\\Users\\x\\evil.exe", "evil.exe"),
+        (".hidden", ".hidden"),
+        ("name with spaces.txt", "name with spaces.txt"),
+        ("", None),
+        (".", None),
+        ("..", None),
+        ("a/..", None),
+        ("dir/", None),
+        ("nul\x00byte", None),
+        ("new\nline", None),
+        ("x" * 201, None),
+    ],
+)
+def test_safe_file_name(sent: str, stored: Optional[str]) -> None:
+    assert safe_file_name(sent) == stored
+
+
+def test_reserve_path_never_reuses_a_name(tmp_path: Path) -> None:
+    first = reserve_path(tmp_path, "a.tar.gz")
+    assert first.name == "a.tar.gz"
+    assert reserve_path(tmp_path, "a.tar.gz").name == "a.tar (1).gz"
+    (tmp_path / "b.txt.part").write_bytes(b"")  # a transfer in progress
+    assert reserve_path(tmp_path, "b.txt").name == "b (1).txt"
+    assert reserve_path(tmp_path, "noext").name == "noext"
+    assert reserve_path(tmp_path, "noext").name == "noext (1)"
