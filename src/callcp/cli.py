@@ -50,7 +50,6 @@ import traceback
 from pathlib import Path
 from types import FrameType
 from typing import (
-    IO,
     Any,
     Callable,
     Dict,
@@ -60,7 +59,6 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
-    cast,
 )
 
 import callcp
@@ -124,8 +122,6 @@ keys:
 #: The server's reply to a stored file: ``stored <name> <length> <sha256hex>``.
 STORED_PREFIX = "stored "
 REFUSE_FILES_REASON = "this server does not accept files (start it with --receive-dir)"
-#: Refused streams up to this size are drained before the close (see _refuse).
-REFUSE_DRAIN_LIMIT = 1 << 20
 #: Longest received file name accepted, in UTF-8 bytes (room left for " (n)" and ".part").
 MAX_NAME_BYTES = 200
 #: Close codes that mean "the peer reported a protocol problem or refused".
@@ -866,35 +862,10 @@ def _upper(message: bytes) -> bytes:
     return message.decode("utf-8", "surrogateescape").upper().encode("utf-8", "surrogateescape")
 
 
-class _Discard:
-    """A write-only sink that drops up to ``limit`` bytes (then raises OSError)."""
-
-    def __init__(self, limit: int) -> None:
-        self.left = limit
-
-    def write(self, data: bytes) -> int:
-        self.left -= len(data)
-        if self.left < 0:
-            raise OSError("more data than the sender announced")
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
 def _refuse(conn: Connection, pending: StreamPending, reason: str, peer: str) -> None:
-    """Close the connection with REFUSED and ``reason``.
-
-    A small stream is received (and dropped) first.  Closing with the
-    stream's bytes still arriving makes the server's TCP stack send a reset,
-    and the sender, which does not read while it sends, then reports a reset
-    instead of the refusal; draining small streams makes the common case
-    exact.  Larger ones are cut off at once (their sender sees a reset).
-    """
+    """Close the connection with REFUSED and ``reason`` (the sender reads
+    the refusal even while its upload is still under way)."""
     log.warning("refused a file from %s: %s", peer, reason)
-    if pending.size is not None and pending.size <= REFUSE_DRAIN_LIMIT:
-        with contextlib.suppress(callcp.CallcpError, OSError):
-            conn.recv_stream(cast(IO[bytes], _Discard(REFUSE_DRAIN_LIMIT)))
     conn.close(CloseCode.REFUSED, reason)
 
 
