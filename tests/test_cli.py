@@ -338,12 +338,14 @@ def test_send_file_names_are_sanitised(
     assert sorted(p.name for p in inbox.iterdir()) == ["escape.txt", "passwd", "windows.txt"]
 
 
+@pytest.mark.parametrize("size", [6, 20 * 1024 * 1024])
 def test_server_without_receive_dir_refuses_files(
-    home: Path, tmp_path: Path, serve: Callable[..., CliServer]
+    home: Path, tmp_path: Path, serve: Callable[..., CliServer], size: int
 ) -> None:
+    """Small or large (still uploading when refused), the sender sees the refusal."""
     server = serve()
     source = tmp_path / "small.txt"
-    source.write_bytes(b"hello\n")
+    source.write_bytes(os.urandom(size))
     result = run(
         home, "send-file", *server.address, str(source), "--fingerprint", server.fingerprint
     )
