@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import resource
+import sys
 import threading
 import time
 from pathlib import Path
@@ -698,6 +699,7 @@ def test_rsa_work_does_not_stall_the_event_loop(
 
 N_CONNECTIONS = 2000
 N_REQUESTS = 20
+REPO = Path(__file__).resolve().parent.parent
 BATCH = 200
 
 
@@ -711,7 +713,6 @@ def test_two_thousand_concurrent_connections(server_key: rsa.RSAPrivateKey) -> N
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    before = proc_status()
     handled: List[int] = []
 
     async def handler(conn: callcp.aio.Connection) -> None:
@@ -719,55 +720,61 @@ def test_two_thousand_concurrent_connections(server_key: rsa.RSAPrivateKey) -> N
         async for message in conn:
             await conn.send(b"re:" + message)
 
-    async def client_work(conn: callcp.aio.Connection, index: int) -> int:
-        for i in range(N_REQUESTS):
-            message = b"conn %d request %d " % (index, i) + bytes(index % 97)
-            reply = await conn.request(message)
-            assert reply == b"re:" + message, (index, i, reply[:40])
-        return index
-
     async def main() -> dict:
         with captured_logger() as (log, records):
             server = await serve(handler, server_key, logger=log)
             async with server:
-                t0 = time.perf_counter()
-                conns: List[callcp.aio.Connection] = []
-                for _ in range(0, N_CONNECTIONS, BATCH):
-                    conns += await asyncio.gather(
-                        *(connect(server, timeout=60) for _i in range(BATCH))
-                    )
-                connected = time.perf_counter() - t0
+                before = proc_status()
+                # The clients run in another process: this one is the server alone.
+                clients = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "tests.aio_clients",
+                    str(server.port),
+                    server.fingerprint,
+                    str(N_CONNECTIONS),
+                    str(N_REQUESTS),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    cwd=str(REPO),
+                )
+                assert clients.stdin is not None and clients.stdout is not None
+                line = await asyncio.wait_for(clients.stdout.readline(), 120)
+                assert line == b"open\n", line
                 await wait_for_condition(
                     lambda: len(handled) == N_CONNECTIONS, 30, "every handler to start"
                 )
                 assert server.active_connections == N_CONNECTIONS
-                peak_open = proc_status()
-                t1 = time.perf_counter()
-                done = await asyncio.gather(*(client_work(c, i) for i, c in enumerate(conns)))
-                worked = time.perf_counter() - t1
-                assert sorted(done) == list(range(N_CONNECTIONS))
-                await asyncio.gather(*(c.close() for c in conns))
+                open_status = proc_status()
+                clients.stdin.write(b"go\n")
+                await clients.stdin.drain()
+                out, _ = await asyncio.wait_for(clients.communicate(), 180)
+                assert clients.returncode == 0, out
+                timings = json.loads(out.decode().strip().splitlines()[-1])
+                assert timings["ok"]
                 await wait_for_condition(
                     lambda: server.active_connections == 0, 30, "every connection to close"
                 )
+                after = proc_status()
             problems = records.messages(logging.WARNING)
         return {
-            "connected": connected,
-            "worked": worked,
-            "open_rss": peak_open["VmRSS"],
+            **timings,
+            "before": before,
+            "open": open_status,
+            "after": after,
             "problems": problems,
         }
 
-    result = run(main(), timeout=240)
-    after = proc_status()
+    result = run(main(), timeout=280)
+    per_conn = (result["open"]["VmRSS"] - result["before"]["VmRSS"]) / N_CONNECTIONS
     print(
         f"\n[2,000 connections] handshakes {result['connected']:.1f} s, "
         f"{N_CONNECTIONS * N_REQUESTS} requests {result['worked']:.1f} s; "
-        f"process RSS (server AND all {N_CONNECTIONS} clients share this process): "
-        f"before {before['VmRSS'] / MIB:.1f} MiB, with all connections open "
-        f"{result['open_rss'] / MIB:.1f} MiB, after {after['VmRSS'] / MIB:.1f} MiB; "
-        f"peak (VmHWM) before {before['VmHWM'] / MIB:.1f} MiB, after "
-        f"{after['VmHWM'] / MIB:.1f} MiB"
+        f"server process RSS (clients run in another process): before "
+        f"{result['before']['VmRSS'] / MIB:.1f} MiB, with all {N_CONNECTIONS} connections open "
+        f"{result['open']['VmRSS'] / MIB:.1f} MiB ({per_conn / 1024:.1f} KiB per connection), "
+        f"after {result['after']['VmRSS'] / MIB:.1f} MiB; peak (VmHWM) "
+        f"{result['after']['VmHWM'] / MIB:.1f} MiB"
     )
     assert result["problems"] == []
     assert len(handled) == N_CONNECTIONS
