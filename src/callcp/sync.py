@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional, Set, Tuple, Union
@@ -95,7 +96,9 @@ Buffer = Union[bytes, bytearray, memoryview]
 
 def _translate(exc: OSError, doing: str) -> TransportError:
     """The one place where socket errors become callcp errors."""
-    if isinstance(exc, socket.timeout):
+    # socket.timeout: a Python-level timeout; BlockingIOError (EAGAIN): the
+    # kernel-level SO_RCVTIMEO / SO_SNDTIMEO deadline of a blocking socket.
+    if isinstance(exc, (socket.timeout, BlockingIOError)):
         return CallcpTimeout(f"timed out while {doing}")
     if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
         return ConnectionClosedError(f"the connection was reset while {doing}: {exc.strerror}")
@@ -134,7 +137,12 @@ class Connection:
         self._pending: Any = None  # an event recv()/recv_stream() handed back
         self._stopping = False  # the server is shutting down
         self._closed = False
-        sock.settimeout(timeout)
+        self._rcv_timeout: Optional[float] = None
+        # Deadlines are kept by the kernel (SO_RCVTIMEO/SO_SNDTIMEO) on a
+        # blocking socket: a Python-level timeout would cost a poll() before
+        # every read and write, and an ioctl each time it changes.
+        sock.settimeout(None)
+        self._set_send_timeout(timeout)
         try:
             self.remote_address: Address = tuple(sock.getpeername())
         except OSError:
@@ -156,7 +164,22 @@ class Connection:
     def settimeout(self, timeout: Optional[float]) -> None:
         """Deadline in seconds for each later blocking operation (None: wait forever)."""
         self._timeout = timeout
-        self._sock.settimeout(timeout)
+        self._set_send_timeout(timeout)
+
+    def _set_send_timeout(self, timeout: Optional[float]) -> None:
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
+
+    def _set_recv_timeout(self, timeout: Optional[float]) -> None:
+        """Set SO_RCVTIMEO unless the current value is close enough (within 5
+        ms below): one syscall saved per read on the common path."""
+        current = self._rcv_timeout
+        if timeout is None:
+            if current is None:
+                return
+        elif current is not None and timeout - 0.005 <= current <= timeout:
+            return
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+        self._rcv_timeout = timeout
 
     # -------------------------------------------------------------- sending
 
@@ -421,12 +444,12 @@ class Connection:
             self._reading = True
         try:
             if deadline is None:
-                self._sock.settimeout(None)
+                self._set_recv_timeout(None)
             else:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise CallcpTimeout("timed out while receiving")
-                self._sock.settimeout(remaining)
+                self._set_recv_timeout(remaining)
             n = self._sock.recv_into(self._rbuf)
             data = self._rview[:n].tobytes()
         except OSError as exc:
@@ -442,8 +465,6 @@ class Connection:
         finally:
             with self._state_lock:
                 self._reading = False
-            if not self._closed:
-                self._sock.settimeout(self._timeout)
         if not data and self._stopping:
             self._stop_now()
         with self._proto_lock:
@@ -846,6 +867,15 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _timeval(timeout: Optional[float]) -> bytes:
+    """A struct timeval for SO_RCVTIMEO/SO_SNDTIMEO (zero means "no timeout",
+    so a deadline already reached becomes one microsecond)."""
+    if timeout is None:
+        return struct.pack("@ll", 0, 0)
+    micros = max(1, int(timeout * 1_000_000))
+    return struct.pack("@ll", micros // 1_000_000, micros % 1_000_000)
 
 
 def _fmt(addr: Address) -> str:
