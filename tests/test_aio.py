@@ -533,7 +533,7 @@ async def aio_interop_handler(conn: callcp.aio.Connection) -> None:
             verdict = b"ok" if ok else b"BAD"
             await conn.send(b"got %d %s %s" % (info.length, info.name.encode(), verdict))
         elif message == b"give-stream":
-            await conn.send_stream(io.BytesIO(STREAM), name="from-server")
+            await conn.send_stream(io.BytesIO(STREAM), name="from-server", checksum=True)
         else:
             await conn.send(b"echo:" + message)
 
@@ -547,7 +547,7 @@ def sync_interop_handler(conn: callcp.sync.Connection) -> None:
             verdict = b"ok" if ok else b"BAD"
             conn.send(b"got %d %s %s" % (info.length, info.name.encode(), verdict))
         elif message == b"give-stream":
-            conn.send_stream(io.BytesIO(STREAM), name="from-server")
+            conn.send_stream(io.BytesIO(STREAM), name="from-server", checksum=True)
         else:
             conn.send(b"echo:" + message)
 
@@ -563,7 +563,7 @@ def test_blocking_client_with_asyncio_server(server_key: rsa.RSAPrivateKey, tmp_
             assert conn.request(b"hello") == b"echo:hello"
             assert conn.request(b"x" * 200_000) == b"echo:" + b"x" * 200_000
             conn.send(b"take-stream")
-            conn.send_stream(STREAM, name="from-client")
+            conn.send_stream(STREAM, name="from-client", checksum=True)
             assert conn.recv() == EXPECTED_ACK
             conn.send(b"give-stream")
             info = conn.recv_stream(dest)
@@ -598,7 +598,7 @@ def test_asyncio_client_with_blocking_server(server_key: rsa.RSAPrivateKey, tmp_
             assert await conn.request(b"hello") == b"echo:hello"
             assert await conn.request(b"x" * 200_000) == b"echo:" + b"x" * 200_000
             await conn.send(b"take-stream")
-            await conn.send_stream(io.BytesIO(STREAM), name="from-client")
+            await conn.send_stream(io.BytesIO(STREAM), name="from-client", checksum=True)
             assert await conn.recv() == EXPECTED_ACK
             await conn.send(b"give-stream")
             info = await conn.recv_stream(dest)

@@ -87,7 +87,7 @@ def _run(proto: _Protocol, chunks: list[bytes]) -> None:
     except CallcpError:
         pass
     # the buffer never holds more than one maximal frame plus one chunk
-    assert len(proto._buf) - proto._pos <= MAX_RECORD_BODY + 5 + max(map(len, chunks), default=0)
+    assert proto.buffered <= MAX_RECORD_BODY + 5 + max(map(len, chunks), default=0)
 
 
 @pytest.mark.parametrize("maker", MAKERS)

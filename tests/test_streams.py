@@ -184,7 +184,9 @@ def test_sync_round_trip(
     recv_progress = Progress(dest if isinstance(dest, Path) else None)
     with SyncHarness(server_key) as h:
         client, server_conn = h.pair()
-        sending = pool.submit(client.send_stream, source, name=NAME, progress=sent_progress)
+        sending = pool.submit(
+            client.send_stream, source, name=NAME, progress=sent_progress, checksum=True
+        )
         received = server_conn.recv_stream(dest, progress=recv_progress)
         sent = sending.result(timeout=10)
         assert sent == received == expected_info(data)
@@ -216,7 +218,7 @@ def test_aio_round_trip(
         async with AioHarness(server_key) as h:
             client, server_conn = await h.pair()
             sent, received = await asyncio.gather(
-                client.send_stream(source, name=NAME, progress=sent_progress),
+                client.send_stream(source, name=NAME, progress=sent_progress, checksum=True),
                 server_conn.recv_stream(dest, progress=recv_progress),
             )
             assert sent == received == expected_info(data)
@@ -224,7 +226,7 @@ def test_aio_round_trip(
             # and the other way, server to client
             back = io.BytesIO()
             sent2, received2 = await asyncio.gather(
-                server_conn.send_stream(data[:1000], name="back"),
+                server_conn.send_stream(data[:1000], name="back", checksum=True),
                 client.recv_stream(back),
             )
             assert sent2 == received2 == expected_info(data[:1000], "back")
@@ -252,7 +254,11 @@ def test_sync_server_to_client_with_explicit_size(
     with SyncHarness(server_key) as h:
         client, server_conn = h.pair()
         sending = pool.submit(
-            server_conn.send_stream, io.BytesIO(data), size=len(data), name="down.bin"
+            server_conn.send_stream,
+            io.BytesIO(data),
+            size=len(data),
+            name="down.bin",
+            checksum=True,
         )
         info = client.recv_stream(dest, progress=progress)
         assert sending.result(timeout=10) == info == expected_info(data, "down.bin")
@@ -267,7 +273,7 @@ def test_empty_stream(flavour: str, inbox: Path, server_key: rsa.RSAPrivateKey) 
     if flavour == "sync":
         with SyncHarness(server_key) as h:
             client, server_conn = h.pair()
-            sent = client.send_stream(b"", name="empty")
+            sent = client.send_stream(b"", name="empty", checksum=True)
             received = server_conn.recv_stream(dest, progress=progress)
     else:
 
@@ -275,7 +281,7 @@ def test_empty_stream(flavour: str, inbox: Path, server_key: rsa.RSAPrivateKey) 
             async with AioHarness(server_key) as h:
                 client, server_conn = await h.pair()
                 sent, received = await asyncio.gather(
-                    client.send_stream(b"", name="empty"),
+                    client.send_stream(b"", name="empty", checksum=True),
                     server_conn.recv_stream(dest, progress=progress),
                 )
                 return sent, received
@@ -391,7 +397,7 @@ def test_sync_tampered_chunk(
         proxy = FrameProxy(("127.0.0.1", h.port), c2s=TAMPER_THIRD_CHUNK)
         with proxy:
             client, server_conn = h.pair(port=proxy.port)
-            sending = pool.submit(client.send_stream, data, name=NAME)
+            sending = pool.submit(client.send_stream, data, name=NAME, checksum=True)
             with pytest.raises(CryptoError):
                 server_conn.recv_stream(dest, progress=progress)
             check_no_output(dest)
@@ -417,7 +423,7 @@ def test_aio_tampered_chunk(dest_kind: str, inbox: Path, server_key: rsa.RSAPriv
         async with AioHarness(server_key) as h:
             with FrameProxy(("127.0.0.1", h.port), c2s=TAMPER_THIRD_CHUNK) as proxy:
                 client, server_conn = await h.pair(port=proxy.port)
-                sending = asyncio.ensure_future(client.send_stream(data, name=NAME))
+                sending = asyncio.ensure_future(client.send_stream(data, name=NAME, checksum=True))
                 with pytest.raises(CryptoError):
                     await server_conn.recv_stream(dest, progress=progress)
                 check_no_output(dest)
@@ -459,7 +465,7 @@ def test_sync_source_failure_aborts_the_stream(
     source = FailingReader(good=3)
     with SyncHarness(server_key) as h:
         client, server_conn = h.pair()
-        sending = pool.submit(client.send_stream, source, name=NAME)
+        sending = pool.submit(client.send_stream, source, name=NAME, checksum=True)
         with pytest.raises(StreamAbortedError) as info:
             server_conn.recv_stream(dest)
         assert "OSError" in info.value.reason
@@ -473,7 +479,7 @@ def test_sync_source_failure_aborts_the_stream(
         server_conn.send(b"still here")
         assert client.recv(timeout=5) == b"still here"
         again = io.BytesIO()
-        assert client.send_stream(b"x" * 70_000) == server_conn.recv_stream(again)
+        assert client.send_stream(b"x" * 70_000, checksum=True) == server_conn.recv_stream(again)
         assert again.getvalue() == b"x" * 70_000
 
 
@@ -486,7 +492,7 @@ def test_failed_stream_leaves_an_existing_file_untouched(
     dest.write_bytes(b"the previous version")
     with SyncHarness(server_key) as h:
         client, server_conn = h.pair()
-        sending = pool.submit(client.send_stream, FailingReader(good=2))
+        sending = pool.submit(client.send_stream, FailingReader(good=2), checksum=True)
         with pytest.raises(StreamAbortedError):
             server_conn.recv_stream(dest)
         with pytest.raises(OSError):
@@ -495,7 +501,7 @@ def test_failed_stream_leaves_an_existing_file_untouched(
         assert not part_of(dest).exists()
         # a stream that succeeds replaces it
         data = payload(100_000, seed=9)
-        sending = pool.submit(client.send_stream, data)
+        sending = pool.submit(client.send_stream, data, checksum=True)
         assert server_conn.recv_stream(dest) == sending.result(timeout=10)
         assert dest.read_bytes() == data
 
@@ -510,7 +516,7 @@ def test_aio_source_failure_aborts_the_stream(
     async def main() -> None:
         async with AioHarness(server_key) as h:
             client, server_conn = await h.pair()
-            sending = asyncio.ensure_future(client.send_stream(source, name=NAME))
+            sending = asyncio.ensure_future(client.send_stream(source, name=NAME, checksum=True))
             with pytest.raises(StreamAbortedError) as info:
                 await server_conn.recv_stream(dest)
             assert "OSError" in info.value.reason
@@ -524,7 +530,7 @@ def test_aio_source_failure_aborts_the_stream(
             assert await client.recv(timeout=5) == b"still here"
             again = io.BytesIO()
             sent, received = await asyncio.gather(
-                client.send_stream(b"x" * 70_000), server_conn.recv_stream(again)
+                client.send_stream(b"x" * 70_000, checksum=True), server_conn.recv_stream(again)
             )
             assert sent == received and again.getvalue() == b"x" * 70_000
 
@@ -545,7 +551,7 @@ def test_aio_async_source_failure_aborts_the_stream(
     async def main() -> None:
         async with AioHarness(server_key) as h:
             client, server_conn = await h.pair()
-            sending = asyncio.ensure_future(client.send_stream(failing()))
+            sending = asyncio.ensure_future(client.send_stream(failing(), checksum=True))
             with pytest.raises(StreamAbortedError):
                 await server_conn.recv_stream(dest)
             with pytest.raises(OSError) as sent_info:
@@ -577,7 +583,7 @@ def test_sync_progress_failure_aborts_the_stream(
         server_conn.settimeout(3)
         receiving = pool.submit(server_conn.recv_stream, dest)
         with pytest.raises(ProgressBoom):
-            client.send_stream(payload(200_000), progress=boom)
+            client.send_stream(payload(200_000), progress=boom, checksum=True)
         client.send(b"after")  # the connection must stay usable
         with pytest.raises(StreamAbortedError):
             receiving.result(timeout=5)
@@ -594,7 +600,7 @@ def test_aio_progress_failure_aborts_the_stream(inbox: Path, server_key: rsa.RSA
             receiving = asyncio.ensure_future(server_conn.recv_stream(dest))
             try:
                 with pytest.raises(ProgressBoom):
-                    await client.send_stream(payload(200_000), progress=boom)
+                    await client.send_stream(payload(200_000), progress=boom, checksum=True)
                 await client.send(b"after")
                 with pytest.raises(StreamAbortedError):
                     await asyncio.wait_for(receiving, 5)
@@ -624,7 +630,7 @@ def test_aio_cancelled_send_stream_aborts_the_stream(
             client, server_conn = await h.pair()
             # nobody reads yet: the sender fills the buffers and waits to drain
             with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(client.send_stream(endless()), 0.5)
+                await asyncio.wait_for(client.send_stream(endless(), checksum=True), 0.5)
             # The transport is still full (flow control), so the next send
             # completes only as the receiver drains: run both together.
             sending = asyncio.ensure_future(client.send(b"after"))
@@ -644,7 +650,7 @@ def test_sync_pending_rules(server_key: rsa.RSAPrivateKey) -> None:
     data = payload(100_000, seed=5)
     with SyncHarness(server_key) as h:
         client, server_conn = h.pair()
-        client.send_stream(data, name="pending.bin")  # fits in the socket buffers
+        client.send_stream(data, name="pending.bin", checksum=True)  # fits in the socket buffers
         with pytest.raises(StreamPending) as info:
             server_conn.recv(timeout=5)
         assert info.value.name == "pending.bin"
@@ -671,7 +677,7 @@ def test_aio_pending_rules(server_key: rsa.RSAPrivateKey, tmp_path: Path) -> Non
     async def main() -> None:
         async with AioHarness(server_key) as h:
             client, server_conn = await h.pair()
-            await client.send_stream(data, name="pending.bin")
+            await client.send_stream(data, name="pending.bin", checksum=True)
             with pytest.raises(StreamPending) as info:
                 await server_conn.recv(timeout=5)
             assert info.value.name == "pending.bin"
@@ -721,7 +727,9 @@ def test_sync_256_mib_stream_in_bounded_memory(
         client, server_conn = h.pair()
         t0 = time.perf_counter()
         with RssSampler() as rss:
-            sending = pool.submit(client.send_stream, iter(source), size=BIG, name="big")
+            sending = pool.submit(
+                client.send_stream, iter(source), size=BIG, name="big", checksum=True
+            )
             info = server_conn.recv_stream(dest)
             sent = sending.result(timeout=60)
         seconds = time.perf_counter() - t0
@@ -749,7 +757,7 @@ def test_aio_256_mib_stream_in_bounded_memory(
         async with AioHarness(server_key) as h:
             client, server_conn = await h.pair()
             sent, info = await asyncio.gather(
-                client.send_stream(iter(source), size=BIG, name="big"),
+                client.send_stream(iter(source), size=BIG, name="big", checksum=True),
                 server_conn.recv_stream(dest),
             )
             return sent, info

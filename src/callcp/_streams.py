@@ -40,10 +40,11 @@ Destination = Union[str, "os.PathLike[str]", IO[bytes]]
 
 @dataclass(frozen=True)
 class StreamInfo:
-    """What a completed stream was: its length, SHA-256 (hex) and name."""
+    """What a completed stream was: its length, its SHA-256 (hex; None when
+    the sender did not ask for a checksum) and the sender's name for it."""
 
     length: int
-    sha256: str
+    sha256: Optional[str]
     name: str = ""
 
 

@@ -410,6 +410,7 @@ class Connection:
         size: Optional[int] = None,
         name: str = "",
         progress: Optional[Progress] = None,
+        checksum: bool = False,
     ) -> StreamInfo:
         """Send a payload of any size as one stream (see
         :meth:`callcp.sync.Connection.send_stream`); ``source`` may also be an
@@ -420,7 +421,7 @@ class Connection:
         core, link = self._core, self._link
         async with self._send_lock:
             self._check_open()
-            core.start_stream(size, name)
+            core.start_stream(size, name, checksum=checksum)
             link.flush()
             done = 0
             try:
@@ -443,7 +444,7 @@ class Connection:
             length, digest = core.end_stream()
             link.flush()
             await link.drain()
-        return StreamInfo(length, digest.hex(), name)
+        return StreamInfo(length, digest.hex() if digest is not None else None, name)
 
     # ------------------------------------------------------------ receiving
 
@@ -519,7 +520,8 @@ class Connection:
                             progress(done, started.size)
                     elif isinstance(event, StreamEnded):
                         sink.commit()
-                        return StreamInfo(event.length, event.sha256.hex(), started.name)
+                        digest = event.sha256.hex() if event.sha256 is not None else None
+                        return StreamInfo(event.length, digest, started.name)
                     elif isinstance(event, StreamAborted):
                         raise StreamAbortedError(
                             "the sender abandoned the stream"

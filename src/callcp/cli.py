@@ -700,7 +700,7 @@ def cmd_send_file(args: argparse.Namespace) -> int:
         with _connect(args) as conn:
             try:
                 with _progress(args, name, size) as progress:
-                    sent = conn.send_stream(source, name=name, progress=progress)
+                    sent = conn.send_stream(source, name=name, progress=progress, checksum=True)
             except ConnectionClosed as exc:
                 raise _refused(args, exc, "while the file was being sent") from exc
             try:
@@ -900,7 +900,7 @@ def _receive_file(
         path.unlink(missing_ok=True)
         raise
     log.info("received %r (%d bytes, sha256 %s) from %s", path.name, info.length, info.sha256, peer)
-    conn.send(f"{STORED_PREFIX}{path.name} {info.length} {info.sha256}".encode())
+    conn.send(f"{STORED_PREFIX}{path.name} {info.length} {info.sha256 or '-'}".encode())
     return True
 
 

@@ -206,6 +206,7 @@ class Connection:
         size: Optional[int] = None,
         name: str = "",
         progress: Optional[Progress] = None,
+        checksum: bool = False,
     ) -> StreamInfo:
         """Send a payload of any size as one stream, 64 KiB at a time.
 
@@ -216,8 +217,14 @@ class Connection:
         chunk.  If reading the source fails, the stream is aborted (the
         receiver discards it) and the error is raised here.
 
-        Returns the stream's length and SHA-256, which the receiver verified
-        against its own count before accepting the stream.
+        Every byte is authenticated by the record layer, and the receiver
+        checks the length at the end.  ``checksum=True`` adds a SHA-256 of
+        the payload, checked by the receiver and returned by both sides
+        (useful to show or store; it costs a hash of every byte on each side,
+        which is slower than the encryption).
+
+        Returns the stream's length, SHA-256 (hex; None without
+        ``checksum``) and name.
 
         Raises:
             ConnectionClosed, CallcpTimeout, TransportError: the connection failed.
@@ -228,7 +235,7 @@ class Connection:
             size = source_size(source)
         with self._send_lock:
             with self._proto_lock:
-                self._proto.start_stream(size, name)
+                self._proto.start_stream(size, name, checksum=checksum)
                 out = self._proto.data_to_send()
             self._write(out)
             done = 0
@@ -250,7 +257,7 @@ class Connection:
                 length, digest = self._proto.end_stream()
                 out = self._proto.data_to_send()
             self._write(out)
-        return StreamInfo(length, digest.hex(), name)
+        return StreamInfo(length, digest.hex() if digest is not None else None, name)
 
     def _abort_stream(self, exc: BaseException) -> None:
         """(under ``_send_lock``) Tell the peer the stream is abandoned; if that
@@ -390,7 +397,8 @@ class Connection:
                             progress(done, size)
                     elif isinstance(event, StreamEnded):
                         sink.commit()
-                        return StreamInfo(event.length, event.sha256.hex(), started.name)
+                        digest = event.sha256.hex() if event.sha256 is not None else None
+                        return StreamInfo(event.length, digest, started.name)
                     elif isinstance(event, StreamAborted):
                         raise StreamAbortedError(
                             "the sender abandoned the stream"

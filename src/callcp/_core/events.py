@@ -71,11 +71,13 @@ class CloseReceived:
 
 @dataclass(frozen=True)
 class StreamStarted:
-    """The peer began a stream; ``size`` is its announced length (None: unknown)."""
+    """The peer began a stream; ``size`` is its announced length (None:
+    unknown); ``checksum``: its end will carry a SHA-256."""
 
-    __slots__ = ("size", "name")
+    __slots__ = ("size", "name", "checksum")
     size: Optional[int]
     name: str
+    checksum: bool
 
 
 @dataclass(frozen=True)
@@ -88,11 +90,12 @@ class StreamChunk:
 
 @dataclass(frozen=True)
 class StreamEnded:
-    """The stream is complete: its length and SHA-256 were verified."""
+    """The stream is complete: its length (and SHA-256, when the sender
+    asked for one; else None) were verified."""
 
     __slots__ = ("length", "sha256")
     length: int
-    sha256: bytes
+    sha256: Optional[bytes]
 
 
 @dataclass(frozen=True)

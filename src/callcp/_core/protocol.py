@@ -225,8 +225,13 @@ class _Protocol:
         self.error: Optional[CallcpError] = None
         self._close_received: Optional[Tuple[int, str]] = None
         self._close_sent = False
-        self._buf = bytearray()
+        # Received bytes: ``_buf[_pos:]`` then the ``_chunks`` not yet joined
+        # (joined only once a whole frame is there: no copy in the common
+        # case, and no quadratic re-copying when bytes trickle in).
+        self._buf = b""
         self._pos = 0
+        self._chunks: List[bytes] = []
+        self._chunks_len = 0
         self._eof = False
         self._out: List[bytes] = []
         self._events: Deque[Event] = deque()
@@ -237,8 +242,11 @@ class _Protocol:
         self._fragments: List[bytes] = []
         self._fragments_size = 0
         # the stream being received (State.STREAMING) / sent
+        # (the hashes exist only for streams whose sender asked for a SHA-256)
         self._in_stream_hash: Optional[Any] = None
+        self._in_stream_checksum = False
         self._in_stream_length = 0
+        self._out_stream_active = False
         self._out_stream_hash: Optional[Any] = None
         self._out_stream_length = 0
 
@@ -252,7 +260,7 @@ class _Protocol:
     @property
     def sending_stream(self) -> bool:
         """True between ``start_stream`` and ``end_stream``/``abort_stream``."""
-        return self._out_stream_hash is not None
+        return self._out_stream_active
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes read from the peer; ``b""`` means the peer closed TCP."""
@@ -265,7 +273,34 @@ class _Protocol:
             return
         if self.state is State.FAILED or self.state is State.CLOSED:
             return  # nothing more is read from a finished connection
-        self._buf += data
+        if type(data) is not bytes:
+            data = bytes(data)
+        if self._pos >= len(self._buf) and not self._chunks:
+            self._buf = data
+            self._pos = 0
+        else:
+            self._chunks.append(data)
+            self._chunks_len += len(data)
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes not yet turned into events (at most one frame and
+        whatever the adapter fed since)."""
+        return len(self._buf) - self._pos + self._chunks_len
+
+    def _gather(self, need: int) -> bool:
+        """Make ``need`` bytes contiguous at ``_buf[_pos:]``; False if fewer
+        have arrived (then nothing is copied)."""
+        have = len(self._buf) - self._pos
+        if have >= need:
+            return True
+        if have + self._chunks_len < need:
+            return False
+        self._buf = self._buf[self._pos :] + b"".join(self._chunks)
+        self._pos = 0
+        self._chunks.clear()
+        self._chunks_len = 0
+        return True
 
     def next_event(self) -> Union[Event, NeedData]:
         """The next event, or NEED_DATA.
@@ -284,6 +319,25 @@ class _Protocol:
         if self.state is State.WAIT_DECRYPTION:
             raise LocalProtocolError("call premaster_decrypted() before asking for more events")
         try:
+            if self.state is State.OPEN and not self._fragments:
+                # Fast path for the commonest frame: a whole one-record message.
+                # Same checks and outcome as the table's (OPEN, DATA_END) entry.
+                buf, pos = self._buf, self._pos
+                if len(buf) - pos >= HEADER_SIZE:
+                    ftype, length = HEADER.unpack_from(buf, pos)
+                    end = pos + HEADER_SIZE + length
+                    if (
+                        ftype == FrameType.DATA_END
+                        and TAG_SIZE <= length <= MAX_RECORD_BODY
+                        and end <= len(buf)
+                        and length - TAG_SIZE <= self.max_message_size
+                    ):
+                        assert self._receiver is not None
+                        # (the buffer is immutable bytes: a view of it is safe)
+                        body = memoryview(buf)[pos + HEADER_SIZE : end]
+                        data = self._receiver.open(buf[pos : pos + HEADER_SIZE], body)
+                        self._consumed(end)
+                        return MessageReceived(data)
             while True:
                 frame_ = self._next_frame()
                 if frame_ is None:
@@ -315,8 +369,21 @@ class _Protocol:
                 data may be sent, or the connection is closing.
             ConnectionClosed: the connection is closed or failed.
         """
+        sender = self._sender
+        if (
+            type(message) is bytes
+            and len(message) <= MAX_FRAGMENT
+            and self.state is State.OPEN
+            and sender is not None
+            and not self._close_sent
+            and not self._out_stream_active
+            and sender.seq < self.key_update_interval
+        ):
+            # Fast path: a one-record message on an open connection.
+            sender.seal(FrameType.DATA_END, message, self._out)
+            return
         self._check_can_send()
-        if self._out_stream_hash is not None:
+        if self._out_stream_active:
             raise LocalProtocolError("send() while a stream is being sent: end it first")
         view = memoryview(message).cast("B")
         total = len(view)
@@ -333,42 +400,51 @@ class _Protocol:
     # (no max_message_size, no buffering), closed by a STREAM_END carrying the
     # length and SHA-256 that the receiver checks.
 
-    def start_stream(self, size: Optional[int] = None, name: str = "") -> None:
+    def start_stream(
+        self, size: Optional[int] = None, name: str = "", *, checksum: bool = False
+    ) -> None:
         """Begin sending a stream; ``size`` (if known) and ``name`` are hints
-        for the receiver (progress, file name).
+        for the receiver (progress, file name).  With ``checksum`` the end of
+        the stream carries a SHA-256 of its bytes, which the receiver checks
+        (the record layer authenticates every byte either way; the digest is
+        for applications that want to show or store it, and costs a hash of
+        every byte on both sides).
 
         Raises:
             LocalProtocolError: a stream is already being sent, or sending is
                 not possible now.
-            ValueError: ``name`` is over 255 bytes of UTF-8.
+            ValueError: ``name`` is over 255 bytes of UTF-8 or not printable.
         """
         self._check_can_send()
-        if self._out_stream_hash is not None:
+        if self._out_stream_active:
             raise LocalProtocolError("a stream is already being sent")
-        body = encode_stream_start(size, name)
-        self._out_stream_hash = hashlib.sha256()
+        body = encode_stream_start(size, name, checksum)
+        self._out_stream_active = True
+        self._out_stream_hash = hashlib.sha256() if checksum else None
         self._out_stream_length = 0
         self._seal(FrameType.STREAM_START, body)
 
     def send_stream_data(self, data: Union[bytes, bytearray, memoryview]) -> None:
         """Queue stream bytes (split into 64 KiB records; empty data is a no-op)."""
         self._check_can_send()
-        digest = self._out_stream_hash
-        if digest is None:
+        if not self._out_stream_active:
             raise LocalProtocolError("send_stream_data() without start_stream()")
         view = memoryview(data).cast("B")
-        digest.update(view)
+        if self._out_stream_hash is not None:
+            self._out_stream_hash.update(view)
         self._out_stream_length += len(view)
         for offset in range(0, len(view), MAX_FRAGMENT):
             self._seal(FrameType.STREAM_DATA, view[offset : offset + MAX_FRAGMENT])
 
-    def end_stream(self) -> Tuple[int, bytes]:
-        """Finish the stream; returns its (length, SHA-256)."""
+    def end_stream(self) -> Tuple[int, Optional[bytes]]:
+        """Finish the stream; returns its length and SHA-256 (None without
+        ``checksum``)."""
         self._check_can_send()
-        digest = self._out_stream_hash
-        if digest is None:
+        if not self._out_stream_active:
             raise LocalProtocolError("end_stream() without start_stream()")
-        result = (self._out_stream_length, digest.digest())
+        digest = self._out_stream_hash
+        result = (self._out_stream_length, digest.digest() if digest is not None else None)
+        self._out_stream_active = False
         self._out_stream_hash = None
         self._seal(FrameType.STREAM_END, encode_stream_end(*result))
         return result
@@ -376,8 +452,9 @@ class _Protocol:
     def abort_stream(self, reason: str = "") -> None:
         """Abandon the stream being sent; the receiver discards what it got."""
         self._check_can_send()
-        if self._out_stream_hash is None:
+        if not self._out_stream_active:
             raise LocalProtocolError("abort_stream() without start_stream()")
+        self._out_stream_active = False
         self._out_stream_hash = None
         self._seal(FrameType.STREAM_ABORT, encode_alert(CloseCode.NORMAL, reason))
 
@@ -425,14 +502,14 @@ class _Protocol:
 
     # ---------------------------------------------------------------- frames
 
-    def _next_frame(self) -> Optional[Tuple[int, bytes, bytes]]:
-        """Cut one whole frame off the buffer: (type, header, body), or None."""
-        buf, pos = self._buf, self._pos
-        avail = len(buf) - pos
-        if avail < HEADER_SIZE:
-            if avail and self.state is State.WAIT_SERVER_HELLO and buf[pos] == 0x2D:
+    def _next_frame(self) -> Optional[Tuple[int, bytes, Union[bytes, memoryview]]]:
+        """Cut one whole frame off the buffer: (type, header, body), or None.
+        A sealed frame's body is a view into the buffer (decrypted in place)."""
+        if not self._gather(HEADER_SIZE):
+            if self.state is State.WAIT_SERVER_HELLO and self._first_byte() == 0x2D:
                 self._legacy_peer()
             return None
+        buf, pos = self._buf, self._pos
         ftype, length = HEADER.unpack_from(buf, pos)
         if ftype in FrameType.PLAINTEXT:
             limit = MAX_PLAINTEXT_FRAME
@@ -441,27 +518,39 @@ class _Protocol:
             if length < TAG_SIZE:
                 raise RemoteProtocolError(f"record of {length} bytes is shorter than its tag")
         else:
-            if self.state is State.WAIT_SERVER_HELLO and buf[pos] == 0x2D:
+            if self.state is State.WAIT_SERVER_HELLO and ftype == 0x2D:
                 self._legacy_peer()
             raise RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
         if length > limit:
             raise RemoteProtocolError(
                 f"{FrameType.NAMES[ftype]} frame announces {length} bytes; the limit is {limit}"
             )
-        end = pos + HEADER_SIZE + length
-        if len(buf) < end:
+        if not self._gather(HEADER_SIZE + length):
             return None
-        header = bytes(buf[pos : pos + HEADER_SIZE])
-        body = bytes(buf[pos + HEADER_SIZE : end])
-        if end == len(buf):
-            buf.clear()
-            self._pos = 0
-        elif end > 262144:
-            del buf[:end]
+        buf, pos = self._buf, self._pos
+        end = pos + HEADER_SIZE + length
+        header = buf[pos : pos + HEADER_SIZE]
+        body: Union[bytes, memoryview]
+        if ftype in FrameType.ENCRYPTED:
+            body = memoryview(buf)[pos + HEADER_SIZE : end]
+        else:
+            body = buf[pos + HEADER_SIZE : end]
+        self._consumed(end)
+        return ftype, header, body
+
+    def _consumed(self, end: int) -> None:
+        """Frames up to ``end`` are handled: advance, and let go of a fully
+        read buffer."""
+        if end >= len(self._buf) and not self._chunks:
+            self._buf = b""
             self._pos = 0
         else:
             self._pos = end
-        return ftype, header, body
+
+    def _first_byte(self) -> int:
+        if self._pos < len(self._buf):
+            return self._buf[self._pos]
+        return self._chunks[0][0] if self._chunks else -1
 
     def _legacy_peer(self) -> None:
         raise HandshakeError(
@@ -469,18 +558,19 @@ class _Protocol:
             "which callcp/2 clients do not speak by default (see legacy mode)"
         )
 
-    def _dispatch(self, ftype: int, header: bytes, body: bytes) -> Optional[Event]:
+    def _dispatch(
+        self, ftype: int, header: bytes, body: Union[bytes, memoryview]
+    ) -> Optional[Event]:
         name = self._TABLE.get((self.state, ftype))
         if name is None:
             raise RemoteProtocolError(
                 f"unexpected {FrameType.NAMES[ftype]} frame in state '{self.state.value}'"
             )
-        if ftype in FrameType.ENCRYPTED:
-            body = self._open(header, body)
+        plaintext = self._open(header, body) if isinstance(body, memoryview) else body
         handler: Handler = getattr(type(self), name)
-        return handler(self, header, body)
+        return handler(self, header, plaintext)
 
-    def _open(self, header: bytes, body: bytes) -> bytes:
+    def _open(self, header: bytes, body: Union[bytes, memoryview]) -> bytes:
         assert self._receiver is not None  # guaranteed by the state tables
         try:
             return self._receiver.open(header, body)
@@ -573,25 +663,27 @@ class _Protocol:
     def _on_stream_start(self, header: bytes, body: bytes) -> Optional[Event]:
         if self._fragments:
             raise RemoteProtocolError("STREAM_START in the middle of a message")
-        size, name = decode_stream_start(body)
-        self._in_stream_hash = hashlib.sha256()
+        size, name, checksum = decode_stream_start(body)
+        self._in_stream_checksum = checksum
+        self._in_stream_hash = hashlib.sha256() if checksum else None
         self._in_stream_length = 0
         self.state = State.STREAMING
-        return StreamStarted(size, name)
+        return StreamStarted(size, name, checksum)
 
     def _on_stream_data(self, header: bytes, body: bytes) -> Optional[Event]:
         if not body:
             raise RemoteProtocolError("empty STREAM_DATA record")
-        assert self._in_stream_hash is not None
-        self._in_stream_hash.update(body)
+        if self._in_stream_hash is not None:
+            self._in_stream_hash.update(body)
         self._in_stream_length += len(body)
         return StreamChunk(body)
 
     def _on_stream_end(self, header: bytes, body: bytes) -> Optional[Event]:
-        length, digest = decode_stream_end(body)
-        assert self._in_stream_hash is not None
-        ours = self._in_stream_hash.digest()
-        if length != self._in_stream_length or not hmac_compare(digest, ours):
+        length, digest = decode_stream_end(body, self._in_stream_checksum)
+        ours = self._in_stream_hash.digest() if self._in_stream_hash is not None else None
+        if length != self._in_stream_length or (
+            digest is not None and ours is not None and not hmac_compare(digest, ours)
+        ):
             raise RemoteProtocolError(
                 f"stream integrity check failed: the sender reports {length} bytes, "
                 f"{self._in_stream_length} arrived, or their SHA-256 differs"

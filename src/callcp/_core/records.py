@@ -70,7 +70,7 @@ class RecordSender(_Direction):
 class RecordReceiver(_Direction):
     __slots__ = ()
 
-    def open(self, header: bytes, body: bytes) -> bytes:
+    def open(self, header: bytes, body: Union[bytes, memoryview]) -> bytes:
         """Authenticate and decrypt one record; the only place InvalidTag is caught.
 
         Raises:

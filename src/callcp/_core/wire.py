@@ -287,8 +287,13 @@ UNKNOWN_SIZE = 2**64 - 1
 MAX_STREAM_NAME = 255
 
 
-def encode_stream_start(size: Optional[int], name: str) -> bytes:
-    """STREAM_START body: size u64 (2**64-1: unknown) | name vec16 (UTF-8)."""
+#: STREAM_START flag: the STREAM_END carries the stream's SHA-256.
+FLAG_SHA256 = 0x01
+
+
+def encode_stream_start(size: Optional[int], name: str, checksum: bool = False) -> bytes:
+    """STREAM_START body: size u64 (2**64-1: unknown) | flags u8 | name vec16
+    (UTF-8).  Flag bit 0: the STREAM_END carries a SHA-256."""
     if not name.isprintable():
         raise ValueError("stream name must not contain control characters")
     raw = name.encode("utf-8")
@@ -298,14 +303,18 @@ def encode_stream_start(size: Optional[int], name: str) -> bytes:
         )
     if size is not None and not 0 <= size < UNKNOWN_SIZE:
         raise ValueError(f"stream size {size} out of range")
-    return struct.pack(">QH", UNKNOWN_SIZE if size is None else size, len(raw)) + raw
+    flags = FLAG_SHA256 if checksum else 0
+    return struct.pack(">QBH", UNKNOWN_SIZE if size is None else size, flags, len(raw)) + raw
 
 
-def decode_stream_start(body: bytes) -> Tuple[Optional[int], str]:
-    if len(body) < 10:
+def decode_stream_start(body: bytes) -> Tuple[Optional[int], str, bool]:
+    """(size or None, name, whether the STREAM_END carries a SHA-256)."""
+    if len(body) < 11:
         raise RemoteProtocolError("STREAM_START is truncated")
-    size, n = struct.unpack(">QH", body[:10])
-    raw = body[10:]
+    size, flags, n = struct.unpack(">QBH", body[:11])
+    if flags & ~FLAG_SHA256:
+        raise RemoteProtocolError(f"STREAM_START has unknown flags 0x{flags:02x}")
+    raw = body[11:]
     if len(raw) != n or n > MAX_STREAM_NAME:
         raise RemoteProtocolError("STREAM_START has a malformed name")
     try:
@@ -314,16 +323,16 @@ def decode_stream_start(body: bytes) -> Tuple[Optional[int], str]:
         raise RemoteProtocolError("STREAM_START name is not UTF-8") from None
     if not name.isprintable():
         raise RemoteProtocolError("STREAM_START name contains control characters")
-    return (None if size == UNKNOWN_SIZE else size), name
+    return (None if size == UNKNOWN_SIZE else size), name, bool(flags & FLAG_SHA256)
 
 
-def encode_stream_end(length: int, digest: bytes) -> bytes:
-    """STREAM_END body: length u64 | SHA-256 of the stream's bytes (32)."""
-    return struct.pack(">Q", length) + digest
+def encode_stream_end(length: int, digest: Optional[bytes]) -> bytes:
+    """STREAM_END body: length u64 [| SHA-256 of the stream's bytes (32)]."""
+    return struct.pack(">Q", length) + (digest or b"")
 
 
-def decode_stream_end(body: bytes) -> Tuple[int, bytes]:
-    if len(body) != 40:
+def decode_stream_end(body: bytes, checksum: bool) -> Tuple[int, Optional[bytes]]:
+    if len(body) != (40 if checksum else 8):
         raise RemoteProtocolError(f"STREAM_END body of {len(body)} bytes is malformed")
     (length,) = struct.unpack(">Q", body[:8])
-    return length, body[8:]
+    return length, (body[8:] if checksum else None)
