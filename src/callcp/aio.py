@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import time
 from collections import deque
@@ -82,6 +83,7 @@ from ._core.events import (
 from ._core.protocol import DEFAULT_MAX_MESSAGE_SIZE, ClientProtocol, ServerProtocol, _Protocol
 from ._core.wire import alert_frame
 from ._streams import Destination, Progress, Sink, StreamInfo, iter_chunks, source_size
+from ._workers import WorkerPool, check_workers, reserve_port
 
 __all__ = ["Connection", "Server", "connect", "serve"]
 
@@ -699,6 +701,9 @@ class Server:
         self._conns: Set[Connection] = set()
         self._tasks: Set[asyncio.Task[None]] = set()
         self._closing = False
+        self._pool: Optional[WorkerPool] = None  # workers > 1
+        self._pool_stopped: Optional[asyncio.Future[None]] = None
+        self._reserved: Optional[socket.socket] = None  # (workers > 1) holds the port
 
     async def _listen(
         self, host: Optional[str], port: int, *, backlog: int, reuse_port: bool
@@ -823,8 +828,36 @@ class Server:
         if self._server is not None:
             await self._server.start_serving()
 
+    async def _start_workers(
+        self, host: Optional[str], port: int, workers: int, options: Any
+    ) -> None:
+        """(workers > 1) reserve the port and fork the worker processes."""
+        try:
+            self._reserved, address = reserve_port(host, port)
+        except OSError as exc:
+            raise _translate(exc, f"listening on {host}:{port}") from exc
+        self._port = address[1]
+        pool = WorkerPool(
+            workers,
+            _aio_worker,
+            (self._handler, host, self._port, {**options, "key": self.keypair}),
+        )
+        self._pool = pool
+        await asyncio.get_running_loop().run_in_executor(None, pool.start)
+        self._log.info(
+            "callcp server listening on %s with %d worker processes (key %s)",
+            address,
+            workers,
+            self.fingerprint,
+        )
+
     async def serve_forever(self) -> None:
         """Serve until :meth:`close` (or cancellation)."""
+        pool = self._pool
+        if pool is not None:
+            while pool.alive and not self._closing:
+                await asyncio.sleep(0.2)
+            return
         if self._server is None:
             raise LocalProtocolError("the server is not listening")
         try:
@@ -840,6 +873,11 @@ class Server:
         if self._closing:
             return
         self._closing = True
+        if self._pool is not None:
+            # each worker shuts down gracefully on SIGTERM
+            self._pool_stopped = asyncio.get_running_loop().run_in_executor(
+                None, self._pool.stop, self.shutdown_timeout + 2.0
+            )
         if self._server is not None:
             self._server.close()
         for conn in list(self._conns):
@@ -848,6 +886,10 @@ class Server:
     async def wait_closed(self) -> None:
         """Wait for handlers to finish, up to ``shutdown_timeout`` seconds;
         then cancel what remains and close every connection."""
+        if self._pool_stopped is not None:
+            await self._pool_stopped
+            if self._reserved is not None:
+                self._reserved.close()
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
@@ -913,6 +955,7 @@ async def serve(
     *,
     backlog: int = 1024,
     reuse_port: bool = False,
+    workers: int = 1,
     **options: Any,
 ) -> Server:
     """Start a listening asyncio :class:`Server` (port 0 picks a free port).
@@ -922,9 +965,40 @@ async def serve(
     when it returns.  Options as :func:`callcp.sync.serve`, with defaults
     ``max_connections=10000``, ``max_handshakes=16`` (RSA decryptions
     running at once in worker threads; more handshakes wait their turn), plus
-    ``shutdown_timeout`` (5 s).
+    ``shutdown_timeout`` (5 s), and ``workers`` (N > 1: N forked processes
+    accept on the port with SO_REUSEPORT, Linux; the handler runs in them and
+    this process only supervises).
     """
     check_port(port, allow_zero=True)
+    check_workers(workers)
     server = Server(handler, **options)
-    await server._listen(host, port, backlog=backlog, reuse_port=reuse_port)
+    if workers > 1:
+        await server._start_workers(host, port, workers, {**options, "backlog": backlog})
+    else:
+        await server._listen(host, port, backlog=backlog, reuse_port=reuse_port)
     return server
+
+
+def _aio_worker(
+    handler: Handler,
+    host: Optional[str],
+    port: int,
+    options: Any,
+    ready: Callable[[], None],
+) -> None:
+    """One worker process of a ``workers=N`` server: its own event loop and
+    SO_REUSEPORT socket; SIGTERM closes it gracefully."""
+    # Forked from inside the parent's running loop: start from a clean slate.
+    asyncio.events._set_running_loop(None)
+    asyncio.set_event_loop(None)
+
+    async def main() -> None:
+        backlog = options.pop("backlog", 1024)
+        server = await serve(handler, host, port, backlog=backlog, reuse_port=True, **options)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        ready()
+        await stop.wait()
+        await server.shutdown()
+
+    asyncio.run(main())

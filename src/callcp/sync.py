@@ -12,6 +12,7 @@ bytes in order on the socket; ``_recv_lock`` serialises receivers.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import struct
 import threading
@@ -70,6 +71,7 @@ from ._streams import (
     iter_chunks,
     source_size,
 )
+from ._workers import WorkerPool, check_workers, reserve_port
 
 __all__ = ["Connection", "Server", "connect", "serve"]
 
@@ -641,9 +643,11 @@ class Server:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         backlog: int = 128,
         reuse_port: bool = False,
+        workers: int = 1,
         logger: Optional[logging.Logger] = None,
     ) -> None:
         check_port(port, allow_zero=True)
+        check_workers(workers)
         if max_connections < 1 or max_handshakes < 1:
             raise ValueError("max_connections and max_handshakes must be >= 1")
         self._handler = handler
@@ -662,8 +666,46 @@ class Server:
         self._shutdown_requested = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
-        self._sock = self._bind(host, port, backlog, reuse_port)
-        self._address: Address = tuple(self._sock.getsockname())
+        self.workers = workers
+        self._pool: Optional[WorkerPool] = None
+        if workers > 1:
+            # The parent supervises; each worker process listens on the port.
+            try:
+                self._sock, self._address = reserve_port(host, port)
+            except OSError as exc:
+                raise _translate(exc, f"listening on {host}:{port}") from exc
+            worker_args = (
+                handler,
+                host,
+                self._address[1],
+                dict(
+                    key=self.keypair,
+                    authorized_keys=authorized_keys,
+                    max_connections=max_connections,
+                    max_handshakes=max_handshakes,
+                    handshake_timeout=handshake_timeout,
+                    idle_timeout=idle_timeout,
+                    max_message_size=max_message_size,
+                    backlog=backlog,
+                    logger=logger,
+                ),
+            )
+            # Listening starts now, as for one process: serve_forever() only waits.
+            self._pool = WorkerPool(workers, _sync_worker, worker_args)
+            try:
+                self._pool.start()
+            except BaseException:
+                self._sock.close()
+                raise
+            self._log.info(
+                "callcp server listening on %s with %d worker processes (key %s)",
+                self._address,
+                workers,
+                self.fingerprint,
+            )
+        else:
+            self._sock = self._bind(host, port, backlog, reuse_port)
+            self._address = tuple(self._sock.getsockname())
 
     @staticmethod
     def _bind(host: Optional[str], port: int, backlog: int, reuse_port: bool) -> socket.socket:
@@ -714,6 +756,9 @@ class Server:
             if self._shutdown_requested.is_set():
                 return
             self._stopped.clear()
+        if self.workers > 1:
+            self._supervise(poll_interval)
+            return
         try:
             self._sock.settimeout(poll_interval)
             self._log.info(
@@ -731,6 +776,14 @@ class Server:
                     time.sleep(0.05)  # e.g. EMFILE: do not spin
                     continue
                 self._admit(sock, addr)
+        finally:
+            self._stopped.set()
+
+    def _supervise(self, poll_interval: float) -> None:
+        """(workers > 1) wait for the worker processes until shutdown."""
+        assert self._pool is not None
+        try:
+            self._pool.wait(poll_interval, stop=self._shutdown_requested.is_set)
         finally:
             self._stopped.set()
 
@@ -841,6 +894,9 @@ class Server:
         seconds), then close every connection with an authenticated close."""
         with self._lock:
             self._shutdown_requested.set()
+            pool = self._pool
+        if pool is not None:
+            pool.stop(timeout + 2.0)  # each worker shuts down gracefully on SIGTERM
         self._stopped.wait(timeout=2.0)
         try:
             self._sock.close()
@@ -893,6 +949,31 @@ def _fmt(addr: Address) -> str:
     return str(addr)
 
 
+def _sync_worker(
+    handler: Handler,
+    host: Optional[str],
+    port: int,
+    options: Any,
+    ready: Callable[[], None],
+) -> None:
+    """One worker process of a ``workers=N`` server: an ordinary server on a
+    SO_REUSEPORT socket, shut down gracefully on SIGTERM."""
+    server = Server(handler, host, port, reuse_port=True, **options)
+    stopper: list[threading.Thread] = []
+
+    def on_term(signum: int, frame: Any) -> None:
+        if not stopper:  # shutdown() waits for serve_forever: not from its thread
+            thread = threading.Thread(target=server.shutdown, name="callcp-stop")
+            stopper.append(thread)
+            thread.start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    ready()
+    server.serve_forever()
+    for thread in stopper:
+        thread.join()
+
+
 def serve(
     handler: Handler,
     host: Optional[str] = "127.0.0.1",
@@ -908,6 +989,8 @@ def serve(
     ``key_password``, ``authorized_keys`` (path or fingerprints: requires
     client authentication), ``max_connections`` (512), ``max_handshakes``
     (64), ``handshake_timeout`` (10 s), ``idle_timeout`` (300 s),
-    ``max_message_size`` (16 MiB), ``backlog``, ``reuse_port``, ``logger``.
+    ``max_message_size`` (16 MiB), ``backlog``, ``reuse_port``, ``logger``,
+    ``workers`` (N > 1: N processes accept on the port with SO_REUSEPORT,
+    Linux; the handler then runs in the worker processes).
     """
     return Server(handler, host, port, **options)

@@ -1,0 +1,99 @@
+"""``workers=N``: N server processes accepting on one port (SO_REUSEPORT).
+
+The parent binds the port first without listening (so port 0 becomes a real
+port and stays reserved), then forks N worker processes.  Each worker binds
+its own listening socket to that port with SO_REUSEPORT and runs an ordinary
+one-process server; the kernel spreads new connections over them.  The
+parent only supervises: it waits for the workers and, on shutdown, sends each
+SIGTERM, on which a worker shuts down gracefully (authenticated closes).
+
+Workers are forked, so handlers need not be picklable, and the server key is
+loaded once in the parent.  This needs a platform with SO_REUSEPORT load
+balancing (Linux); elsewhere ``workers > 1`` raises ValueError.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from typing import Any, Callable, List, Optional, Tuple
+
+__all__ = ["reserve_port", "WorkerPool", "check_workers"]
+
+
+def check_workers(workers: int) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a whole number >= 1, not {workers!r}")
+    if workers > 1 and (not hasattr(socket, "SO_REUSEPORT") or not hasattr(os, "fork")):
+        raise ValueError("workers > 1 needs SO_REUSEPORT and fork (Linux)")
+
+
+def reserve_port(host: Optional[str], port: int) -> Tuple[socket.socket, Tuple[Any, ...]]:
+    """Bind (but do not listen on) host:port with SO_REUSEPORT; return the
+    socket, which holds the port, and the bound address."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, tuple(sock.getsockname())
+
+
+class WorkerPool:
+    """N forked processes, each running ``target(*args)``."""
+
+    def __init__(self, count: int, target: Callable[..., None], args: Tuple[Any, ...]) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self._ready = ctx.Semaphore(0)
+        self.processes: List[Any] = [
+            ctx.Process(target=_run, args=(target, args, self._ready), name=f"callcp-worker-{i}")
+            for i in range(count)
+        ]
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every worker and wait until each is listening."""
+        for process in self.processes:
+            process.start()
+        deadline = time.monotonic() + timeout
+        for _ in self.processes:
+            if not self._ready.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                self.stop(1.0)
+                raise RuntimeError("a callcp worker process did not start listening")
+
+    @property
+    def alive(self) -> int:
+        return sum(1 for p in self.processes if p.is_alive())
+
+    def wait(self, poll: float = 0.5, stop: Optional[Callable[[], bool]] = None) -> None:
+        """Block until every worker has exited (or ``stop()`` says so)."""
+        while self.alive and not (stop is not None and stop()):
+            time.sleep(poll)
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM every worker (a graceful shutdown), then SIGKILL what is
+        left after ``timeout`` seconds."""
+        for process in self.processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+
+
+def _run(target: Callable[..., None], args: Tuple[Any, ...], ready: Any) -> None:
+    # The parent's SIGINT handling (e.g. Ctrl-C in a terminal reaches the
+    # whole process group) is left to the parent: it stops us with SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target(*args, ready.release)
