@@ -12,6 +12,7 @@ bytes in order on the socket; ``_recv_lock`` serialises receivers.
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import socket
 import struct
@@ -77,6 +78,7 @@ __all__ = ["Connection", "Server", "connect", "serve"]
 
 #: Bytes asked of the socket per read.
 READ_SIZE = 256 * 1024
+FIRST_READ_SIZE = 16 * 1024
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -124,9 +126,10 @@ class Connection:
         logger: logging.Logger,
     ) -> None:
         self._sock = sock
-        # One reusable read buffer: recv(256 KiB) would allocate (and often
-        # mmap) a fresh 256 KiB object on every call.
-        self._rbuf = bytearray(READ_SIZE)
+        # One reusable read buffer (recv(256 KiB) would allocate a fresh 256
+        # KiB object on every call), small until a read fills it: then bulk
+        # transfer is likely and it grows to READ_SIZE.
+        self._rbuf = bytearray(FIRST_READ_SIZE)
         self._rview = memoryview(self._rbuf)
         self._proto = proto
         self._timeout = timeout
@@ -462,6 +465,9 @@ class Connection:
                 self._set_recv_timeout(remaining)
             n = self._sock.recv_into(self._rbuf)
             data = self._rview[:n].tobytes()
+            if n == len(self._rbuf) and n < READ_SIZE:
+                self._rbuf = bytearray(READ_SIZE)
+                self._rview = memoryview(self._rbuf)
         except OSError as exc:
             if self._closed:
                 raise self._proto.closed_error() from None
@@ -662,7 +668,9 @@ class Server:
         self._handshakes = threading.BoundedSemaphore(max_handshakes)
         self._lock = threading.Lock()
         self._active: Set[Connection] = set()
-        self._threads: Set[threading.Thread] = set()
+        self._busy = 0  # connections being served (bounded by max_connections)
+        self._idle = threading.Condition(self._lock)  # notified when _busy drops
+        self._threads = _ThreadPool()
         self._shutdown_requested = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
@@ -745,7 +753,7 @@ class Server:
     @property
     def active_connections(self) -> int:
         with self._lock:
-            return len(self._threads)
+            return self._busy
 
     # ------------------------------------------------------------ serving
 
@@ -789,12 +797,9 @@ class Server:
 
     def _admit(self, sock: socket.socket, addr: Address) -> None:
         with self._lock:
-            full = len(self._threads) >= self.max_connections
+            full = self._busy >= self.max_connections
             if not full:
-                thread = threading.Thread(
-                    target=self._serve_one, args=(sock, addr), name=f"callcp-{addr}", daemon=True
-                )
-                self._threads.add(thread)
+                self._busy += 1
         if full:
             self._log.warning(
                 "refused %s: max_connections (%d) reached", _fmt(addr), self.max_connections
@@ -806,7 +811,7 @@ class Server:
                 pass
             sock.close()
             return
-        thread.start()
+        self._threads.submit(self._serve_one, sock, addr)
 
     def _serve_one(self, sock: socket.socket, addr: Address) -> None:
         peer = _fmt(addr)
@@ -840,7 +845,8 @@ class Server:
             else:
                 sock.close()
             with self._lock:
-                self._threads.discard(threading.current_thread())
+                self._busy -= 1
+                self._idle.notify_all()
 
     def _handshake(self, sock: socket.socket, peer: str) -> Optional[Connection]:
         """Run the server handshake under the handshake deadline; None on failure
@@ -906,22 +912,15 @@ class Server:
             conns = list(self._active)
         for conn in conns:
             conn._begin_stop()
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                threads = list(self._threads)
-            if not threads:
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                with self._lock:
-                    conns = list(self._active)
-                for conn in conns:
-                    conn.close(CloseCode.GOING_AWAY, "server shutting down")
-                for t in threads:
-                    t.join(timeout=1.0)
-                break
-            threads[0].join(timeout=min(remaining, 0.1))
+        with self._lock:
+            if not self._idle.wait_for(lambda: self._busy == 0, timeout):
+                conns = list(self._active)
+            else:
+                conns = []
+        for conn in conns:  # past the deadline: close what is left
+            conn.close(CloseCode.GOING_AWAY, "server shutting down")
+        with self._lock:
+            self._idle.wait_for(lambda: self._busy == 0, 1.0)
         self._log.info("callcp server stopped")
 
     close = shutdown
@@ -931,6 +930,46 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+class _ThreadPool:
+    """Daemon threads that serve one connection after another: a thread is
+    started only when none is idle, and an idle one exits after a while.
+    (Starting a thread per connection costs more than a handshake's
+    symmetric crypto.)  The server bounds how many run at once."""
+
+    IDLE_SECONDS = 30.0
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Tuple[Callable[..., None], Tuple[Any, ...]]] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            reuse = self._idle > 0
+            if reuse:
+                self._idle -= 1  # that idle thread will take this job
+        if reuse:
+            self._jobs.put((fn, args))
+        else:
+            threading.Thread(target=self._work, args=(fn, args), daemon=True).start()
+
+    def _work(self, fn: Callable[..., None], args: Tuple[Any, ...]) -> None:
+        while True:
+            fn(*args)  # the server's job catches and logs everything
+            with self._lock:
+                self._idle += 1
+            try:
+                fn, args = self._jobs.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # nobody claimed us: leave
+                        self._idle -= 1
+                        return
+                fn, args = self._jobs.get()  # claimed just now: the job is coming
 
 
 def _timeval(timeout: Optional[float]) -> bytes:

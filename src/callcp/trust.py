@@ -558,12 +558,12 @@ class ServerKeyPolicy:
             return "insecure"
         if self._mode == "pinned":
             assert self._pin is not None
+            if _same(presented, self._pin):
+                return "pinned"
             try:
                 address = format_address(host, port)
             except (ValueError, TypeError):  # only used in the message here
                 address = f"{host}:{port}"
-            if _same(presented, self._pin):
-                return "pinned"
             raise ServerKeyChanged(
                 f"the callcp server at {address} presented key {presented}, but the pinned "
                 f"fingerprint is {self._pin}. Someone may be intercepting the connection "
