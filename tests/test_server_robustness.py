@@ -19,6 +19,7 @@ from typing import Iterator, List
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+import callcp.sync
 from callcp._core.errors import CloseCode, ConnectionClosedError
 from callcp._core.protocol import ClientProtocol
 from callcp._core.wire import FrameType
@@ -236,7 +237,10 @@ def test_200_connections_opened_and_closed_at_once(arena: Arena) -> None:
     arena.bystander_unharmed()
 
 
-def test_no_thread_leaks_after_attacks(arena: Arena) -> None:
+def test_no_thread_leaks_after_attacks(arena: Arena, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Server threads are reused; idle ones retire after IDLE_SECONDS (30 s):
+    # shorten that so "back to the threads we had before" is checkable.
+    monkeypatch.setattr(callcp.sync._ThreadPool, "IDLE_SECONDS", 0.5)
     before = set(threading.enumerate())
     # a mix of the attacks above, each handled by a server thread
     for seed in range(5):
