@@ -279,22 +279,27 @@ class _Link(asyncio.Protocol):
 
     async def wait_event(self, timeout: Optional[float]) -> None:
         """Wait until an event is queued or the link failed (raises CallcpTimeout)."""
+        if self.events or self.error is not None:
+            return
+        # One future and at most one timer per wait (asyncio.wait_for would
+        # wrap the wait in a task: several times the cost of a small message).
         deadline = None if timeout is None else self.loop.time() + timeout
         while not self.events and self.error is None:
             waiter: asyncio.Future[None] = self.loop.create_future()
             self._waiter = waiter
+            timer = None
+            if deadline is not None:
+                remaining = deadline - self.loop.time()
+                if remaining <= 0:
+                    self._waiter = None
+                    raise CallcpTimeout("timed out while receiving")
+                timer = self.loop.call_later(remaining, _expire, waiter)
             try:
-                if deadline is None:
-                    await waiter
-                else:
-                    remaining = deadline - self.loop.time()
-                    if remaining <= 0:
-                        raise CallcpTimeout("timed out while receiving")
-                    await asyncio.wait_for(waiter, remaining)
-            except asyncio.TimeoutError:
-                raise CallcpTimeout("timed out while receiving") from None
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -399,6 +404,14 @@ class Connection:
             ConnectionClosed: the connection is closed or failed.
             LocalProtocolError: a stream is being sent on this connection.
         """
+        if not self._send_lock.locked():
+            # Fast path: nothing awaits between these steps, so no other
+            # sender (e.g. a stream, which holds the lock) can interleave.
+            self._check_open()
+            self._core.send(message)
+            self._link.flush()
+            await self._link.drain()
+            return
         async with self._send_lock:
             self._check_open()
             self._core.send(message)
@@ -468,6 +481,13 @@ class Connection:
 
         Raises: as :meth:`callcp.sync.Connection.recv`.
         """
+        link = self._link
+        if link.events and not self._recv_lock.locked():
+            # Fast path: a message is already here (no await, no lock needed).
+            event = link.events[0]
+            if isinstance(event, MessageReceived):
+                link.take()
+                return event.data
         t = self._timeout if isinstance(timeout, _Default) else timeout
         async with self._recv_lock:
             event = await self._next_app_event(t)
@@ -585,6 +605,11 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<callcp.aio.Connection {self.remote_address!r} {self._core.state.value}>"
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(CallcpTimeout("timed out while receiving"))
 
 
 async def _achunks(source: AsyncSource) -> AsyncIterator[Buffer]:
