@@ -1,4 +1,5 @@
-"""The ``callcp`` command: ``serve``, ``send``, ``send-file``, ``keygen``, ``fingerprint``.
+"""The ``callcp`` command: ``serve``, ``send``, ``send-file``, ``keygen``, ``fingerprint``,
+``bench``.
 
 Run it as ``callcp`` (the console script) or ``python -m callcp``.  This module
 is deliberately thin: it parses arguments, calls callcp's public API and
@@ -81,6 +82,7 @@ from callcp import (
     StreamAbortedError,
     StreamPending,
     TransportError,
+    bench,
 )
 from callcp._common import DEFAULT_PORT, DEFAULT_SERVER_KEY
 from callcp.keys import PASSPHRASE_ENV, load_public_key
@@ -488,6 +490,66 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --remote: seconds to wait (default: 30)",
     )
     p.set_defaults(func=cmd_fingerprint)
+
+    # -- bench
+    p = add(
+        "bench",
+        "compare callcp with Python's ssl (TLS 1.3) and raw TCP",
+        "Benchmark callcp against Python's ssl (TLS 1.3, RSA-2048 certificate verified\n"
+        "by the client) and raw TCP in one run, on 127.0.0.1, servers in their own\n"
+        "processes: handshakes/s (1 and 2 client processes, and workers=1 vs 2 where\n"
+        "supported), 64-byte round trips/s (blocking and asyncio), 64 KiB echo MB/s,\n"
+        "one-way stream MB/s with each side's peak RSS, and N asyncio connections\n"
+        "(requests/s, p50/p99 latency, server RSS per connection). Prints a table of\n"
+        "medians [min-max] over the repetitions with the ratios callcp/ssl and\n"
+        "callcp/raw, and writes the results as JSON (every sample), a PNG chart\n"
+        "(needs matplotlib: pip install 'callcp[bench]') and machine.md next to the\n"
+        "JSON. A full run takes several minutes; --quick about one.",
+    )
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument(
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="sizes",
+        default="full",
+        help="smaller sizes and fewer repetitions: a 64 MiB stream, up to 1,000 "
+        "connections, 3 repetitions (about a minute)",
+    )
+    sizes.add_argument(
+        "--sizes",
+        choices=tuple(bench.SIZES),
+        default="full",
+        help="full (default: 1 GiB stream, 100/1,000/5,000 connections, 5 repetitions), "
+        "quick, or tiny (seconds; for tests)",
+    )
+    p.add_argument(
+        "--reps",
+        metavar="N",
+        type=_count,
+        help="repetitions of each scenario (default: 5; --quick: 3; tiny: 1)",
+    )
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        default=str(bench.DEFAULT_JSON),
+        help=f"where to write the results (default: {bench.DEFAULT_JSON}; machine.md goes "
+        "next to it)",
+    )
+    p.add_argument(
+        "--png",
+        metavar="PATH",
+        default=str(bench.DEFAULT_PNG),
+        help=f"where to write the chart (default: {bench.DEFAULT_PNG})",
+    )
+    p.add_argument(
+        "--only",
+        metavar="SCENARIO",
+        nargs="+",
+        choices=bench.SCENARIOS,
+        help=f"run only these scenarios: {', '.join(bench.SCENARIOS)}",
+    )
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -955,6 +1017,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("shutting down")
     finally:
         server.shutdown()
+    return EXIT_OK
+
+
+# ====================================================================== bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    argv = ["--sizes", args.sizes]
+    if args.reps is not None:
+        argv += ["--reps", str(args.reps)]
+    if args.only:
+        argv += ["--only", *args.only]
+    options = bench.Options(
+        sizes=args.sizes,
+        reps=args.reps,
+        json_path=Path(os.path.expanduser(args.json)),
+        png_path=Path(os.path.expanduser(args.png)),
+        only=args.only,
+        argv=argv,
+    )
+    progress = None if args.quiet else (lambda line: _say(line, file=sys.stderr))
+    try:
+        report = bench.run(options, progress)
+    except bench.BenchError as exc:
+        raise CommandError(f"the benchmark failed: {exc}", EXIT_INTERNAL) from exc
+    _say(report.table())
+    if report.chart_note:
+        _say(f"callcp: note: {report.chart_note}", file=sys.stderr)
+    _note(args, f"ran in {report.seconds:.0f} s; wrote " + ", ".join(map(str, report.files)))
     return EXIT_OK
 
 

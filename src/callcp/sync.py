@@ -430,7 +430,10 @@ class Connection:
         if self._pending is not None:
             event, self._pending = self._pending, None
             return event
+        proto = self._proto
         while True:
+            if proto.needs_data:  # nothing to parse: read first
+                self._read(deadline)
             event = self._next_event()
             if event is NEED_DATA:
                 self._read(deadline)

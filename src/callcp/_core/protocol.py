@@ -193,6 +193,11 @@ _CLEAN_CODES = frozenset({CloseCode.NORMAL, CloseCode.GOING_AWAY})
 
 _HANDSHAKE_RECORDS = frozenset({FrameType.CLIENT_AUTH, FrameType.FINISHED})
 
+# States in which more bytes from the peer can still make events.
+_LIVE_STATES = frozenset({State.OPEN, State.STREAMING} | _HANDSHAKE_STATES) - {
+    State.WAIT_DECRYPTION
+}
+
 # States in which this side may send data (the client from its Finished on).
 _SENDING_STATES = frozenset({State.OPEN, State.STREAMING, State.WAIT_SERVER_FINISHED, State.CLOSED})
 
@@ -281,6 +286,18 @@ class _Protocol:
         else:
             self._chunks.append(data)
             self._chunks_len += len(data)
+
+    @property
+    def needs_data(self) -> bool:
+        """True when ``next_event()`` could only answer NEED_DATA: nothing is
+        buffered and the connection is live.  (Lets an adapter read first.)"""
+        return (
+            not self._events
+            and self._chunks_len == 0
+            and self._pos >= len(self._buf)
+            and not self._eof
+            and self.state in _LIVE_STATES
+        )
 
     @property
     def buffered(self) -> int:
