@@ -18,7 +18,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional, Set, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Set, Tuple, Union
 
 from ._common import (
     DEFAULT_PORT,
@@ -79,6 +79,9 @@ __all__ = ["Connection", "Server", "connect", "serve"]
 #: Bytes asked of the socket per read.
 READ_SIZE = 256 * 1024
 FIRST_READ_SIZE = 16 * 1024
+#: Below this many bytes, pieces are joined and written with one send().
+GATHER_MIN = 16 * 1024
+IOV_MAX = 512
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -201,7 +204,7 @@ class Connection:
         with self._send_lock:
             with self._proto_lock:
                 self._proto.send(message)
-                out = self._proto.data_to_send()
+                out = self._proto.data_to_send_parts()
             self._write(out)
 
     def send_stream(
@@ -248,8 +251,8 @@ class Connection:
                 for chunk in iter_chunks(source):
                     with self._proto_lock:
                         self._proto.send_stream_data(chunk)
-                        out = self._proto.data_to_send()
-                    self._write(out)
+                        parts = self._proto.data_to_send_parts()
+                    self._write(parts)
                     done += len(chunk)
                     if progress is not None:
                         progress(done, size)
@@ -277,12 +280,19 @@ class Connection:
         except CallcpError:
             pass  # _write failed the connection
 
-    def _write(self, data: bytes) -> None:
-        """Write under ``_send_lock``; a failed write kills the connection."""
+    def _write(self, data: Union[bytes, List[bytes]]) -> None:
+        """Write under ``_send_lock``; a failed write kills the connection.
+        A list of pieces is written with gathering writes when it is large
+        (no copy into one buffer), joined when it is small."""
         if not data:
             return
         try:
-            self._sock.sendall(data)
+            if isinstance(data, bytes):
+                self._sock.sendall(data)
+            elif len(data) <= 2 and sum(map(len, data)) <= GATHER_MIN:
+                self._sock.sendall(b"".join(data))
+            else:
+                _sendmsg_all(self._sock, data)
         except OSError as exc:
             err = self._reason_for_write_error(exc)
             with self._proto_lock:
@@ -973,6 +983,21 @@ class _ThreadPool:
                         self._idle -= 1
                         return
                 fn, args = self._jobs.get()  # claimed just now: the job is coming
+
+
+def _sendmsg_all(sock: socket.socket, parts: List[bytes]) -> None:
+    """sendall() for a list of buffers, with sendmsg (writev)."""
+    views: List[Any] = list(parts)
+    while views:
+        sent = sock.sendmsg(views[:IOV_MAX])
+        while sent:
+            first = len(views[0])
+            if sent >= first:
+                sent -= first
+                del views[0]
+            else:
+                views[0] = memoryview(views[0])[sent:]
+                sent = 0
 
 
 def _timeval(timeout: Optional[float]) -> bytes:

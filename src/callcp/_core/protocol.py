@@ -378,6 +378,12 @@ class _Protocol:
         self._out.clear()
         return out
 
+    def data_to_send_parts(self) -> List[bytes]:
+        """What ``data_to_send()`` would return, as a list of pieces (for a
+        gathering write: large records are not copied into one buffer)."""
+        out, self._out = self._out, []
+        return out
+
     def send(self, message: Union[bytes, bytearray, memoryview]) -> None:
         """Queue one message (any size: it is split into 64 KiB records).
 
