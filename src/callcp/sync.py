@@ -129,11 +129,12 @@ class Connection:
         logger: logging.Logger,
     ) -> None:
         self._sock = sock
-        # One reusable read buffer (recv(256 KiB) would allocate a fresh 256
-        # KiB object on every call), small until a read fills it: then bulk
-        # transfer is likely and it grows to READ_SIZE.
+        # Small reads go through one reusable buffer (allocating a 256 KiB
+        # object per read costs more than a small message); once a read fills
+        # it, bulk transfer is likely and reads become large ones.
         self._rbuf = bytearray(FIRST_READ_SIZE)
         self._rview = memoryview(self._rbuf)
+        self._bulk = False
         self._proto = proto
         self._timeout = timeout
         self._log = logger
@@ -476,11 +477,16 @@ class Connection:
                 if remaining <= 0:
                     raise CallcpTimeout("timed out while receiving")
                 self._set_recv_timeout(remaining)
-            n = self._sock.recv_into(self._rbuf)
-            data = self._rview[:n].tobytes()
-            if n == len(self._rbuf) and n < READ_SIZE:
-                self._rbuf = bytearray(READ_SIZE)
-                self._rview = memoryview(self._rbuf)
+            if self._bulk:
+                # Bulk transfer: large reads straight into new bytes objects
+                # (the core decrypts in place from them: no copy at all).
+                data = self._sock.recv(READ_SIZE)
+                if len(data) < FIRST_READ_SIZE:
+                    self._bulk = False
+            else:
+                n = self._sock.recv_into(self._rbuf)
+                data = self._rview[:n].tobytes()
+                self._bulk = n == FIRST_READ_SIZE
         except OSError as exc:
             if self._closed:
                 raise self._proto.closed_error() from None

@@ -233,9 +233,11 @@ class _Protocol:
         # Received bytes: ``_buf[_pos:]`` then the ``_chunks`` not yet joined
         # (joined only once a whole frame is there: no copy in the common
         # case, and no quadratic re-copying when bytes trickle in).
-        self._buf = b""
+        # (``_buf`` and the chunks are immutable bytes, or views of them: a
+        # view into them stays valid while a record is decrypted from it.)
+        self._buf: Union[bytes, memoryview] = b""
         self._pos = 0
-        self._chunks: List[bytes] = []
+        self._chunks: Deque[Union[bytes, memoryview]] = deque()
         self._chunks_len = 0
         self._eof = False
         self._out: List[bytes] = []
@@ -313,10 +315,31 @@ class _Protocol:
             return True
         if have + self._chunks_len < need:
             return False
-        self._buf = self._buf[self._pos :] + b"".join(self._chunks)
-        self._pos = 0
-        self._chunks.clear()
-        self._chunks_len = 0
+        chunks = self._chunks
+        if have == 0:  # move on to the next chunk: no copy
+            nxt = chunks.popleft()
+            self._chunks_len -= len(nxt)
+            self._buf, self._pos = nxt, 0
+            if len(nxt) >= need:
+                return True
+            have = len(nxt)
+        # Copy exactly the ``need`` bytes that straddle chunks; the rest of the
+        # last chunk stays where it is (as a view).
+        parts = [self._buf[self._pos :]]
+        while have < need:
+            chunk = chunks[0]
+            take = need - have
+            if len(chunk) <= take:
+                parts.append(chunks.popleft())
+                taken = len(chunk)
+            else:
+                view = memoryview(chunk)
+                parts.append(view[:take])
+                chunks[0] = view[take:]
+                taken = take
+            self._chunks_len -= taken
+            have += taken
+        self._buf, self._pos = b"".join(parts), 0
         return True
 
     def next_event(self) -> Union[Event, NeedData]:
@@ -350,9 +373,8 @@ class _Protocol:
                         and length - TAG_SIZE <= self.max_message_size
                     ):
                         assert self._receiver is not None
-                        # (the buffer is immutable bytes: a view of it is safe)
                         body = memoryview(buf)[pos + HEADER_SIZE : end]
-                        data = self._receiver.open(buf[pos : pos + HEADER_SIZE], body)
+                        data = self._receiver.open(bytes(buf[pos : pos + HEADER_SIZE]), body)
                         self._consumed(end)
                         return MessageReceived(data)
             while True:
@@ -552,12 +574,12 @@ class _Protocol:
             return None
         buf, pos = self._buf, self._pos
         end = pos + HEADER_SIZE + length
-        header = buf[pos : pos + HEADER_SIZE]
+        header = bytes(buf[pos : pos + HEADER_SIZE])
         body: Union[bytes, memoryview]
         if ftype in FrameType.ENCRYPTED:
             body = memoryview(buf)[pos + HEADER_SIZE : end]
         else:
-            body = buf[pos + HEADER_SIZE : end]
+            body = bytes(buf[pos + HEADER_SIZE : end])
         self._consumed(end)
         return ftype, header, body
 
