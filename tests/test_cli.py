@@ -209,10 +209,9 @@ def test_help_for_every_command(home: Path) -> None:
     main = run(home, "--help")
     assert main.returncode == 0
     text = out(main)
-    for word in ("serve", "send-file", "keygen", "fingerprint", "exit codes", "130"):
+    for word in ("serve", "send-file", "keygen", "fingerprint", "bench", "exit codes", "130"):
         assert word in text
-    assert "bench" not in text
-    for command in ("serve", "send", "send-file", "keygen", "fingerprint"):
+    for command in ("serve", "send", "send-file", "keygen", "fingerprint", "bench"):
         result = run(home, command, "--help")
         assert result.returncode == 0, err(result)
         assert f"usage: callcp {command}" in out(result)
@@ -605,7 +604,8 @@ def test_verbose_shows_the_traceback(home: Path) -> None:
         (["send-file", "127.0.0.1", "1"], "required: PATH"),
         ([], "required: COMMAND"),
         (["bogus"], "invalid choice: 'bogus'"),
-        (["bench"], "invalid choice: 'bench'"),
+        (["bench", "--only", "nope"], "invalid choice: 'nope'"),
+        (["bench", "--reps", "0"], "invalid number '0'"),
         (["send", "--fingerprint", "SHA256:nope", "h", "1", "m"], "invalid fingerprint"),
         (["send", "--fingerprint", "abc", "--insecure", "h", "1", "m"], "invalid fingerprint"),
         (

@@ -1,0 +1,207 @@
+"""The benchmark's code path, with tiny sizes, so it cannot rot.
+
+No timing is asserted anywhere: the numbers only have to exist, be finite
+and be where the JSON says.  The smoke test runs ``python -m callcp bench
+--sizes tiny`` for real (servers and clients in their own processes), with
+HOME pointed at a temporary directory, which must stay free of callcp files
+(the clients pin the server key: no known-hosts file is touched).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytest
+
+from callcp import aio, bench, sync
+
+IMPLEMENTATIONS = ("callcp", "ssl", "raw")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_metric(name: str, metric: Dict[str, Any], impls: List[str]) -> None:
+    assert metric["unit"] and metric["label"], name
+    assert metric["better"] in ("higher", "lower"), name
+    for impl in impls:
+        samples = metric["samples"][impl]
+        assert samples and all(_finite(v) for v in samples), (name, impl, samples)
+        assert _finite(metric["median"][impl]), (name, impl)
+        assert metric["min"][impl] <= metric["median"][impl] <= metric["max"][impl], (name, impl)
+    assert metric["ratios"], name
+    for key, ratio in metric["ratios"].items():
+        num, den = key.split("/")
+        if ratio is None:  # only where the ratio means nothing: a zero denominator
+            assert metric["median"][den] <= 0 or metric["median"][num] < 0, (name, key)
+        else:
+            assert _finite(ratio) and ratio >= 0, (name, key, ratio)
+            assert ratio == pytest.approx(metric["median"][num] / metric["median"][den]), name
+
+
+@pytest.mark.timeout(60)
+def test_bench_smoke_tiny(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    out = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLCP_")}
+    env.update(HOME=str(home), PYTHONIOENCODING="utf-8")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "callcp",
+            "bench",
+            "--sizes",
+            "tiny",
+            "--reps",
+            "1",
+            "--json",
+            str(out / "latest.json"),
+            "--png",
+            str(out / "latest.png"),
+        ],
+        capture_output=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=55,
+        check=False,
+    )
+    stdout = result.stdout.decode("utf-8", "replace")
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
+
+    # The printed table: every implementation and both ratios.
+    header = stdout.splitlines()[0]
+    for column in ("callcp", "ssl TLS1.3", "raw TCP", "callcp/ssl", "callcp/raw"):
+        assert column in header, header
+
+    data = json.loads((out / "latest.json").read_text(encoding="utf-8"))
+    assert data["sizes"]["name"] == "tiny" and data["sizes"]["reps"] == 1
+    assert data["table"] in stdout
+    expected = [s for s in bench.SCENARIOS if s != "concurrency"]
+    expected += [f"concurrency_{n}" for n in data["sizes"]["concurrency"]]
+    assert sorted(data["scenarios"]) == sorted(expected)
+    for name, scenario in data["scenarios"].items():
+        if name == "workers":
+            continue
+        assert scenario["supported"] is True, name
+        assert scenario["metrics"], name
+        for metric_name, metric in scenario["metrics"].items():
+            _check_metric(f"{name}.{metric_name}", metric, list(IMPLEMENTATIONS))
+            assert set(metric["ratios"]) == {"callcp/ssl", "callcp/raw"}
+    concurrency = data["scenarios"][f"concurrency_{data['sizes']['concurrency'][0]}"]
+    assert set(concurrency["metrics"]) == {
+        "rate",
+        "p50",
+        "p99",
+        "server_rss_per_conn",
+        "open_seconds",
+    }
+    assert set(data["scenarios"]["stream"]["metrics"]) == {
+        "throughput",
+        "sender_peak_rss",
+        "receiver_peak_rss",
+    }
+
+    # workers=N: measured where the build has it, else said so (no numbers).
+    workers = data["scenarios"]["workers"]
+    if bench.workers_support() is None:
+        assert workers["supported"] is False and not workers["metrics"]
+        assert bench.WORKERS_UNSUPPORTED in stdout
+    else:
+        assert workers["supported"] is True
+        _check_metric("workers.rate", workers["metrics"]["rate"], ["workers=1", "workers=2"])
+
+    machine = (out / "machine.md").read_text(encoding="utf-8")
+    for field in ("cpu", "cores", "memory", "kernel", "python", "cryptography", "date"):
+        assert f"| {field} |" in machine, machine
+    png = out / "latest.png"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not png.exists() and "matplotlib is not installed" in stderr
+    assert not (home / ".callcp").exists(), "the benchmark touched ~/.callcp"
+
+
+# ------------------------------------------------------------ pure helpers
+
+
+def _metric(samples: Dict[str, List[float]], higher: bool = True) -> bench.Metric:
+    m = bench.Metric("m", "a metric", "req/s", higher)
+    for impl, values in samples.items():
+        for v in values:
+            m.add(impl, v)
+    return m
+
+
+def test_medians_and_ratios() -> None:
+    m = _metric({"callcp": [3.0, 1.0, 2.0], "ssl": [4.0, 4.0], "raw": [0.0]})
+    assert m.median("callcp") == 2.0
+    assert m.median("ssl") == 4.0
+    assert m.ratio("callcp", "ssl") == 0.5
+    assert m.ratio("callcp", "raw") is None  # no ratio to a zero
+    assert m.median("nobody") is None
+    data = m.to_json()
+    assert data["samples"]["callcp"] == [3.0, 1.0, 2.0]
+    assert data["ratios"] == {"callcp/ssl": 0.5, "callcp/raw": None}
+    assert data["min"]["callcp"] == 1.0 and data["max"]["callcp"] == 3.0
+
+
+def test_percentile() -> None:
+    values = [float(i) for i in range(101)]
+    assert bench._percentile(values, 50) == 50.0
+    assert bench._percentile(values, 99) == 99.0
+    assert bench._percentile([1.0, 2.0], 50) == 1.5
+    with pytest.raises(bench.BenchError):
+        bench._percentile([], 50)
+
+
+def test_table_shows_medians_ranges_and_ratios() -> None:
+    report = bench.Report(bench.SIZES["tiny"], [], {}, "2026-01-01T00:00:00+00:00")
+    scenario = bench.ScenarioResult("rtt_sync", "round trips")
+    metric = scenario.metric("rate", "64 B round trips", "req/s", True)
+    for impl, values in {"callcp": [900.0, 1000.0, 1100.0], "ssl": [2000.0], "raw": [0.0]}.items():
+        for v in values:
+            metric.add(impl, v)
+    workers = bench.ScenarioResult("workers", "workers=1 vs 2", supported=False)
+    workers.extra["note"] = bench.WORKERS_UNSUPPORTED
+    report.scenarios = [scenario, workers]
+    table = report.table()
+    row = next(line for line in table.splitlines() if line.startswith("64 B round trips"))
+    assert "1,000 [900-1,100]" in row
+    assert "0.50x" in row and row.rstrip().endswith("-")
+    assert f"workers=1 vs 2: {bench.WORKERS_UNSUPPORTED}" in table
+
+
+def test_workers_support_follows_the_signatures() -> None:
+    def takes_workers(fn: Any) -> bool:
+        try:
+            return "workers" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            return False
+
+    expected: Optional[str] = None
+    if takes_workers(sync.serve) or takes_workers(sync.Server):
+        expected = "sync"
+    elif takes_workers(aio.serve) or takes_workers(aio.Server):
+        expected = "aio"
+    assert bench.workers_support() == expected
+
+
+def test_unknown_scenario_and_sizes_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(bench.BenchError, match="unknown scenario"):
+        bench.run(bench.Options(only=["nope"], json_path=tmp_path / "x.json", png_path=None))
+    with pytest.raises(bench.BenchError, match="unknown sizes"):
+        bench.run(bench.Options(sizes="huge", json_path=tmp_path / "x.json", png_path=None))
+    assert not (tmp_path / "x.json").exists()
