@@ -145,6 +145,7 @@ class Connection:
         self._reading = False
         self._pending: Any = None  # an event recv()/recv_stream() handed back
         self._stopping = False  # the server is shutting down
+        self._stoppable = False  # set on a server's connections
         self._closed = False
         self._rcv_timeout: Optional[float] = None
         # Deadlines are kept by the kernel (SO_RCVTIMEO/SO_SNDTIMEO) on a
@@ -445,7 +446,13 @@ class Connection:
         while True:
             if proto.needs_data:  # nothing to parse: read first
                 self._read(deadline)
-            event = self._next_event()
+            try:
+                with self._proto_lock:
+                    event = proto.next_event()
+            except CallcpError:
+                self._flush()
+                self._close_socket()
+                raise
             if event is NEED_DATA:
                 self._read(deadline)
             elif isinstance(event, CloseReceived):
@@ -465,10 +472,11 @@ class Connection:
             raise
 
     def _read(self, deadline: Optional[float]) -> None:
-        with self._state_lock:
-            if self._stopping:
-                self._stop_now()
-            self._reading = True
+        if self._stoppable:  # (a server's connection: shutdown may wake us)
+            with self._state_lock:
+                if self._stopping:
+                    self._stop_now()
+                self._reading = True
         try:
             if deadline is None:
                 self._set_recv_timeout(None)
@@ -498,8 +506,9 @@ class Connection:
             self._close_socket()
             raise err from exc
         finally:
-            with self._state_lock:
-                self._reading = False
+            if self._stoppable:
+                with self._state_lock:
+                    self._reading = False
         if not data and self._stopping:
             self._stop_now()
         with self._proto_lock:
@@ -882,6 +891,7 @@ class Server:
                 server_public_der=self._public_der,
             )
             conn = Connection(sock, proto, timeout=self.handshake_timeout, logger=self._log)
+            conn._stoppable = True
             deadline = time.monotonic() + self.handshake_timeout
             try:
                 proto.start()

@@ -298,7 +298,7 @@ class _Protocol:
             and self._chunks_len == 0
             and self._pos >= len(self._buf)
             and not self._eof
-            and self.state in _LIVE_STATES
+            and (self.state is State.OPEN or self.state in _LIVE_STATES)
         )
 
     @property
