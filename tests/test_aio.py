@@ -778,3 +778,28 @@ def test_two_thousand_concurrent_connections(server_key: rsa.RSAPrivateKey) -> N
     )
     assert result["problems"] == []
     assert len(handled) == N_CONNECTIONS
+
+
+def test_shorter_timeout_after_a_long_wait_is_honoured(server_key: rsa.RSAPrivateKey) -> None:
+    """Long waits share one lazily re-armed timer per connection; a later,
+    shorter timeout must still fire on time."""
+
+    async def echo(conn: callcp.aio.Connection) -> None:
+        async for message in conn:
+            await conn.send(message)
+
+    async def main() -> None:
+        server = await callcp.aio.serve(echo, LOOPBACK, 0, key=server_key)
+        async with server:
+            conn = await callcp.aio.connect(
+                LOOPBACK, server.port, server_fingerprint=server.fingerprint, timeout=30
+            )
+            assert await conn.request(b"arm the 30 s timer") == b"arm the 30 s timer"
+            t0 = time.monotonic()
+            with pytest.raises(callcp.CallcpTimeout):
+                await conn.recv(timeout=1.2)
+            assert 1.0 < time.monotonic() - t0 < 3.0
+            assert await conn.request(b"still usable") == b"still usable"
+            await conn.close()
+
+    run(main())

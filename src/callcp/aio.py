@@ -94,6 +94,8 @@ DEFAULT_MAX_CONNECTIONS = 10000
 DEFAULT_MAX_HANDSHAKES = 16
 #: Received-but-unread bytes past which a link stops reading the socket.
 PAUSE_READING_AT = 1 << 20
+#: Waits at least this long (seconds) use the link's shared, lazily re-armed timer.
+COARSE_TIMEOUT = 1.0
 RESUME_READING_AT = 256 << 10
 
 Address = Tuple[Any, ...]
@@ -139,6 +141,8 @@ class _Link(asyncio.Protocol):
         self._paused_reading = False
         self._paused_writing = False
         self._decrypting = False  # a premaster decryption runs in a worker thread
+        self._deadline: Optional[float] = None  # of the current long wait
+        self._deadline_timer: Optional[asyncio.TimerHandle] = None
         self._lost: Optional[Tuple[Optional[Exception]]] = None  # connection_lost, deferred
 
     # ------------------------------------------------------ asyncio.Protocol
@@ -221,6 +225,8 @@ class _Link(asyncio.Protocol):
                     self.events.append(event)
                     if isinstance(event, (MessageReceived, StreamChunk)):
                         self.buffered += len(event.data)
+                if core.needs_data:
+                    break  # (saves asking the core for an event it cannot have)
         except CallcpError as exc:
             self.error = exc
             self._fail_handshake(exc)
@@ -281,25 +287,49 @@ class _Link(asyncio.Protocol):
         """Wait until an event is queued or the link failed (raises CallcpTimeout)."""
         if self.events or self.error is not None:
             return
-        # One future and at most one timer per wait (asyncio.wait_for would
-        # wrap the wait in a task: several times the cost of a small message).
-        deadline = None if timeout is None else self.loop.time() + timeout
+        # One future per wait, and no task (asyncio.wait_for would wrap the
+        # wait in one: several times the cost of a small message).  Long
+        # timeouts (an idle timeout, typically) share one lazily re-armed
+        # timer per link instead of a new timer per message.
+        loop = self.loop
+        deadline = None if timeout is None else loop.time() + timeout
         while not self.events and self.error is None:
-            waiter: asyncio.Future[None] = self.loop.create_future()
+            waiter: asyncio.Future[None] = loop.create_future()
             self._waiter = waiter
             timer = None
             if deadline is not None:
-                remaining = deadline - self.loop.time()
+                remaining = deadline - loop.time()
                 if remaining <= 0:
                     self._waiter = None
                     raise CallcpTimeout("timed out while receiving")
-                timer = self.loop.call_later(remaining, _expire, waiter)
+                if remaining >= COARSE_TIMEOUT:
+                    self._deadline = deadline
+                    shared = self._deadline_timer
+                    if shared is None or shared.when() > deadline:
+                        if shared is not None:
+                            shared.cancel()
+                        self._deadline_timer = loop.call_at(deadline, self._check_deadline)
+                else:
+                    timer = loop.call_later(remaining, _expire, waiter)
             try:
                 await waiter
             finally:
                 self._waiter = None
+                self._deadline = None
                 if timer is not None:
                     timer.cancel()
+
+    def _check_deadline(self) -> None:
+        """The shared timer fired: expire the current wait if its deadline has
+        passed, else re-arm for it."""
+        self._deadline_timer = None
+        deadline, waiter = self._deadline, self._waiter
+        if deadline is None or waiter is None or waiter.done():
+            return
+        if self.loop.time() >= deadline:
+            _expire(waiter)
+        else:
+            self._deadline_timer = self.loop.call_at(deadline, self._check_deadline)
 
     def _wake(self) -> None:
         waiter = self._waiter
