@@ -205,7 +205,10 @@ class _Link(asyncio.Protocol):
                 event = core.next_event()
                 if event is NEED_DATA:
                     break
-                if isinstance(event, DecryptionRequested):
+                if type(event) is MessageReceived:  # the common case first
+                    self.events.append(event)
+                    self.buffered += len(event.data)
+                elif isinstance(event, DecryptionRequested):
                     # The RSA work runs in a worker thread (cryptography drops
                     # the GIL): the loop is never held by it, and handshakes
                     # use every core.
@@ -213,7 +216,7 @@ class _Link(asyncio.Protocol):
                     assert self._decryptions is not None
                     self._decryptions.submit(self, event)
                     break
-                if isinstance(event, (ServerKeyAccepted, HandshakeCompleted)):
+                elif isinstance(event, (ServerKeyAccepted, HandshakeCompleted)):
                     if not self.handshake.done():
                         self.handshake.set_result(event)
                 elif isinstance(event, CloseReceived):
@@ -437,10 +440,12 @@ class Connection:
         if not self._send_lock.locked():
             # Fast path: nothing awaits between these steps, so no other
             # sender (e.g. a stream, which holds the lock) can interleave.
+            link = self._link
             self._check_open()
             self._core.send(message)
-            self._link.flush()
-            await self._link.drain()
+            link.flush()
+            if link._paused_writing:
+                await link.drain()
             return
         async with self._send_lock:
             self._check_open()
@@ -512,13 +517,17 @@ class Connection:
         Raises: as :meth:`callcp.sync.Connection.recv`.
         """
         link = self._link
-        if link.events and not self._recv_lock.locked():
-            # Fast path: a message is already here (no await, no lock needed).
-            event = link.events[0]
-            if isinstance(event, MessageReceived):
-                link.take()
-                return event.data
         t = self._timeout if isinstance(timeout, _Default) else timeout
+        if not self._recv_lock.locked() and not self._stopping:
+            # Fast path, without the lock: nobody else is receiving, and only
+            # the one await below happens before we take the message.
+            if not link.events and link.error is None:
+                await link.wait_event(t)
+            if link.events and not self._recv_lock.locked():
+                event = link.events[0]
+                if type(event) is MessageReceived:
+                    link.take()
+                    return event.data
         async with self._recv_lock:
             event = await self._next_app_event(t)
             if isinstance(event, MessageReceived):
