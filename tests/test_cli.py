@@ -258,6 +258,16 @@ def test_send_upper(home: Path, serve: Callable[..., CliServer]) -> None:
     assert out(result) == "HELLO, WÖRLD\n"
 
 
+def test_serve_with_workers(home: Path, serve: Callable[..., CliServer]) -> None:
+    """--workers 2: two processes answer on one port; SIGTERM stops them all."""
+    server = serve("--upper", "--workers", "2")
+    for i in range(4):
+        result = run(home, "send", *server.address, f"w{i}", "--fingerprint", server.fingerprint)
+        assert result.returncode == 0, err(result)
+        assert out(result) == f"W{i}\n"
+    assert server.stop(signal.SIGTERM) == 0
+
+
 def test_send_raw_and_stdin(home: Path, serve: Callable[..., CliServer]) -> None:
     server = serve()
     payload = bytes(range(256)) * 4

@@ -397,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count,
         help="serve at most N clients at once; more are refused (default: 512)",
     )
+    p.add_argument(
+        "--workers",
+        metavar="N",
+        type=_count,
+        help="run N server processes accepting on the port (SO_REUSEPORT; Linux); "
+        "default: 1",
+    )
     p.set_defaults(func=cmd_serve)
 
     # -- send
@@ -1000,6 +1007,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_message_size": args.max_message_size,
         "handshake_timeout": args.handshake_timeout,
         "max_connections": args.max_connections,
+        "workers": args.workers,
     }
     options = {k: v for k, v in options.items() if v is not None}
     if args.idle_timeout is not None:
