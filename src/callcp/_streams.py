@@ -3,8 +3,10 @@
 A *source* is a binary file object (anything with ``read(n)``), a bytes-like
 object, or an iterable of bytes-like chunks.  A *sink* is a path or a
 writable binary file object.  For a path the bytes go to ``<path>.part``,
-which is renamed to ``<path>`` only after the stream's length and SHA-256
-verified; on any failure it is deleted.  For a file object, a failure
+which is renamed to ``<path>`` only after the stream verified (its length,
+and its SHA-256 when the sender sent one); on any failure it is deleted.
+The ``.part`` file is created with mode 0600 and never through a symbolic
+link (so the received file is private to its owner).  For a file object, a failure
 truncates it back to where it started when it is seekable (when it is not,
 the exception is the only signal: do not trust what was written).
 """
@@ -100,7 +102,10 @@ class Sink:
         if isinstance(dest, (str, os.PathLike)):
             self.path = Path(dest)
             self._part = self.path.with_name(self.path.name + ".part")
-            self._fh: IO[bytes] = open(self._part, "wb")  # noqa: SIM115 - closed in commit/discard
+            # Never follow a link planted at the .part name; private until done.
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(self._part, flags, 0o600)
+            self._fh: IO[bytes] = os.fdopen(fd, "wb")
             self._start = 0
         else:
             if not hasattr(dest, "write"):

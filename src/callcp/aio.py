@@ -94,6 +94,12 @@ DEFAULT_MAX_CONNECTIONS = 10000
 DEFAULT_MAX_HANDSHAKES = 16
 #: Received-but-unread bytes past which a link stops reading the socket.
 PAUSE_READING_AT = 1 << 20
+#: What a queued event costs beyond its payload (objects, queue slot), so
+#: that a flood of tiny or empty messages also reaches the pause point.
+EVENT_COST = 128
+#: Unparsed received bytes past which a link stops reading (room for a
+#: whole record and a read beyond it).
+MAX_UNPARSED = 256 << 10
 #: Waits at least this long (seconds) use the link's shared, lazily re-armed timer.
 COARSE_TIMEOUT = 1.0
 RESUME_READING_AT = 256 << 10
@@ -157,6 +163,10 @@ class _Link(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.core.receive_data(data)
         self.pump()
+        # Bytes the core holds unparsed (normally less than one record; more
+        # while a ClientHello waits for its decryption): bounded too.
+        if self.core.buffered > MAX_UNPARSED:
+            self._pause()
 
     def eof_received(self) -> bool:
         self.core.receive_data(b"")
@@ -207,7 +217,7 @@ class _Link(asyncio.Protocol):
                     break
                 if type(event) is MessageReceived:  # the common case first
                     self.events.append(event)
-                    self.buffered += len(event.data)
+                    self.buffered += len(event.data) + EVENT_COST
                 elif isinstance(event, DecryptionRequested):
                     # The RSA work runs in a worker thread (cryptography drops
                     # the GIL): the loop is never held by it, and handshakes
@@ -226,8 +236,7 @@ class _Link(asyncio.Protocol):
                     break
                 else:
                     self.events.append(event)
-                    if isinstance(event, (MessageReceived, StreamChunk)):
-                        self.buffered += len(event.data)
+                    self.buffered += _cost(event)
                 if core.needs_data:
                     break  # (saves asking the core for an event it cannot have)
         except CallcpError as exc:
@@ -237,11 +246,26 @@ class _Link(asyncio.Protocol):
             self.close_transport()
         else:
             self.flush()
-            if self.buffered >= PAUSE_READING_AT and not self._paused_reading:
-                self._paused_reading = True
-                if self.transport is not None:
-                    self.transport.pause_reading()
+            if self.buffered >= PAUSE_READING_AT:
+                self._pause()
         self._wake()
+
+    def _pause(self) -> None:
+        if not self._paused_reading:
+            self._paused_reading = True
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.pause_reading()
+
+    def _maybe_resume(self) -> None:
+        if (
+            self._paused_reading
+            and self.buffered <= RESUME_READING_AT
+            and not self._decrypting
+            and self.core.buffered <= MAX_UNPARSED
+        ):
+            self._paused_reading = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
 
     def decrypted(self, premaster: Optional[bytes]) -> None:
         """The premaster's decryption finished (None: it failed)."""
@@ -257,19 +281,21 @@ class _Link(asyncio.Protocol):
                 self.close_transport()
             else:
                 self.pump()
+                self._maybe_resume()
         if self._lost is not None:
             self.connection_lost(*self._lost)
 
     def take(self) -> Any:
         """The next queued application event (caller checked there is one)."""
         event = self.events.popleft()
-        if isinstance(event, (MessageReceived, StreamChunk)):
-            self.buffered -= len(event.data)
-            if self._paused_reading and self.buffered <= RESUME_READING_AT:
-                self._paused_reading = False
-                if self.transport is not None and not self.transport.is_closing():
-                    self.transport.resume_reading()
+        self.buffered -= _cost(event)
+        self._maybe_resume()
         return event
+
+    def untake(self, event: Any) -> None:
+        """Put back an event taken by mistake (it stays first in line)."""
+        self.events.appendleft(event)
+        self.buffered += _cost(event)
 
     def flush(self) -> None:
         out = self.core.data_to_send()
@@ -532,7 +558,7 @@ class Connection:
             event = await self._next_app_event(t)
             if isinstance(event, MessageReceived):
                 return event.data
-            self._link.events.appendleft(event)
+            self._link.untake(event)
             raise StreamPending(
                 "a stream arrived, not a message: receive it with recv_stream()",
                 name=event.name,
@@ -563,7 +589,7 @@ class Connection:
         async with self._recv_lock:
             started = await self._next_app_event(self._timeout)
             if not isinstance(started, StreamStarted):
-                self._link.events.appendleft(started)
+                self._link.untake(started)
                 raise MessagePending("a message arrived, not a stream: receive it with recv()")
             try:
                 sink = Sink(dest)
@@ -644,6 +670,11 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<callcp.aio.Connection {self.remote_address!r} {self._core.state.value}>"
+
+
+def _cost(event: Any) -> int:
+    data = getattr(event, "data", None)
+    return EVENT_COST + (len(data) if data is not None else 0)
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:

@@ -146,6 +146,7 @@ class Connection:
         self._pending: Any = None  # an event recv()/recv_stream() handed back
         self._stopping = False  # the server is shutting down
         self._stoppable = False  # set on a server's connections
+        self._woken_to_stop = False  # a shutdown cut our blocked read short
         self._closed = False
         self._rcv_timeout: Optional[float] = None
         # Deadlines are kept by the kernel (SO_RCVTIMEO/SO_SNDTIMEO) on a
@@ -296,6 +297,8 @@ class Connection:
             else:
                 _sendmsg_all(self._sock, data)
         except OSError as exc:
+            if self._closed:  # closed under us (a forced shutdown)
+                raise self._proto.closed_error() from None
             err = self._reason_for_write_error(exc)
             with self._proto_lock:
                 self._proto.fail(err)
@@ -509,8 +512,8 @@ class Connection:
             if self._stoppable:
                 with self._state_lock:
                     self._reading = False
-        if not data and self._stopping:
-            self._stop_now()
+        if not data and self._woken_to_stop:
+            self._stop_now()  # our own shutdown ended the read, not the peer
         with self._proto_lock:
             self._proto.receive_data(data)
 
@@ -565,10 +568,32 @@ class Connection:
         with self._state_lock:
             self._stopping = True
             if self._reading:
+                self._woken_to_stop = True
                 try:
                     self._sock.shutdown(socket.SHUT_RD)
                 except OSError:
                     pass
+
+    def _force_close(self, code: int, reason: str) -> None:
+        """Close now, even if another thread is stuck writing to a peer that
+        does not read: the authenticated close is sent only if the send lock
+        is free (and for at most 0.1 s); the socket is shut down regardless,
+        which unblocks any reader or writer."""
+        if self._send_lock.acquire(blocking=False):
+            try:
+                self._set_send_timeout(0.1)
+                with self._proto_lock:
+                    self._proto.close(code, reason)
+                    out = self._proto.data_to_send()
+                try:
+                    self._write(out)
+                except CallcpError:
+                    pass
+            finally:
+                self._send_lock.release()
+        with self._proto_lock:
+            self._proto.fail(ConnectionClosedOK(reason, code=code, reason=reason))
+        self._close_socket()
 
     def __enter__(self) -> Connection:
         return self
@@ -877,50 +902,59 @@ class Server:
                 self._idle.notify_all()
 
     def _handshake(self, sock: socket.socket, peer: str) -> Optional[Connection]:
-        """Run the server handshake under the handshake deadline; None on failure
-        (logged on one line)."""
-        if not self._handshakes.acquire(timeout=self.handshake_timeout):
-            self._log.warning("dropped %s: too many handshakes in progress", peer)
-            return None
+        """Run the server handshake under the handshake deadline (counted from
+        accept); None on failure (logged on one line)."""
+        deadline = time.monotonic() + self.handshake_timeout
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        proto = ServerProtocol(
+            self.keypair.private_key,
+            authorize_client=self._authorize,
+            max_message_size=self.max_message_size,
+            server_public_der=self._public_der,
+        )
+        conn = Connection(sock, proto, timeout=self.handshake_timeout, logger=self._log)
+        conn._stoppable = True
+        slot = False
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            proto = ServerProtocol(
-                self.keypair.private_key,
-                authorize_client=self._authorize,
-                max_message_size=self.max_message_size,
-                server_public_der=self._public_der,
-            )
-            conn = Connection(sock, proto, timeout=self.handshake_timeout, logger=self._log)
-            conn._stoppable = True
-            deadline = time.monotonic() + self.handshake_timeout
-            try:
-                proto.start()
-                conn._flush()
-                while True:
-                    event = conn._next_event()
-                    if event is NEED_DATA:
-                        conn._read(deadline)
-                    elif isinstance(event, HandshakeCompleted):
-                        break
-                conn._flush()  # our Finished
-            except CallcpTimeout:
-                err = HandshakeTimeout(f"handshake timed out after {self.handshake_timeout} s")
-                with conn._proto_lock:
-                    proto.fail(err)
-                conn._flush()
+            proto.start()
+            conn._flush()
+            # A handshake slot (it bounds the CPU spent on RSA at once) is
+            # taken only when the client has sent something: connections that
+            # stay silent cannot hold the slots and starve real clients.
+            while proto.needs_data:
+                conn._read(deadline)
+            remaining = deadline - time.monotonic()
+            slot = remaining > 0 and self._handshakes.acquire(timeout=remaining)
+            if not slot:
                 conn._close_socket()
-                self._log.warning("handshake with %s failed: %s", peer, err)
+                self._log.warning("dropped %s: too many handshakes in progress", peer)
                 return None
-            except CallcpError as exc:
-                conn._close_socket()
-                self._log.warning("handshake with %s failed: %s", peer, exc)
-                return None
-            conn.settimeout(self.idle_timeout)
-            who = f" as {proto.peer_fingerprint}" if proto.peer_fingerprint else ""
-            self._log.debug("connection from %s%s", peer, who)
-            return conn
+            while True:
+                event = conn._next_event()
+                if event is NEED_DATA:
+                    conn._read(deadline)
+                elif isinstance(event, HandshakeCompleted):
+                    break
+            conn._flush()  # our Finished
+        except CallcpTimeout:
+            err = HandshakeTimeout(f"handshake timed out after {self.handshake_timeout} s")
+            with conn._proto_lock:
+                proto.fail(err)
+            conn._flush()
+            conn._close_socket()
+            self._log.warning("handshake with %s failed: %s", peer, err)
+            return None
+        except CallcpError as exc:
+            conn._close_socket()
+            self._log.warning("handshake with %s failed: %s", peer, exc)
+            return None
         finally:
-            self._handshakes.release()
+            if slot:
+                self._handshakes.release()
+        conn.settimeout(self.idle_timeout)
+        who = f" as {proto.peer_fingerprint}" if proto.peer_fingerprint else ""
+        self._log.debug("connection from %s%s", peer, who)
+        return conn
 
     # ------------------------------------------------------------ stopping
 
@@ -947,7 +981,7 @@ class Server:
             else:
                 conns = []
         for conn in conns:  # past the deadline: close what is left
-            conn.close(CloseCode.GOING_AWAY, "server shutting down")
+            conn._force_close(CloseCode.GOING_AWAY, "server shutting down")
         with self._lock:
             self._idle.wait_for(lambda: self._busy == 0, 1.0)
         self._log.info("callcp server stopped")

@@ -666,10 +666,14 @@ class _Protocol:
             exc = wrapped
         if self.state is not State.FAILED:
             if not isinstance(exc, ConnectionClosed):
-                code = getattr(exc, "code", CloseCode.PROTOCOL_ERROR)
-                # What we tell the peer: why its bytes were refused, but never
-                # our local trust decisions (they name local files).
-                reason = CloseCode.name(code) if isinstance(exc, ServerKeyError) else str(exc)
+                code = getattr(exc, "code", CloseCode.INTERNAL_ERROR)
+                # What we tell the peer: why its bytes were refused, but
+                # nothing local (trust decisions, key files name local paths).
+                about_peer = isinstance(exc, (RemoteProtocolError, HandshakeError))
+                if about_peer and not isinstance(exc, ServerKeyError):
+                    reason = str(exc)
+                else:
+                    reason = CloseCode.name(code)
                 self.close(code, reason)
             self.state = State.FAILED
             self.error = exc
