@@ -99,7 +99,7 @@ def _send(port: int, fingerprint: str, size: int) -> None:
     conn = callcp.sync.connect("127.0.0.1", port, server_fingerprint=fingerprint, timeout=60)
     source = PatternSource(size)
     t0 = time.perf_counter()
-    info = conn.send_stream(iter(source), size=size, name="big.bin")
+    info = conn.send_stream(iter(source), size=size, name="big.bin", checksum=True)
     # wait for the receiver's verdict, so the timing covers the whole transfer
     verdict = conn.recv(timeout=120)
     seconds = time.perf_counter() - t0
