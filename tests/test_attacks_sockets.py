@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, List, Sequence
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
+import callcp._common
 import callcp.sync
 from callcp._core.errors import (
     CloseCode,
@@ -461,7 +462,7 @@ def _with_versions(monkeypatch: pytest.MonkeyPatch, versions: tuple) -> None:
         callcp.sync, "ServerProtocol", functools.partial(ServerProtocol, versions=versions)
     )
     monkeypatch.setattr(
-        callcp.sync, "ClientProtocol", functools.partial(ClientProtocol, versions=versions)
+        callcp._common, "ClientProtocol", functools.partial(ClientProtocol, versions=versions)
     )
 
 

@@ -11,6 +11,7 @@ from typing import Callable, Optional, Union
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ._core.errors import KeyManagementError
+from ._core.protocol import ClientProtocol
 from .keys import KeyPair
 from .trust import AuthorizedKeys, ServerKeyPolicy
 
@@ -22,6 +23,7 @@ __all__ = [
     "check_port",
     "logger_for",
     "server_key_verifier",
+    "client_protocol",
     "load_server_key",
     "load_client_key",
     "client_authorizer",
@@ -91,6 +93,43 @@ def server_key_verifier(
             )
 
     return verify
+
+
+def client_protocol(
+    host: str,
+    port: int,
+    *,
+    server_fingerprint: Optional[str],
+    known_hosts: Optional[PathLike],
+    trust_on_first_use: bool,
+    insecure: bool,
+    client_key: Optional[KeySource],
+    key_password: Optional[str],
+    max_message_size: int,
+    logger: logging.Logger,
+) -> ClientProtocol:
+    """The client's sans-I/O core, set up from ``connect()``'s options (both
+    adapters).
+
+    Raises:
+        KeyManagementError: ``client_key`` could not be loaded.
+        ValueError: contradictory trust options or a malformed pin.
+    """
+    verifier = server_key_verifier(
+        host,
+        port,
+        server_fingerprint=server_fingerprint,
+        known_hosts=known_hosts,
+        trust_on_first_use=trust_on_first_use,
+        insecure=insecure,
+        logger=logger,
+    )
+    keypair = load_client_key(client_key, password=key_password)
+    return ClientProtocol(
+        verifier,
+        client_key=keypair.private_key if keypair is not None else None,
+        max_message_size=max_message_size,
+    )
 
 
 def load_server_key(key: Optional[KeySource], *, password: Optional[str] = None) -> KeyPair:

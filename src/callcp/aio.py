@@ -49,10 +49,9 @@ from ._common import (
     PathLike,
     check_port,
     client_authorizer,
-    load_client_key,
+    client_protocol,
     load_server_key,
     logger_for,
-    server_key_verifier,
 )
 from ._core.errors import (
     CallcpError,
@@ -80,7 +79,7 @@ from ._core.events import (
     StreamEnded,
     StreamStarted,
 )
-from ._core.protocol import DEFAULT_MAX_MESSAGE_SIZE, ClientProtocol, ServerProtocol, _Protocol
+from ._core.protocol import DEFAULT_MAX_MESSAGE_SIZE, ServerProtocol, _Protocol
 from ._core.wire import alert_frame
 from ._streams import Destination, Progress, Sink, StreamInfo, iter_chunks, source_size
 from ._workers import WorkerPool, check_workers, reserve_port
@@ -714,20 +713,17 @@ async def connect(
     with blocking calls."""
     check_port(port, allow_zero=False)
     log = logger_for(logger)
-    verifier = server_key_verifier(
+    core = client_protocol(
         host,
         port,
         server_fingerprint=server_fingerprint,
         known_hosts=known_hosts,
         trust_on_first_use=trust_on_first_use,
         insecure=insecure,
-        logger=log,
-    )
-    keypair = load_client_key(client_key, password=key_password)
-    core = ClientProtocol(
-        verifier,
-        client_key=keypair.private_key if keypair is not None else None,
+        client_key=client_key,
+        key_password=key_password,
         max_message_size=max_message_size,
+        logger=log,
     )
     loop = asyncio.get_running_loop()
     link = _Link(core, loop)

@@ -401,8 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         metavar="N",
         type=_count,
-        help="run N server processes accepting on the port (SO_REUSEPORT; Linux); "
-        "default: 1",
+        help="run N server processes accepting on the port (SO_REUSEPORT; Linux); default: 1",
     )
     p.set_defaults(func=cmd_serve)
 

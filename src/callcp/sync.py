@@ -27,10 +27,9 @@ from ._common import (
     PathLike,
     check_port,
     client_authorizer,
-    load_client_key,
+    client_protocol,
     load_server_key,
     logger_for,
-    server_key_verifier,
 )
 from ._core.errors import (
     CallcpError,
@@ -57,7 +56,6 @@ from ._core.events import (
 )
 from ._core.protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
-    ClientProtocol,
     ServerProtocol,
     State,
     _Protocol,
@@ -641,20 +639,17 @@ def connect(
     """
     check_port(port, allow_zero=False)
     log = logger_for(logger)
-    verifier = server_key_verifier(
+    proto = client_protocol(
         host,
         port,
         server_fingerprint=server_fingerprint,
         known_hosts=known_hosts,
         trust_on_first_use=trust_on_first_use,
         insecure=insecure,
-        logger=log,
-    )
-    keypair = load_client_key(client_key, password=key_password)
-    proto = ClientProtocol(
-        verifier,
-        client_key=keypair.private_key if keypair is not None else None,
+        client_key=client_key,
+        key_password=key_password,
         max_message_size=max_message_size,
+        logger=log,
     )
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
