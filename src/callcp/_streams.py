@@ -19,8 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Optional, Union
 
+from ._core.errors import CallcpError, CallcpTimeout, StreamAbortedError
+from ._core.events import StreamAborted, StreamChunk, StreamEnded, StreamStarted
+
 __all__ = [
     "StreamInfo",
+    "StreamReception",
     "Progress",
     "Source",
     "Destination",
@@ -140,3 +144,44 @@ class Sink:
                 self._fh.truncate()
         except (OSError, ValueError):
             pass
+
+
+class StreamReception:
+    """What ``recv_stream()`` does with each event, for both adapters: write
+    chunks to the sink, report progress, finish or abandon it."""
+
+    def __init__(self, started: StreamStarted, dest: Destination, progress: Optional[Progress]):
+        self.started = started
+        self.sink = Sink(dest)
+        self.progress = progress
+        self.received = 0
+
+    def feed(self, event: Any) -> Optional[StreamInfo]:
+        """Handle one event of the stream; its StreamInfo once it ended.
+
+        Raises:
+            StreamAbortedError: the sender abandoned the stream.
+        """
+        if isinstance(event, StreamChunk):
+            self.sink.write(event.data)
+            self.received += len(event.data)
+            if self.progress is not None:
+                self.progress(self.received, self.started.size)
+        elif isinstance(event, StreamEnded):
+            self.sink.commit()
+            digest = event.sha256.hex() if event.sha256 is not None else None
+            return StreamInfo(event.length, digest, self.started.name)
+        elif isinstance(event, StreamAborted):
+            raise StreamAbortedError(
+                "the sender abandoned the stream" + (f": {event.reason}" if event.reason else ""),
+                reason=event.reason,
+            )
+        return None
+
+    def failed(self, exc: BaseException) -> bool:
+        """The reception stopped with ``exc``: discard the output, and say
+        whether the connection must be closed (the rest of the stream would
+        otherwise be misread): after a timeout or a local error, not after
+        a protocol error (already closed) or the sender's abort (still open)."""
+        self.sink.discard()
+        return isinstance(exc, CallcpTimeout) or not isinstance(exc, CallcpError)

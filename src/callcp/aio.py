@@ -63,7 +63,6 @@ from ._core.errors import (
     HandshakeTimeout,
     LocalProtocolError,
     MessagePending,
-    StreamAbortedError,
     StreamPending,
     TransportError,
 )
@@ -74,14 +73,18 @@ from ._core.events import (
     HandshakeCompleted,
     MessageReceived,
     ServerKeyAccepted,
-    StreamAborted,
-    StreamChunk,
-    StreamEnded,
     StreamStarted,
 )
 from ._core.protocol import DEFAULT_MAX_MESSAGE_SIZE, ServerProtocol, _Protocol
 from ._core.wire import alert_frame
-from ._streams import Destination, Progress, Sink, StreamInfo, iter_chunks, source_size
+from ._streams import (
+    Destination,
+    Progress,
+    StreamInfo,
+    StreamReception,
+    iter_chunks,
+    source_size,
+)
 from ._workers import WorkerPool, check_workers, reserve_port
 
 __all__ = ["Connection", "Server", "connect", "serve"]
@@ -591,32 +594,17 @@ class Connection:
                 self._link.untake(started)
                 raise MessagePending("a message arrived, not a stream: receive it with recv()")
             try:
-                sink = Sink(dest)
+                rx = StreamReception(started, dest, progress)
             except BaseException:
                 await self.close(CloseCode.INTERNAL_ERROR, "the receiver could not open its output")
                 raise
-            done = 0
             try:
                 while True:
-                    event = await self._next_app_event(self._timeout)
-                    if isinstance(event, StreamChunk):
-                        sink.write(event.data)
-                        done += len(event.data)
-                        if progress is not None:
-                            progress(done, started.size)
-                    elif isinstance(event, StreamEnded):
-                        sink.commit()
-                        digest = event.sha256.hex() if event.sha256 is not None else None
-                        return StreamInfo(event.length, digest, started.name)
-                    elif isinstance(event, StreamAborted):
-                        raise StreamAbortedError(
-                            "the sender abandoned the stream"
-                            + (f": {event.reason}" if event.reason else ""),
-                            reason=event.reason,
-                        )
+                    info = rx.feed(await self._next_app_event(self._timeout))
+                    if info is not None:
+                        return info
             except BaseException as exc:
-                sink.discard()
-                if isinstance(exc, CallcpTimeout) or not isinstance(exc, CallcpError):
+                if rx.failed(exc):
                     await self.close(
                         CloseCode.INTERNAL_ERROR, "the receiver failed in the middle of a stream"
                     )

@@ -39,7 +39,6 @@ from ._core.errors import (
     ConnectionClosedOK,
     HandshakeTimeout,
     MessagePending,
-    StreamAbortedError,
     StreamPending,
     TransportError,
 )
@@ -49,9 +48,6 @@ from ._core.events import (
     HandshakeCompleted,
     MessageReceived,
     ServerKeyAccepted,
-    StreamAborted,
-    StreamChunk,
-    StreamEnded,
     StreamStarted,
 )
 from ._core.protocol import (
@@ -64,9 +60,9 @@ from ._core.wire import alert_frame
 from ._streams import (
     Destination,
     Progress,
-    Sink,
     Source,
     StreamInfo,
+    StreamReception,
     iter_chunks,
     source_size,
 )
@@ -398,34 +394,18 @@ class Connection:
             if not isinstance(started, StreamStarted):
                 self._pending = event
                 raise MessagePending("a message arrived, not a stream: receive it with recv()")
-            size = started.size
             try:
-                sink = Sink(dest)
+                rx = StreamReception(started, dest, progress)
             except BaseException:
                 self._abandon_stream("the receiver could not open its output")
                 raise
-            done = 0
             try:
                 while True:
-                    event = self._next_app_event(self._deadline())
-                    if isinstance(event, StreamChunk):
-                        sink.write(event.data)
-                        done += len(event.data)
-                        if progress is not None:
-                            progress(done, size)
-                    elif isinstance(event, StreamEnded):
-                        sink.commit()
-                        digest = event.sha256.hex() if event.sha256 is not None else None
-                        return StreamInfo(event.length, digest, started.name)
-                    elif isinstance(event, StreamAborted):
-                        raise StreamAbortedError(
-                            "the sender abandoned the stream"
-                            + (f": {event.reason}" if event.reason else ""),
-                            reason=event.reason,
-                        )
+                    info = rx.feed(self._next_app_event(self._deadline()))
+                    if info is not None:
+                        return info
             except BaseException as exc:
-                sink.discard()
-                if isinstance(exc, CallcpTimeout) or not isinstance(exc, CallcpError):
+                if rx.failed(exc):
                     self._abandon_stream("the receiver failed in the middle of a stream")
                 raise
 
