@@ -208,3 +208,37 @@ def test_silent_connections_do_not_hold_handshake_slots(server_key: rsa.RSAPriva
         for sock in idle:
             sock.close()
         server.shutdown()
+
+
+def test_back_to_back_key_updates_are_refused(server_key: rsa.RSAPrivateKey) -> None:
+    """A KEY_UPDATE must follow at least one other record under its key, so a
+    peer cannot make the receiver derive keys over and over for free."""
+    from callcp._core.errors import RemoteProtocolError
+
+    pair = Pair(server_key)
+    pair.handshake()
+    sender = pair.client._sender
+    assert sender is not None
+    out: List[bytes] = []
+    sender.seal(FrameType.KEY_UPDATE, b"", out)  # fine: FINISHED used this key
+    sender.update()
+    sender.seal(FrameType.KEY_UPDATE, b"", out)  # nothing under the new key yet
+    with pytest.raises(RemoteProtocolError, match="KEY_UPDATE"):
+        feed(pair.server, b"".join(out))
+
+
+def test_a_failing_key_verifier_refuses_the_key(server_key: rsa.RSAPrivateKey) -> None:
+    """A verifier that fails with an ordinary exception (a bug, an odd host
+    name) refuses the server like a mismatch, instead of escaping the core."""
+    from callcp._core.errors import ServerKeyError
+
+    def broken(fingerprint: str, der: bytes) -> None:
+        raise ValueError("not a host name")
+
+    client = ClientProtocol(broken)
+    server = ServerProtocol(server_key)
+    server.start()
+    with pytest.raises(ServerKeyError, match="ValueError"):
+        feed(client, server.data_to_send())
+    (alert,) = split_frames(client.data_to_send())
+    assert alert[0] == FrameType.ALERT

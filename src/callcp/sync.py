@@ -306,10 +306,19 @@ class Connection:
         err: CallcpError = _translate(exc, "sending")
         if not isinstance(exc, (ConnectionResetError, BrokenPipeError)):
             return err
+        if not self._recv_lock.acquire(blocking=False):
+            return err  # a receiver is reading: it will see the close itself
         try:
-            pending = self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
-        except OSError:
-            return err
+            try:
+                pending = self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
+            except OSError:
+                return err
+            return self._close_in(pending, err)
+        finally:
+            self._recv_lock.release()
+
+    def _close_in(self, pending: bytes, err: CallcpError) -> CallcpError:
+        """The peer's close error if ``pending`` holds its CLOSE, else ``err``."""
         with self._proto_lock:
             self._proto.receive_data(pending)
             try:

@@ -751,6 +751,11 @@ class _Protocol:
         if body:
             raise RemoteProtocolError("KEY_UPDATE record with a body")
         assert self._receiver is not None
+        # A key must carry at least one other record before it is replaced:
+        # updates are costly to apply, and a legitimate sender updates only
+        # after many records.  (seq counts this KEY_UPDATE too.)
+        if self._receiver.seq < 2:
+            raise RemoteProtocolError("KEY_UPDATE before any record under the current key")
         self._receiver.update()
         return None
 
@@ -846,7 +851,14 @@ class ClientProtocol(_Protocol):
         self.version = common[0]
         server_key = load_public_der(hello.rsa_public_der, what="server")
         fp = fingerprint_der(hello.rsa_public_der)
-        self._verify(fp, hello.rsa_public_der)  # raises ServerKeyError to refuse
+        try:
+            self._verify(fp, hello.rsa_public_der)  # raises ServerKeyError to refuse
+        except CallcpError:
+            raise
+        except Exception as exc:  # a failing verifier refuses the key, loudly
+            raise ServerKeyError(
+                f"the server key check failed: {type(exc).__name__}: {exc}"
+            ) from exc
         self.server_fingerprint = self.peer_fingerprint = fp
         if hello.require_client_auth and self._client_key is None:
             raise ClientAuthError(
