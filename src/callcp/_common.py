@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ._core.errors import KeyManagementError
+from ._core.errors import (
+    CallcpTimeout,
+    ConnectionClosedError,
+    KeyManagementError,
+    TransportError,
+)
 from ._core.protocol import ClientProtocol
 from .keys import KeyPair
 from .trust import AuthorizedKeys, ServerKeyPolicy
@@ -21,6 +27,7 @@ __all__ = [
     "KeySource",
     "AuthorizedSource",
     "check_port",
+    "translate_oserror",
     "logger_for",
     "server_key_verifier",
     "client_protocol",
@@ -38,6 +45,17 @@ KeySource = Union[KeyPair, rsa.RSAPrivateKey, str, "os.PathLike[str]"]
 AuthorizedSource = Union[AuthorizedKeys, PathLike, "list[str]", "set[str]", "tuple[str, ...]"]
 
 LOG = logging.getLogger("callcp")
+
+
+def translate_oserror(exc: OSError, doing: str) -> TransportError:
+    """The one place where socket errors become callcp errors (both adapters)."""
+    # socket.timeout: a Python-level timeout; BlockingIOError (EAGAIN): the
+    # kernel-level SO_RCVTIMEO / SO_SNDTIMEO deadline of a blocking socket.
+    if isinstance(exc, (socket.timeout, BlockingIOError)):
+        return CallcpTimeout(f"timed out while {doing}")
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return ConnectionClosedError(f"the connection was reset while {doing}: {exc.strerror}")
+    return TransportError(f"network error while {doing}: {exc}")
 
 
 def check_port(port: int, *, allow_zero: bool) -> None:

@@ -53,6 +53,9 @@ from ._common import (
     load_server_key,
     logger_for,
 )
+from ._common import (
+    translate_oserror as _translate,
+)
 from ._core.errors import (
     CallcpError,
     CallcpTimeout,
@@ -64,7 +67,6 @@ from ._core.errors import (
     LocalProtocolError,
     MessagePending,
     StreamPending,
-    TransportError,
 )
 from ._core.events import (
     NEED_DATA,
@@ -116,13 +118,6 @@ class _Default:
 
 
 DEFAULT: Any = _Default()
-
-
-def _translate(exc: OSError, doing: str) -> TransportError:
-    """The one place where socket errors become callcp errors."""
-    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-        return ConnectionClosedError(f"the connection was reset while {doing}: {exc.strerror}")
-    return TransportError(f"network error while {doing}: {exc}")
 
 
 class _Link(asyncio.Protocol):

@@ -2,7 +2,7 @@
 
 This module only moves bytes: every protocol decision is made by
 ``callcp._core.protocol``.  OSError is translated into callcp errors in one
-place, ``_translate``.
+place, ``_common.translate_oserror``.
 
 Threading: a Connection may be used by one thread receiving while another
 sends.  ``_proto_lock`` guards the core object; ``_send_lock`` keeps queued
@@ -31,16 +31,17 @@ from ._common import (
     load_server_key,
     logger_for,
 )
+from ._common import (
+    translate_oserror as _translate,
+)
 from ._core.errors import (
     CallcpError,
     CallcpTimeout,
     CloseCode,
-    ConnectionClosedError,
     ConnectionClosedOK,
     HandshakeTimeout,
     MessagePending,
     StreamPending,
-    TransportError,
 )
 from ._core.events import (
     NEED_DATA,
@@ -93,17 +94,6 @@ class _Default:
 
 DEFAULT = _Default()
 Buffer = Union[bytes, bytearray, memoryview]
-
-
-def _translate(exc: OSError, doing: str) -> TransportError:
-    """The one place where socket errors become callcp errors."""
-    # socket.timeout: a Python-level timeout; BlockingIOError (EAGAIN): the
-    # kernel-level SO_RCVTIMEO / SO_SNDTIMEO deadline of a blocking socket.
-    if isinstance(exc, (socket.timeout, BlockingIOError)):
-        return CallcpTimeout(f"timed out while {doing}")
-    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-        return ConnectionClosedError(f"the connection was reset while {doing}: {exc.strerror}")
-    return TransportError(f"network error while {doing}: {exc}")
 
 
 class Connection:
