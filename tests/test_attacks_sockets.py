@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
 import callcp._common
+import callcp._engine
 import callcp.sync
 from callcp._core.errors import (
     CloseCode,
@@ -459,7 +460,7 @@ def test_mitm_substituting_its_own_x25519_share(
 
 def _with_versions(monkeypatch: pytest.MonkeyPatch, versions: tuple) -> None:
     monkeypatch.setattr(
-        callcp.sync, "ServerProtocol", functools.partial(ServerProtocol, versions=versions)
+        callcp._engine, "ServerProtocol", functools.partial(ServerProtocol, versions=versions)
     )
     monkeypatch.setattr(
         callcp._common, "ClientProtocol", functools.partial(ClientProtocol, versions=versions)
@@ -474,7 +475,7 @@ def test_both_sides_agree_on_the_best_common_version(
     proxy = make_proxy()
     with via(proxy, target) as conn:
         assert conn.request(REQUEST) == b"ok:" + REQUEST
-        assert conn._proto.version == 3
+        assert conn._core.version == 3
 
 
 def _strip_version_3(relay: Relay, index: int, frame: bytes) -> Sequence[bytes]:

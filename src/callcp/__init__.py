@@ -37,6 +37,7 @@ from ._core.errors import (
     VersionMismatch,
 )
 from ._core.keys import fingerprint
+from ._options import ClientOptions, ServerOptions
 from ._streams import StreamInfo
 from .compat import SecureTCPClient, SecureTCPServer
 from .keys import KeyPair
@@ -52,6 +53,8 @@ __all__ = [
     "Connection",
     "Server",
     "StreamInfo",
+    "ClientOptions",
+    "ServerOptions",
     # asyncio API: callcp.aio.connect, callcp.aio.serve
     "aio",
     # keys and trust

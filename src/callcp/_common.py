@@ -18,6 +18,7 @@ from ._core.errors import (
     TransportError,
 )
 from ._core.protocol import ClientProtocol
+from ._options import DEFAULT_PORT, ClientOptions
 from .keys import KeyPair
 from .trust import AuthorizedKeys, ServerKeyPolicy
 
@@ -36,7 +37,6 @@ __all__ = [
     "client_authorizer",
 ]
 
-DEFAULT_PORT = 8436
 #: Where ``serve()`` keeps its key when none is given.
 DEFAULT_SERVER_KEY = Path("~/.callcp/server_key.pem")
 
@@ -113,40 +113,28 @@ def server_key_verifier(
     return verify
 
 
-def client_protocol(
-    host: str,
-    port: int,
-    *,
-    server_fingerprint: Optional[str],
-    known_hosts: Optional[PathLike],
-    trust_on_first_use: bool,
-    insecure: bool,
-    client_key: Optional[KeySource],
-    key_password: Optional[str],
-    max_message_size: int,
-    logger: logging.Logger,
-) -> ClientProtocol:
+def client_protocol(host: str, port: int, options: ClientOptions) -> ClientProtocol:
     """The client's sans-I/O core, set up from ``connect()``'s options (both
     adapters).
 
     Raises:
         KeyManagementError: ``client_key`` could not be loaded.
-        ValueError: contradictory trust options or a malformed pin.
+        ValueError: a malformed pin.
     """
     verifier = server_key_verifier(
         host,
         port,
-        server_fingerprint=server_fingerprint,
-        known_hosts=known_hosts,
-        trust_on_first_use=trust_on_first_use,
-        insecure=insecure,
-        logger=logger,
+        server_fingerprint=options.server_fingerprint,
+        known_hosts=options.known_hosts,
+        trust_on_first_use=options.trust_on_first_use,
+        insecure=options.insecure,
+        logger=logger_for(options.logger),
     )
-    keypair = load_client_key(client_key, password=key_password)
+    keypair = load_client_key(options.client_key, password=options.key_password)
     return ClientProtocol(
         verifier,
         client_key=keypair.private_key if keypair is not None else None,
-        max_message_size=max_message_size,
+        max_message_size=options.max_message_size,
     )
 
 

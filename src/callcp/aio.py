@@ -1,11 +1,14 @@
-"""The asyncio adapter: the same sans-I/O core behind ``asyncio.Protocol``.
+"""The asyncio adapter: the connection engine behind ``asyncio.Protocol``.
 
-Like :mod:`callcp.sync`, this module only moves bytes.  Each TCP connection
-is a :class:`_Link` (an ``asyncio.Protocol``): ``data_received`` feeds the
-core and queues what it reports; :class:`Connection` awaits those events.
-Application events are buffered up to a bound, past which the link pauses
-reading (TCP back-pressure does the rest).  The server's RSA decryption runs
-inside ``data_received``: it holds the event loop for one RSA operation.
+Only "how do I wait" lives here.  Each TCP connection is a :class:`_Link`:
+``data_received`` hands bytes to the engine and wakes the one task waiting
+for them; the :class:`Connection` methods pull events from the engine, as
+the blocking adapter does after a read.  Bytes wait unparsed in the core (one
+buffer, never an object per read), and past a bound the link stops reading,
+so TCP's back-pressure does the rest.  A server holds a connection in
+callbacks alone until its whole ClientHello is in; only then does it queue
+for a key-exchange slot, whose RSA work runs in a worker thread, never on
+the event loop, and never for a connection that is gone.
 
 Usage::
 
@@ -23,18 +26,18 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import logging
+import concurrent.futures
+import os
 import signal
 import socket
 import time
-from collections import deque
 from typing import (
+    TYPE_CHECKING,
     Any,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
-    Deque,
     List,
     Optional,
     Set,
@@ -42,71 +45,38 @@ from typing import (
     Union,
 )
 
-from ._common import (
-    DEFAULT_PORT,
-    AuthorizedSource,
-    KeySource,
-    PathLike,
-    check_port,
-    client_authorizer,
-    client_protocol,
-    load_server_key,
-    logger_for,
-)
-from ._common import (
-    translate_oserror as _translate,
-)
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+from ._common import check_port, client_protocol
+from ._common import translate_oserror as _translate
 from ._core.errors import (
     CallcpError,
     CallcpTimeout,
     CloseCode,
-    ConnectionClosed,
-    ConnectionClosedError,
     ConnectionClosedOK,
-    HandshakeTimeout,
     LocalProtocolError,
-    MessagePending,
-    StreamPending,
 )
-from ._core.events import (
-    NEED_DATA,
-    CloseReceived,
-    DecryptionRequested,
-    HandshakeCompleted,
-    MessageReceived,
-    ServerKeyAccepted,
-    StreamStarted,
+from ._core.events import NEED_DATA, DecryptionRequested
+from ._engine import (
+    Arrival,
+    Engine,
+    ServerCore,
+    StreamSending,
+    format_peer,
+    handler_outcome,
 )
-from ._core.protocol import DEFAULT_MAX_MESSAGE_SIZE, ServerProtocol, _Protocol
-from ._core.wire import alert_frame
-from ._streams import (
-    Destination,
-    Progress,
-    StreamInfo,
-    StreamReception,
-    iter_chunks,
-    source_size,
-)
-from ._workers import WorkerPool, check_workers, reserve_port
+from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
+from ._streams import Destination, Progress, StreamInfo, StreamReception, iter_chunks, source_size
+from ._workers import WorkerPool, reserve_port
 
 __all__ = ["Connection", "Server", "connect", "serve"]
 
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-DEFAULT_IDLE_TIMEOUT = 300.0
-DEFAULT_MAX_CONNECTIONS = 10000
-DEFAULT_MAX_HANDSHAKES = 16
-#: Received-but-unread bytes past which a link stops reading the socket.
-PAUSE_READING_AT = 1 << 20
-#: What a queued event costs beyond its payload (objects, queue slot), so
-#: that a flood of tiny or empty messages also reaches the pause point.
-EVENT_COST = 128
-#: Unparsed received bytes past which a link stops reading (room for a
-#: whole record and a read beyond it).
-MAX_UNPARSED = 256 << 10
+#: Unparsed received bytes past which a link stops reading the socket
+#: (room for a whole record and a read beyond it).
+PAUSE_READING_AT = 256 << 10
 #: Waits at least this long (seconds) use the link's shared, lazily re-armed timer.
 COARSE_TIMEOUT = 1.0
-RESUME_READING_AT = 256 << 10
 
 Address = Tuple[Any, ...]
 Buffer = Union[bytes, bytearray, memoryview]
@@ -121,285 +91,163 @@ DEFAULT: Any = _Default()
 
 
 class _Link(asyncio.Protocol):
-    """One TCP connection: moves bytes between the transport and the core."""
+    """One TCP connection: moves bytes between its transport and its engine,
+    and wakes the task waiting for them."""
 
     def __init__(
         self,
-        core: _Protocol,
         loop: asyncio.AbstractEventLoop,
-        decryptions: Optional[_Decryptions] = None,
+        engine: Optional[Engine] = None,
+        server: Optional[Server] = None,
     ) -> None:
-        self.core = core
         self.loop = loop
-        self._decryptions = decryptions
+        self.engine: Engine = engine  # type: ignore[assignment]  # (server: set on accept)
+        self.server = server
         self.transport: Optional[asyncio.Transport] = None
-        self.events: Deque[Any] = deque()
-        self.buffered = 0
-        self.error: Optional[BaseException] = None
-        self.error_reported = False
-        self.handshake: asyncio.Future[Any] = loop.create_future()
-        self.closed: asyncio.Future[None] = loop.create_future()
+        self.addr: Address = ()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        #: (server) before the key exchange, bytes go here instead
+        self.on_data: Optional[Callable[[_Link, bytes], None]] = None
+        self.arrival: Optional[Arrival] = None
+        self.timer: Optional[asyncio.TimerHandle] = None
         self._waiter: Optional[asyncio.Future[None]] = None
-        self._drain_waiters: List[asyncio.Future[None]] = []
-        self._paused_reading = False
-        self._paused_writing = False
-        self._decrypting = False  # a premaster decryption runs in a worker thread
-        self._deadline: Optional[float] = None  # of the current long wait
+        self._deadline = 0.0  # of the current long wait
         self._deadline_timer: Optional[asyncio.TimerHandle] = None
-        self._lost: Optional[Tuple[Optional[Exception]]] = None  # connection_lost, deferred
+        self._drain: List[asyncio.Future[None]] = []
+        self.paused_reading = False
+        self.paused_writing = False
 
     # ------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        if isinstance(self.core, ServerProtocol):
-            self.core.start()
-            self.flush()
+        peer = transport.get_extra_info("peername")
+        self.addr = tuple(peer) if peer else ()
+        if self.server is not None:
+            self.server._accepted(self)
 
     def data_received(self, data: bytes) -> None:
-        self.core.receive_data(data)
-        self.pump()
-        # Bytes the core holds unparsed (normally less than one record; more
-        # while a ClientHello waits for its decryption): bounded too.
-        if self.core.buffered > MAX_UNPARSED:
-            self._pause()
+        if self.on_data is not None:
+            self.on_data(self, data)
+            return
+        engine = self.engine
+        engine.feed(data)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if engine.core.buffered > PAUSE_READING_AT and not self.paused_reading:
+            self.paused_reading = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
-        self.core.receive_data(b"")
-        self.pump()
+        self.data_received(b"")
         return False
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        if self._decrypting:
-            # The peer's whole flight (and maybe its close) may be buffered
-            # behind the ClientHello: finish reading it first (_decrypted).
-            self._lost = (exc,)
-            return
-        if self.error is None:
-            if exc is not None:
-                self.error = _translate(exc, "receiving") if isinstance(exc, OSError) else exc
-            else:
-                self.error = self.core.closed_error()
-        self._fail_handshake(self.error)
-        self._wake()
-        for waiter in self._drain_waiters:
+        if self.engine is not None:
+            err = _translate(exc, "receiving") if isinstance(exc, OSError) else None
+            self.engine.transport_lost(err)
+        self.wake()
+        for waiter in self._drain:
             if not waiter.done():
                 waiter.set_result(None)
-        self._drain_waiters.clear()
-        if not self.closed.done():
-            self.closed.set_result(None)
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self.server is not None:
+            self.server._lost(self)
 
     def pause_writing(self) -> None:
-        self._paused_writing = True
+        self.paused_writing = True
 
     def resume_writing(self) -> None:
-        self._paused_writing = False
-        for waiter in self._drain_waiters:
+        self.paused_writing = False
+        for waiter in self._drain:
             if not waiter.done():
                 waiter.set_result(None)
-        self._drain_waiters.clear()
+        self._drain.clear()
 
     # --------------------------------------------------------------- moving
 
-    def pump(self) -> None:
-        """Drain the core's events into the queue; act on handshake and close."""
-        if self._decrypting:
-            return  # resumed by _decrypted()
-        core = self.core
-        try:
-            while True:
-                event = core.next_event()
-                if event is NEED_DATA:
-                    break
-                if type(event) is MessageReceived:  # the common case first
-                    self.events.append(event)
-                    self.buffered += len(event.data) + EVENT_COST
-                elif isinstance(event, DecryptionRequested):
-                    # The RSA work runs in a worker thread (cryptography drops
-                    # the GIL): the loop is never held by it, and handshakes
-                    # use every core.
-                    self._decrypting = True
-                    assert self._decryptions is not None
-                    self._decryptions.submit(self, event)
-                    break
-                elif isinstance(event, (ServerKeyAccepted, HandshakeCompleted)):
-                    if not self.handshake.done():
-                        self.handshake.set_result(event)
-                elif isinstance(event, CloseReceived):
-                    self.error = core.closed_error()
-                    self.flush()
-                    self.close_transport()
-                    break
-                else:
-                    self.events.append(event)
-                    self.buffered += _cost(event)
-                if core.needs_data:
-                    break  # (saves asking the core for an event it cannot have)
-        except CallcpError as exc:
-            self.error = exc
-            self._fail_handshake(exc)
-            self.flush()
-            self.close_transport()
-        else:
-            self.flush()
-            if self.buffered >= PAUSE_READING_AT:
-                self._pause()
-        self._wake()
-
-    def _pause(self) -> None:
-        if not self._paused_reading:
-            self._paused_reading = True
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.pause_reading()
-
-    def _maybe_resume(self) -> None:
-        if (
-            self._paused_reading
-            and self.buffered <= RESUME_READING_AT
-            and not self._decrypting
-            and self.core.buffered <= MAX_UNPARSED
-        ):
-            self._paused_reading = False
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.resume_reading()
-
-    def decrypted(self, premaster: Optional[bytes]) -> None:
-        """The premaster's decryption finished (None: it failed)."""
-        self._decrypting = False
-        if self.error is None:  # else it failed meanwhile (handshake timeout)
-            assert isinstance(self.core, ServerProtocol)
-            try:
-                self.core.premaster_decrypted(premaster)
-            except CallcpError as exc:
-                self.error = exc
-                self._fail_handshake(exc)
-                self.flush()
-                self.close_transport()
-            else:
-                self.pump()
-                self._maybe_resume()
-        if self._lost is not None:
-            self.connection_lost(*self._lost)
-
-    def take(self) -> Any:
-        """The next queued application event (caller checked there is one)."""
-        event = self.events.popleft()
-        self.buffered -= _cost(event)
-        self._maybe_resume()
-        return event
-
-    def untake(self, event: Any) -> None:
-        """Put back an event taken by mistake (it stays first in line)."""
-        self.events.appendleft(event)
-        self.buffered += _cost(event)
-
     def flush(self) -> None:
-        out = self.core.data_to_send()
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
+        """Write what the core has queued."""
+        out = self.engine.core.data_to_send()
+        transport = self.transport
+        if out and transport is not None and not transport.is_closing():
+            transport.write(out)
 
     async def drain(self) -> None:
-        if self._paused_writing and self.transport is not None:
+        if self.paused_writing and not self.lost.done():
             waiter = self.loop.create_future()
-            self._drain_waiters.append(waiter)
+            self._drain.append(waiter)
             await waiter
 
-    def close_transport(self) -> None:
+    def abort(self) -> None:
+        """Write what is queued (the CLOSE or ALERT saying why) and close."""
+        self.flush()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    async def wait_event(self, timeout: Optional[float]) -> None:
-        """Wait until an event is queued or the link failed (raises CallcpTimeout)."""
-        if self.events or self.error is not None:
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def resume(self) -> None:
+        """Read again once the reader has caught up."""
+        if self.engine.core.buffered <= PAUSE_READING_AT // 4 and self.transport is not None:
+            self.paused_reading = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    async def wait(self, deadline: float) -> None:
+        """Wait for bytes, the transport's loss, or a wake-up (raises
+        CallcpTimeout at ``deadline``, a loop.time(); inf: none).  Long waits
+        share one lazily re-armed timer per link; no task per wait."""
+        if self.lost.done():
             return
-        # One future per wait, and no task (asyncio.wait_for would wrap the
-        # wait in one: several times the cost of a small message).  Long
-        # timeouts (an idle timeout, typically) share one lazily re-armed
-        # timer per link instead of a new timer per message.
         loop = self.loop
-        deadline = None if timeout is None else loop.time() + timeout
-        while not self.events and self.error is None:
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiter = waiter
-            timer = None
-            if deadline is not None:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    self._waiter = None
-                    raise CallcpTimeout("timed out while receiving")
-                if remaining >= COARSE_TIMEOUT:
-                    self._deadline = deadline
-                    shared = self._deadline_timer
-                    if shared is None or shared.when() > deadline:
-                        if shared is not None:
-                            shared.cancel()
-                        self._deadline_timer = loop.call_at(deadline, self._check_deadline)
-                else:
-                    timer = loop.call_later(remaining, _expire, waiter)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-                self._deadline = None
-                if timer is not None:
-                    timer.cancel()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        timer = None
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            self._waiter = None
+            raise CallcpTimeout("timed out while receiving")
+        if remaining >= COARSE_TIMEOUT:
+            if remaining != float("inf"):
+                self._deadline = deadline
+                shared = self._deadline_timer
+                if shared is None or shared.when() > deadline:
+                    if shared is not None:
+                        shared.cancel()
+                    self._deadline_timer = loop.call_at(deadline, self._check_deadline)
+        else:
+            timer = loop.call_later(remaining, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            self._deadline = 0.0
+            if timer is not None:
+                timer.cancel()
 
     def _check_deadline(self) -> None:
-        """The shared timer fired: expire the current wait if its deadline has
+        """The shared timer fired: expire the current wait if its deadline
         passed, else re-arm for it."""
         self._deadline_timer = None
         deadline, waiter = self._deadline, self._waiter
-        if deadline is None or waiter is None or waiter.done():
+        if not deadline or waiter is None or waiter.done():
             return
         if self.loop.time() >= deadline:
             _expire(waiter)
         else:
             self._deadline_timer = self.loop.call_at(deadline, self._check_deadline)
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
-    def _fail_handshake(self, exc: BaseException) -> None:
-        if not self.handshake.done():
-            self.handshake.set_exception(exc)
-
-
-class _Decryptions:
-    """Runs the servers' RSA decryptions in worker threads, at most ``limit``
-    at once; the rest wait their turn in order (bounded by max_connections
-    and each link's handshake timeout).  cryptography releases the GIL for
-    them, so they use every core and never hold the event loop."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.running = 0
-        self.waiting: Deque[Tuple[_Link, DecryptionRequested]] = deque()
-
-    def submit(self, link: _Link, request: DecryptionRequested) -> None:
-        if self.running < self.limit:
-            self._start(link, request)
-        else:
-            self.waiting.append((link, request))
-
-    def _start(self, link: _Link, request: DecryptionRequested) -> None:
-        self.running += 1
-        job = link.loop.run_in_executor(None, request.run)
-
-        def done(job: asyncio.Future[Optional[bytes]]) -> None:
-            self.running -= 1
-            result = None if job.cancelled() or job.exception() else job.result()
-            link.decrypted(result)
-            while self.waiting and self.running < self.limit:
-                nxt, req = self.waiting.popleft()
-                if nxt.error is not None:  # gave up while waiting
-                    nxt.decrypted(None)
-                else:
-                    self._start(nxt, req)
-
-        job.add_done_callback(done)
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(CallcpTimeout("timed out while receiving"))
 
 
 class Connection:
@@ -408,16 +256,15 @@ class Connection:
 
     def __init__(self, link: _Link, *, timeout: Optional[float]) -> None:
         self._link = link
-        self._core = link.core
+        self._engine = link.engine
+        self._core = link.engine.core
         self._timeout = timeout
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
-        self._stopping = False  # the server is shutting down
+        link.engine.wake = link.wake
+        self.remote_address: Address = link.addr
         transport = link.transport
-        assert transport is not None
-        peer = transport.get_extra_info("peername")
-        self.remote_address: Address = tuple(peer) if peer else ()
-        local = transport.get_extra_info("sockname")
+        local = transport.get_extra_info("sockname") if transport is not None else None
         self.local_address: Address = tuple(local) if local else ()
 
     @property
@@ -428,53 +275,77 @@ class Connection:
 
     @property
     def closed(self) -> bool:
-        return self._link.closed.done() or self._link.error is not None
+        transport = self._link.transport
+        return transport is None or transport.is_closing()
 
     def settimeout(self, timeout: Optional[float]) -> None:
         self._timeout = timeout
 
+    def _deadline(self, timeout: Any) -> float:
+        seconds = self._timeout if isinstance(timeout, _Default) else timeout
+        return float("inf") if seconds is None else self._link.loop.time() + seconds
+
+    # ------------------------------------------------------------ handshake
+
+    async def do_handshake(self, timeout: Any = DEFAULT) -> None:
+        """Run the handshake (see :meth:`callcp.sync.Connection.do_handshake`)."""
+        seconds = self._timeout if isinstance(timeout, _Default) else timeout
+        async with self._recv_lock:
+            await self._handshake(self._deadline(timeout), seconds, _decrypt_here)
+
+    async def _handshake(
+        self,
+        deadline: float,
+        seconds: Optional[float],
+        decrypt: Callable[[DecryptionRequested], Awaitable[Optional[bytes]]],
+    ) -> None:
+        engine, link = self._engine, self._link
+        try:
+            while True:
+                step = engine.handshake_step()
+                link.flush()
+                if step is None:
+                    return
+                if step is NEED_DATA:
+                    await link.wait(deadline)
+                else:
+                    engine.decrypted(await decrypt(step))  # type: ignore[arg-type]
+        except CallcpTimeout:
+            err = engine.handshake_timed_out(seconds, format_peer(self.remote_address))
+            link.abort()
+            raise err from None
+        except CallcpError:
+            link.abort()
+            raise
+
     # -------------------------------------------------------------- sending
-
-    def _check_open(self) -> None:
-        link = self._link
-        if link.error is not None and not link.error_reported:
-            link.error_reported = True  # the first time, the error itself
-            raise link.error
-        if link.error is not None or link.transport is None or link.transport.is_closing():
-            raise self._closed_error()
-
-    def _closed_error(self) -> ConnectionClosed:
-        err = self._link.error
-        if isinstance(err, ConnectionClosed):
-            return err
-        if err is None:
-            return ConnectionClosedOK("the connection was closed locally", code=CloseCode.NORMAL)
-        return ConnectionClosedError(
-            f"the connection failed: {err}", code=getattr(err, "code", None), reason=str(err)
-        )
 
     async def send(self, message: Buffer) -> None:
         """Send one message.
 
         Raises:
             ConnectionClosed: the connection is closed or failed.
-            LocalProtocolError: a stream is being sent on this connection.
+            LocalProtocolError: after our own close().
         """
-        if not self._send_lock.locked():
-            # Fast path: nothing awaits between these steps, so no other
-            # sender (e.g. a stream, which holds the lock) can interleave.
-            link = self._link
-            self._check_open()
-            self._core.send(message)
-            link.flush()
-            if link._paused_writing:
-                await link.drain()
-            return
-        async with self._send_lock:
-            self._check_open()
-            self._core.send(message)
-            self._link.flush()
-            await self._link.drain()
+        if self._send_lock.locked():  # a stream is being sent: wait for its end
+            async with self._send_lock:
+                return await self.send(message)
+        link = self._link
+        if link.lost.done():
+            raise self._closed_error()
+        self._core.send(message)
+        link.flush()
+        if link.paused_writing:
+            await link.drain()
+
+    def _closed_error(self) -> CallcpError:
+        """After the transport's loss: the reason, once, then ConnectionClosed."""
+        try:
+            while self._engine.next_event() is not NEED_DATA:
+                pass  # what arrived before the loss no longer matters to a sender
+        except CallcpError as exc:
+            return exc
+        return self._engine.closed_error()
 
     async def send_stream(
         self,
@@ -489,78 +360,58 @@ class Connection:
         :meth:`callcp.sync.Connection.send_stream`); ``source`` may also be an
         async iterable of bytes-like chunks.  Waits for the transport to
         drain between chunks, so memory stays bounded."""
-        if size is None:
-            size = source_size(source)
-        core, link = self._core, self._link
+        link = self._link
         async with self._send_lock:
-            self._check_open()
-            core.start_stream(size, name, checksum=checksum)
-            link.flush()
-            done = 0
+            if link.lost.done():
+                raise self._closed_error()
+            tx = StreamSending(
+                self._core, source_size(source) if size is None else size, name, checksum, progress
+            )
             try:
+                link.flush()
                 async for chunk in _achunks(source):
-                    self._check_open()
-                    core.send_stream_data(chunk)
+                    if link.lost.done():
+                        raise self._closed_error()
+                    tx.chunk(chunk)
                     link.flush()
                     await link.drain()
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done, size)
+                    tx.sent()
+                info = tx.end()
             except BaseException as exc:
-                # Whatever stopped us (the source, the progress callback, a
-                # cancellation), the peer must not be left inside the stream.
-                if core.sending_stream and core.can_send:
-                    core.abort_stream(f"the sender failed ({type(exc).__name__})")
+                if tx.abort(exc):
                     link.flush()
                 raise
-            self._check_open()
-            length, digest = core.end_stream()
             link.flush()
             await link.drain()
-        return StreamInfo(length, digest.hex() if digest is not None else None, name)
+        return info
 
     # ------------------------------------------------------------ receiving
-
-    async def _next_app_event(self, timeout: Optional[float]) -> Any:
-        link = self._link
-        if not link.events and self._stopping:
-            await self._stop_now()
-        await link.wait_event(timeout)
-        if link.events:
-            return link.take()
-        assert link.error is not None
-        if not link.error_reported:  # the first time, the error itself
-            link.error_reported = True
-            raise link.error
-        raise self._closed_error()
 
     async def recv(self, timeout: Any = DEFAULT) -> bytes:
         """Receive the next whole message (``timeout`` as in the blocking API).
 
         Raises: as :meth:`callcp.sync.Connection.recv`.
         """
-        link = self._link
-        t = self._timeout if isinstance(timeout, _Default) else timeout
-        if not self._recv_lock.locked() and not self._stopping:
-            # Fast path, without the lock: nobody else is receiving, and only
-            # the one await below happens before we take the message.
-            if not link.events and link.error is None:
-                await link.wait_event(t)
-            if link.events and not self._recv_lock.locked():
-                event = link.events[0]
-                if type(event) is MessageReceived:
-                    link.take()
-                    return event.data
         async with self._recv_lock:
-            event = await self._next_app_event(t)
-            if isinstance(event, MessageReceived):
-                return event.data
-            self._link.untake(event)
-            raise StreamPending(
-                "a stream arrived, not a message: receive it with recv_stream()",
-                name=event.name,
-                size=event.size,
-            )
+            return self._engine.message_from(await self._next(timeout))
+
+    async def _next(self, timeout: Any) -> Any:
+        """The next application event, waiting as needed (under ``_recv_lock``)."""
+        engine, link = self._engine, self._link
+        deadline = 0.0
+        while True:
+            try:
+                event = engine.next_event()
+            except CallcpError:
+                link.abort()
+                raise
+            if link.paused_reading:
+                link.resume()
+            if event is not NEED_DATA:
+                return event
+            if not deadline:
+                deadline = self._deadline(timeout)
+            await link.wait(deadline)
 
     async def request(self, message: Buffer, timeout: Any = DEFAULT) -> bytes:
         """Send one message and return the next message received."""
@@ -584,10 +435,7 @@ class Connection:
         :meth:`callcp.sync.Connection.recv_stream`).  File writes are
         blocking calls, 64 KiB at a time."""
         async with self._recv_lock:
-            started = await self._next_app_event(self._timeout)
-            if not isinstance(started, StreamStarted):
-                self._link.untake(started)
-                raise MessagePending("a message arrived, not a stream: receive it with recv()")
+            started = self._engine.stream_from(await self._next(DEFAULT))
             try:
                 rx = StreamReception(started, dest, progress)
             except BaseException:
@@ -595,7 +443,7 @@ class Connection:
                 raise
             try:
                 while True:
-                    info = rx.feed(await self._next_app_event(self._timeout))
+                    info = rx.feed(await self._next(DEFAULT))
                     if info is not None:
                         return info
             except BaseException as exc:
@@ -609,40 +457,11 @@ class Connection:
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Send the authenticated close and close the connection; never raises."""
-        link = self._link
-        if link.transport is None or link.transport.is_closing():
-            return
-        self._core.close(code, reason)
-        link.flush()
-        if link.error is None:
-            link.error = self._core.closed_error()
-        link.close_transport()
-        link._wake()
+        self._engine.close(code, reason)
+        self._link.abort()
 
     async def wait_closed(self) -> None:
-        await asyncio.shield(self._link.closed)
-
-    async def _stop_now(self) -> None:
-        await self.close(CloseCode.GOING_AWAY, "server shutting down")
-        raise ConnectionClosedOK(
-            "the server is shutting down", code=CloseCode.GOING_AWAY, reason="server shutting down"
-        )
-
-    def _begin_stop(self) -> None:
-        """Server shutdown: an idle reader is closed now, a busy handler after
-        its current message."""
-        self._stopping = True
-        link = self._link
-        if link._waiter is not None and not link.events:
-            self._core.close(CloseCode.GOING_AWAY, "server shutting down")
-            link.flush()
-            link.error = ConnectionClosedOK(
-                "the server is shutting down",
-                code=CloseCode.GOING_AWAY,
-                reason="server shutting down",
-            )
-            link.close_transport()
-            link._wake()
+        await asyncio.shield(self._link.lost)
 
     async def __aenter__(self) -> Connection:
         return self
@@ -654,14 +473,8 @@ class Connection:
         return f"<callcp.aio.Connection {self.remote_address!r} {self._core.state.value}>"
 
 
-def _cost(event: Any) -> int:
-    data = getattr(event, "data", None)
-    return EVENT_COST + (len(data) if data is not None else 0)
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(CallcpTimeout("timed out while receiving"))
+async def _decrypt_here(request: DecryptionRequested) -> Optional[bytes]:
+    return request.run()
 
 
 async def _achunks(source: AsyncSource) -> AsyncIterator[Buffer]:
@@ -678,55 +491,35 @@ async def _achunks(source: AsyncSource) -> AsyncIterator[Buffer]:
 
 
 async def connect(
-    host: str,
-    port: int = DEFAULT_PORT,
-    *,
-    timeout: Optional[float] = DEFAULT_TIMEOUT,
-    server_fingerprint: Optional[str] = None,
-    known_hosts: Optional[PathLike] = None,
-    trust_on_first_use: bool = True,
-    insecure: bool = False,
-    client_key: Optional[KeySource] = None,
-    key_password: Optional[str] = None,
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-    logger: Optional[logging.Logger] = None,
+    host: str, port: int = DEFAULT_PORT, **options: Unpack[ClientKwargs]
 ) -> Connection:
     """Open a callcp/2 connection (the options and errors of
     :func:`callcp.sync.connect`).  The known-hosts check reads a small file
     with blocking calls."""
+    return await open_connection(host, port, ClientOptions(**options))
+
+
+async def open_connection(host: str, port: int, options: ClientOptions) -> Connection:
+    """:func:`connect` with its options as one :class:`ClientOptions`."""
     check_port(port, allow_zero=False)
-    log = logger_for(logger)
-    core = client_protocol(
-        host,
-        port,
-        server_fingerprint=server_fingerprint,
-        known_hosts=known_hosts,
-        trust_on_first_use=trust_on_first_use,
-        insecure=insecure,
-        client_key=client_key,
-        key_password=key_password,
-        max_message_size=max_message_size,
-        logger=log,
-    )
     loop = asyncio.get_running_loop()
-    link = _Link(core, loop)
-    start = time.monotonic()
+    link = _Link(loop, Engine(client_protocol(host, port, options)))
+    start = loop.time()
     try:
-        await asyncio.wait_for(loop.create_connection(lambda: link, host, port), timeout)
+        await asyncio.wait_for(loop.create_connection(lambda: link, host, port), options.timeout)
     except asyncio.TimeoutError:
         raise CallcpTimeout(f"timed out connecting to {host}:{port}") from None
     except OSError as exc:
         raise _translate(exc, f"connecting to {host}:{port}") from exc
-    remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+    conn = Connection(link, timeout=options.timeout)
+    conn.remote_address = conn.remote_address or (host, port)
+    spent = loop.time() - start
     try:
-        await asyncio.wait_for(asyncio.shield(link.handshake), remaining)
-    except asyncio.TimeoutError:
-        link.close_transport()
-        raise HandshakeTimeout(f"no ServerHello from {host}:{port} within {timeout} s") from None
+        await conn.do_handshake(None if options.timeout is None else options.timeout - spent)
     except BaseException:
-        link.close_transport()
+        link.abort()
         raise
-    return Connection(link, timeout=timeout)
+    return conn
 
 
 # ================================================================== server
@@ -741,74 +534,56 @@ class Server:
     ``close()`` + ``await wait_closed()`` (or ``await shutdown()``) stop it.
     """
 
-    def __init__(
-        self,
-        handler: Handler,
-        *,
-        key: Optional[KeySource] = None,
-        key_password: Optional[str] = None,
-        authorized_keys: Optional[AuthorizedSource] = None,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
-        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-        idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        shutdown_timeout: float = 5.0,
-        logger: Optional[logging.Logger] = None,
-    ) -> None:
-        if max_connections < 1 or max_handshakes < 1:
-            raise ValueError("max_connections and max_handshakes must be >= 1")
+    def __init__(self, handler: Handler, options: ServerOptions) -> None:
         self._handler = handler
-        self._log = logger_for(logger)
-        self.keypair = load_server_key(key, password=key_password)
-        self._public_der = self.keypair.public_der
-        self._authorize = client_authorizer(authorized_keys)
-        self.max_connections = max_connections
-        self.max_handshakes = max_handshakes
-        self.handshake_timeout = handshake_timeout
-        self.idle_timeout = idle_timeout
-        self.max_message_size = max_message_size
-        self.shutdown_timeout = shutdown_timeout
+        self._core = ServerCore(options)
+        self.options = options
+        self.keypair = self._core.keypair
+        self._log = self._core.log
         self._server: Optional[asyncio.AbstractServer] = None
         self._links: Set[_Link] = set()
-        self._decryptions = _Decryptions(max_handshakes)
-        self._conns: Set[Connection] = set()
         self._tasks: Set[asyncio.Task[None]] = set()
-        self._closing = False
+        # RSA work runs here: never on the loop, never in the application's executor.
+        self._rsa = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(options.max_handshakes, os.cpu_count() or 1),
+            thread_name_prefix="callcp-rsa",
+        )
+        self._clock: Optional[asyncio.TimerHandle] = None
+        self._port = 0
         self._pool: Optional[WorkerPool] = None  # workers > 1
         self._pool_stopped: Optional[asyncio.Future[None]] = None
         self._reserved: Optional[socket.socket] = None  # (workers > 1) holds the port
 
-    async def _listen(
-        self, host: Optional[str], port: int, *, backlog: int, reuse_port: bool
-    ) -> None:
+    async def _listen(self, host: Optional[str], port: int) -> None:
         loop = asyncio.get_running_loop()
+        options = self.options
         try:
             self._server = await loop.create_server(
-                self._make_link,
+                lambda: _Link(loop, server=self),
                 host,
                 port,
-                backlog=backlog,
+                backlog=options.backlog,
                 reuse_address=True,
-                reuse_port=reuse_port or None,
+                reuse_port=options.reuse_port or None,
             )
         except OSError as exc:
             raise _translate(exc, f"listening on {host}:{port}") from exc
-        self._port: int = self.sockets[0].getsockname()[1]
+        self._port = self.sockets[0].getsockname()[1]
+        self._tick()
         self._log.info(
             "callcp server listening on %s (key %s)",
             ", ".join(str(s.getsockname()) for s in self.sockets),
             self.fingerprint,
         )
 
-    # ------------------------------------------------------------ properties
+    def _tick(self) -> None:
+        """The server's clock: summaries of refusals, once a second."""
+        self._core.notices.flush()
+        self._clock = asyncio.get_running_loop().call_later(1.0, self._tick)
 
     @property
     def sockets(self) -> Tuple[socket.socket, ...]:
-        if self._server is None:
-            return ()
-        socks: Any = getattr(self._server, "sockets", ())
-        return tuple(socks)
+        return tuple(getattr(self._server, "sockets", None) or ())
 
     @property
     def port(self) -> int:
@@ -817,7 +592,7 @@ class Server:
 
     @property
     def fingerprint(self) -> str:
-        return self.keypair.fingerprint
+        return self._core.fingerprint
 
     @property
     def active_connections(self) -> int:
@@ -828,73 +603,98 @@ class Server:
 
     # ------------------------------------------------------------ per link
 
-    def _make_link(self) -> asyncio.Protocol:
-        loop = asyncio.get_running_loop()
-        if self._closing:
-            return _Refuse(self._log, "server shutting down")
-        if len(self._links) >= self.max_connections:
-            return _Refuse(self._log, f"max_connections ({self.max_connections}) reached")
-        core = ServerProtocol(
-            self.keypair.private_key,
-            authorize_client=self._authorize,
-            max_message_size=self.max_message_size,
-            server_public_der=self._public_der,
-            defer_decryption=True,
-        )
-        link = _Link(core, loop, self._decryptions)
-        self._links.add(link)
-        timer = loop.call_later(self.handshake_timeout, self._handshake_timeout, link)
-
-        def handshake_done(fut: asyncio.Future[Any]) -> None:
-            timer.cancel()
-            exc = fut.exception() if not fut.cancelled() else None
-            peer = _fmt(link)
-            if exc is not None:
-                self._log.warning("handshake with %s failed: %s", peer, exc)
-                return
-            conn = Connection(link, timeout=self.idle_timeout)
-            self._conns.add(conn)
-            task = loop.create_task(self._run(conn, peer))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        link.handshake.add_done_callback(handshake_done)
-        link.closed.add_done_callback(lambda _: self._links.discard(link))
-        return link
-
-    def _handshake_timeout(self, link: _Link) -> None:
-        if link.handshake.done():
+    def _accepted(self, link: _Link) -> None:
+        """connection_made: admit it (or not) and send the ServerHello."""
+        arrival, first = self._core.arrive(link.addr)
+        transport = link.transport
+        assert transport is not None
+        transport.write(first)
+        if arrival is None:
+            transport.close()
             return
-        err = HandshakeTimeout(f"handshake timed out after {self.handshake_timeout} s")
-        link.core.fail(err)
-        link.error = err
-        link.flush()
-        link.close_transport()
-        link.handshake.set_exception(err)
+        arrival.io = link
+        link.arrival = arrival
+        link.engine = arrival.engine
+        link.on_data = self._hello_data
+        self._links.add(link)
+        link.timer = link.loop.call_later(
+            self._core.options.handshake_timeout, self._too_slow, link
+        )
 
-    async def _run(self, conn: Connection, peer: str) -> None:
-        who = f" as {conn.peer_fingerprint}" if conn.peer_fingerprint else ""
-        self._log.debug("connection from %s%s", peer, who)
-        if self._closing:
-            conn._begin_stop()
+    def _hello_data(self, link: _Link, data: bytes) -> None:
+        """Bytes before the key exchange: is the ClientHello whole yet?"""
+        arrival = link.arrival
+        assert arrival is not None and link.transport is not None
+        if not arrival.received(data):
+            return
+        link.on_data = None
+        link.transport.pause_reading()  # (the kernel holds the rest)
+        link.paused_reading = True
+        arrival.queue(lambda: self._start(link), lambda: not link.lost.done())
+        if arrival.state == "dropped":
+            link.abort()
+
+    def _too_slow(self, link: _Link) -> None:
+        """The handshake deadline passed before the key exchange started."""
+        if link.arrival is not None and link.arrival.expire():
+            link.abort()
+
+    def _lost(self, link: _Link) -> None:
+        if link not in self._links:
+            return
+        self._links.discard(link)
+        if link.timer is not None:
+            link.timer.cancel()
+        if link.arrival is not None:
+            link.arrival.lost()  # no RSA work for a peer that is gone
+        self._core.release(link.addr, link.engine)
+
+    def _start(self, link: _Link) -> None:
+        """The ticket got its key-exchange slot: the connection's task runs."""
+        link.transport.resume_reading()  # type: ignore[union-attr]
+        link.paused_reading = False
+        task = link.loop.create_task(self._serve(link))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, link: _Link) -> None:
+        core, options = self._core, self._core.options
+        conn = Connection(link, timeout=options.idle_timeout)
+        arrival = link.arrival
+        assert arrival is not None
+
+        async def decrypt(request: DecryptionRequested) -> Optional[bytes]:
+            try:
+                return await link.loop.run_in_executor(self._rsa, request.run)
+            finally:
+                arrival.key_exchange_done()
+
+        deadline = link.loop.time() + arrival.deadline - time.monotonic()
+        try:
+            await conn._handshake(deadline, options.handshake_timeout, decrypt)
+        except CallcpError as exc:
+            core.handshake_failed(link.addr, exc)
+            return
+        except Exception:  # a bug, not the peer: say so loudly, keep serving
+            self._log.exception("internal error in the handshake with %s", format_peer(link.addr))
+            link.abort()
+            return
+        finally:
+            arrival.key_exchange_done()
+            if link.timer is not None:
+                link.timer.cancel()
+        core.connected(link.addr, link.engine)
+        if core.stopping:
+            link.engine.stop()
+        error: Optional[BaseException] = None
         try:
             await self._handler(conn)
-        except ConnectionClosedOK:
-            pass
-        except CallcpTimeout:
-            self._log.warning("closed %s: idle for more than %s s", peer, self.idle_timeout)
-            await conn.close(CloseCode.TIMEOUT, "idle timeout")
-        except CallcpError as exc:
-            self._log.warning("connection %s ended: %s", peer, exc)
-        except asyncio.CancelledError:
-            await conn.close(CloseCode.GOING_AWAY, "server shutting down")
-            raise
-        except Exception:
-            self._log.exception("handler raised on connection %s", peer)
-            await conn.close(CloseCode.INTERNAL_ERROR, "internal server error")
-        finally:
-            await conn.close()
-            self._conns.discard(conn)
+        except (Exception, asyncio.CancelledError) as exc:  # the outcome policy decides
+            error = exc
+        core.ended(link.addr, link.engine, handler_outcome(error, options.idle_timeout), error)
+        await conn.close()
+        if isinstance(error, asyncio.CancelledError):
+            raise error
 
     # ------------------------------------------------------------ lifecycle
 
@@ -902,26 +702,23 @@ class Server:
         if self._server is not None:
             await self._server.start_serving()
 
-    async def _start_workers(
-        self, host: Optional[str], port: int, workers: int, options: Any
-    ) -> None:
+    async def _start_workers(self, host: Optional[str], port: int) -> None:
         """(workers > 1) reserve the port and fork the worker processes."""
         try:
             self._reserved, address = reserve_port(host, port)
         except OSError as exc:
             raise _translate(exc, f"listening on {host}:{port}") from exc
         self._port = address[1]
+        options = self.options.replace(key=self.keypair, workers=1, reuse_port=True)
         pool = WorkerPool(
-            workers,
-            _aio_worker,
-            (self._handler, host, self._port, {**options, "key": self.keypair}),
+            self.options.workers, _aio_worker, (self._handler, host, self._port, options)
         )
         self._pool = pool
         await asyncio.get_running_loop().run_in_executor(None, pool.start)
         self._log.info(
             "callcp server listening on %s with %d worker processes (key %s)",
             address,
-            workers,
+            self.options.workers,
             self.fingerprint,
         )
 
@@ -929,7 +726,7 @@ class Server:
         """Serve until :meth:`close` (or cancellation)."""
         pool = self._pool
         if pool is not None:
-            while pool.alive and not self._closing:
+            while pool.alive and not self._core.stopping:
                 await asyncio.sleep(0.2)
             return
         if self._server is None:
@@ -937,25 +734,28 @@ class Server:
         try:
             await self._server.serve_forever()
         except asyncio.CancelledError:
-            if not self._closing:
+            if not self._core.stopping:
                 raise
 
     def close(self) -> None:
         """Stop listening; close idle connections now (authenticated close,
         GOING_AWAY) and busy ones once their handler finishes the current
         message.  Await :meth:`wait_closed` for the end."""
-        if self._closing:
+        core = self._core
+        if core.stopping:
             return
-        self._closing = True
-        if self._pool is not None:
-            # each worker shuts down gracefully on SIGTERM
+        core.stopping = True
+        if self._pool is not None:  # each worker shuts down gracefully on SIGTERM
             self._pool_stopped = asyncio.get_running_loop().run_in_executor(
-                None, self._pool.stop, self.shutdown_timeout + 2.0
+                None, self._pool.stop, self.options.shutdown_timeout + 2.0
             )
         if self._server is not None:
             self._server.close()
-        for conn in list(self._conns):
-            conn._begin_stop()
+        for link in list(self._links):
+            if link.arrival is None or not link.arrival.stop():
+                link.engine.stop()  # its handler ends at its next wait for bytes
+            else:
+                link.abort()
 
     async def wait_closed(self) -> None:
         """Wait for handlers to finish, up to ``shutdown_timeout`` seconds;
@@ -971,13 +771,17 @@ class Server:
                 pass
         tasks = list(self._tasks)
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.shutdown_timeout)
+            _, pending = await asyncio.wait(tasks, timeout=self.options.shutdown_timeout)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
         for link in list(self._links):
-            link.close_transport()
+            link.abort()
+        if self._clock is not None:
+            self._clock.cancel()
+        self._core.notices.flush(float("inf"))
+        self._rsa.shutdown(wait=False, cancel_futures=True)
         self._log.info("callcp server stopped")
 
     async def shutdown(self) -> None:
@@ -995,61 +799,32 @@ class Server:
         await self.shutdown()
 
 
-class _Refuse(asyncio.Protocol):
-    """Answers a connection the server cannot take with a plaintext alert."""
-
-    def __init__(self, log: logging.Logger, why: str) -> None:
-        self._log = log
-        self._why = why
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        peer = transport.get_extra_info("peername")
-        self._log.warning("refused %s: %s", _fmt_addr(peer), self._why)
-        transport.write(alert_frame(CloseCode.GOING_AWAY, f"server busy: {self._why}"))
-        transport.close()
-
-
-def _fmt_addr(addr: Any) -> str:
-    if addr and len(addr) >= 2:
-        host = str(addr[0])
-        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
-    return "unknown peer"
-
-
-def _fmt(link: _Link) -> str:
-    transport = link.transport
-    return _fmt_addr(transport.get_extra_info("peername") if transport is not None else None)
-
-
 async def serve(
     handler: Handler,
     host: Optional[str] = "127.0.0.1",
     port: int = DEFAULT_PORT,
-    *,
-    backlog: int = 1024,
-    reuse_port: bool = False,
-    workers: int = 1,
-    **options: Any,
+    **options: Unpack[ServerKwargs],
 ) -> Server:
     """Start a listening asyncio :class:`Server` (port 0 picks a free port).
 
     ``await handler(conn)`` runs as a task for each connection once its
     handshake (and client authorization) succeeded; the connection is closed
-    when it returns.  Options as :func:`callcp.sync.serve`, with defaults
-    ``max_connections=10000``, ``max_handshakes=16`` (RSA decryptions
-    running at once in worker threads; more handshakes wait their turn), plus
-    ``shutdown_timeout`` (5 s), and ``workers`` (N > 1: N forked processes
-    accept on the port with SO_REUSEPORT, Linux; the handler runs in them and
-    this process only supervises).
+    when it returns.  The options and defaults are :func:`callcp.serve`'s
+    (:class:`callcp.ServerOptions`); RSA key exchanges run in worker threads.
     """
+    return await start_server(handler, host, port, ServerOptions(**options))
+
+
+async def start_server(
+    handler: Handler, host: Optional[str], port: int, options: ServerOptions
+) -> Server:
+    """:func:`serve` with its options as one :class:`ServerOptions`."""
     check_port(port, allow_zero=True)
-    check_workers(workers)
-    server = Server(handler, **options)
-    if workers > 1:
-        await server._start_workers(host, port, workers, {**options, "backlog": backlog})
+    server = Server(handler, options)
+    if options.workers > 1:
+        await server._start_workers(host, port)
     else:
-        await server._listen(host, port, backlog=backlog, reuse_port=reuse_port)
+        await server._listen(host, port)
     return server
 
 
@@ -1057,22 +832,20 @@ def _aio_worker(
     handler: Handler,
     host: Optional[str],
     port: int,
-    options: Any,
+    options: ServerOptions,
     ready: Callable[[], None],
 ) -> None:
     """One worker process of a ``workers=N`` server: its own event loop and
     SO_REUSEPORT socket; SIGTERM closes it gracefully."""
-    # Forked from inside the parent's running loop: start from a clean slate.
-    asyncio.events._set_running_loop(None)
-    asyncio.set_event_loop(None)
 
     async def main() -> None:
-        backlog = options.pop("backlog", 1024)
-        server = await serve(handler, host, port, backlog=backlog, reuse_port=True, **options)
+        server = await start_server(handler, host, port, options)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         ready()
         await stop.wait()
         await server.shutdown()
 
+    # A forked child does not see its parent's running loop (asyncio checks
+    # the process id), so asyncio.run() starts afresh here.
     asyncio.run(main())

@@ -1533,7 +1533,7 @@ class _Runner:
     def concurrency_once(self, kind: str, n: int, k: int) -> Dict[str, Any]:
         options: Tuple[Tuple[str, Any], ...] = ()
         if kind == "callcp":
-            options = (("max_connections", max(n + 64, callcp_aio.DEFAULT_MAX_CONNECTIONS)),)
+            options = (("max_connections", n + 64),)
         server = _Child(
             f"{kind} aio server", _server_main, ServerSpec(kind, "aio", self.material, options)
         )

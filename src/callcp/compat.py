@@ -35,6 +35,7 @@ from ._core.errors import (
     SecureTCPServerError,
 )
 from ._core.protocol import DEFAULT_MAX_MESSAGE_SIZE
+from ._options import ClientOptions, ServerOptions
 from .display import Display, make_display
 from .keys import KeyPair
 
@@ -106,14 +107,14 @@ class SecureTCPServer:
         key_password: Optional[str] = None,
         key_bits: int = 2048,
         authorized_keys: Optional[AuthorizedSource] = None,
-        max_connections: int = sync.DEFAULT_MAX_CONNECTIONS,
-        max_handshakes: int = sync.DEFAULT_MAX_HANDSHAKES,
-        handshake_timeout: float = sync.DEFAULT_HANDSHAKE_TIMEOUT,
-        idle_timeout: Optional[float] = sync.DEFAULT_IDLE_TIMEOUT,
+        max_connections: Optional[int] = None,
+        max_handshakes: int = ServerOptions.max_handshakes,
+        handshake_timeout: float = ServerOptions.handshake_timeout,
+        idle_timeout: Optional[float] = ServerOptions.idle_timeout,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        backlog: int = 128,
+        backlog: int = ServerOptions.backlog,
         reuse_port: bool = False,
-        shutdown_timeout: float = 5.0,
+        shutdown_timeout: float = ServerOptions.shutdown_timeout,
     ) -> None:
         self.host = host
         self.port = port
@@ -208,10 +209,7 @@ class SecureTCPServer:
 
     def _serve(self, keypair: KeyPair) -> None:
         try:
-            server = sync.Server(
-                self._handle,
-                self.host,
-                self.port,
+            options = ServerOptions(
                 key=keypair,
                 authorized_keys=self._authorized_keys,
                 max_connections=self._max_connections,
@@ -219,10 +217,12 @@ class SecureTCPServer:
                 handshake_timeout=self._handshake_timeout,
                 idle_timeout=self._idle_timeout,
                 max_message_size=self._max_message_size,
+                shutdown_timeout=self.shutdown_timeout,
                 backlog=self._backlog,
                 reuse_port=self._reuse_port,
                 logger=self.logger,
             )
+            server = sync.Server(self._handle, self.host, self.port, options)
         except CallcpError as exc:
             self.logger.error("Failed to start server on %s:%s: %s", self.host, self.port, exc)
             if self.display is not None:
@@ -339,7 +339,7 @@ class SecureTCPClient:
         logger: Optional[logging.Logger] = None,
         use_display: bool = True,
         *,
-        timeout: Optional[float] = sync.DEFAULT_TIMEOUT,
+        timeout: Optional[float] = ClientOptions.timeout,
         server_fingerprint: Optional[str] = None,
         known_hosts: Optional[PathLike] = None,
         trust_on_first_use: bool = True,

@@ -1,63 +1,48 @@
-"""The blocking adapter: sockets and threads around the sans-I/O core.
+"""The blocking adapter: sockets and threads around the connection engine.
 
-This module only moves bytes: every protocol decision is made by
-``callcp._core.protocol``.  OSError is translated into callcp errors in one
-place, ``_common.translate_oserror``.
+Only "how do I wait" lives here: blocking reads and writes under kernel
+deadlines (SO_RCVTIMEO/SO_SNDTIMEO: no poll() per call), one thread per
+connection past its key exchange, and, in the server, one selector thread
+that holds every connection until its whole ClientHello has arrived (so a
+peer that trickles its hello costs a small buffer, not a thread or a
+handshake slot).  Every decision is the engine's (``callcp._engine``).
 
-Threading: a Connection may be used by one thread receiving while another
-sends.  ``_proto_lock`` guards the core object; ``_send_lock`` keeps queued
-bytes in order on the socket; ``_recv_lock`` serialises receivers.
+Threading: one thread may receive while another sends.  ``_send_lock``
+owns everything written (the core seals records only when asked for its
+output, under that lock); ``_recv_lock`` serialises receivers.
 """
 
 from __future__ import annotations
 
-import logging
 import queue
+import selectors
 import signal
 import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Iterator, List, Optional, Set, Tuple, Union
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, List, Optional, Set, Tuple, Union
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 from ._common import (
-    DEFAULT_PORT,
-    AuthorizedSource,
-    KeySource,
-    PathLike,
     check_port,
-    client_authorizer,
     client_protocol,
-    load_server_key,
-    logger_for,
 )
-from ._common import (
-    translate_oserror as _translate,
+from ._common import translate_oserror as _translate
+from ._core.errors import CallcpError, CallcpTimeout, CloseCode, ConnectionClosedOK
+from ._core.events import NEED_DATA, DecryptionRequested
+from ._engine import (
+    Arrival,
+    Engine,
+    ServerCore,
+    StreamSending,
+    format_peer,
+    handler_outcome,
 )
-from ._core.errors import (
-    CallcpError,
-    CallcpTimeout,
-    CloseCode,
-    ConnectionClosedOK,
-    HandshakeTimeout,
-    MessagePending,
-    StreamPending,
-)
-from ._core.events import (
-    NEED_DATA,
-    CloseReceived,
-    HandshakeCompleted,
-    MessageReceived,
-    ServerKeyAccepted,
-    StreamStarted,
-)
-from ._core.protocol import (
-    DEFAULT_MAX_MESSAGE_SIZE,
-    ServerProtocol,
-    State,
-    _Protocol,
-)
-from ._core.wire import alert_frame
+from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
 from ._streams import (
     Destination,
     Progress,
@@ -67,23 +52,23 @@ from ._streams import (
     iter_chunks,
     source_size,
 )
-from ._workers import WorkerPool, check_workers, reserve_port
+from ._workers import WorkerPool, reserve_port
 
 __all__ = ["Connection", "Server", "connect", "serve"]
 
-#: Bytes asked of the socket per read.
+#: Bytes asked of the socket per read: small reads go through one reusable
+#: buffer; once a read fills it, bulk transfer is likely and reads grow.
 READ_SIZE = 256 * 1024
 FIRST_READ_SIZE = 16 * 1024
 #: Below this many bytes, pieces are joined and written with one send().
 GATHER_MIN = 16 * 1024
 IOV_MAX = 512
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-DEFAULT_IDLE_TIMEOUT = 300.0
-DEFAULT_MAX_CONNECTIONS = 512
-DEFAULT_MAX_HANDSHAKES = 64
+#: How long close() waits for a sender to let go of the socket.
+CLOSE_WAIT = 0.5
 
 Address = Tuple[Any, ...]
+Buffer = Union[bytes, bytearray, memoryview]
+_FOREVER = float("inf")
 
 
 class _Default:
@@ -93,7 +78,6 @@ class _Default:
 
 
 DEFAULT = _Default()
-Buffer = Union[bytes, bytearray, memoryview]
 
 
 class Connection:
@@ -104,38 +88,19 @@ class Connection:
     the receiver's ``max_message_size``.
     """
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        proto: _Protocol,
-        *,
-        timeout: Optional[float],
-        logger: logging.Logger,
-    ) -> None:
+    def __init__(self, sock: socket.socket, engine: Engine, *, timeout: Optional[float]) -> None:
         self._sock = sock
-        # Small reads go through one reusable buffer (allocating a 256 KiB
-        # object per read costs more than a small message); once a read fills
-        # it, bulk transfer is likely and reads become large ones.
+        self._engine = engine
+        self._core = engine.core
+        self._timeout = timeout
         self._rbuf = bytearray(FIRST_READ_SIZE)
         self._rview = memoryview(self._rbuf)
         self._bulk = False
-        self._proto = proto
-        self._timeout = timeout
-        self._log = logger
-        self._proto_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        self._reading = False
-        self._pending: Any = None  # an event recv()/recv_stream() handed back
-        self._stopping = False  # the server is shutting down
-        self._stoppable = False  # set on a server's connections
-        self._woken_to_stop = False  # a shutdown cut our blocked read short
         self._closed = False
         self._rcv_timeout: Optional[float] = None
-        # Deadlines are kept by the kernel (SO_RCVTIMEO/SO_SNDTIMEO) on a
-        # blocking socket: a Python-level timeout would cost a poll() before
-        # every read and write, and an ioctl each time it changes.
+        engine.wake = self._wake
         sock.settimeout(None)
         self._set_send_timeout(timeout)
         try:
@@ -144,13 +109,11 @@ class Connection:
             self.remote_address = ()
         self.local_address: Address = tuple(sock.getsockname())
 
-    # ------------------------------------------------------------ properties
-
     @property
     def peer_fingerprint(self) -> Optional[str]:
         """The peer's key fingerprint (``SHA256:...``): the server's on a
         client; the client's on a server with client authentication, else None."""
-        return self._proto.peer_fingerprint
+        return self._core.peer_fingerprint
 
     @property
     def closed(self) -> bool:
@@ -164,17 +127,47 @@ class Connection:
     def _set_send_timeout(self, timeout: Optional[float]) -> None:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
 
-    def _set_recv_timeout(self, timeout: Optional[float]) -> None:
-        """Set SO_RCVTIMEO unless the current value is close enough (within 5
-        ms below): one syscall saved per read on the common path."""
-        current = self._rcv_timeout
-        if timeout is None:
-            if current is None:
-                return
-        elif current is not None and timeout - 0.005 <= current <= timeout:
-            return
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
-        self._rcv_timeout = timeout
+    # ------------------------------------------------------------ handshake
+
+    def do_handshake(self, timeout: Union[float, None, _Default] = DEFAULT) -> None:
+        """Run the handshake until data may flow: a client returns once its
+        key exchange is sent (its first message shares that flight; the
+        server's Finished is checked before any reply is returned).
+        :func:`connect` calls it; calling it again does nothing.
+
+        Raises:
+            HandshakeError (ServerKeyChanged, UnknownServerKey, ...): refused.
+            HandshakeTimeout: it did not complete within ``timeout``.
+        """
+        seconds = self._timeout if isinstance(timeout, _Default) else timeout
+        deadline = _FOREVER if seconds is None else time.monotonic() + seconds
+        with self._recv_lock:
+            self._handshake(deadline, seconds, DecryptionRequested.run)
+
+    def _handshake(
+        self,
+        deadline: float,
+        seconds: Optional[float],
+        decrypt: Callable[[DecryptionRequested], Optional[bytes]],
+    ) -> None:
+        engine = self._engine
+        try:
+            while True:
+                step = engine.handshake_step()
+                self._flush()
+                if step is None:
+                    return
+                if step is NEED_DATA:
+                    self._read(deadline)
+                else:
+                    engine.decrypted(decrypt(step))  # type: ignore[arg-type]
+        except CallcpTimeout:
+            err = engine.handshake_timed_out(seconds, format_peer(self.remote_address))
+            self._abort()
+            raise err from None
+        except CallcpError:
+            self._abort()
+            raise
 
     # -------------------------------------------------------------- sending
 
@@ -189,10 +182,8 @@ class Connection:
                 is then closed).
         """
         with self._send_lock:
-            with self._proto_lock:
-                self._proto.send(message)
-                out = self._proto.data_to_send_parts()
-            self._write(out)
+            self._core.send(message)
+            self._write(self._core.data_to_send_parts())
 
     def send_stream(
         self,
@@ -210,13 +201,10 @@ class Connection:
         (found by itself for regular files) and ``name`` are hints for the
         receiver.  ``progress(sent, total_or_None)`` is called after each
         chunk.  If reading the source fails, the stream is aborted (the
-        receiver discards it) and the error is raised here.
-
-        Every byte is authenticated by the record layer, and the receiver
-        checks the length at the end.  ``checksum=True`` adds a SHA-256 of
-        the payload, checked by the receiver and returned by both sides
-        (useful to show or store; it costs a hash of every byte on each side,
-        which is slower than the encryption).
+        receiver discards it) and the error is raised here.  Every byte is
+        authenticated, and the receiver checks the length at the end;
+        ``checksum=True`` adds a SHA-256 of the payload (a hash of every byte
+        on each side: slower than the encryption).
 
         Returns the stream's length, SHA-256 (hex; None without
         ``checksum``) and name.
@@ -226,51 +214,31 @@ class Connection:
             LocalProtocolError: the connection cannot send now.
             Whatever reading ``source`` raises (the stream is then aborted).
         """
-        if size is None:
-            size = source_size(source)
+        core = self._core
         with self._send_lock:
-            with self._proto_lock:
-                self._proto.start_stream(size, name, checksum=checksum)
-                out = self._proto.data_to_send()
-            self._write(out)
-            done = 0
+            tx = StreamSending(
+                core, source_size(source) if size is None else size, name, checksum, progress
+            )
             try:
+                self._write(core.data_to_send_parts())
                 for chunk in iter_chunks(source):
-                    with self._proto_lock:
-                        self._proto.send_stream_data(chunk)
-                        parts = self._proto.data_to_send_parts()
-                    self._write(parts)
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done, size)
+                    tx.chunk(chunk)
+                    self._write(core.data_to_send_parts())
+                    tx.sent()
+                info = tx.end()
             except BaseException as exc:
-                # Whatever stopped us (the source, the progress callback, an
-                # interrupt), the peer must not be left inside the stream.
-                self._abort_stream(exc)
+                if tx.abort(exc):
+                    try:
+                        self._write(core.data_to_send_parts())
+                    except CallcpError:
+                        pass  # _write closed the connection
                 raise
-            with self._proto_lock:
-                length, digest = self._proto.end_stream()
-                out = self._proto.data_to_send()
-            self._write(out)
-        return StreamInfo(length, digest.hex() if digest is not None else None, name)
-
-    def _abort_stream(self, exc: BaseException) -> None:
-        """(under ``_send_lock``) Tell the peer the stream is abandoned; if that
-        cannot be sent, the connection is closed."""
-        with self._proto_lock:
-            if not (self._proto.sending_stream and self._proto.can_send):
-                return
-            self._proto.abort_stream(f"the sender failed ({type(exc).__name__})")
-            out = self._proto.data_to_send()
-        try:
-            self._write(out)
-        except CallcpError:
-            pass  # _write failed the connection
+            self._write(core.data_to_send_parts())
+        return info
 
     def _write(self, data: Union[bytes, List[bytes]]) -> None:
         """Write under ``_send_lock``; a failed write kills the connection.
-        A list of pieces is written with gathering writes when it is large
-        (no copy into one buffer), joined when it is small."""
+        Large lists of pieces go out with gathering writes (no joining copy)."""
         if not data:
             return
         try:
@@ -282,57 +250,36 @@ class Connection:
                 _sendmsg_all(self._sock, data)
         except OSError as exc:
             if self._closed:  # closed under us (a forced shutdown)
-                raise self._proto.closed_error() from None
-            err = self._reason_for_write_error(exc)
-            with self._proto_lock:
-                self._proto.fail(err)
+                raise self._engine.closed_error() from None
+            err = self._write_error(exc)
+            self._core.fail(err)
             self._close_socket()
             raise err from exc
 
-    def _reason_for_write_error(self, exc: OSError) -> CallcpError:
+    def _write_error(self, exc: OSError) -> CallcpError:
         """A write failed, typically because the peer closed on us (a refused
-        upload).  Its CLOSE record may be waiting unread: if so, report that
-        (with its code and reason) rather than a bare reset."""
+        upload).  Its CLOSE may be waiting unread: if so, report that (code
+        and reason) rather than a bare reset."""
         err: CallcpError = _translate(exc, "sending")
-        if not isinstance(exc, (ConnectionResetError, BrokenPipeError)):
-            return err
-        if not self._recv_lock.acquire(blocking=False):
-            return err  # a receiver is reading: it will see the close itself
-        try:
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and self._recv_lock.acquire(
+            blocking=False  # a receiver that is reading will see the close itself
+        ):
             try:
-                pending = self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
+                self._engine.feed(self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT))
+                while self._engine.next_event() is not NEED_DATA:
+                    pass
+            except CallcpError as closed:
+                if self._core._close_received is not None:
+                    err = closed
             except OSError:
-                return err
-            return self._close_in(pending, err)
-        finally:
-            self._recv_lock.release()
+                pass
+            finally:
+                self._recv_lock.release()
+        return err
 
-    def _close_in(self, pending: bytes, err: CallcpError) -> CallcpError:
-        """The peer's close error if ``pending`` holds its CLOSE, else ``err``."""
-        with self._proto_lock:
-            self._proto.receive_data(pending)
-            try:
-                while True:
-                    event = self._proto.next_event()
-                    if event is NEED_DATA:
-                        return err
-                    if isinstance(event, CloseReceived):
-                        return self._proto.closed_error()
-            except CallcpError:
-                return err
-
-    def _flush(self, *, best_effort: bool = True) -> None:
-        """Write whatever the core has queued (close replies, alerts, the
-        handshake flight).  With ``best_effort`` a failed write is ignored:
-        the connection is failing or closing anyway."""
+    def _flush(self) -> None:
         with self._send_lock:
-            with self._proto_lock:
-                out = self._proto.data_to_send()
-            try:
-                self._write(out)
-            except CallcpError:
-                if not best_effort:
-                    raise
+            self._write(self._core.data_to_send())
 
     # ------------------------------------------------------------ receiving
 
@@ -352,25 +299,15 @@ class Connection:
             StreamPending: a stream arrived instead (it stays pending for
                 :meth:`recv_stream`).
         """
-        t = self._timeout if isinstance(timeout, _Default) else timeout
-        deadline = None if t is None else time.monotonic() + t
         with self._recv_lock:
-            event = self._next_app_event(deadline)
-            if isinstance(event, MessageReceived):
-                return event.data
-            self._pending = event
-            raise StreamPending(
-                "a stream arrived, not a message: receive it with recv_stream()",
-                name=event.name,
-                size=event.size,
-            )
+            return self._engine.message_from(self._next(timeout))
 
     def recv_stream(self, dest: Destination, *, progress: Optional[Progress] = None) -> StreamInfo:
         """Receive a stream into ``dest`` (a path, or a binary file) in bounded
         memory, whatever its size.
 
         A path receives the bytes in ``<path>.part``, renamed to ``<path>``
-        only once the stream's length and SHA-256 verified; on failure the
+        only once the stream's length (and SHA-256) verified; on failure the
         ``.part`` file is deleted.  A seekable file is truncated back to where
         it started on failure.  ``progress(received, total_or_None)`` is
         called after each chunk.  Each wait for data is bounded by the
@@ -388,111 +325,80 @@ class Connection:
             OSError: ``dest`` could not be written.
         """
         with self._recv_lock:
-            event = self._next_app_event(self._deadline())
-            started = event
-            if not isinstance(started, StreamStarted):
-                self._pending = event
-                raise MessagePending("a message arrived, not a stream: receive it with recv()")
+            started = self._engine.stream_from(self._next(DEFAULT))
             try:
                 rx = StreamReception(started, dest, progress)
             except BaseException:
-                self._abandon_stream("the receiver could not open its output")
+                self.close(CloseCode.INTERNAL_ERROR, "the receiver could not open its output")
                 raise
             try:
                 while True:
-                    info = rx.feed(self._next_app_event(self._deadline()))
+                    info = rx.feed(self._next(DEFAULT))
                     if info is not None:
                         return info
             except BaseException as exc:
                 if rx.failed(exc):
-                    self._abandon_stream("the receiver failed in the middle of a stream")
+                    self.close(
+                        CloseCode.INTERNAL_ERROR, "the receiver failed in the middle of a stream"
+                    )
                 raise
 
-    def _abandon_stream(self, reason: str) -> None:
-        """A stream cannot be received to its end here: close the connection
-        (the rest of the stream would otherwise be misread)."""
-        self.close(CloseCode.INTERNAL_ERROR, reason)
-
-    def _deadline(self) -> Optional[float]:
-        return None if self._timeout is None else time.monotonic() + self._timeout
-
-    def _next_app_event(self, deadline: Optional[float]) -> Any:
-        """The next event the application sees (a message or a stream event),
-        reading from the socket as needed; the peer's CLOSE raises."""
-        if self._pending is not None:
-            event, self._pending = self._pending, None
-            return event
-        proto = self._proto
+    def _next(self, timeout: Union[float, None, _Default]) -> Any:
+        """The next application event, reading as needed (under ``_recv_lock``)."""
+        engine, core = self._engine, self._core
+        deadline = 0.0  # set at the first read
         while True:
-            if proto.needs_data:  # nothing to parse: read first
-                self._read(deadline)
-            try:
-                with self._proto_lock:
-                    event = proto.next_event()
-            except CallcpError:
-                self._flush()
-                self._close_socket()
-                raise
-            if event is NEED_DATA:
-                self._read(deadline)
-            elif isinstance(event, CloseReceived):
-                self._flush()  # our reply CLOSE
-                self._close_socket()
-                raise self._proto.closed_error()
-            elif not isinstance(event, (HandshakeCompleted, ServerKeyAccepted)):
-                return event
+            if not (core.needs_data and engine._pending is None):
+                try:
+                    event = engine.next_event()
+                except CallcpError:
+                    self._abort()
+                    raise
+                if event is not NEED_DATA:
+                    return event
+            if not deadline:
+                seconds = self._timeout if isinstance(timeout, _Default) else timeout
+                deadline = _FOREVER if seconds is None else time.monotonic() + seconds
+            self._read(deadline)
 
-    def _next_event(self) -> Any:
+    def _read(self, deadline: float) -> None:
+        if deadline == _FOREVER:
+            timeout: Optional[float] = None
+        else:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise CallcpTimeout("timed out while receiving")
+        # Skip the syscall when SO_RCVTIMEO is already close enough (within
+        # 5 ms below): one fewer per read on the common path.
+        current = self._rcv_timeout
+        if (timeout is None and current is not None) or (
+            timeout is not None and (current is None or not timeout - 0.005 <= current <= timeout)
+        ):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+            self._rcv_timeout = timeout
         try:
-            with self._proto_lock:
-                return self._proto.next_event()
-        except CallcpError:
-            self._flush()
-            self._close_socket()
-            raise
-
-    def _read(self, deadline: Optional[float]) -> None:
-        if self._stoppable:  # (a server's connection: shutdown may wake us)
-            with self._state_lock:
-                if self._stopping:
-                    self._stop_now()
-                self._reading = True
-        try:
-            if deadline is None:
-                self._set_recv_timeout(None)
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise CallcpTimeout("timed out while receiving")
-                self._set_recv_timeout(remaining)
-            if self._bulk:
-                # Bulk transfer: large reads straight into new bytes objects
-                # (the core decrypts in place from them: no copy at all).
+            if self._bulk:  # large reads straight into new bytes (decrypted in place)
                 data = self._sock.recv(READ_SIZE)
-                if len(data) < FIRST_READ_SIZE:
-                    self._bulk = False
+                self._bulk = len(data) >= FIRST_READ_SIZE
             else:
                 n = self._sock.recv_into(self._rbuf)
                 data = self._rview[:n].tobytes()
                 self._bulk = n == FIRST_READ_SIZE
         except OSError as exc:
             if self._closed:
-                raise self._proto.closed_error() from None
+                raise self._engine.closed_error() from None
             err = _translate(exc, "receiving")
-            if isinstance(err, CallcpTimeout):
-                raise err from None  # the connection stays usable
-            with self._proto_lock:
-                self._proto.fail(err)
-            self._close_socket()
-            raise err from exc
-        finally:
-            if self._stoppable:
-                with self._state_lock:
-                    self._reading = False
-        if not data and self._woken_to_stop:
-            self._stop_now()  # our own shutdown ended the read, not the peer
-        with self._proto_lock:
-            self._proto.receive_data(data)
+            if not isinstance(err, CallcpTimeout):  # a timeout leaves it usable
+                self._core.fail(err)
+                self._abort()
+            raise err from None if isinstance(err, CallcpTimeout) else exc
+        if not data and self._engine.interrupted:  # our own wake-up, not the peer's EOF
+            try:
+                self._engine.check_interrupt()
+            except CallcpError:
+                self._abort()
+                raise
+        self._engine.feed(data)
 
     def request(self, message: Buffer, timeout: Union[float, None, _Default] = DEFAULT) -> bytes:
         """Send one message and return the next message received."""
@@ -513,14 +419,26 @@ class Connection:
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Send the authenticated close and close the socket; never raises."""
+        if not self._closed:
+            self._engine.close(code, reason)
+            self._abort()
+
+    def _abort(self, send_timeout: Optional[float] = None) -> None:
+        """Write what the core has queued (a CLOSE, an ALERT), best effort,
+        and close the socket.  A sender stuck on a peer that does not read
+        holds the send lock: after CLOSE_WAIT the socket is closed anyway."""
         if self._closed:
             return
-        try:
-            with self._proto_lock:
-                self._proto.close(code, reason)
-            self._flush()
-        finally:
-            self._close_socket()
+        if self._send_lock.acquire(timeout=CLOSE_WAIT):
+            try:
+                if send_timeout is not None:
+                    self._set_send_timeout(send_timeout)
+                self._write(self._core.data_to_send())
+            except (CallcpError, OSError):
+                pass
+            finally:
+                self._send_lock.release()
+        self._close_socket()
 
     def _close_socket(self) -> None:
         if self._closed:
@@ -532,45 +450,12 @@ class Connection:
             pass
         self._sock.close()
 
-    def _stop_now(self) -> None:
-        """(server shutdown) close with GOING_AWAY and tell the handler."""
-        self.close(CloseCode.GOING_AWAY, "server shutting down")
-        raise ConnectionClosedOK(
-            "the server is shutting down", code=CloseCode.GOING_AWAY, reason="server shutting down"
-        )
-
-    def _begin_stop(self) -> None:
-        """Called by Server.shutdown(): an idle reader is woken and closed now;
-        a busy handler finishes its current message first."""
-        with self._state_lock:
-            self._stopping = True
-            if self._reading:
-                self._woken_to_stop = True
-                try:
-                    self._sock.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
-
-    def _force_close(self, code: int, reason: str) -> None:
-        """Close now, even if another thread is stuck writing to a peer that
-        does not read: the authenticated close is sent only if the send lock
-        is free (and for at most 0.1 s); the socket is shut down regardless,
-        which unblocks any reader or writer."""
-        if self._send_lock.acquire(blocking=False):
-            try:
-                self._set_send_timeout(0.1)
-                with self._proto_lock:
-                    self._proto.close(code, reason)
-                    out = self._proto.data_to_send()
-                try:
-                    self._write(out)
-                except CallcpError:
-                    pass
-            finally:
-                self._send_lock.release()
-        with self._proto_lock:
-            self._proto.fail(ConnectionClosedOK(reason, code=code, reason=reason))
-        self._close_socket()
+    def _wake(self) -> None:
+        """(any thread) End a blocked read: the reader sees the interrupt."""
+        try:
+            self._sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
     def __enter__(self) -> Connection:
         return self
@@ -579,35 +464,23 @@ class Connection:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<callcp.Connection {self.remote_address!r} {self._proto.state.value}>"
+        return f"<callcp.Connection {self.remote_address!r} {self._core.state.value}>"
 
 
 # ================================================================== client
 
 
-def connect(
-    host: str,
-    port: int = DEFAULT_PORT,
-    *,
-    timeout: Optional[float] = DEFAULT_TIMEOUT,
-    server_fingerprint: Optional[str] = None,
-    known_hosts: Optional[PathLike] = None,
-    trust_on_first_use: bool = True,
-    insecure: bool = False,
-    client_key: Optional[KeySource] = None,
-    key_password: Optional[str] = None,
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-    logger: Optional[logging.Logger] = None,
-) -> Connection:
+def connect(host: str, port: int = DEFAULT_PORT, **options: Unpack[ClientKwargs]) -> Connection:
     """Open a callcp/2 connection and run the client side of the handshake.
 
-    The server's key is checked against ``server_fingerprint`` if given, else
-    against the known-hosts file (``known_hosts``, default
-    ``~/.callcp/known_hosts``; an unknown server is trusted on first use
-    unless ``trust_on_first_use=False``).  ``insecure=True`` turns checking
-    off, loudly.  Returns once the client's key exchange is sent, so the first
-    request shares its flight (1-RTT); the server's Finished is checked before
-    any reply is returned.
+    The options are :class:`callcp.ClientOptions`'s.  The server's key is
+    checked against ``server_fingerprint`` if given, else against the
+    known-hosts file (``known_hosts``, default ``~/.callcp/known_hosts``; an
+    unknown server is trusted on first use unless
+    ``trust_on_first_use=False``).  ``insecure=True`` turns checking off,
+    loudly.  Returns once the client's key exchange is sent, so the first
+    request shares its flight (1-RTT); the server's Finished is checked
+    before any reply is returned.
 
     Raises:
         ServerKeyChanged, UnknownServerKey: the server's key is not trusted.
@@ -615,37 +488,24 @@ def connect(
         CallcpTimeout, TransportError: the network failed (nothing listening,
             unreachable, timeout).
         KeyManagementError: ``client_key`` could not be loaded.
+        ValueError: an option is invalid.
     """
+    return open_connection(host, port, ClientOptions(**options))
+
+
+def open_connection(host: str, port: int, options: ClientOptions) -> Connection:
+    """:func:`connect` with its options as one :class:`ClientOptions`."""
     check_port(port, allow_zero=False)
-    log = logger_for(logger)
-    proto = client_protocol(
-        host,
-        port,
-        server_fingerprint=server_fingerprint,
-        known_hosts=known_hosts,
-        trust_on_first_use=trust_on_first_use,
-        insecure=insecure,
-        client_key=client_key,
-        key_password=key_password,
-        max_message_size=max_message_size,
-        logger=log,
-    )
+    engine = Engine(client_protocol(host, port, options))
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = socket.create_connection((host, port), timeout=options.timeout)
     except OSError as exc:
         raise _translate(exc, f"connecting to {host}:{port}") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    conn = Connection(sock, proto, timeout=timeout, logger=log)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    conn = Connection(sock, engine, timeout=options.timeout)
+    conn.remote_address = conn.remote_address or (host, port)
     try:
-        while proto.state is State.WAIT_SERVER_HELLO:
-            event = conn._next_event()
-            if event is NEED_DATA:
-                conn._read(deadline)
-        conn._flush(best_effort=False)
-    except CallcpTimeout as exc:
-        conn._close_socket()
-        raise HandshakeTimeout(f"no ServerHello from {host}:{port} within {timeout} s") from exc
+        conn.do_handshake()
     except BaseException:
         conn._close_socket()
         raise
@@ -657,111 +517,60 @@ def connect(
 Handler = Callable[[Connection], Any]
 
 
+def _alive(sock: socket.socket) -> bool:
+    """The peer has not closed (checked before spending RSA work on it)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
 class Server:
     """A threaded callcp/2 server; see :func:`serve`."""
 
     def __init__(
-        self,
-        handler: Handler,
-        host: Optional[str] = "127.0.0.1",
-        port: int = DEFAULT_PORT,
-        *,
-        key: Optional[KeySource] = None,
-        key_password: Optional[str] = None,
-        authorized_keys: Optional[AuthorizedSource] = None,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
-        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-        idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        backlog: int = 128,
-        reuse_port: bool = False,
-        workers: int = 1,
-        logger: Optional[logging.Logger] = None,
+        self, handler: Handler, host: Optional[str], port: int, options: ServerOptions
     ) -> None:
         check_port(port, allow_zero=True)
-        check_workers(workers)
-        if max_connections < 1 or max_handshakes < 1:
-            raise ValueError("max_connections and max_handshakes must be >= 1")
         self._handler = handler
-        self._log = logger_for(logger)
-        self.keypair = load_server_key(key, password=key_password)
-        self._public_der = self.keypair.public_der
-        self._authorize = client_authorizer(authorized_keys)
-        self.max_connections = max_connections
-        self.handshake_timeout = handshake_timeout
-        self.idle_timeout = idle_timeout
-        self.max_message_size = max_message_size
-        self._handshakes = threading.BoundedSemaphore(max_handshakes)
+        self._core = core = ServerCore(options)
+        self.options = options
+        self.keypair = core.keypair
+        self._log = core.log
         self._lock = threading.Lock()
         self._active: Set[Connection] = set()
-        self._busy = 0  # connections being served (bounded by max_connections)
+        self._busy = 0  # connections with a thread (key exchange or handler)
         self._idle = threading.Condition(self._lock)  # notified when _busy drops
         self._threads = _ThreadPool()
-        self._shutdown_requested = threading.Event()
+        self._arrivals: Deque[Arrival] = deque()  # in accept order = deadline order
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
         self._stopped = threading.Event()
         self._stopped.set()
-        self.workers = workers
         self._pool: Optional[WorkerPool] = None
-        if workers > 1:
-            # The parent supervises; each worker process listens on the port.
-            try:
-                self._sock, self._address = reserve_port(host, port)
-            except OSError as exc:
-                raise _translate(exc, f"listening on {host}:{port}") from exc
-            worker_args = (
-                handler,
-                host,
-                self._address[1],
-                dict(
-                    key=self.keypair,
-                    authorized_keys=authorized_keys,
-                    max_connections=max_connections,
-                    max_handshakes=max_handshakes,
-                    handshake_timeout=handshake_timeout,
-                    idle_timeout=idle_timeout,
-                    max_message_size=max_message_size,
-                    backlog=backlog,
-                    logger=logger,
-                ),
+        self.workers = options.workers
+        if options.workers > 1:  # the parent supervises; each worker listens
+            self._sock, self._address = _reserve(host, port)
+            worker_options = options.replace(key=self.keypair, workers=1, reuse_port=True)
+            self._pool = WorkerPool(
+                options.workers, _sync_worker, (handler, host, self._address[1], worker_options)
             )
-            # Listening starts now, as for one process: serve_forever() only waits.
-            self._pool = WorkerPool(workers, _sync_worker, worker_args)
             try:
-                self._pool.start()
+                self._pool.start()  # listening starts now, as for one process
             except BaseException:
                 self._sock.close()
                 raise
             self._log.info(
                 "callcp server listening on %s with %d worker processes (key %s)",
                 self._address,
-                workers,
+                options.workers,
                 self.fingerprint,
             )
         else:
-            self._sock = self._bind(host, port, backlog, reuse_port)
+            self._sock = _listen(host, port, options.backlog, options.reuse_port)
             self._address = tuple(self._sock.getsockname())
-
-    @staticmethod
-    def _bind(host: Optional[str], port: int, backlog: int, reuse_port: bool) -> socket.socket:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            family, kind, proto, _, addr = infos[0]
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if reuse_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind(addr)
-                sock.listen(backlog)
-            except BaseException:
-                sock.close()
-                raise
-        except OSError as exc:
-            raise _translate(exc, f"listening on {host}:{port}") from exc
-        return sock
-
-    # ------------------------------------------------------------ properties
 
     @property
     def server_address(self) -> Address:
@@ -775,7 +584,7 @@ class Server:
 
     @property
     def fingerprint(self) -> str:
-        return self.keypair.fingerprint
+        return self._core.fingerprint
 
     @property
     def active_connections(self) -> int:
@@ -788,176 +597,186 @@ class Server:
         """Accept and serve connections until :meth:`shutdown` (returns at
         once if shutdown was already requested)."""
         with self._lock:
-            if self._shutdown_requested.is_set():
+            if self._core.stopping:
                 return
             self._stopped.clear()
-        if self.workers > 1:
-            self._supervise(poll_interval)
-            return
         try:
-            self._sock.settimeout(poll_interval)
-            self._log.info(
-                "callcp server listening on %s (key %s)", self.server_address, self.fingerprint
-            )
-            while not self._shutdown_requested.is_set():
-                try:
-                    sock, addr = self._sock.accept()
-                except socket.timeout:
-                    continue
-                except OSError as exc:
-                    if self._shutdown_requested.is_set():
-                        break
-                    self._log.warning("accept failed: %s", exc)
-                    time.sleep(0.05)  # e.g. EMFILE: do not spin
-                    continue
-                self._admit(sock, addr)
+            if self._pool is not None:
+                self._pool.wait(poll_interval, stop=lambda: self._core.stopping)
+            else:
+                self._log.info(
+                    "callcp server listening on %s (key %s)", self._address, self.fingerprint
+                )
+                self._accept_loop()
         finally:
             self._stopped.set()
 
-    def _supervise(self, poll_interval: float) -> None:
-        """(workers > 1) wait for the worker processes until shutdown."""
-        assert self._pool is not None
+    def _accept_loop(self) -> None:
+        """The selector thread: accepts, and holds each connection until its
+        whole ClientHello is in (then it queues for a key-exchange slot)."""
+        sel, core, arrivals = self._selector, self._core, self._arrivals
+        self._sock.setblocking(False)
+        sel.register(self._sock, selectors.EVENT_READ, None)
+        sel.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+        paused_until = 0.0
         try:
-            self._pool.wait(poll_interval, stop=self._shutdown_requested.is_set)
+            while not core.stopping:
+                now = time.monotonic()
+                if paused_until and now >= paused_until:
+                    sel.register(self._sock, selectors.EVENT_READ, None)
+                    paused_until = 0.0
+                wait = arrivals[0].deadline - now if arrivals else 1.0
+                for key, _ in sel.select(min(1.0, max(0.0, wait))):
+                    if key.data is None:
+                        if not self._accept_some():  # EMFILE and the like: do not spin
+                            sel.unregister(self._sock)
+                            paused_until = time.monotonic() + 0.1
+                    elif key.data is self._wake_r:
+                        self._wake_r.recv(4096)
+                    else:
+                        self._readable(key.data)
+                now = time.monotonic()
+                while arrivals and (arrivals[0].state in _GONE or arrivals[0].deadline <= now):
+                    arrival = arrivals.popleft()
+                    if arrival.state == "hello":
+                        sel.unregister(arrival.io)
+                    if arrival.state not in _GONE and arrival.expire():
+                        self._drop(arrival)
+                core.notices.flush()
         finally:
-            self._stopped.set()
+            for arrival in arrivals:
+                if arrival.state == "hello":
+                    sel.unregister(arrival.io)
+                if arrival.stop():
+                    self._drop(arrival)
+            arrivals.clear()
+            sel.close()
 
-    def _admit(self, sock: socket.socket, addr: Address) -> None:
-        with self._lock:
-            full = self._busy >= self.max_connections
-            if not full:
-                self._busy += 1
-        if full:
-            self._log.warning(
-                "refused %s: max_connections (%d) reached", _fmt(addr), self.max_connections
-            )
+    def _accept_some(self) -> bool:
+        """Accept what is waiting (a bounded batch); False if accept failed."""
+        for _ in range(64):
             try:
-                sock.settimeout(0)
-                sock.send(alert_frame(CloseCode.GOING_AWAY, "server busy: too many connections"))
+                sock, addr = self._sock.accept()
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                self._core.notices.note("accept failed", "", "accept failed: %s", exc)
+                return False
+            arrival, first = self._core.arrive(addr)
+            try:
+                sock.setblocking(False)
+                sock.send(first)  # the ServerHello or a refusal (a fresh socket takes it)
             except OSError:
-                pass
-            sock.close()
-            return
-        self._threads.submit(self._serve_one, sock, addr)
+                if arrival is not None:
+                    arrival.received(b"")
+                    self._core.release(addr, None)
+                arrival = None
+            if arrival is None:
+                sock.close()
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            arrival.io = sock
+            self._selector.register(sock, selectors.EVENT_READ, arrival)
+            self._arrivals.append(arrival)
+        return True
 
-    def _serve_one(self, sock: socket.socket, addr: Address) -> None:
-        peer = _fmt(addr)
-        conn: Optional[Connection] = None
+    def _readable(self, arrival: Arrival) -> None:
+        sock: socket.socket = arrival.io
         try:
-            conn = self._handshake(sock, peer)
-            if conn is None:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data = b""
+            arrival.engine.transport_lost(_translate(exc, "receiving"))
+        if not arrival.received(data):
+            return
+        self._selector.unregister(arrival.io)  # the kernel holds the rest
+        arrival.queue(lambda: self._threads.submit(self._serve_one, arrival), lambda: _alive(sock))
+        if arrival.state == "dropped":
+            self._drop(arrival)
+
+    def _drop(self, arrival: Arrival) -> None:
+        """Close a connection still in the acceptor's hands, with the ALERT
+        the engine queued."""
+        _send_and_close(arrival.io, arrival.engine.core.data_to_send())
+        self._core.release(arrival.addr, arrival.engine)
+
+    def _serve_one(self, arrival: Arrival) -> None:
+        core, options = self._core, self._core.options
+        conn = Connection(arrival.io, arrival.engine, timeout=options.handshake_timeout)
+        addr, engine = arrival.addr, arrival.engine
+        with self._lock:
+            self._active.add(conn)
+            self._busy += 1
+
+        def decrypt(request: DecryptionRequested) -> Optional[bytes]:
+            try:
+                return request.run()
+            finally:
+                arrival.key_exchange_done()
+
+        try:
+            try:
+                conn._handshake(arrival.deadline, options.handshake_timeout, decrypt)
+            except CallcpError as exc:
+                core.handshake_failed(addr, exc)
                 return
-            with self._lock:
-                self._active.add(conn)
-                stopping = self._shutdown_requested.is_set()
-            if stopping:
-                conn._begin_stop()
+            except Exception:  # a bug, not the peer: say so loudly, keep serving
+                self._log.exception("internal error in the handshake with %s", format_peer(addr))
+                return
+            finally:
+                arrival.key_exchange_done()
+            conn.settimeout(options.idle_timeout)
+            core.connected(addr, engine)
+            if core.stopping:
+                engine.stop()
+            error: Optional[BaseException] = None
             try:
                 self._handler(conn)
-            except ConnectionClosedOK:
-                pass
-            except CallcpTimeout:
-                self._log.warning("closed %s: idle for more than %s s", peer, self.idle_timeout)
-                conn.close(CloseCode.TIMEOUT, "idle timeout")
-            except CallcpError as exc:
-                self._log.warning("connection %s ended: %s", peer, exc)
-            except Exception:
-                self._log.exception("handler raised on connection %s", peer)
-                conn.close(CloseCode.INTERNAL_ERROR, "internal server error")
+            except Exception as exc:  # the outcome policy decides what it means
+                error = exc
+            core.ended(addr, engine, handler_outcome(error, options.idle_timeout), error)
         finally:
-            if conn is not None:
-                conn.close()
-                with self._lock:
-                    self._active.discard(conn)
-            else:
-                sock.close()
+            conn.close()
+            core.release(addr, engine)
             with self._lock:
+                self._active.discard(conn)
                 self._busy -= 1
                 self._idle.notify_all()
 
-    def _handshake(self, sock: socket.socket, peer: str) -> Optional[Connection]:
-        """Run the server handshake under the handshake deadline (counted from
-        accept); None on failure (logged on one line)."""
-        deadline = time.monotonic() + self.handshake_timeout
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        proto = ServerProtocol(
-            self.keypair.private_key,
-            authorize_client=self._authorize,
-            max_message_size=self.max_message_size,
-            server_public_der=self._public_der,
-        )
-        conn = Connection(sock, proto, timeout=self.handshake_timeout, logger=self._log)
-        conn._stoppable = True
-        slot = False
-        try:
-            proto.start()
-            conn._flush()
-            # A handshake slot (it bounds the CPU spent on RSA at once) is
-            # taken only when the client has sent something: connections that
-            # stay silent cannot hold the slots and starve real clients.
-            while proto.needs_data:
-                conn._read(deadline)
-            remaining = deadline - time.monotonic()
-            slot = remaining > 0 and self._handshakes.acquire(timeout=remaining)
-            if not slot:
-                conn._close_socket()
-                self._log.warning("dropped %s: too many handshakes in progress", peer)
-                return None
-            while True:
-                event = conn._next_event()
-                if event is NEED_DATA:
-                    conn._read(deadline)
-                elif isinstance(event, HandshakeCompleted):
-                    break
-            conn._flush()  # our Finished
-        except CallcpTimeout:
-            err = HandshakeTimeout(f"handshake timed out after {self.handshake_timeout} s")
-            with conn._proto_lock:
-                proto.fail(err)
-            conn._flush()
-            conn._close_socket()
-            self._log.warning("handshake with %s failed: %s", peer, err)
-            return None
-        except CallcpError as exc:
-            conn._close_socket()
-            self._log.warning("handshake with %s failed: %s", peer, exc)
-            return None
-        finally:
-            if slot:
-                self._handshakes.release()
-        conn.settimeout(self.idle_timeout)
-        who = f" as {proto.peer_fingerprint}" if proto.peer_fingerprint else ""
-        self._log.debug("connection from %s%s", peer, who)
-        return conn
-
     # ------------------------------------------------------------ stopping
 
-    def shutdown(self, timeout: float = 5.0) -> None:
+    def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, let in-flight requests finish (up to ``timeout``
-        seconds), then close every connection with an authenticated close."""
+        seconds, default ``shutdown_timeout``), then close every connection
+        with an authenticated close."""
+        timeout = self.options.shutdown_timeout if timeout is None else timeout
         with self._lock:
-            self._shutdown_requested.set()
-            pool = self._pool
-        if pool is not None:
-            pool.stop(timeout + 2.0)  # each worker shuts down gracefully on SIGTERM
-        self._stopped.wait(timeout=2.0)
+            self._core.stopping = True
         try:
-            self._sock.close()
+            self._wake_w.send(b"x")
         except OSError:
             pass
+        if self._pool is not None:
+            self._pool.stop(timeout + 2.0)  # each worker shuts down gracefully on SIGTERM
+        self._stopped.wait(timeout=2.0)
+        self._sock.close()
         with self._lock:
             conns = list(self._active)
-        for conn in conns:
-            conn._begin_stop()
+        for conn in conns:  # idle readers close now, busy handlers after their message
+            conn._engine.stop()
         with self._lock:
-            if not self._idle.wait_for(lambda: self._busy == 0, timeout):
-                conns = list(self._active)
-            else:
-                conns = []
+            done = self._idle.wait_for(lambda: self._busy == 0, timeout)
+            conns = [] if done else list(self._active)
         for conn in conns:  # past the deadline: close what is left
-            conn._force_close(CloseCode.GOING_AWAY, "server shutting down")
+            conn._engine.close(CloseCode.GOING_AWAY, "server shutting down")
+            conn._abort(send_timeout=0.1)
         with self._lock:
             self._idle.wait_for(lambda: self._busy == 0, 1.0)
+        self._core.notices.flush(float("inf"))
+        for sock in (self._wake_r, self._wake_w):
+            sock.close()
         self._log.info("callcp server stopped")
 
     close = shutdown
@@ -967,6 +786,46 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+_GONE = ("started", "dropped")
+
+
+def _reserve(host: Optional[str], port: int) -> Tuple[socket.socket, Address]:
+    try:
+        return reserve_port(host, port)
+    except OSError as exc:
+        raise _translate(exc, f"listening on {host}:{port}") from exc
+
+
+def _listen(host: Optional[str], port: int, backlog: int, reuse_port: bool) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise _translate(exc, f"listening on {host}:{port}") from exc
+    return sock
+
+
+def _send_and_close(sock: socket.socket, data: bytes) -> None:
+    """Best effort, never blocking: a refusal or alert, then close."""
+    try:
+        sock.setblocking(False)
+        if data:
+            sock.send(data)
+    except OSError:
+        pass
+    sock.close()
 
 
 class _ThreadPool:
@@ -1033,24 +892,17 @@ def _timeval(timeout: Optional[float]) -> bytes:
     return struct.pack("@ll", micros // 1_000_000, micros % 1_000_000)
 
 
-def _fmt(addr: Address) -> str:
-    if len(addr) >= 2:
-        host = addr[0]
-        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
-    return str(addr)
-
-
 def _sync_worker(
     handler: Handler,
     host: Optional[str],
     port: int,
-    options: Any,
+    options: ServerOptions,
     ready: Callable[[], None],
 ) -> None:
     """One worker process of a ``workers=N`` server: an ordinary server on a
     SO_REUSEPORT socket, shut down gracefully on SIGTERM."""
-    server = Server(handler, host, port, reuse_port=True, **options)
-    stopper: list[threading.Thread] = []
+    server = Server(handler, host, port, options)
+    stopper: List[threading.Thread] = []
 
     def on_term(signum: int, frame: Any) -> None:
         if not stopper:  # shutdown() waits for serve_forever: not from its thread
@@ -1069,19 +921,20 @@ def serve(
     handler: Handler,
     host: Optional[str] = "127.0.0.1",
     port: int = DEFAULT_PORT,
-    **options: Any,
+    **options: Unpack[ServerKwargs],
 ) -> Server:
     """Create a listening :class:`Server` (bound now; call ``serve_forever()``).
 
     ``handler(conn)`` runs in its own thread for each connection, after the
     handshake (and client authorization) succeeded; the connection is closed
-    when it returns.  Options: ``key`` (KeyPair, RSA private key or PEM path,
-    generated on first use; default ``~/.callcp/server_key.pem``),
-    ``key_password``, ``authorized_keys`` (path or fingerprints: requires
-    client authentication), ``max_connections`` (512), ``max_handshakes``
-    (64), ``handshake_timeout`` (10 s), ``idle_timeout`` (300 s),
-    ``max_message_size`` (16 MiB), ``backlog``, ``reuse_port``, ``logger``,
-    ``workers`` (N > 1: N processes accept on the port with SO_REUSEPORT,
-    Linux; the handler then runs in the worker processes).
+    when it returns.  The options, their defaults and the limits they set
+    are :class:`callcp.ServerOptions`'s (the same for :func:`callcp.aio.serve`).
+    ``workers=N`` (N > 1) forks N processes that accept on the port with
+    SO_REUSEPORT (Linux); the handler then runs in them.
+
+    Raises:
+        ValueError: an option is invalid.
+        KeyManagementError: the key could not be loaded or created.
+        TransportError: the address could not be bound.
     """
-    return Server(handler, host, port, **options)
+    return Server(handler, host, port, ServerOptions(**options))

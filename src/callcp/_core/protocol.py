@@ -109,6 +109,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+#: Received chunks smaller than this are coalesced into one buffer.
+COALESCE_BELOW = 16 * 1024
 
 OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
@@ -235,13 +237,17 @@ class _Protocol:
         # case, and no quadratic re-copying when bytes trickle in).
         # (``_buf`` and the chunks are immutable bytes, or views of them: a
         # view into them stays valid while a record is decrypted from it.)
-        self._buf: Union[bytes, memoryview] = b""
+        self._buf: Union[bytes, bytearray, memoryview] = b""
         self._pos = 0
-        self._chunks: Deque[Union[bytes, memoryview]] = deque()
+        self._chunks: Deque[Union[bytes, bytearray, memoryview]] = deque()
         self._chunks_len = 0
         self._eof = False
         self._out: List[bytes] = []
-        self._events: Deque[Event] = deque()
+        # A CLOSE owed to the peer, sealed by the next data_to_send(): whoever
+        # writes seals it, so a receiving thread never seals (the sending side
+        # owns the record sequence).
+        self._close_pending: Optional[bytes] = None
+        self._peer_closed_first = False
         self._transcript = hashlib.sha256()
         self._secrets: Optional[HandshakeSecrets] = None
         self._sender: Optional[RecordSender] = None
@@ -280,26 +286,39 @@ class _Protocol:
             return
         if self.state is State.FAILED or self.state is State.CLOSED:
             return  # nothing more is read from a finished connection
-        if type(data) is not bytes:
-            data = bytes(data)
         if self._pos >= len(self._buf) and not self._chunks:
-            self._buf = data
+            self._buf = data if type(data) is bytes else bytes(data)
             self._pos = 0
+            return
+        # Small reads are copied into one growing buffer: an object kept per
+        # read would hold far more memory than the bytes it carries (a peer
+        # sending one byte per TCP segment).  Large reads are kept as they are.
+        chunks = self._chunks
+        if len(data) < COALESCE_BELOW:
+            tail = chunks[-1] if chunks else None
+            if type(tail) is bytearray:
+                tail += data
+            else:
+                chunks.append(bytearray(data))
         else:
-            self._chunks.append(data)
-            self._chunks_len += len(data)
+            chunks.append(data if type(data) is bytes else bytes(data))
+        self._chunks_len += len(data)
 
     @property
     def needs_data(self) -> bool:
         """True when ``next_event()`` could only answer NEED_DATA: nothing is
         buffered and the connection is live.  (Lets an adapter read first.)"""
         return (
-            not self._events
-            and self._chunks_len == 0
+            self._chunks_len == 0
             and self._pos >= len(self._buf)
             and not self._eof
             and (self.state is State.OPEN or self.state in _LIVE_STATES)
         )
+
+    @property
+    def partial_message_bytes(self) -> int:
+        """Bytes of an incoming message received so far but not yet whole."""
+        return self._fragments_size
 
     @property
     def buffered(self) -> int:
@@ -352,8 +371,6 @@ class _Protocol:
             ConnectionClosed: the connection is closed or failed already
             (ConnectionClosedOK after the peer's normal CLOSE).
         """
-        if self._events:
-            return self._events.popleft()
         if self.state is State.FAILED or self.state is State.CLOSED:
             raise self.closed_error()
         if self.state is State.WAIT_DECRYPTION:
@@ -394,6 +411,8 @@ class _Protocol:
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the socket now (possibly empty)."""
+        if self._close_pending is not None:
+            self._seal_close()
         if not self._out:
             return b""
         out = b"".join(self._out)
@@ -403,6 +422,8 @@ class _Protocol:
     def data_to_send_parts(self) -> List[bytes]:
         """What ``data_to_send()`` would return, as a list of pieces (for a
         gathering write: large records are not copied into one buffer)."""
+        if self._close_pending is not None:
+            self._seal_close()
         out, self._out = self._out, []
         return out
 
@@ -510,9 +531,14 @@ class _Protocol:
             return
         self._close_sent = True
         if self._sender is not None:
-            self._seal(FrameType.CLOSE, encode_alert(code, reason))
+            self._close_pending = encode_alert(code, reason)
         else:
             self._out.append(frame(FrameType.ALERT, encode_alert(code, reason)))
+
+    def _seal_close(self) -> None:
+        body, self._close_pending = self._close_pending, None
+        if body is not None:
+            self._seal(FrameType.CLOSE, body)
 
     def fail(self, exc: CallcpError) -> None:
         """Mark the connection failed because of ``exc`` (a local decision such
@@ -638,7 +664,7 @@ class _Protocol:
         sender.seal(ftype, plaintext, self._out)
 
     def _check_can_send(self) -> None:
-        if self.state is State.FAILED:
+        if self.state is State.FAILED or (self.state is State.CLOSED and self._peer_closed_first):
             raise self.closed_error()
         if self._close_sent:
             raise LocalProtocolError("send() after close()")
@@ -677,8 +703,8 @@ class _Protocol:
                 self.close(code, reason)
             self.state = State.FAILED
             self.error = exc
-        self._events.clear()
         self._fragments.clear()
+        self._fragments_size = 0
         self._in_stream_hash = None
         return exc
 
@@ -772,11 +798,13 @@ class _Protocol:
             # dropped, never delivered; the stream is reported incomplete.
             what = "stream" if self.state is State.STREAMING else "message"
             self._fragments.clear()
+            self._fragments_size = 0
             self._in_stream_hash = None
             code = code if code not in _CLEAN_CODES else CloseCode.PROTOCOL_ERROR
             reason = reason or f"closed in the middle of a {what}"
         self._close_received = (code, reason)
         self.state = State.CLOSED
+        self._peer_closed_first = not self._close_sent
         if not self._close_sent and self._sender is not None:
             self.close(CloseCode.NORMAL, "")
         return CloseReceived(code, reason)

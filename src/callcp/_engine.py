@@ -1,0 +1,833 @@
+"""The connection engine: everything above the sans-I/O core that is not
+"how do I wait for bytes", written once for both adapters.
+
+Theory of operation
+-------------------
+An adapter (``sync.py`` with sockets and threads, ``aio.py`` with asyncio)
+owns a transport and a way to wait.  For each connection it holds one
+:class:`Engine` and does only this:
+
+* feed what it reads to ``engine.feed(data)`` (``b""`` at end of stream);
+* ask ``engine.next_event()`` for the next application event; on NEED_DATA,
+  wait for bytes and ask again;
+* write what ``engine.core.data_to_send()`` returns, always under its one
+  send lock (sealing happens there, so the record sequence has one owner);
+* on any :class:`CallcpError` from the engine, write what is queued (the
+  CLOSE or ALERT telling the peer why) and close the transport.
+
+The engine decides everything else: which events the application sees
+(handshake events are consumed, the peer's CLOSE becomes an exception), the
+handshake steps (:meth:`Engine.handshake_step`), what a timeout during the
+handshake means, how a server interrupts a connection (shutdown, the global
+message budget), and how a stream is sent (:class:`StreamSending`).
+
+For servers, :class:`ServerCore` holds what is shared by every connection of
+one server: the options, the key, the admission policy (:class:`Admission`),
+the key-exchange queue (:class:`HandshakeQueue`), the global budget for
+partially received messages (:class:`MessageBudget`), rate-limited logging
+of refusals (:class:`Notices`), and the handler-outcome policy
+(:func:`handler_outcome`).  All of it is thread-safe: the blocking server
+calls it from many threads, the asyncio server from one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, Optional, Set, Tuple, Union
+
+from ._common import client_authorizer, load_server_key, logger_for
+from ._core.errors import (
+    CallcpError,
+    CallcpTimeout,
+    CloseCode,
+    ConnectionClosed,
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    HandshakeTimeout,
+    MessagePending,
+    MessageTooLarge,
+    StreamPending,
+)
+from ._core.events import (
+    NEED_DATA,
+    CloseReceived,
+    DecryptionRequested,
+    HandshakeCompleted,
+    MessageReceived,
+    NeedData,
+    ServerKeyAccepted,
+    StreamStarted,
+)
+from ._core.protocol import ServerProtocol, _Protocol
+from ._core.wire import alert_frame
+from ._options import ServerOptions
+from ._streams import Progress, StreamInfo
+
+__all__ = [
+    "Engine",
+    "StreamSending",
+    "ServerCore",
+    "Admission",
+    "HandshakeQueue",
+    "MessageBudget",
+    "Notices",
+    "Outcome",
+    "handler_outcome",
+    "format_peer",
+    "source_of",
+    "NEED_DATA",
+]
+
+Address = Tuple[Any, ...]
+HandshakeStep = Union[NeedData, DecryptionRequested, None]
+
+SHUTTING_DOWN = "server shutting down"
+
+
+def _going_away() -> ConnectionClosedOK:
+    return ConnectionClosedOK(
+        "the server is shutting down", code=CloseCode.GOING_AWAY, reason=SHUTTING_DOWN
+    )
+
+
+# ====================================================================== engine
+
+
+class Engine:
+    """One connection's policy above the core (see the module docstring)."""
+
+    __slots__ = ("core", "wake", "_pending", "_interrupt", "_lost", "_budget", "charged")
+
+    def __init__(self, core: _Protocol, *, budget: Optional[MessageBudget] = None) -> None:
+        self.core = core
+        #: Called (from any thread) when an interrupt must reach a waiting reader.
+        self.wake: Callable[[], None] = _nothing
+        self._pending: Any = None  # an event handed back (recv vs recv_stream)
+        self._interrupt: Optional[CallcpError] = None
+        self._lost: Optional[CallcpError] = None  # the transport's own error
+        self._budget = budget
+        self.charged = 0  # bytes of this connection's partial message in the budget
+
+    @property
+    def is_server(self) -> bool:
+        return self.core._role == "server"
+
+    # ------------------------------------------------------------ handshake
+
+    def handshake_step(self) -> HandshakeStep:
+        """Advance the handshake as far as the buffered bytes allow.
+
+        Returns NEED_DATA (wait for bytes, then call again), a
+        DecryptionRequested (server: run it, hand the result to
+        :meth:`decrypted`, call again), or None: the handshake is done as far
+        as this side waits for it (a client's key exchange is queued, so its
+        first message shares the flight; a server verified the client's
+        Finished).  Write ``core.data_to_send()`` after each step.
+
+        Raises:
+            HandshakeError (and subclasses), ConnectionClosed: the handshake
+                failed; the alert for the peer is queued.
+        """
+        if self._pending is not None:  # a DecryptionRequested seen by poll_hello()
+            step, self._pending = self._pending, None
+            return step  # type: ignore[no-any-return]
+        core = self.core
+        while True:
+            event = core.next_event()
+            if event is NEED_DATA:
+                self.check_interrupt()
+                return NEED_DATA
+            if isinstance(event, DecryptionRequested):
+                return event
+            if isinstance(event, (ServerKeyAccepted, HandshakeCompleted)):
+                return None
+
+    def poll_hello(self) -> bool:
+        """(server) True once a whole ClientHello is buffered: from then on
+        the connection is worth a key-exchange slot.  The first
+        :meth:`handshake_step` returns its DecryptionRequested.
+
+        Raises: as :meth:`handshake_step` (a malformed hello).
+        """
+        if self._pending is not None:
+            return True
+        event = self.core.next_event()
+        if event is NEED_DATA:
+            return False
+        self._pending = event
+        return True
+
+    def decrypted(self, premaster: Optional[bytes]) -> None:
+        """Hand a DecryptionRequested's result to the core."""
+        core: ServerProtocol = self.core  # type: ignore[assignment]
+        core.premaster_decrypted(premaster)
+
+    def handshake_timed_out(self, seconds: Optional[float], peer: str) -> HandshakeTimeout:
+        """The handshake deadline passed: fail the core (the alert is queued)
+        and return the error to raise."""
+        if self.is_server:
+            err = HandshakeTimeout(f"handshake timed out after {seconds} s")
+        else:
+            err = HandshakeTimeout(f"no ServerHello from {peer} within {seconds} s")
+        self.core.fail(err)
+        return err
+
+    # ------------------------------------------------------------ receiving
+
+    def feed(self, data: bytes) -> None:
+        """Bytes read from the transport (``b""``: the peer closed it)."""
+        self.core.receive_data(data)
+
+    def transport_lost(self, err: Optional[CallcpError]) -> None:
+        """The transport is gone (``err``: it broke).  What is buffered is
+        still delivered; then the loss is reported."""
+        if err is not None and self._lost is None:
+            self._lost = err
+        core = self.core
+        if not core._eof:
+            core.receive_data(b"")
+
+    def next_event(self) -> Any:
+        """The next event for the application: MessageReceived or a stream
+        event, or NEED_DATA.  Handshake events are consumed.
+
+        Raises:
+            ConnectionClosed: the peer closed (its CLOSE; our reply is queued),
+                or the connection is already closed or failed.
+            RemoteProtocolError, HandshakeError, CryptoError, MessageTooLarge:
+                the peer sent bad bytes (the close is queued).
+            the interrupt set by :meth:`interrupt`.
+        """
+        if self._pending is not None:
+            event, self._pending = self._pending, None
+            return event
+        core = self.core
+        try:
+            while True:
+                event = core.next_event()
+                if type(event) is MessageReceived:
+                    return event
+                if event is NEED_DATA:
+                    if self._interrupt is not None:
+                        self.check_interrupt()
+                    if self._budget is not None and core._fragments_size != self.charged:
+                        self._budget.charge(self, core._fragments_size)
+                    return NEED_DATA
+                if isinstance(event, CloseReceived):
+                    raise core.closed_error()
+                if not isinstance(event, (ServerKeyAccepted, HandshakeCompleted)):
+                    return event
+        except ConnectionClosedError as exc:
+            lost = self._lost
+            if lost is not None and exc.code is None:  # our EOF stands for a broken transport
+                self._lost = None
+                raise lost from exc
+            raise
+
+    def message_from(self, event: Any) -> bytes:
+        """``recv()``'s answer for ``event``: its data, or StreamPending (the
+        event stays first in line for ``recv_stream()``)."""
+        if type(event) is MessageReceived:
+            return event.data
+        self._pending = event
+        raise StreamPending(
+            "a stream arrived, not a message: receive it with recv_stream()",
+            name=event.name,
+            size=event.size,
+        )
+
+    def stream_from(self, event: Any) -> StreamStarted:
+        """``recv_stream()``'s start: a StreamStarted, or MessagePending."""
+        if isinstance(event, StreamStarted):
+            return event
+        self._pending = event
+        raise MessagePending("a message arrived, not a stream: receive it with recv()")
+
+    # ------------------------------------------------------------ interrupts
+
+    def interrupt(self, exc: CallcpError) -> None:
+        """End the connection from outside (any thread): the reader gets
+        ``exc`` at its next wait for bytes (woken now if it waits)."""
+        if self._interrupt is None:
+            self._interrupt = exc
+            self.wake()
+
+    def stop(self) -> None:
+        """Server shutdown: an idle reader is closed now with GOING_AWAY, a
+        busy handler at its next wait for bytes."""
+        self.interrupt(_going_away())
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupt is not None
+
+    def check_interrupt(self) -> None:
+        """Raise the interrupt, if any, after queuing its close for the peer."""
+        exc = self._interrupt
+        if exc is None:
+            return
+        core = self.core
+        if isinstance(exc, ConnectionClosed):  # a clean end: our CLOSE says why
+            core.close(exc.code if exc.code is not None else CloseCode.NORMAL, exc.reason or "")
+        core.fail(exc)
+        raise exc
+
+    def release(self) -> None:
+        """The connection is over: give back its share of the budget."""
+        if self._budget is not None and self.charged:
+            self._budget.charge(self, 0)
+
+    # ------------------------------------------------------------ closing
+
+    def close(self, code: int, reason: str) -> None:
+        """Queue the authenticated close (idempotent)."""
+        self.core.close(code, reason)
+
+    def closed_error(self) -> ConnectionClosed:
+        return self.core.closed_error()
+
+
+def _nothing() -> None:
+    pass
+
+
+class StreamSending:
+    """``send_stream()``'s work for both adapters: start, chunks, end, and
+    the abort that no failure may skip.  The adapter writes what each step
+    queues (``core.data_to_send_parts()``) under its send lock."""
+
+    __slots__ = ("core", "size", "name", "progress", "done")
+
+    def __init__(
+        self,
+        core: _Protocol,
+        size: Optional[int],
+        name: str,
+        checksum: bool,
+        progress: Optional[Progress],
+    ) -> None:
+        core.start_stream(size, name, checksum=checksum)
+        self.core = core
+        self.size = size
+        self.name = name
+        self.progress = progress
+        self.done = 0
+
+    def chunk(self, data: Any) -> None:
+        self.core.send_stream_data(data)
+        self.done += len(data)
+
+    def sent(self) -> None:
+        """The last chunk is written: report progress."""
+        if self.progress is not None:
+            self.progress(self.done, self.size)
+
+    def end(self) -> StreamInfo:
+        length, digest = self.core.end_stream()
+        return StreamInfo(length, digest.hex() if digest is not None else None, self.name)
+
+    def abort(self, exc: BaseException) -> bool:
+        """Whatever stopped the sender (the source, the progress callback, a
+        cancellation), the peer must not be left inside the stream.  True if
+        an abort record was queued."""
+        core = self.core
+        if not (core.sending_stream and core.can_send):
+            return False
+        core.abort_stream(f"the sender failed ({type(exc).__name__})")
+        return True
+
+
+# ================================================================ addresses
+
+
+def format_peer(addr: Any) -> str:
+    """``host:port`` (``[v6]:port``) for logs; "unknown peer" without one."""
+    if addr and isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return "unknown peer" if not addr else str(addr)
+
+
+def source_of(addr: Any) -> str:
+    """What per-source limits count: an IPv4 address, or an IPv6 /64 (one
+    subscriber's prefix); an IPv4-mapped IPv6 address counts as IPv4."""
+    if not addr or not isinstance(addr, tuple):
+        return "local"
+    host = str(addr[0]).split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+# ================================================================ admission
+
+
+class Admission:
+    """Open connections, counted globally and per source address.
+
+    A connection is refused when ``max_connections`` are open, when its
+    source already has ``per_source`` open (0: no such limit), or when the
+    server is nearly full (the last tenth of ``max_connections`` is kept for
+    sources with fewer than :attr:`FEW` connections, so one busy source
+    cannot take the last places).
+    """
+
+    FEW = 4
+
+    def __init__(self, max_connections: int, per_source: int) -> None:
+        self.max_connections = max_connections
+        self.per_source = per_source
+        self._reserved = max_connections // 10
+        self._lock = threading.Lock()
+        self.open = 0
+        self._by_source: Dict[str, int] = {}
+
+    def admit(self, source: str) -> Optional[str]:
+        """Count a new connection in; None if admitted, else why not."""
+        with self._lock:
+            mine = self._by_source.get(source, 0)
+            if self.open >= self.max_connections:
+                return f"too many connections: max_connections ({self.max_connections}) reached"
+            if self.per_source and mine >= self.per_source:
+                return (
+                    "too many connections from one address: "
+                    f"max_connections_per_source ({self.per_source}) reached"
+                )
+            if self.open >= self.max_connections - self._reserved and mine >= self.FEW:
+                return "nearly full: the last places are kept for other addresses"
+            self.open += 1
+            self._by_source[source] = mine + 1
+            return None
+
+    def release(self, source: str) -> None:
+        with self._lock:
+            self.open -= 1
+            left = self._by_source.get(source, 1) - 1
+            if left > 0:
+                self._by_source[source] = left
+            else:
+                self._by_source.pop(source, None)
+
+
+class HandshakeTicket:
+    """One connection's claim on a key-exchange slot."""
+
+    __slots__ = ("source", "start", "alive", "state")
+
+    def __init__(self, source: str, start: Callable[[], None], alive: Callable[[], bool]) -> None:
+        self.source = source
+        self.start = start  # called (outside any lock) when the slot is granted
+        self.alive = alive  # False: the connection is gone, skip it
+        self.state = "new"  # then "waiting", "running", "done"
+
+
+class HandshakeQueue:
+    """Key exchanges (one RSA decryption each) of connections whose whole
+    ClientHello is in hand: at most ``limit`` running, at most ``max_waiting``
+    waiting in arrival order, at most ``per_source`` (running or waiting)
+    from one source (0: no such limit).  A waiting ticket whose connection
+    closed or timed out is cancelled, so no work is done for a peer that is
+    gone."""
+
+    def __init__(self, limit: int, max_waiting: int, per_source: int) -> None:
+        self.limit = limit
+        self.max_waiting = max_waiting
+        self.per_source = per_source
+        self._lock = threading.Lock()
+        self.running = 0
+        self._waiting: Deque[HandshakeTicket] = deque()
+        self._by_source: Dict[str, int] = {}
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, ticket: HandshakeTicket) -> Optional[str]:
+        """Start the ticket now or queue it; None, or why it is refused."""
+        with self._lock:
+            mine = self._by_source.get(ticket.source, 0)
+            if self.per_source and mine >= self.per_source:
+                return f"max_handshakes_per_source ({self.per_source}) reached"
+            if self.running < self.limit:
+                self.running += 1
+                ticket.state = "running"
+            elif len(self._waiting) < self.max_waiting:
+                ticket.state = "waiting"
+                self._waiting.append(ticket)
+            else:
+                return f"too many handshakes in progress (max_handshakes={self.limit})"
+            self._by_source[ticket.source] = mine + 1
+        if ticket.state == "running":
+            ticket.start()
+        return None
+
+    def done(self, ticket: HandshakeTicket) -> None:
+        """The ticket's key exchange finished (or failed): let the next in."""
+        starts = []
+        with self._lock:
+            if ticket.state != "running":
+                return
+            ticket.state = "done"
+            self.running -= 1
+            self._forget(ticket.source)
+            while self._waiting and self.running < self.limit:
+                nxt = self._waiting.popleft()
+                if not nxt.alive():
+                    nxt.state = "done"
+                    self._forget(nxt.source)
+                    continue
+                nxt.state = "running"
+                self.running += 1
+                starts.append(nxt)
+        for nxt in starts:
+            nxt.start()
+
+    def cancel(self, ticket: HandshakeTicket) -> bool:
+        """The ticket's connection is gone: it waits no more.  False if its
+        key exchange already started (it frees its slot through done())."""
+        with self._lock:
+            if ticket.state != "waiting":
+                return ticket.state == "new"
+            ticket.state = "done"
+            self._waiting.remove(ticket)
+            self._forget(ticket.source)
+            return True
+
+    def _forget(self, source: str) -> None:
+        left = self._by_source.get(source, 1) - 1
+        if left > 0:
+            self._by_source[source] = left
+        else:
+            self._by_source.pop(source, None)
+
+
+class MessageBudget:
+    """Partially received message bytes across all of a server's
+    connections.  Past ``limit``, the connection holding the largest
+    unfinished message is interrupted with MESSAGE_TOO_LARGE (raised at once
+    if that is the caller's own)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self._lock = threading.Lock()
+        self._holders: Set[Engine] = set()
+
+    def charge(self, engine: Engine, size: int) -> None:
+        victim: Optional[Engine] = None
+        with self._lock:
+            self.total += size - engine.charged
+            engine.charged = size
+            if size:
+                self._holders.add(engine)
+            else:
+                self._holders.discard(engine)
+            if self.total > self.limit:
+                victim = max(self._holders, key=lambda e: e.charged)
+                # Its bytes are as good as freed: it will not read again.
+                self.total -= victim.charged
+                victim.charged = 0
+                self._holders.discard(victim)
+        if victim is not None:
+            err = MessageTooLarge(
+                f"the server's budget for partially received messages "
+                f"({self.limit} bytes) is exhausted; the largest unfinished message is dropped"
+            )
+            if victim is engine:
+                engine.core.fail(err)
+                raise err
+            victim.interrupt(err)
+
+
+# ================================================================== logging
+
+
+class Notices:
+    """Refusals, resets and failed handshakes, logged without flooding.
+
+    The first :attr:`BURST` notices of each kind in a :attr:`WINDOW` are
+    logged one per line; the rest are only counted, and once the window
+    ends one line sums them up ("refused 512 connections from 1 source in
+    the last 10 s: busy").  ``flush()`` is called by the server's clock.
+    """
+
+    WINDOW = 10.0
+    BURST = 10
+    MAX_SOURCES = 1000
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._log = log
+        self._lock = threading.Lock()
+        self._start = time.monotonic()
+        # kind -> [count, suppressed, sources]
+        self._kinds: Dict[str, Tuple[int, int, Set[str]]] = {}
+
+    def note(self, kind: str, source: str, message: str, *args: Any) -> None:
+        """One event of ``kind`` (e.g. "refused ...: busy") from ``source``;
+        ``message % args`` is its own line, if it is logged."""
+        now = time.monotonic()
+        if now - self._start >= self.WINDOW:
+            self.flush(now)
+        with self._lock:
+            count, suppressed, sources = self._kinds.get(kind, (0, 0, set()))
+            if len(sources) < self.MAX_SOURCES:
+                sources.add(source)
+            loud = count < self.BURST
+            self._kinds[kind] = (count + 1, suppressed + (not loud), sources)
+        if loud:
+            self._log.warning(message, *args)
+
+    def flush(self, now: Optional[float] = None) -> None:
+        """End the window if it is over: one summary line per kind that had
+        notices left unlogged."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if now - self._start < self.WINDOW:
+                return
+            seconds = now - self._start
+            kinds, self._kinds = self._kinds, {}
+            self._start = now
+        for kind, (count, suppressed, sources) in kinds.items():
+            if suppressed:
+                many = f"{len(sources)}+" if len(sources) >= self.MAX_SOURCES else len(sources)
+                plural = "" if len(sources) == 1 else "s"
+                self._log.warning(
+                    "%s: %d in the last %.0f s from %s source%s (%d not logged one by one)",
+                    kind,
+                    count,
+                    seconds,
+                    many,
+                    plural,
+                    suppressed,
+                )
+
+
+# ================================================================= handlers
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a server does when a handler returns or raises."""
+
+    close_code: int  #: the code of the CLOSE we send (if the connection is open)
+    close_reason: str
+    log_kind: Optional[str]  #: a Notices kind, or None: not logged
+    log_message: str  #: formatted with the peer's address
+    traceback: bool = False  #: log the handler's traceback (an application bug)
+
+
+class Arrival:
+    """(server) An accepted connection before its key exchange: its
+    ClientHello arriving, then its wait in the :class:`HandshakeQueue`.
+
+    The adapter reads into :meth:`received` until it says the hello is
+    whole, stops reading (the kernel holds the rest), and calls
+    :meth:`queue`; its ``start`` callback hands the connection to a thread
+    or task when a slot is free.  Until then the adapter calls :meth:`expire`
+    at the deadline and :meth:`lost` when the peer goes.  ``state`` is
+    "hello", "waiting", "started" (the thread or task owns it now) or
+    "dropped" (the adapter writes ``engine.core.data_to_send()``, an ALERT
+    saying why, and closes).
+    """
+
+    __slots__ = ("server", "addr", "engine", "deadline", "ticket", "state", "io")
+
+    def __init__(self, server: ServerCore, addr: Any, engine: Engine) -> None:
+        self.io: Any = None  #: the adapter's transport (a socket, an asyncio link)
+        self.server = server
+        self.addr = addr
+        self.engine = engine
+        self.deadline = time.monotonic() + server.options.handshake_timeout
+        self.ticket: Optional[HandshakeTicket] = None
+        self.state = "hello"
+
+    def received(self, data: bytes) -> bool:
+        """Bytes of the hello (``b""``: the peer closed).  True once the
+        hello is whole or the connection was dropped (a malformed hello)."""
+        try:
+            self.engine.feed(data)
+            return self.engine.poll_hello()
+        except CallcpError as exc:
+            self._drop(exc)
+            return True
+
+    def queue(self, start: Callable[[], None], alive: Callable[[], bool]) -> None:
+        """Queue for a key-exchange slot (``start()`` may run at once)."""
+        if self.state != "hello":
+            return
+        self.state = "waiting"
+        self.ticket = HandshakeTicket(source_of(self.addr), self._start(start), alive)
+        why = self.server.handshakes.submit(self.ticket)
+        if why is not None:
+            self.server.refused(self.addr, why)
+            self.engine.close(CloseCode.GOING_AWAY, f"server busy: {why}")
+            self.state = "dropped"
+
+    def _start(self, start: Callable[[], None]) -> Callable[[], None]:
+        def started() -> None:
+            self.state = "started"
+            start()
+
+        return started
+
+    def key_exchange_done(self) -> None:
+        """The RSA work is over (or failed): the next ticket may start."""
+        if self.ticket is not None:
+            self.server.handshakes.done(self.ticket)
+
+    def expire(self) -> bool:
+        """The deadline passed: True if the connection is to be dropped now
+        (its key exchange had not started)."""
+        if self.state == "hello" or (
+            self.state == "waiting"
+            and self.ticket is not None
+            and self.server.handshakes.cancel(self.ticket)
+        ):
+            seconds = self.server.options.handshake_timeout
+            self._drop(self.engine.handshake_timed_out(seconds, ""))
+            return True
+        return False
+
+    def stop(self) -> bool:
+        """Server shutdown: True if the connection is to be dropped now."""
+        if self.state == "hello" or (
+            self.state == "waiting"
+            and self.ticket is not None
+            and self.server.handshakes.cancel(self.ticket)
+        ):
+            self.engine.close(CloseCode.GOING_AWAY, SHUTTING_DOWN)
+            self.state = "dropped"
+            return True
+        return False
+
+    def lost(self) -> None:
+        """The peer went before its key exchange: no RSA work for it."""
+        if self.ticket is not None:
+            self.server.handshakes.cancel(self.ticket)
+
+    def _drop(self, exc: BaseException) -> None:
+        self.state = "dropped"
+        self.server.handshake_failed(self.addr, exc)
+
+
+def handler_outcome(exc: Optional[BaseException], idle_timeout: Optional[float]) -> Outcome:
+    """The one policy for a handler's end, for both adapters."""
+    if exc is None or isinstance(exc, ConnectionClosedOK):
+        return Outcome(CloseCode.NORMAL, "", None, "")
+    if isinstance(exc, CallcpTimeout):
+        return Outcome(
+            CloseCode.TIMEOUT,
+            "idle timeout",
+            "connections closed: idle timeout",
+            f"closed %s: idle for more than {idle_timeout} s",
+        )
+    if isinstance(exc, CallcpError):
+        return Outcome(
+            CloseCode.NORMAL, "", "connections ended by an error", f"connection %s ended: {exc}"
+        )
+    if not isinstance(exc, Exception):  # cancellation, KeyboardInterrupt: we are stopping
+        return Outcome(CloseCode.GOING_AWAY, SHUTTING_DOWN, None, "")
+    return Outcome(
+        CloseCode.INTERNAL_ERROR,
+        "internal server error",
+        "handler errors",
+        "handler raised on connection %s",
+        traceback=True,
+    )
+
+
+# ================================================================== servers
+
+
+class ServerCore:
+    """What every connection of one server shares (both adapters)."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.log = logger_for(options.logger)
+        self.keypair = load_server_key(options.key, password=options.key_password)
+        self._public_der = self.keypair.public_der
+        self._authorize = client_authorizer(options.authorized_keys)
+        assert options.max_connections is not None
+        self.admission = Admission(options.max_connections, options.max_connections_per_source)
+        self.handshakes = HandshakeQueue(
+            options.max_handshakes,
+            options.max_waiting_handshakes,
+            options.max_handshakes_per_source,
+        )
+        self.budget = MessageBudget(options.max_buffered_bytes)
+        self.notices = Notices(self.log)
+        self.stopping = False
+
+    @property
+    def fingerprint(self) -> str:
+        return self.keypair.fingerprint
+
+    def new_engine(self) -> Engine:
+        """A server connection's engine; its ServerHello is queued."""
+        core = ServerProtocol(
+            self.keypair.private_key,
+            authorize_client=self._authorize,
+            max_message_size=self.options.max_message_size,
+            server_public_der=self._public_der,
+            defer_decryption=True,
+        )
+        core.start()
+        return Engine(core, budget=self.budget)
+
+    def arrive(self, addr: Any) -> Tuple[Optional[Arrival], bytes]:
+        """A connection was accepted: its :class:`Arrival` (None: refused)
+        and what to write to it now (its ServerHello, or the refusal)."""
+        why = SHUTTING_DOWN if self.stopping else self.admission.admit(source_of(addr))
+        if why is not None:
+            self.refused(addr, why)
+            return None, alert_frame(CloseCode.GOING_AWAY, f"server busy: {why}")
+        arrival = Arrival(self, addr, self.new_engine())
+        return arrival, arrival.engine.core.data_to_send()
+
+    def refused(self, addr: Any, why: str) -> None:
+        self.notices.note(
+            f"refused connections: {why}", source_of(addr), "refused %s: %s", format_peer(addr), why
+        )
+
+    def handshake_failed(self, addr: Any, exc: BaseException) -> None:
+        self.notices.note(
+            "failed handshakes",
+            source_of(addr),
+            "handshake with %s failed: %s",
+            format_peer(addr),
+            exc,
+        )
+
+    def ended(
+        self, addr: Any, engine: Engine, outcome: Outcome, exc: Optional[BaseException]
+    ) -> None:
+        """Log a handler's end by its outcome and queue the close."""
+        if outcome.traceback:
+            self.log.error(outcome.log_message, format_peer(addr), exc_info=exc)
+        elif outcome.log_kind is not None:
+            self.notices.note(
+                outcome.log_kind, source_of(addr), outcome.log_message, format_peer(addr)
+            )
+        engine.close(outcome.close_code, outcome.close_reason)
+
+    def release(self, addr: Any, engine: Optional[Engine]) -> None:
+        """A connection admitted by :meth:`admit` is over."""
+        self.admission.release(source_of(addr))
+        if engine is not None:
+            engine.release()
+
+    def connected(self, addr: Any, engine: Engine) -> None:
+        fp = engine.core.peer_fingerprint
+        self.log.debug("connection from %s%s", format_peer(addr), f" as {fp}" if fp else "")

@@ -1,0 +1,254 @@
+"""Options: one frozen, validated object per role, one place for each default.
+
+``connect()`` and ``serve()`` (both adapters), the Callcp 1.0 API and the
+CLI all build a :class:`ClientOptions` or :class:`ServerOptions`; the object
+checks itself once, in ``__post_init__``, and raises ``ValueError`` naming the
+option.  Like h2's ``H2Configuration``, it has almost no behaviour of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, TypeVar, Union
+
+if TYPE_CHECKING:
+    from typing_extensions import TypedDict
+else:
+    from typing import TypedDict
+
+from ._core.protocol import DEFAULT_MAX_MESSAGE_SIZE
+
+__all__ = [
+    "ClientOptions",
+    "ServerOptions",
+    "ClientKwargs",
+    "ServerKwargs",
+    "DEFAULT_PORT",
+    "default_max_connections",
+]
+
+DEFAULT_PORT = 8436
+
+PathLike = Union[str, "os.PathLike[str]"]
+_T = TypeVar("_T", bound="_Options")
+
+#: File descriptors kept free beside the connections (listening sockets,
+#: log files, key files, the application's own): at least this many, or a
+#: tenth of the limit.
+FD_HEADROOM = 64
+#: The default max_connections never goes above this.
+MAX_DEFAULT_CONNECTIONS = 10_000
+#: Soft RLIMIT_NOFILE is raised up to this (never above the hard limit).
+WANTED_FD_LIMIT = 16_384
+
+
+def default_max_connections() -> int:
+    """The default ``max_connections``: what the file-descriptor limit allows.
+
+    Raises the soft RLIMIT_NOFILE toward the hard limit where the system
+    allows it, then keeps headroom, so that callcp's polite "server busy"
+    refusal always comes before the kernel's EMFILE.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = WANTED_FD_LIMIT if hard == resource.RLIM_INFINITY else min(hard, WANTED_FD_LIMIT)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return MAX_DEFAULT_CONNECTIONS
+    headroom = max(FD_HEADROOM, soft // 10)
+    return max(1, min(MAX_DEFAULT_CONNECTIONS, soft - headroom))
+
+
+def _positive_or_none(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number of seconds > 0, or None; not {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite (use None for no limit), not {value!r}")
+
+
+def _count(name: str, value: Any, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be a whole number >= {low}, not {value!r}")
+
+
+def _logger(value: Any) -> None:
+    if value is not None and not isinstance(value, logging.Logger):
+        raise ValueError(f"logger must be a logging.Logger or None, not {type(value).__name__}")
+
+
+class _Options:
+    """What both option classes share."""
+
+    def replace(self: _T, **changes: Any) -> _T:
+        """A copy with ``changes`` applied (and validated again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class ClientOptions(_Options):
+    """Everything ``connect()`` accepts besides the address.
+
+    Attributes:
+        timeout: seconds for connecting, the handshake, and each later
+            blocking call (None: wait forever).
+        server_fingerprint: pin the server's key (``SHA256:...``); else the
+            known-hosts file decides.
+        known_hosts: the known-hosts file (default ``~/.callcp/known_hosts``).
+        trust_on_first_use: record an unknown server's key (else refuse it).
+        insecure: accept any server key (loudly logged; contradicts a pin).
+        client_key: the client's key, for servers that require client
+            authentication (KeyPair, RSA private key or PEM path).
+        key_password: the passphrase of an encrypted ``client_key`` file.
+        max_message_size: the largest message ``recv()`` accepts (bytes).
+        logger: where callcp logs (default: the ``callcp`` logger).
+    """
+
+    timeout: Optional[float] = 30.0
+    server_fingerprint: Optional[str] = None
+    known_hosts: Optional[PathLike] = None
+    trust_on_first_use: bool = True
+    insecure: bool = False
+    client_key: Optional[Any] = None
+    key_password: Optional[str] = None
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    logger: Optional[logging.Logger] = None
+
+    def __post_init__(self) -> None:
+        _positive_or_none("timeout", self.timeout)
+        _count("max_message_size", self.max_message_size, low=0)
+        if self.insecure and self.server_fingerprint is not None:
+            raise ValueError("insecure=True contradicts server_fingerprint=...; choose one")
+        _logger(self.logger)
+
+
+@dataclass(frozen=True)
+class ServerOptions(_Options):
+    """Everything ``serve()`` accepts besides the handler and address; the
+    same defaults on both adapters (docs/LIMITS.md explains each limit).
+
+    Attributes:
+        key: the server's key (KeyPair, RSA private key or PEM path,
+            generated there on first use; default ``~/.callcp/server_key.pem``).
+        key_password: the passphrase of an encrypted key file.
+        authorized_keys: require client authentication and admit only these
+            keys (a file path or fingerprints).
+        max_connections: open connections at once, in every phase (None:
+            derived from the file-descriptor limit, at most 10,000).
+        max_connections_per_source: open connections from one source
+            address (an IPv4 address or an IPv6 /64); 0 turns it off.
+        max_handshakes: RSA key exchanges running at once; more complete
+            ClientHellos wait in a queue of 64 x this many (beyond it: "server
+            busy"), each until its handshake deadline.
+        max_handshakes_per_source: handshakes (waiting or running) from one
+            source address; 0 turns it off.
+        handshake_timeout: seconds from accept to a completed handshake.
+        idle_timeout: seconds a handler's wait for a message may last (None:
+            forever).
+        max_message_size: the largest message a handler's ``recv()`` accepts.
+        max_buffered_bytes: partially received message bytes across all
+            connections; past it the connection with the largest unfinished
+            message is closed with MESSAGE_TOO_LARGE.
+        shutdown_timeout: seconds ``shutdown()`` lets handlers finish.
+        backlog: the listening socket's accept queue.
+        reuse_port: set SO_REUSEPORT on the listening socket.
+        workers: N > 1 forks N processes that accept on the port (Linux).
+        logger: where callcp logs (default: the ``callcp`` logger).
+    """
+
+    key: Optional[Any] = None
+    key_password: Optional[str] = None
+    authorized_keys: Optional[Any] = None
+    max_connections: Optional[int] = None
+    max_connections_per_source: int = 512
+    max_handshakes: int = 16
+    max_handshakes_per_source: int = 64
+    handshake_timeout: float = 10.0
+    idle_timeout: Optional[float] = 300.0
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    max_buffered_bytes: int = 256 * 1024 * 1024
+    shutdown_timeout: float = 5.0
+    backlog: int = 1024
+    reuse_port: bool = False
+    workers: int = 1
+    logger: Optional[logging.Logger] = None
+
+    def __post_init__(self) -> None:
+        if self.max_connections is None:
+            object.__setattr__(self, "max_connections", default_max_connections())
+        _count("max_connections", self.max_connections, low=1)
+        _count("max_connections_per_source", self.max_connections_per_source, low=0)
+        _count("max_handshakes", self.max_handshakes, low=1)
+        _count("max_handshakes_per_source", self.max_handshakes_per_source, low=0)
+        _positive_or_none("handshake_timeout", self.handshake_timeout)
+        if self.handshake_timeout is None:
+            raise ValueError("handshake_timeout must be a number of seconds > 0, not None")
+        _positive_or_none("idle_timeout", self.idle_timeout)
+        _count("max_message_size", self.max_message_size, low=0)
+        _count("max_buffered_bytes", self.max_buffered_bytes, low=1)
+        if self.max_buffered_bytes < self.max_message_size:
+            # One message must always fit, or a legitimate one is refused.
+            object.__setattr__(self, "max_buffered_bytes", self.max_message_size)
+        _positive_or_none("shutdown_timeout", self.shutdown_timeout)
+        _count("backlog", self.backlog, low=1)
+        _count("workers", self.workers, low=1)
+        _logger(self.logger)
+
+    @property
+    def max_waiting_handshakes(self) -> int:
+        """Complete ClientHellos that may wait for a key-exchange slot."""
+        return 64 * self.max_handshakes
+
+
+# The keyword arguments of connect() and serve(), for ``**options:
+# Unpack[...]``: type checkers and IDEs see every option by name (a misspelt
+# one is an error), and each signature is written once.  A test keeps these
+# in step with the dataclasses above.
+
+
+class ClientKwargs(TypedDict, total=False):
+    """:func:`callcp.connect`'s options (see :class:`ClientOptions`)."""
+
+    timeout: Optional[float]
+    server_fingerprint: Optional[str]
+    known_hosts: Optional[PathLike]
+    trust_on_first_use: bool
+    insecure: bool
+    client_key: Optional[Any]
+    key_password: Optional[str]
+    max_message_size: int
+    logger: Optional[logging.Logger]
+
+
+class ServerKwargs(TypedDict, total=False):
+    """:func:`callcp.serve`'s options (see :class:`ServerOptions`)."""
+
+    key: Optional[Any]
+    key_password: Optional[str]
+    authorized_keys: Optional[Any]
+    max_connections: Optional[int]
+    max_connections_per_source: int
+    max_handshakes: int
+    max_handshakes_per_source: int
+    handshake_timeout: float
+    idle_timeout: Optional[float]
+    max_message_size: int
+    max_buffered_bytes: int
+    shutdown_timeout: float
+    backlog: int
+    reuse_port: bool
+    workers: int
+    logger: Optional[logging.Logger]
