@@ -101,13 +101,15 @@ def _going_away() -> ConnectionClosedOK:
 class Engine:
     """One connection's policy above the core (see the module docstring)."""
 
-    __slots__ = ("core", "wake", "_pending", "_interrupt", "_lost", "_budget", "charged")
+    __slots__ = ("core", "wake", "pending", "_interrupt", "_lost", "_budget", "charged")
 
     def __init__(self, core: _Protocol, *, budget: Optional[MessageBudget] = None) -> None:
         self.core = core
         #: Called (from any thread) when an interrupt must reach a waiting reader.
         self.wake: Callable[[], None] = _nothing
-        self._pending: Any = None  # an event handed back (recv vs recv_stream)
+        #: An event handed back (recv vs recv_stream), or a server's
+        #: DecryptionRequested seen by poll_hello(): the next one out.
+        self.pending: Any = None
         self._interrupt: Optional[CallcpError] = None
         self._lost: Optional[CallcpError] = None  # the transport's own error
         self._budget = budget
@@ -133,8 +135,8 @@ class Engine:
             HandshakeError (and subclasses), ConnectionClosed: the handshake
                 failed; the alert for the peer is queued.
         """
-        if self._pending is not None:  # a DecryptionRequested seen by poll_hello()
-            step, self._pending = self._pending, None
+        if self.pending is not None:  # a DecryptionRequested seen by poll_hello()
+            step, self.pending = self.pending, None
             return step  # type: ignore[no-any-return]
         core = self.core
         while True:
@@ -154,12 +156,12 @@ class Engine:
 
         Raises: as :meth:`handshake_step` (a malformed hello).
         """
-        if self._pending is not None:
+        if self.pending is not None:
             return True
         event = self.core.next_event()
         if event is NEED_DATA:
             return False
-        self._pending = event
+        self.pending = event
         return True
 
     def decrypted(self, premaster: Optional[bytes]) -> None:
@@ -203,8 +205,8 @@ class Engine:
                 the peer sent bad bytes (the close is queued).
             the interrupt set by :meth:`interrupt`.
         """
-        if self._pending is not None:
-            event, self._pending = self._pending, None
+        if self.pending is not None:
+            event, self.pending = self.pending, None
             return event
         core = self.core
         try:
@@ -234,7 +236,7 @@ class Engine:
         event stays first in line for ``recv_stream()``)."""
         if type(event) is MessageReceived:
             return event.data
-        self._pending = event
+        self.pending = event
         raise StreamPending(
             "a stream arrived, not a message: receive it with recv_stream()",
             name=event.name,
@@ -245,7 +247,7 @@ class Engine:
         """``recv_stream()``'s start: a StreamStarted, or MessagePending."""
         if isinstance(event, StreamStarted):
             return event
-        self._pending = event
+        self.pending = event
         raise MessagePending("a message arrived, not a stream: receive it with recv()")
 
     # ------------------------------------------------------------ interrupts

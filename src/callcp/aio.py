@@ -193,9 +193,9 @@ class _Link(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def resume(self) -> None:
-        """Read again once the reader has caught up."""
-        if self.engine.core.buffered <= PAUSE_READING_AT // 4 and self.transport is not None:
+    def resume(self, below: int) -> None:
+        """Read again once fewer than ``below`` bytes wait unparsed."""
+        if self.engine.core.buffered < below and self.transport is not None:
             self.paused_reading = False
             if not self.transport.is_closing():
                 self.transport.resume_reading()
@@ -405,10 +405,12 @@ class Connection:
             except CallcpError:
                 link.abort()
                 raise
-            if link.paused_reading:
-                link.resume()
             if event is not NEED_DATA:
+                if link.paused_reading:
+                    link.resume(PAUSE_READING_AT // 2)
                 return event
+            if link.paused_reading:  # whatever is buffered is not enough: read
+                link.resume(PAUSE_READING_AT)
             if not deadline:
                 deadline = self._deadline(timeout)
             await link.wait(deadline)

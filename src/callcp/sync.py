@@ -33,7 +33,7 @@ from ._common import (
 )
 from ._common import translate_oserror as _translate
 from ._core.errors import CallcpError, CallcpTimeout, CloseCode, ConnectionClosedOK
-from ._core.events import NEED_DATA, DecryptionRequested
+from ._core.events import NEED_DATA, DecryptionRequested, MessageReceived
 from ._engine import (
     Arrival,
     Engine,
@@ -182,8 +182,11 @@ class Connection:
                 is then closed).
         """
         with self._send_lock:
-            self._core.send(message)
-            self._write(self._core.data_to_send_parts())
+            data = self._core.send_bytes(message)
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:
+                raise self._write_failed(exc) from exc
 
     def send_stream(
         self,
@@ -249,23 +252,22 @@ class Connection:
             else:
                 _sendmsg_all(self._sock, data)
         except OSError as exc:
-            if self._closed:  # closed under us (a forced shutdown)
-                raise self._engine.closed_error() from None
-            err = self._write_error(exc)
-            self._core.fail(err)
-            self._close_socket()
-            raise err from exc
+            raise self._write_failed(exc) from exc
 
-    def _write_error(self, exc: OSError) -> CallcpError:
-        """A write failed, typically because the peer closed on us (a refused
-        upload).  Its CLOSE may be waiting unread: if so, report that (code
-        and reason) rather than a bare reset."""
+    def _write_failed(self, exc: OSError) -> CallcpError:
+        """A write failed: the connection is dead; the error to raise.
+
+        Typically the peer closed on us (a refused upload), and its CLOSE may
+        be waiting unread: if so, that is the error (its code and reason),
+        rather than a bare reset."""
+        if self._closed:  # closed under us (a forced shutdown)
+            return self._engine.closed_error()
         err: CallcpError = _translate(exc, "sending")
         if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and self._recv_lock.acquire(
             blocking=False  # a receiver that is reading will see the close itself
         ):
             try:
-                self._engine.feed(self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT))
+                self._core.receive_data(self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT))
                 while self._engine.next_event() is not NEED_DATA:
                     pass
             except CallcpError as closed:
@@ -275,6 +277,8 @@ class Connection:
                 pass
             finally:
                 self._recv_lock.release()
+        self._core.fail(err)
+        self._close_socket()
         return err
 
     def _flush(self) -> None:
@@ -300,7 +304,10 @@ class Connection:
                 :meth:`recv_stream`).
         """
         with self._recv_lock:
-            return self._engine.message_from(self._next(timeout))
+            event = self._next(timeout)
+            if type(event) is MessageReceived:
+                return event.data
+            return self._engine.message_from(event)
 
     def recv_stream(self, dest: Destination, *, progress: Optional[Progress] = None) -> StreamInfo:
         """Receive a stream into ``dest`` (a path, or a binary file) in bounded
@@ -348,7 +355,7 @@ class Connection:
         engine, core = self._engine, self._core
         deadline = 0.0  # set at the first read
         while True:
-            if not (core.needs_data and engine._pending is None):
+            if engine.pending is not None or not core.needs_data:  # (else: read first)
                 try:
                     event = engine.next_event()
                 except CallcpError:
@@ -357,8 +364,8 @@ class Connection:
                 if event is not NEED_DATA:
                     return event
             if not deadline:
-                seconds = self._timeout if isinstance(timeout, _Default) else timeout
-                deadline = _FOREVER if seconds is None else time.monotonic() + seconds
+                seconds = self._timeout if timeout is DEFAULT else timeout
+                deadline = _FOREVER if seconds is None else time.monotonic() + seconds  # type: ignore[operator]
             self._read(deadline)
 
     def _read(self, deadline: float) -> None:
@@ -398,7 +405,7 @@ class Connection:
             except CallcpError:
                 self._abort()
                 raise
-        self._engine.feed(data)
+        self._core.receive_data(data)
 
     def request(self, message: Buffer, timeout: Union[float, None, _Default] = DEFAULT) -> bytes:
         """Send one message and return the next message received."""

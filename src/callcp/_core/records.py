@@ -66,6 +66,13 @@ class RecordSender(_Direction):
         out.append(self._aead.encrypt(self._nonce(), plaintext, header))
         self.seq += 1
 
+    def seal_one(self, ftype: int, plaintext: Union[bytes, memoryview]) -> bytes:
+        """One sealed record as one bytes object (the hot path of small messages)."""
+        header = HEADER.pack(ftype, len(plaintext) + TAG_SIZE)
+        sealed = self._aead.encrypt((self._iv ^ self.seq).to_bytes(12, "big"), plaintext, header)
+        self.seq += 1
+        return header + sealed
+
 
 class RecordReceiver(_Direction):
     __slots__ = ()
