@@ -101,7 +101,7 @@ def _going_away() -> ConnectionClosedOK:
 class Engine:
     """One connection's policy above the core (see the module docstring)."""
 
-    __slots__ = ("core", "wake", "pending", "_interrupt", "_lost", "_budget", "charged")
+    __slots__ = ("core", "wake", "pending", "interruption", "_lost", "_budget", "charged")
 
     def __init__(self, core: _Protocol, *, budget: Optional[MessageBudget] = None) -> None:
         self.core = core
@@ -110,7 +110,8 @@ class Engine:
         #: An event handed back (recv vs recv_stream), or a server's
         #: DecryptionRequested seen by poll_hello(): the next one out.
         self.pending: Any = None
-        self._interrupt: Optional[CallcpError] = None
+        #: Set by :meth:`interrupt`: the reader raises it at its next wait.
+        self.interruption: Optional[CallcpError] = None
         self._lost: Optional[CallcpError] = None  # the transport's own error
         self._budget = budget
         self.charged = 0  # bytes of this connection's partial message in the budget
@@ -215,7 +216,7 @@ class Engine:
                 if type(event) is MessageReceived:
                     return event
                 if event is NEED_DATA:
-                    if self._interrupt is not None:
+                    if self.interruption is not None:
                         self.check_interrupt()
                     if self._budget is not None and core._fragments_size != self.charged:
                         self._budget.charge(self, core._fragments_size)
@@ -255,8 +256,8 @@ class Engine:
     def interrupt(self, exc: CallcpError) -> None:
         """End the connection from outside (any thread): the reader gets
         ``exc`` at its next wait for bytes (woken now if it waits)."""
-        if self._interrupt is None:
-            self._interrupt = exc
+        if self.interruption is None:
+            self.interruption = exc
             self.wake()
 
     def stop(self) -> None:
@@ -264,13 +265,9 @@ class Engine:
         busy handler at its next wait for bytes."""
         self.interrupt(_going_away())
 
-    @property
-    def interrupted(self) -> bool:
-        return self._interrupt is not None
-
     def check_interrupt(self) -> None:
         """Raise the interrupt, if any, after queuing its close for the peer."""
-        exc = self._interrupt
+        exc = self.interruption
         if exc is None:
             return
         core = self.core

@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -38,6 +39,7 @@ from typing import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Deque,
     List,
     Optional,
     Set,
@@ -57,7 +59,7 @@ from ._core.errors import (
     ConnectionClosedOK,
     LocalProtocolError,
 )
-from ._core.events import NEED_DATA, DecryptionRequested
+from ._core.events import NEED_DATA, DecryptionRequested, MessageReceived
 from ._engine import (
     Arrival,
     Engine,
@@ -131,12 +133,12 @@ class _Link(asyncio.Protocol):
         if self.on_data is not None:
             self.on_data(self, data)
             return
-        engine = self.engine
-        engine.feed(data)
+        core = self.engine.core
+        core.receive_data(data)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if engine.core.buffered > PAUSE_READING_AT and not self.paused_reading:
+        if core.buffered > PAUSE_READING_AT and not self.paused_reading:
             self.paused_reading = True
             self.transport.pause_reading()  # type: ignore[union-attr]
 
@@ -250,6 +252,55 @@ def _expire(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(CallcpTimeout("timed out while receiving"))
 
 
+class _Turn:
+    """Receivers take turns (first come, first served), like an asyncio.Lock
+    but without a coroutine per uncontended call: ``await take()`` then
+    ``give()``."""
+
+    __slots__ = ("_loop", "_busy", "_waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._busy = False
+        self._waiters: Deque[asyncio.Future[None]] = deque()
+
+    def take(self) -> Awaitable[None]:
+        if not self._busy:
+            self._busy = True
+            return _DONE  # type: ignore[no-any-return]
+        return self._wait()
+
+    async def _wait(self) -> None:
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed the turn, then cancelled
+                self.give()
+            raise
+
+    def give(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the turn passes on: still busy
+                return
+        self._busy = False
+
+
+class _Done:
+    """An awaitable that is already complete (no coroutine, no future)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Any:
+        return iter(())
+
+
+_DONE: Any = _Done()
+
+
 class Connection:
     """One callcp/2 connection for asyncio; the same methods as
     :class:`callcp.sync.Connection`, awaited."""
@@ -260,7 +311,7 @@ class Connection:
         self._core = link.engine.core
         self._timeout = timeout
         self._send_lock = asyncio.Lock()
-        self._recv_lock = asyncio.Lock()
+        self._recv_turn = _Turn(link.loop)
         link.engine.wake = link.wake
         self.remote_address: Address = link.addr
         transport = link.transport
@@ -290,8 +341,11 @@ class Connection:
     async def do_handshake(self, timeout: Any = DEFAULT) -> None:
         """Run the handshake (see :meth:`callcp.sync.Connection.do_handshake`)."""
         seconds = self._timeout if isinstance(timeout, _Default) else timeout
-        async with self._recv_lock:
+        await self._recv_turn.take()
+        try:
             await self._handshake(self._deadline(timeout), seconds, _decrypt_here)
+        finally:
+            self._recv_turn.give()
 
     async def _handshake(
         self,
@@ -327,16 +381,20 @@ class Connection:
             ConnectionClosed: the connection is closed or failed.
             LocalProtocolError: after our own close().
         """
+        link = self._link
         if self._send_lock.locked():  # a stream is being sent: wait for its end
             async with self._send_lock:
-                return await self.send(message)
+                self._send_now(message)
+        else:
+            self._send_now(message)
+        if link.paused_writing:
+            await link.drain()
+
+    def _send_now(self, message: Buffer) -> None:
         link = self._link
         if link.lost.done():
             raise self._closed_error()
-        self._core.send(message)
-        link.flush()
-        if link.paused_writing:
-            await link.drain()
+        link.transport.write(self._core.send_bytes(message))  # type: ignore[union-attr]
 
     def _closed_error(self) -> CallcpError:
         """After the transport's loss: the reason, once, then ConnectionClosed."""
@@ -392,28 +450,43 @@ class Connection:
 
         Raises: as :meth:`callcp.sync.Connection.recv`.
         """
-        async with self._recv_lock:
-            return self._engine.message_from(await self._next(timeout))
+        turn = self._recv_turn
+        await turn.take()
+        try:
+            event = await self._next(timeout)
+        finally:
+            turn.give()
+        if type(event) is MessageReceived:
+            return event.data
+        return self._engine.message_from(event)
 
     async def _next(self, timeout: Any) -> Any:
         """The next application event, waiting as needed (under ``_recv_lock``)."""
-        engine, link = self._engine, self._link
+        engine, link, core = self._engine, self._link, self._core
         deadline = 0.0
+        waited = False
         while True:
-            try:
-                event = engine.next_event()
-            except CallcpError:
-                link.abort()
-                raise
-            if event is not NEED_DATA:
-                if link.paused_reading:
-                    link.resume(PAUSE_READING_AT // 2)
-                return event
-            if link.paused_reading:  # whatever is buffered is not enough: read
-                link.resume(PAUSE_READING_AT)
+            if (
+                waited
+                or engine.pending is not None
+                or engine.interruption is not None
+                or not core.needs_data
+            ):  # (else: wait first)
+                try:
+                    event = engine.next_event()
+                except CallcpError:
+                    link.abort()
+                    raise
+                if event is not NEED_DATA:
+                    if link.paused_reading:
+                        link.resume(PAUSE_READING_AT // 2)
+                    return event
+                if link.paused_reading:  # whatever is buffered is not enough: read
+                    link.resume(PAUSE_READING_AT)
             if not deadline:
                 deadline = self._deadline(timeout)
             await link.wait(deadline)
+            waited = True
 
     async def request(self, message: Buffer, timeout: Any = DEFAULT) -> bytes:
         """Send one message and return the next message received."""
@@ -436,24 +509,30 @@ class Connection:
         """Receive a stream into ``dest`` (see
         :meth:`callcp.sync.Connection.recv_stream`).  File writes are
         blocking calls, 64 KiB at a time."""
-        async with self._recv_lock:
-            started = self._engine.stream_from(await self._next(DEFAULT))
-            try:
-                rx = StreamReception(started, dest, progress)
-            except BaseException:
-                await self.close(CloseCode.INTERNAL_ERROR, "the receiver could not open its output")
-                raise
-            try:
-                while True:
-                    info = rx.feed(await self._next(DEFAULT))
-                    if info is not None:
-                        return info
-            except BaseException as exc:
-                if rx.failed(exc):
-                    await self.close(
-                        CloseCode.INTERNAL_ERROR, "the receiver failed in the middle of a stream"
-                    )
-                raise
+        await self._recv_turn.take()
+        try:
+            return await self._recv_stream(dest, progress)
+        finally:
+            self._recv_turn.give()
+
+    async def _recv_stream(self, dest: Destination, progress: Optional[Progress]) -> StreamInfo:
+        started = self._engine.stream_from(await self._next(DEFAULT))
+        try:
+            rx = StreamReception(started, dest, progress)
+        except BaseException:
+            await self.close(CloseCode.INTERNAL_ERROR, "the receiver could not open its output")
+            raise
+        try:
+            while True:
+                info = rx.feed(await self._next(DEFAULT))
+                if info is not None:
+                    return info
+        except BaseException as exc:
+            if rx.failed(exc):
+                await self.close(
+                    CloseCode.INTERNAL_ERROR, "the receiver failed in the middle of a stream"
+                )
+            raise
 
     # -------------------------------------------------------------- closing
 

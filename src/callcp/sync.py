@@ -158,7 +158,7 @@ class Connection:
                 if step is None:
                     return
                 if step is NEED_DATA:
-                    self._read(deadline)
+                    self._read(_remaining(deadline))
                 else:
                     engine.decrypted(decrypt(step))  # type: ignore[arg-type]
         except CallcpTimeout:
@@ -353,9 +353,11 @@ class Connection:
     def _next(self, timeout: Union[float, None, _Default]) -> Any:
         """The next application event, reading as needed (under ``_recv_lock``)."""
         engine, core = self._engine, self._core
-        deadline = 0.0  # set at the first read
+        seconds: Optional[float] = self._timeout if timeout is DEFAULT else timeout  # type: ignore[assignment]
+        deadline = 0.0  # set at the first read, which gets all of ``seconds``
+        read = False
         while True:
-            if engine.pending is not None or not core.needs_data:  # (else: read first)
+            if read or engine.pending is not None or not core.needs_data:  # (else: read first)
                 try:
                     event = engine.next_event()
                 except CallcpError:
@@ -364,17 +366,15 @@ class Connection:
                 if event is not NEED_DATA:
                     return event
             if not deadline:
-                seconds = self._timeout if timeout is DEFAULT else timeout
-                deadline = _FOREVER if seconds is None else time.monotonic() + seconds  # type: ignore[operator]
-            self._read(deadline)
+                deadline = _FOREVER if seconds is None else time.monotonic() + seconds
+            elif seconds is not None:
+                seconds = deadline - time.monotonic()
+                if seconds <= 0:
+                    raise CallcpTimeout("timed out while receiving")
+            self._read(seconds)
+            read = True
 
-    def _read(self, deadline: float) -> None:
-        if deadline == _FOREVER:
-            timeout: Optional[float] = None
-        else:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                raise CallcpTimeout("timed out while receiving")
+    def _read(self, timeout: Optional[float]) -> None:
         # Skip the syscall when SO_RCVTIMEO is already close enough (within
         # 5 ms below): one fewer per read on the common path.
         current = self._rcv_timeout
@@ -399,7 +399,9 @@ class Connection:
                 self._core.fail(err)
                 self._abort()
             raise err from None if isinstance(err, CallcpTimeout) else exc
-        if not data and self._engine.interrupted:  # our own wake-up, not the peer's EOF
+        if (
+            not data and self._engine.interruption is not None
+        ):  # our own wake-up, not the peer's EOF
             try:
                 self._engine.check_interrupt()
             except CallcpError:
@@ -873,6 +875,16 @@ class _ThreadPool:
                         self._idle -= 1
                         return
                 fn, args = self._jobs.get()  # claimed just now: the job is coming
+
+
+def _remaining(deadline: float) -> Optional[float]:
+    """Seconds left until ``deadline`` (None: no deadline); CallcpTimeout if none."""
+    if deadline == _FOREVER:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise CallcpTimeout("timed out while receiving")
+    return left
 
 
 def _sendmsg_all(sock: socket.socket, parts: List[bytes]) -> None:

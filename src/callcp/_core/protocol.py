@@ -392,7 +392,11 @@ class _Protocol:
                         assert self._receiver is not None
                         body = memoryview(buf)[pos + HEADER_SIZE : end]
                         data = self._receiver.open(bytes(buf[pos : pos + HEADER_SIZE]), body)
-                        self._consumed(end)
+                        if end >= len(buf) and not self._chunks:  # (_consumed, inline)
+                            self._buf = b""
+                            self._pos = 0
+                        else:
+                            self._pos = end
                         return MessageReceived(data)
             while True:
                 frame_ = self._next_frame()

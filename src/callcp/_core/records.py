@@ -91,7 +91,7 @@ class RecordReceiver(_Direction):
                 f"peer sent {self.seq} records without a key update (limit {MAX_RECORDS_PER_KEY})"
             )
         try:
-            plaintext = self._aead.decrypt(self._nonce(), body, header)
+            plaintext = self._aead.decrypt((self._iv ^ self.seq).to_bytes(12, "big"), body, header)
         except InvalidTag:
             raise CryptoError(
                 f"record {self.seq} (key generation {self.generation}) failed authentication: "
