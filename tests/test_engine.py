@@ -1,0 +1,271 @@
+"""The connection engine's pieces, without sockets: options, admission, the
+key-exchange queue, the message budget, rate-limited notices, the handler
+policy.  (Over real sockets they are exercised by test_hostile_load.py.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, List
+
+import pytest
+
+import callcp
+from callcp import ClientOptions, ServerOptions
+from callcp._core.errors import (
+    CallcpTimeout,
+    CloseCode,
+    ConnectionClosedOK,
+    HandshakeError,
+    MessageTooLarge,
+)
+from callcp._engine import (
+    Admission,
+    Engine,
+    HandshakeQueue,
+    HandshakeTicket,
+    MessageBudget,
+    Notices,
+    handler_outcome,
+    source_of,
+)
+from callcp._options import ClientKwargs, ServerKwargs, default_max_connections
+
+# ------------------------------------------------------------------ options
+
+
+def test_kwargs_match_the_option_classes() -> None:
+    """connect()/serve() take exactly the options' fields (written twice: once
+    as the dataclass, once as the TypedDict that types ``**options``)."""
+    assert set(ClientKwargs.__annotations__) == {f.name for f in dataclasses.fields(ClientOptions)}
+    assert set(ServerKwargs.__annotations__) == {f.name for f in dataclasses.fields(ServerOptions)}
+
+
+def test_one_source_of_defaults() -> None:
+    server = ServerOptions()
+    assert server.max_connections == default_max_connections()
+    assert server.max_handshakes == 16 and server.handshake_timeout == 10.0
+    assert server.max_connections_per_source == 512 and server.max_handshakes_per_source == 64
+    assert server.max_buffered_bytes == 256 * 1024 * 1024
+    assert ClientOptions().timeout == 30.0
+
+
+@pytest.mark.parametrize(
+    ("cls", "option", "value"),
+    [
+        (ServerOptions, "max_connections", 0),
+        (ServerOptions, "max_connections_per_source", -1),
+        (ServerOptions, "max_handshakes", 0),
+        (ServerOptions, "handshake_timeout", 0),
+        (ServerOptions, "handshake_timeout", None),
+        (ServerOptions, "idle_timeout", float("nan")),
+        (ServerOptions, "max_message_size", -1),
+        (ServerOptions, "max_buffered_bytes", 0),
+        (ServerOptions, "workers", True),
+        (ServerOptions, "logger", "callcp"),
+        (ClientOptions, "timeout", -1),
+        (ClientOptions, "max_message_size", "big"),
+    ],
+)
+def test_invalid_options_name_themselves(cls: Any, option: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=option):
+        cls(**{option: value})
+
+
+def test_contradictory_client_options() -> None:
+    with pytest.raises(ValueError, match="insecure"):
+        ClientOptions(insecure=True, server_fingerprint="SHA256:" + "A" * 43)
+
+
+def test_misspelt_option_is_refused_at_run_time() -> None:
+    with pytest.raises(TypeError, match="max_conections"):
+        callcp.serve(lambda conn: None, "127.0.0.1", 0, max_conections=3)  # type: ignore[call-arg]
+
+
+def test_the_budget_always_fits_one_message() -> None:
+    options = ServerOptions(max_message_size=300 << 20, max_buffered_bytes=1 << 20)
+    assert options.max_buffered_bytes == 300 << 20
+
+
+def test_default_max_connections_stays_below_the_descriptor_limit() -> None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert 0 < default_max_connections() <= soft - 64
+
+
+def test_mypy_rejects_a_misspelt_option(tmp_path: Path) -> None:
+    """``serve(..., max_conections=3)`` is a type error under mypy --strict."""
+    snippet = tmp_path / "snippet.py"
+    snippet.write_text(
+        textwrap.dedent(
+            """
+            import callcp
+
+            def handler(conn: callcp.Connection) -> None:
+                pass
+
+            callcp.serve(handler, "127.0.0.1", 0, max_connections=3)
+            callcp.serve(handler, "127.0.0.1", 0, max_conections=3)
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(snippet)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1, result.stdout
+    assert "snippet.py:8:" in errors[0] and "max_conections" in errors[0], errors
+
+
+# ---------------------------------------------------------------- admission
+
+
+def test_sources() -> None:
+    assert source_of(("192.0.2.7", 1)) == "192.0.2.7"
+    assert source_of(("::ffff:192.0.2.7", 1, 0, 0)) == "192.0.2.7"
+    assert source_of(("2001:db8:1:2:3:4:5:6", 1, 0, 0)) == "2001:db8:1:2::/64"
+    assert source_of(("2001:db8:1:2:ffff::1", 1, 0, 0)) == "2001:db8:1:2::/64"
+    assert source_of(()) == "local"
+
+
+def test_admission_per_source_and_global() -> None:
+    admission = Admission(max_connections=20, per_source=5)
+    assert all(admission.admit("a") is None for _ in range(5))
+    assert "max_connections_per_source (5)" in str(admission.admit("a"))
+    admission.release("a")
+    assert admission.admit("a") is None
+
+
+def test_admission_keeps_the_last_places_for_other_sources() -> None:
+    admission = Admission(max_connections=20, per_source=0)
+    admitted = 0
+    while admission.admit("hog") is None:
+        admitted += 1
+    assert admitted == 18  # the last tenth (2) is kept
+    assert admission.admit("newcomer") is None
+    assert admission.admit("another") is None
+    assert "max_connections (20)" in str(admission.admit("third"))
+
+
+def _tickets(queue: HandshakeQueue, started: List[str], *names: str, source: str = "s") -> Any:
+    out = []
+    for name in names:
+        ticket = HandshakeTicket(source, lambda name=name: started.append(name), lambda: True)
+        out.append((ticket, queue.submit(ticket)))
+    return out
+
+
+def test_handshake_queue_order_bounds_and_cancel() -> None:
+    started: List[str] = []
+    queue = HandshakeQueue(limit=2, max_waiting=2, per_source=0)
+    (a, _), (b, _), (c, _), (d, _), (e, refused) = _tickets(queue, started, *"abcde")
+    assert started == ["a", "b"] and queue.waiting == 2
+    assert refused is not None and "max_handshakes=2" in refused
+    assert queue.cancel(c) is True and queue.cancel(a) is False  # a is running
+    queue.done(a)
+    assert started == ["a", "b", "d"]  # c was cancelled: skipped, no work for it
+    queue.done(a)  # twice: no effect
+    assert queue.running == 2
+
+
+def test_handshake_queue_skips_connections_that_are_gone() -> None:
+    started: List[str] = []
+    queue = HandshakeQueue(limit=1, max_waiting=5, per_source=0)
+    first = HandshakeTicket("s", lambda: started.append("a"), lambda: True)
+    queue.submit(first)
+    queue.submit(HandshakeTicket("s", lambda: started.append("gone"), lambda: False))
+    queue.submit(HandshakeTicket("s", lambda: started.append("c"), lambda: True))
+    queue.done(first)
+    assert started == ["a", "c"] and queue.waiting == 0
+
+
+def test_handshake_queue_per_source() -> None:
+    started: List[str] = []
+    queue = HandshakeQueue(limit=10, max_waiting=10, per_source=2)
+    results = _tickets(queue, started, "a", "b", "c", source="x")
+    assert [why is None for _, why in results] == [True, True, False]
+    assert "max_handshakes_per_source (2)" in str(results[2][1])
+    assert _tickets(queue, started, "d", source="y")[0][1] is None
+
+
+class _FakeCore:
+    def __init__(self) -> None:
+        self.failed: List[BaseException] = []
+
+    def fail(self, exc: BaseException) -> None:
+        self.failed.append(exc)
+
+
+def _engine(budget: MessageBudget) -> Engine:
+    return Engine(_FakeCore(), budget=budget)  # type: ignore[arg-type]
+
+
+def test_message_budget_evicts_the_largest_unfinished_message() -> None:
+    budget = MessageBudget(limit=100)
+    small, large, me = _engine(budget), _engine(budget), _engine(budget)
+    woken: List[str] = []
+    large.wake = lambda: woken.append("large")
+    budget.charge(small, 20)
+    budget.charge(large, 60)
+    budget.charge(me, 15)
+    assert budget.total == 95 and not woken
+    budget.charge(me, 30)  # over: the largest (another connection) goes
+    assert woken == ["large"] and isinstance(large.interruption, MessageTooLarge)
+    assert budget.total == 50
+    budget.charge(small, 0)
+    assert budget.total == 30
+
+
+def test_message_budget_evicts_the_caller_when_it_is_the_largest() -> None:
+    budget = MessageBudget(limit=100)
+    other, me = _engine(budget), _engine(budget)
+    budget.charge(other, 10)
+    with pytest.raises(MessageTooLarge):
+        budget.charge(me, 95)
+    assert budget.total == 10
+
+
+# ------------------------------------------------------------------ logging
+
+
+def test_notices_log_a_burst_then_a_summary(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("callcp.test.notices")
+    notices = Notices(log)
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for i in range(600):
+            notices.note("refused connections: busy", f"10.0.0.{i % 3}", "refused %s", i)
+        notices.flush(float("inf"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[: Notices.BURST] == [f"refused {i}" for i in range(Notices.BURST)]
+    assert len(lines) == Notices.BURST + 1
+    assert lines[-1].startswith("refused connections: busy: 600 in the last")
+    assert "from 3 sources" in lines[-1] and "590 not logged one by one" in lines[-1]
+
+
+# ---------------------------------------------------------------- handlers
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "logged", "traceback"),
+    [
+        (None, CloseCode.NORMAL, False, False),
+        (ConnectionClosedOK("bye"), CloseCode.NORMAL, False, False),
+        (CallcpTimeout("slow"), CloseCode.TIMEOUT, True, False),
+        (HandshakeError("bad"), CloseCode.NORMAL, True, False),
+        (ValueError("bug"), CloseCode.INTERNAL_ERROR, True, True),
+        (KeyboardInterrupt(), CloseCode.GOING_AWAY, False, False),
+    ],
+)
+def test_handler_outcome_is_one_policy(exc: Any, code: int, logged: bool, traceback: bool) -> None:
+    outcome = handler_outcome(exc, 300.0)
+    assert outcome.close_code == code
+    assert (outcome.log_kind is not None or outcome.traceback) == logged
+    assert outcome.traceback == traceback
