@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import callcp._engine
+import callcp._sockets
 import callcp.sync
 from callcp._core.errors import CloseCode, ConnectionClosedError
 from callcp._core.protocol import ClientProtocol
@@ -256,7 +257,7 @@ def test_200_connections_opened_and_closed_at_once(
 def test_no_thread_leaks_after_attacks(arena: Arena, monkeypatch: pytest.MonkeyPatch) -> None:
     # Server threads are reused; idle ones retire after IDLE_SECONDS (30 s):
     # shorten that so "back to the threads we had before" is checkable.
-    monkeypatch.setattr(callcp.sync._ThreadPool, "IDLE_SECONDS", 0.5)
+    monkeypatch.setattr(callcp._sockets.ThreadPool, "IDLE_SECONDS", 0.5)
     before = set(threading.enumerate())
     # a mix of the attacks above, each handled by a server thread
     for seed in range(5):

@@ -38,7 +38,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Optional, Set, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Generator, Optional, Set, Tuple, Union
 
 from ._common import client_authorizer, load_server_key, logger_for
 from ._core.errors import (
@@ -63,14 +63,13 @@ from ._core.events import (
     ServerKeyAccepted,
     StreamStarted,
 )
-from ._core.protocol import ServerProtocol, _Protocol
+from ._core.protocol import ServerProtocol, State, _Protocol
 from ._core.wire import alert_frame
 from ._options import ServerOptions
-from ._streams import Progress, StreamInfo
+from ._streams import Destination, Progress, StreamInfo, StreamReception
 
 __all__ = [
     "Engine",
-    "StreamSending",
     "ServerCore",
     "Admission",
     "HandshakeQueue",
@@ -115,6 +114,11 @@ class Engine:
         self._lost: Optional[CallcpError] = None  # the transport's own error
         self._budget = budget
         self.charged = 0  # bytes of this connection's partial message in the budget
+
+    @property
+    def failed(self) -> bool:
+        """The connection failed (its alert or CLOSE may still be queued)."""
+        return self.core.state is State.FAILED
 
     @property
     def is_server(self) -> bool:
@@ -232,6 +236,25 @@ class Engine:
                 raise lost from exc
             raise
 
+    def lost_error(self) -> CallcpError:
+        """What a sender gets once the transport is gone (nothing buffered for
+        a receiver is consumed to find out)."""
+        core = self.core
+        if core.state is State.FAILED or core.state is State.CLOSED or self._lost is None:
+            return core.closed_error()
+        return self._lost
+
+    def peer_close_or(self, err: CallcpError) -> CallcpError:
+        """After a failed write: the peer's CLOSE, if its bytes are buffered
+        (a refused upload: its code and reason matter), else ``err``."""
+        try:
+            while self.next_event() is not NEED_DATA:
+                pass  # what arrived before it no longer matters to a failed sender
+        except CallcpError as closed:
+            if self.core._close_received is not None:
+                return closed
+        return err
+
     def message_from(self, event: Any) -> bytes:
         """``recv()``'s answer for ``event``: its data, or StreamPending (the
         event stays first in line for ``recv_stream()``)."""
@@ -295,50 +318,120 @@ def _nothing() -> None:
     pass
 
 
-class StreamSending:
-    """``send_stream()``'s work for both adapters: start, chunks, end, and
-    the abort that no failure may skip.  The adapter writes what each step
-    queues (``core.data_to_send_parts()``) under its send lock."""
+# ================================================================ procedures
+#
+# What takes more than one step -- the handshake, sending a stream, receiving
+# one -- is written once, here, as a generator: it yields what it needs from
+# its adapter, an (op, argument) pair, and the adapter's ``_drive()`` loop
+# does it the blocking or the asyncio way and sends back the result.  A
+# failure of the adapter's part (the source, the network) is thrown into the
+# generator, so the procedure's own clean-up (abort the stream, close the
+# connection) always runs.  A CallcpError escaping a procedure means the
+# connection is over: the driver writes what is queued and closes.
 
-    __slots__ = ("core", "size", "name", "progress", "done")
+#: Write what the core has queued and (asyncio) wait while the transport is
+#: full, unless the argument is NOW (a last word on the way out: an abort).
+WRITE = "write"
+NOW = "now"
+#: Wait for bytes (the argument: a time.monotonic() deadline) and feed them to the core.
+READ = "read"
+#: The next application event (the adapter's own receive loop); send it back.
+EVENT = "event"
+#: The next chunk of the stream source (the argument); send back None at its end.
+CHUNK = "chunk"
+#: Run the RSA decryption (the argument, a DecryptionRequested) off the event
+#: loop, and send back its result.
+DECRYPT = "decrypt"
+#: Write what is queued (a CLOSE saying why) and close the transport.
+ABORT = "abort"
 
-    def __init__(
-        self,
-        core: _Protocol,
-        size: Optional[int],
-        name: str,
-        checksum: bool,
-        progress: Optional[Progress],
-    ) -> None:
-        core.start_stream(size, name, checksum=checksum)
-        self.core = core
-        self.size = size
-        self.name = name
-        self.progress = progress
-        self.done = 0
+Op = Tuple[str, Any]
+Procedure = Generator[Op, Any, Any]
+_WRITE: Op = (WRITE, None)
+_WRITE_NOW: Op = (WRITE, NOW)
+_EVENT: Op = (EVENT, None)
+_ABORT: Op = (ABORT, None)
 
-    def chunk(self, data: Any) -> None:
-        self.core.send_stream_data(data)
-        self.done += len(data)
 
-    def sent(self) -> None:
-        """The last chunk is written: report progress."""
-        if self.progress is not None:
-            self.progress(self.done, self.size)
+def handshake(engine: Engine, deadline: float, seconds: Optional[float], peer: str) -> Procedure:
+    """Run the handshake until data may flow (see Engine.handshake_step)."""
+    try:
+        while True:
+            step = engine.handshake_step()
+            yield _WRITE
+            if step is None:
+                return
+            if step is NEED_DATA:
+                yield (READ, deadline)
+            else:
+                engine.decrypted((yield (DECRYPT, step)))
+    except CallcpTimeout:
+        raise engine.handshake_timed_out(seconds, peer) from None
 
-    def end(self) -> StreamInfo:
-        length, digest = self.core.end_stream()
-        return StreamInfo(length, digest.hex() if digest is not None else None, self.name)
 
-    def abort(self, exc: BaseException) -> bool:
-        """Whatever stopped the sender (the source, the progress callback, a
-        cancellation), the peer must not be left inside the stream.  True if
-        an abort record was queued."""
-        core = self.core
-        if not (core.sending_stream and core.can_send):
-            return False
-        core.abort_stream(f"the sender failed ({type(exc).__name__})")
-        return True
+def send_stream(
+    core: _Protocol,
+    chunks: Any,
+    size: Optional[int],
+    name: str,
+    checksum: bool,
+    progress: Optional[Progress],
+) -> Procedure:
+    """``send_stream()``: start, the chunks of ``chunks``, end; and the abort
+    that no failure (the source, the progress callback, a cancellation) may
+    skip, so the peer is never left inside the stream."""
+    core.start_stream(size, name, checksum=checksum)
+    done = 0
+    try:
+        yield _WRITE
+        while True:
+            chunk = yield (CHUNK, chunks)
+            if chunk is None:
+                break
+            core.send_stream_data(chunk)
+            yield _WRITE
+            done += len(chunk)
+            if progress is not None:
+                progress(done, size)
+        length, digest = core.end_stream()
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        if core.sending_stream and core.can_send:
+            core.abort_stream(f"the sender failed ({type(exc).__name__})")
+            try:
+                yield _WRITE_NOW
+            except CallcpError:
+                pass  # the write failed: the connection is closed
+        raise
+    yield _WRITE
+    return StreamInfo(length, digest.hex() if digest is not None else None, name)
+
+
+def receive_stream(engine: Engine, dest: Destination, progress: Optional[Progress]) -> Procedure:
+    """``recv_stream()``: the stream's events into a sink; on a failure of
+    ours mid-stream the connection is closed (the rest would be misread)."""
+    started = engine.stream_from((yield _EVENT))
+    try:
+        rx = StreamReception(started, dest, progress)
+    except GeneratorExit:
+        raise
+    except BaseException:
+        engine.close(CloseCode.INTERNAL_ERROR, "the receiver could not open its output")
+        yield _ABORT
+        raise
+    try:
+        while True:
+            info = rx.feed((yield _EVENT))
+            if info is not None:
+                return info
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        if rx.failed(exc):
+            engine.close(CloseCode.INTERNAL_ERROR, "the receiver failed in the middle of a stream")
+            yield _ABORT
+        raise
 
 
 # ================================================================ addresses
@@ -680,6 +773,19 @@ class Arrival:
 
         return started
 
+    @property
+    def gone(self) -> bool:
+        """No longer the acceptor's: started (a thread or task has it) or dropped."""
+        return self.state == "started" or self.state == "dropped"
+
+    def decrypt(self, request: DecryptionRequested) -> Optional[bytes]:
+        """Run the key exchange's RSA decryption and free the slot at once
+        (the rest of the handshake does not hold it)."""
+        try:
+            return request.run()
+        finally:
+            self.key_exchange_done()
+
     def key_exchange_done(self) -> None:
         """The RSA work is over (or failed): the next ticket may start."""
         if self.ticket is not None:
@@ -800,7 +906,22 @@ class ServerCore:
             f"refused connections: {why}", source_of(addr), "refused %s: %s", format_peer(addr), why
         )
 
+    def listening(self, address: Any, workers: int) -> None:
+        processes = f" with {workers} worker processes" if workers > 1 else ""
+        self.log.info(
+            "callcp server listening on %s%s (key %s)", address, processes, self.fingerprint
+        )
+
+    def stopped(self) -> None:
+        self.notices.flush(float("inf"))
+        self.log.info("callcp server stopped")
+
     def handshake_failed(self, addr: Any, exc: BaseException) -> None:
+        if not isinstance(exc, CallcpError):  # a bug, not the peer: loudly, with the traceback
+            self.log.error(
+                "internal error in the handshake with %s", format_peer(addr), exc_info=exc
+            )
+            return
         self.notices.note(
             "failed handshakes",
             source_of(addr),
@@ -828,5 +949,8 @@ class ServerCore:
             engine.release()
 
     def connected(self, addr: Any, engine: Engine) -> None:
+        """The handshake completed: the handler runs next."""
+        if self.stopping:
+            engine.stop()
         fp = engine.core.peer_fingerprint
         self.log.debug("connection from %s%s", format_peer(addr), f" as {fp}" if fp else "")

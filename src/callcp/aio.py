@@ -1,14 +1,14 @@
 """The asyncio adapter: the connection engine behind ``asyncio.Protocol``.
 
 Only "how do I wait" lives here.  Each TCP connection is a :class:`_Link`:
-``data_received`` hands bytes to the engine and wakes the one task waiting
-for them; the :class:`Connection` methods pull events from the engine, as
-the blocking adapter does after a read.  Bytes wait unparsed in the core (one
-buffer, never an object per read), and past a bound the link stops reading,
-so TCP's back-pressure does the rest.  A server holds a connection in
-callbacks alone until its whole ClientHello is in; only then does it queue
-for a key-exchange slot, whose RSA work runs in a worker thread, never on
-the event loop, and never for a connection that is gone.
+``data_received`` hands bytes to the core and wakes the one task waiting
+for them; :class:`Connection` methods pull events, as the blocking adapter
+does after a read.  Bytes wait unparsed in the core (one buffer, never an
+object per read); past a bound the link stops reading and TCP's
+back-pressure does the rest.  A server holds a connection in callbacks alone
+until its whole ClientHello is in; only then does it queue for a key-exchange
+slot, whose RSA work runs in a worker thread (never on the event loop, never
+for a connection that is gone).
 
 Usage::
 
@@ -47,9 +47,7 @@ from typing import (
     Union,
 )
 
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
-
+from . import _engine
 from ._common import check_port, client_protocol
 from ._common import translate_oserror as _translate
 from ._core.errors import (
@@ -60,22 +58,17 @@ from ._core.errors import (
     LocalProtocolError,
 )
 from ._core.events import NEED_DATA, DecryptionRequested, MessageReceived
-from ._engine import (
-    Arrival,
-    Engine,
-    ServerCore,
-    StreamSending,
-    format_peer,
-    handler_outcome,
-)
+from ._engine import Arrival, Engine, ServerCore, format_peer, handler_outcome
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
-from ._streams import Destination, Progress, StreamInfo, StreamReception, iter_chunks, source_size
+from ._streams import Destination, Progress, StreamInfo, iter_chunks, source_size
 from ._workers import WorkerPool, reserve_port
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Connection", "Server", "connect", "serve"]
 
-#: Unparsed received bytes past which a link stops reading the socket
-#: (room for a whole record and a read beyond it).
+#: Unparsed received bytes past which a link stops reading the socket.
 PAUSE_READING_AT = 256 << 10
 #: Waits at least this long (seconds) use the link's shared, lazily re-armed timer.
 COARSE_TIMEOUT = 1.0
@@ -83,6 +76,7 @@ COARSE_TIMEOUT = 1.0
 Address = Tuple[Any, ...]
 Buffer = Union[bytes, bytearray, memoryview]
 AsyncSource = Union[Any, AsyncIterable[Buffer]]
+_FOREVER = float("inf")
 
 
 class _Default:
@@ -96,19 +90,14 @@ class _Link(asyncio.Protocol):
     """One TCP connection: moves bytes between its transport and its engine,
     and wakes the task waiting for them."""
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        engine: Optional[Engine] = None,
-        server: Optional[Server] = None,
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Any, server: Any = None) -> None:
         self.loop = loop
-        self.engine: Engine = engine  # type: ignore[assignment]  # (server: set on accept)
-        self.server = server
-        self.transport: Optional[asyncio.Transport] = None
+        self.engine: Engine = engine  # (a server's: set when admitted)
+        self.server: Optional[Server] = server
+        self.transport: Any = None
         self.addr: Address = ()
         self.lost: asyncio.Future[None] = loop.create_future()
-        #: (server) before the key exchange, bytes go here instead
+        #: (server) bytes before the key exchange go here instead
         self.on_data: Optional[Callable[[_Link, bytes], None]] = None
         self.arrival: Optional[Arrival] = None
         self.timer: Optional[asyncio.TimerHandle] = None
@@ -119,10 +108,7 @@ class _Link(asyncio.Protocol):
         self.paused_reading = False
         self.paused_writing = False
 
-    # ------------------------------------------------------ asyncio.Protocol
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.addr = tuple(peer) if peer else ()
@@ -139,8 +125,7 @@ class _Link(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         if core.buffered > PAUSE_READING_AT and not self.paused_reading:
-            self.paused_reading = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.pause()
 
     def eof_received(self) -> bool:
         self.data_received(b"")
@@ -148,12 +133,10 @@ class _Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if self.engine is not None:
-            err = _translate(exc, "receiving") if isinstance(exc, OSError) else None
-            self.engine.transport_lost(err)
+            lost = _translate(exc, "receiving") if isinstance(exc, OSError) else None
+            self.engine.transport_lost(lost)
         self.wake()
-        for waiter in self._drain:
-            if not waiter.done():
-                waiter.set_result(None)
+        self.resume_writing()
         if not self.lost.done():
             self.lost.set_result(None)
         if self.server is not None:
@@ -169,14 +152,21 @@ class _Link(asyncio.Protocol):
                 waiter.set_result(None)
         self._drain.clear()
 
-    # --------------------------------------------------------------- moving
+    def pause(self) -> None:
+        self.paused_reading = True
+        self.transport.pause_reading()
+
+    def resume(self) -> None:
+        """(the reader needs bytes) read again."""
+        self.paused_reading = False
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def flush(self) -> None:
         """Write what the core has queued."""
         out = self.engine.core.data_to_send()
-        transport = self.transport
-        if out and transport is not None and not transport.is_closing():
-            transport.write(out)
+        if out and not self.transport.is_closing():
+            self.transport.write(out)
 
     async def drain(self) -> None:
         if self.paused_writing and not self.lost.done():
@@ -187,7 +177,7 @@ class _Link(asyncio.Protocol):
     def abort(self) -> None:
         """Write what is queued (the CLOSE or ALERT saying why) and close."""
         self.flush()
-        if self.transport is not None and not self.transport.is_closing():
+        if not self.transport.is_closing():
             self.transport.close()
 
     def wake(self) -> None:
@@ -195,17 +185,10 @@ class _Link(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def resume(self, below: int) -> None:
-        """Read again once fewer than ``below`` bytes wait unparsed."""
-        if self.engine.core.buffered < below and self.transport is not None:
-            self.paused_reading = False
-            if not self.transport.is_closing():
-                self.transport.resume_reading()
-
     async def wait(self, deadline: float) -> None:
-        """Wait for bytes, the transport's loss, or a wake-up (raises
-        CallcpTimeout at ``deadline``, a loop.time(); inf: none).  Long waits
-        share one lazily re-armed timer per link; no task per wait."""
+        """Wait for bytes, the transport's loss or a wake-up; CallcpTimeout at
+        ``deadline`` (loop time; inf: none).  Long waits share one lazily
+        re-armed timer per link: no task and no timer per message."""
         if self.lost.done():
             return
         loop = self.loop
@@ -216,16 +199,15 @@ class _Link(asyncio.Protocol):
         if remaining <= 0:
             self._waiter = None
             raise CallcpTimeout("timed out while receiving")
-        if remaining >= COARSE_TIMEOUT:
-            if remaining != float("inf"):
-                self._deadline = deadline
-                shared = self._deadline_timer
-                if shared is None or shared.when() > deadline:
-                    if shared is not None:
-                        shared.cancel()
-                    self._deadline_timer = loop.call_at(deadline, self._check_deadline)
-        else:
+        if remaining < COARSE_TIMEOUT:
             timer = loop.call_later(remaining, _expire, waiter)
+        elif deadline != _FOREVER:
+            self._deadline = deadline
+            shared = self._deadline_timer
+            if shared is None or shared.when() > deadline:
+                if shared is not None:
+                    shared.cancel()
+                self._deadline_timer = loop.call_at(deadline, self._check_deadline)
         try:
             await waiter
         finally:
@@ -254,8 +236,7 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 class _Turn:
     """Receivers take turns (first come, first served), like an asyncio.Lock
-    but without a coroutine per uncontended call: ``await take()`` then
-    ``give()``."""
+    but without a coroutine per uncontended call: ``await take()``, ``give()``."""
 
     __slots__ = ("_loop", "_busy", "_waiters")
 
@@ -264,10 +245,10 @@ class _Turn:
         self._busy = False
         self._waiters: Deque[asyncio.Future[None]] = deque()
 
-    def take(self) -> Awaitable[None]:
+    def take(self) -> Any:
         if not self._busy:
             self._busy = True
-            return _DONE  # type: ignore[no-any-return]
+            return _DONE
         return self._wait()
 
     async def _wait(self) -> None:
@@ -298,12 +279,13 @@ class _Done:
         return iter(())
 
 
-_DONE: Any = _Done()
+_DONE = _Done()
 
 
 class Connection:
-    """One callcp/2 connection for asyncio; the same methods as
-    :class:`callcp.sync.Connection`, awaited."""
+    """One callcp/2 connection for asyncio: the methods of
+    :class:`callcp.sync.Connection`, awaited.  Tasks may share it (receivers
+    take turns; a send waits for a stream being sent)."""
 
     def __init__(self, link: _Link, *, timeout: Optional[float]) -> None:
         self._link = link
@@ -311,99 +293,54 @@ class Connection:
         self._core = link.engine.core
         self._timeout = timeout
         self._send_lock = asyncio.Lock()
-        self._recv_turn = _Turn(link.loop)
+        self._turn = _Turn(link.loop)
+        self._decrypt: Callable[[DecryptionRequested], Awaitable[Optional[bytes]]] = _here
         link.engine.wake = link.wake
         self.remote_address: Address = link.addr
-        transport = link.transport
-        local = transport.get_extra_info("sockname") if transport is not None else None
+        local = link.transport.get_extra_info("sockname")
         self.local_address: Address = tuple(local) if local else ()
 
     @property
     def peer_fingerprint(self) -> Optional[str]:
-        """The peer's key fingerprint (the server's on a client; the
-        client's on a server with client authentication, else None)."""
+        """The peer's key fingerprint (see :class:`callcp.sync.Connection`)."""
         return self._core.peer_fingerprint
 
     @property
     def closed(self) -> bool:
-        transport = self._link.transport
-        return transport is None or transport.is_closing()
+        return bool(self._link.transport.is_closing())
 
     def settimeout(self, timeout: Optional[float]) -> None:
         self._timeout = timeout
 
-    def _deadline(self, timeout: Any) -> float:
-        seconds = self._timeout if isinstance(timeout, _Default) else timeout
-        return float("inf") if seconds is None else self._link.loop.time() + seconds
-
-    # ------------------------------------------------------------ handshake
-
     async def do_handshake(self, timeout: Any = DEFAULT) -> None:
         """Run the handshake (see :meth:`callcp.sync.Connection.do_handshake`)."""
         seconds = self._timeout if isinstance(timeout, _Default) else timeout
-        await self._recv_turn.take()
+        deadline = _FOREVER if seconds is None else time.monotonic() + seconds
+        await self._turn.take()
         try:
-            await self._handshake(self._deadline(timeout), seconds, _decrypt_here)
+            peer = format_peer(self.remote_address)
+            await self._drive(_engine.handshake(self._engine, deadline, seconds, peer))
         finally:
-            self._recv_turn.give()
-
-    async def _handshake(
-        self,
-        deadline: float,
-        seconds: Optional[float],
-        decrypt: Callable[[DecryptionRequested], Awaitable[Optional[bytes]]],
-    ) -> None:
-        engine, link = self._engine, self._link
-        try:
-            while True:
-                step = engine.handshake_step()
-                link.flush()
-                if step is None:
-                    return
-                if step is NEED_DATA:
-                    await link.wait(deadline)
-                else:
-                    engine.decrypted(await decrypt(step))  # type: ignore[arg-type]
-        except CallcpTimeout:
-            err = engine.handshake_timed_out(seconds, format_peer(self.remote_address))
-            link.abort()
-            raise err from None
-        except CallcpError:
-            link.abort()
-            raise
-
-    # -------------------------------------------------------------- sending
+            self._turn.give()
 
     async def send(self, message: Buffer) -> None:
-        """Send one message.
+        """Send one message (waits while a stream is being sent).
 
-        Raises:
-            ConnectionClosed: the connection is closed or failed.
-            LocalProtocolError: after our own close().
+        Raises: as :meth:`callcp.sync.Connection.send`.
         """
         link = self._link
-        if self._send_lock.locked():  # a stream is being sent: wait for its end
+        if self._send_lock.locked():
             async with self._send_lock:
-                self._send_now(message)
+                self._send(message)
         else:
-            self._send_now(message)
+            self._send(message)
         if link.paused_writing:
             await link.drain()
 
-    def _send_now(self, message: Buffer) -> None:
-        link = self._link
-        if link.lost.done():
-            raise self._closed_error()
-        link.transport.write(self._core.send_bytes(message))  # type: ignore[union-attr]
-
-    def _closed_error(self) -> CallcpError:
-        """After the transport's loss: the reason, once, then ConnectionClosed."""
-        try:
-            while self._engine.next_event() is not NEED_DATA:
-                pass  # what arrived before the loss no longer matters to a sender
-        except CallcpError as exc:
-            return exc
-        return self._engine.closed_error()
+    def _send(self, message: Buffer) -> None:
+        if self._link.lost.done():
+            raise self._engine.lost_error()
+        self._link.transport.write(self._core.send_bytes(message))
 
     async def send_stream(
         self,
@@ -418,39 +355,22 @@ class Connection:
         :meth:`callcp.sync.Connection.send_stream`); ``source`` may also be an
         async iterable of bytes-like chunks.  Waits for the transport to
         drain between chunks, so memory stays bounded."""
-        link = self._link
+        size = source_size(source) if size is None else size
         async with self._send_lock:
-            if link.lost.done():
-                raise self._closed_error()
-            tx = StreamSending(
-                self._core, source_size(source) if size is None else size, name, checksum, progress
+            if self._link.lost.done():
+                raise self._engine.lost_error()
+            steps = _engine.send_stream(
+                self._core, _achunks(source), size, name, checksum, progress
             )
-            try:
-                link.flush()
-                async for chunk in _achunks(source):
-                    if link.lost.done():
-                        raise self._closed_error()
-                    tx.chunk(chunk)
-                    link.flush()
-                    await link.drain()
-                    tx.sent()
-                info = tx.end()
-            except BaseException as exc:
-                if tx.abort(exc):
-                    link.flush()
-                raise
-            link.flush()
-            await link.drain()
+            info: StreamInfo = await self._drive(steps)
         return info
-
-    # ------------------------------------------------------------ receiving
 
     async def recv(self, timeout: Any = DEFAULT) -> bytes:
         """Receive the next whole message (``timeout`` as in the blocking API).
 
         Raises: as :meth:`callcp.sync.Connection.recv`.
         """
-        turn = self._recv_turn
+        turn = self._turn
         await turn.take()
         try:
             event = await self._next(timeout)
@@ -460,33 +380,20 @@ class Connection:
             return event.data
         return self._engine.message_from(event)
 
-    async def _next(self, timeout: Any) -> Any:
-        """The next application event, waiting as needed (under ``_recv_lock``)."""
-        engine, link, core = self._engine, self._link, self._core
-        deadline = 0.0
-        waited = False
-        while True:
-            if (
-                waited
-                or engine.pending is not None
-                or engine.interruption is not None
-                or not core.needs_data
-            ):  # (else: wait first)
-                try:
-                    event = engine.next_event()
-                except CallcpError:
-                    link.abort()
-                    raise
-                if event is not NEED_DATA:
-                    if link.paused_reading:
-                        link.resume(PAUSE_READING_AT // 2)
-                    return event
-                if link.paused_reading:  # whatever is buffered is not enough: read
-                    link.resume(PAUSE_READING_AT)
-            if not deadline:
-                deadline = self._deadline(timeout)
-            await link.wait(deadline)
-            waited = True
+    async def recv_stream(
+        self, dest: Destination, *, progress: Optional[Progress] = None
+    ) -> StreamInfo:
+        """Receive a stream into ``dest`` (see
+        :meth:`callcp.sync.Connection.recv_stream`).  File writes are
+        blocking calls, 64 KiB at a time."""
+        await self._turn.take()
+        try:
+            info: StreamInfo = await self._drive(
+                _engine.receive_stream(self._engine, dest, progress)
+            )
+        finally:
+            self._turn.give()
+        return info
 
     async def request(self, message: Buffer, timeout: Any = DEFAULT) -> bytes:
         """Send one message and return the next message received."""
@@ -502,39 +409,6 @@ class Connection:
                 yield await self.recv()
             except ConnectionClosedOK:
                 return
-
-    async def recv_stream(
-        self, dest: Destination, *, progress: Optional[Progress] = None
-    ) -> StreamInfo:
-        """Receive a stream into ``dest`` (see
-        :meth:`callcp.sync.Connection.recv_stream`).  File writes are
-        blocking calls, 64 KiB at a time."""
-        await self._recv_turn.take()
-        try:
-            return await self._recv_stream(dest, progress)
-        finally:
-            self._recv_turn.give()
-
-    async def _recv_stream(self, dest: Destination, progress: Optional[Progress]) -> StreamInfo:
-        started = self._engine.stream_from(await self._next(DEFAULT))
-        try:
-            rx = StreamReception(started, dest, progress)
-        except BaseException:
-            await self.close(CloseCode.INTERNAL_ERROR, "the receiver could not open its output")
-            raise
-        try:
-            while True:
-                info = rx.feed(await self._next(DEFAULT))
-                if info is not None:
-                    return info
-        except BaseException as exc:
-            if rx.failed(exc):
-                await self.close(
-                    CloseCode.INTERNAL_ERROR, "the receiver failed in the middle of a stream"
-                )
-            raise
-
-    # -------------------------------------------------------------- closing
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Send the authenticated close and close the connection; never raises."""
@@ -553,8 +427,69 @@ class Connection:
     def __repr__(self) -> str:
         return f"<callcp.aio.Connection {self.remote_address!r} {self._core.state.value}>"
 
+    # ------------------------------------------------------------ waiting
 
-async def _decrypt_here(request: DecryptionRequested) -> Optional[bytes]:
+    async def _drive(self, steps: _engine.Procedure) -> Any:
+        """Run an engine procedure, doing what it asks the asyncio way."""
+        link = self._link
+        reply: Any = None
+        thrown: Optional[BaseException] = None
+        while True:
+            try:
+                op, arg = steps.send(reply) if thrown is None else steps.throw(thrown)
+            except StopIteration as done:
+                return done.value
+            except CallcpError:
+                if self._engine.failed:
+                    link.abort()
+                raise
+            reply = thrown = None
+            try:
+                if op is _engine.WRITE:
+                    if link.lost.done():
+                        raise self._engine.lost_error()
+                    link.flush()
+                    if arg is not _engine.NOW:
+                        await link.drain()
+                elif op is _engine.EVENT:
+                    reply = await self._next(DEFAULT)
+                elif op is _engine.CHUNK:
+                    reply = await _next_chunk(arg)
+                elif op is _engine.READ:
+                    if link.paused_reading:
+                        link.resume()
+                    await link.wait(link.loop.time() + arg - time.monotonic())
+                elif op is _engine.DECRYPT:
+                    reply = await self._decrypt(arg)
+                else:
+                    link.abort()
+            except BaseException as exc:  # the procedure cleans up, then raises
+                thrown = exc
+
+    async def _next(self, timeout: Any) -> Any:
+        """The next application event, waiting as needed (in the receive turn)."""
+        engine, link, core = self._engine, self._link, self._core
+        deadline = 0.0
+        waited = False
+        while True:
+            if waited or engine.pending is not None or engine.interruption or not core.needs_data:
+                try:
+                    event = engine.next_event()
+                except CallcpError:
+                    link.abort()
+                    raise
+                if event is not NEED_DATA:
+                    return event
+            if link.paused_reading:  # whatever is buffered is not enough: read
+                link.resume()
+            if not deadline:
+                seconds = self._timeout if timeout is DEFAULT else timeout
+                deadline = _FOREVER if seconds is None else link.loop.time() + seconds
+            await link.wait(deadline)
+            waited = True
+
+
+async def _here(request: DecryptionRequested) -> Optional[bytes]:
     return request.run()
 
 
@@ -566,6 +501,13 @@ async def _achunks(source: AsyncSource) -> AsyncIterator[Buffer]:
     else:
         for chunk in iter_chunks(source):  # type: ignore[arg-type]
             yield chunk
+
+
+async def _next_chunk(chunks: AsyncIterator[Buffer]) -> Optional[Buffer]:
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
 
 
 # ================================================================== client
@@ -594,9 +536,9 @@ async def open_connection(host: str, port: int, options: ClientOptions) -> Conne
         raise _translate(exc, f"connecting to {host}:{port}") from exc
     conn = Connection(link, timeout=options.timeout)
     conn.remote_address = conn.remote_address or (host, port)
-    spent = loop.time() - start
     try:
-        await conn.do_handshake(None if options.timeout is None else options.timeout - spent)
+        left = None if options.timeout is None else options.timeout - (loop.time() - start)
+        await conn.do_handshake(left)
     except BaseException:
         link.abort()
         raise
@@ -620,47 +562,18 @@ class Server:
         self._core = ServerCore(options)
         self.options = options
         self.keypair = self._core.keypair
-        self._log = self._core.log
         self._server: Optional[asyncio.AbstractServer] = None
         self._links: Set[_Link] = set()
         self._tasks: Set[asyncio.Task[None]] = set()
         # RSA work runs here: never on the loop, never in the application's executor.
         self._rsa = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(options.max_handshakes, os.cpu_count() or 1),
-            thread_name_prefix="callcp-rsa",
+            min(options.max_handshakes, os.cpu_count() or 1), thread_name_prefix="callcp-rsa"
         )
         self._clock: Optional[asyncio.TimerHandle] = None
         self._port = 0
         self._pool: Optional[WorkerPool] = None  # workers > 1
         self._pool_stopped: Optional[asyncio.Future[None]] = None
         self._reserved: Optional[socket.socket] = None  # (workers > 1) holds the port
-
-    async def _listen(self, host: Optional[str], port: int) -> None:
-        loop = asyncio.get_running_loop()
-        options = self.options
-        try:
-            self._server = await loop.create_server(
-                lambda: _Link(loop, server=self),
-                host,
-                port,
-                backlog=options.backlog,
-                reuse_address=True,
-                reuse_port=options.reuse_port or None,
-            )
-        except OSError as exc:
-            raise _translate(exc, f"listening on {host}:{port}") from exc
-        self._port = self.sockets[0].getsockname()[1]
-        self._tick()
-        self._log.info(
-            "callcp server listening on %s (key %s)",
-            ", ".join(str(s.getsockname()) for s in self.sockets),
-            self.fingerprint,
-        )
-
-    def _tick(self) -> None:
-        """The server's clock: summaries of refusals, once a second."""
-        self._core.notices.flush()
-        self._clock = asyncio.get_running_loop().call_later(1.0, self._tick)
 
     @property
     def sockets(self) -> Tuple[socket.socket, ...]:
@@ -682,35 +595,32 @@ class Server:
     def is_serving(self) -> bool:
         return self._server is not None and self._server.is_serving()
 
-    # ------------------------------------------------------------ per link
+    def _tick(self) -> None:
+        """The server's clock: summaries of refusals, once a second."""
+        self._core.notices.flush()
+        self._clock = asyncio.get_running_loop().call_later(1.0, self._tick)
 
     def _accepted(self, link: _Link) -> None:
         """connection_made: admit it (or not) and send the ServerHello."""
         arrival, first = self._core.arrive(link.addr)
-        transport = link.transport
-        assert transport is not None
-        transport.write(first)
+        link.transport.write(first)
         if arrival is None:
-            transport.close()
+            link.transport.close()
             return
-        arrival.io = link
-        link.arrival = arrival
-        link.engine = arrival.engine
+        arrival.io, link.arrival, link.engine = link, arrival, arrival.engine
         link.on_data = self._hello_data
         self._links.add(link)
-        link.timer = link.loop.call_later(
-            self._core.options.handshake_timeout, self._too_slow, link
-        )
+        seconds = self.options.handshake_timeout
+        link.timer = link.loop.call_later(seconds, self._too_slow, link)
 
     def _hello_data(self, link: _Link, data: bytes) -> None:
         """Bytes before the key exchange: is the ClientHello whole yet?"""
         arrival = link.arrival
-        assert arrival is not None and link.transport is not None
+        assert arrival is not None
         if not arrival.received(data):
             return
         link.on_data = None
-        link.transport.pause_reading()  # (the kernel holds the rest)
-        link.paused_reading = True
+        link.pause()  # (the kernel holds the rest)
         arrival.queue(lambda: self._start(link), lambda: not link.lost.done())
         if arrival.state == "dropped":
             link.abort()
@@ -721,43 +631,33 @@ class Server:
             link.abort()
 
     def _lost(self, link: _Link) -> None:
-        if link not in self._links:
-            return
-        self._links.discard(link)
-        if link.timer is not None:
-            link.timer.cancel()
-        if link.arrival is not None:
-            link.arrival.lost()  # no RSA work for a peer that is gone
-        self._core.release(link.addr, link.engine)
+        if link in self._links:
+            self._links.discard(link)
+            if link.timer is not None:
+                link.timer.cancel()
+            if link.arrival is not None:
+                link.arrival.lost()  # no RSA work for a peer that is gone
+            self._core.release(link.addr, link.engine)
 
     def _start(self, link: _Link) -> None:
-        """The ticket got its key-exchange slot: the connection's task runs."""
-        link.transport.resume_reading()  # type: ignore[union-attr]
-        link.paused_reading = False
+        """The connection got its key-exchange slot: its task runs."""
         task = link.loop.create_task(self._serve(link))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, link: _Link) -> None:
-        core, options = self._core, self._core.options
-        conn = Connection(link, timeout=options.idle_timeout)
-        arrival = link.arrival
+        core, options, arrival = self._core, self.options, link.arrival
         assert arrival is not None
-
-        async def decrypt(request: DecryptionRequested) -> Optional[bytes]:
-            try:
-                return await link.loop.run_in_executor(self._rsa, request.run)
-            finally:
-                arrival.key_exchange_done()
-
-        deadline = link.loop.time() + arrival.deadline - time.monotonic()
+        conn = Connection(link, timeout=options.idle_timeout)
+        conn._decrypt = lambda request: link.loop.run_in_executor(
+            self._rsa, arrival.decrypt, request
+        )
         try:
-            await conn._handshake(deadline, options.handshake_timeout, decrypt)
-        except CallcpError as exc:
+            await conn._drive(
+                _engine.handshake(link.engine, arrival.deadline, options.handshake_timeout, "")
+            )
+        except Exception as exc:
             core.handshake_failed(link.addr, exc)
-            return
-        except Exception:  # a bug, not the peer: say so loudly, keep serving
-            self._log.exception("internal error in the handshake with %s", format_peer(link.addr))
             link.abort()
             return
         finally:
@@ -765,8 +665,6 @@ class Server:
             if link.timer is not None:
                 link.timer.cancel()
         core.connected(link.addr, link.engine)
-        if core.stopping:
-            link.engine.stop()
         error: Optional[BaseException] = None
         try:
             await self._handler(conn)
@@ -776,32 +674,6 @@ class Server:
         await conn.close()
         if isinstance(error, asyncio.CancelledError):
             raise error
-
-    # ------------------------------------------------------------ lifecycle
-
-    async def start_serving(self) -> None:
-        if self._server is not None:
-            await self._server.start_serving()
-
-    async def _start_workers(self, host: Optional[str], port: int) -> None:
-        """(workers > 1) reserve the port and fork the worker processes."""
-        try:
-            self._reserved, address = reserve_port(host, port)
-        except OSError as exc:
-            raise _translate(exc, f"listening on {host}:{port}") from exc
-        self._port = address[1]
-        options = self.options.replace(key=self.keypair, workers=1, reuse_port=True)
-        pool = WorkerPool(
-            self.options.workers, _aio_worker, (self._handler, host, self._port, options)
-        )
-        self._pool = pool
-        await asyncio.get_running_loop().run_in_executor(None, pool.start)
-        self._log.info(
-            "callcp server listening on %s with %d worker processes (key %s)",
-            address,
-            self.options.workers,
-            self.fingerprint,
-        )
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`close` (or cancellation)."""
@@ -817,6 +689,10 @@ class Server:
         except asyncio.CancelledError:
             if not self._core.stopping:
                 raise
+
+    async def start_serving(self) -> None:
+        if self._server is not None:
+            await self._server.start_serving()
 
     def close(self) -> None:
         """Stop listening; close idle connections now (authenticated close,
@@ -861,9 +737,8 @@ class Server:
             link.abort()
         if self._clock is not None:
             self._clock.cancel()
-        self._core.notices.flush(float("inf"))
         self._rsa.shutdown(wait=False, cancel_futures=True)
-        self._log.info("callcp server stopped")
+        self._core.stopped()
 
     async def shutdown(self) -> None:
         """``close()`` then ``wait_closed()``."""
@@ -902,14 +777,35 @@ async def start_server(
     """:func:`serve` with its options as one :class:`ServerOptions`."""
     check_port(port, allow_zero=True)
     server = Server(handler, options)
+    loop = asyncio.get_running_loop()
+    try:
+        if options.workers > 1:  # reserve the port; the forked workers listen on it
+            server._reserved, address = reserve_port(host, port)
+        else:
+            server._server = await loop.create_server(
+                lambda: _Link(loop, None, server),
+                host,
+                port,
+                backlog=options.backlog,
+                reuse_address=True,
+                reuse_port=options.reuse_port or None,
+            )
+            address = server.sockets[0].getsockname()
+    except OSError as exc:
+        raise _translate(exc, f"listening on {host}:{port}") from exc
+    server._port = address[1]
     if options.workers > 1:
-        await server._start_workers(host, port)
+        worker_options = options.replace(key=server.keypair, workers=1, reuse_port=True)
+        pool = WorkerPool(options.workers, _worker, (handler, host, server.port, worker_options))
+        server._pool = pool
+        await loop.run_in_executor(None, pool.start)
     else:
-        await server._listen(host, port)
+        server._tick()
+    server._core.listening(address, options.workers)
     return server
 
 
-def _aio_worker(
+def _worker(
     handler: Handler,
     host: Optional[str],
     port: int,

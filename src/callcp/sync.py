@@ -1,11 +1,12 @@
 """The blocking adapter: sockets and threads around the connection engine.
 
 Only "how do I wait" lives here: blocking reads and writes under kernel
-deadlines (SO_RCVTIMEO/SO_SNDTIMEO: no poll() per call), one thread per
-connection past its key exchange, and, in the server, one selector thread
-that holds every connection until its whole ClientHello has arrived (so a
-peer that trickles its hello costs a small buffer, not a thread or a
-handshake slot).  Every decision is the engine's (``callcp._engine``).
+deadlines (SO_RCVTIMEO/SO_SNDTIMEO: no poll() per call), a thread per
+connection from its key exchange on, and in the server one selector thread
+that holds every connection until its whole ClientHello is in (so a peer
+that trickles its hello costs a small buffer, not a thread or a handshake
+slot).  Every decision is the engine's (``callcp._engine``); multi-step work
+(handshake, streams) is the engine's procedures, run by :meth:`_drive`.
 
 Threading: one thread may receive while another sends.  ``_send_lock``
 owns everything written (the core seals records only when asked for its
@@ -14,45 +15,27 @@ output, under that lock); ``_recv_lock`` serialises receivers.
 
 from __future__ import annotations
 
-import queue
 import selectors
 import signal
 import socket
-import struct
 import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, List, Optional, Set, Tuple, Union
 
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
-
-from ._common import (
-    check_port,
-    client_protocol,
-)
+from . import _engine
+from ._common import check_port, client_protocol
 from ._common import translate_oserror as _translate
 from ._core.errors import CallcpError, CallcpTimeout, CloseCode, ConnectionClosedOK
 from ._core.events import NEED_DATA, DecryptionRequested, MessageReceived
-from ._engine import (
-    Arrival,
-    Engine,
-    ServerCore,
-    StreamSending,
-    format_peer,
-    handler_outcome,
-)
+from ._engine import Arrival, Engine, ServerCore, format_peer, handler_outcome
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
-from ._streams import (
-    Destination,
-    Progress,
-    Source,
-    StreamInfo,
-    StreamReception,
-    iter_chunks,
-    source_size,
-)
-from ._workers import WorkerPool, reserve_port
+from ._sockets import ThreadPool, listen, peer_alive, reserve, send_and_close, sendmsg_all, timeval
+from ._streams import Destination, Progress, Source, StreamInfo, iter_chunks, source_size
+from ._workers import WorkerPool
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Connection", "Server", "connect", "serve"]
 
@@ -62,8 +45,7 @@ READ_SIZE = 256 * 1024
 FIRST_READ_SIZE = 16 * 1024
 #: Below this many bytes, pieces are joined and written with one send().
 GATHER_MIN = 16 * 1024
-IOV_MAX = 512
-#: How long close() waits for a sender to let go of the socket.
+#: How long an abort waits for a sender to let go of the socket.
 CLOSE_WAIT = 0.5
 
 Address = Tuple[Any, ...]
@@ -77,7 +59,7 @@ class _Default:
     __slots__ = ()
 
 
-DEFAULT = _Default()
+DEFAULT: Any = _Default()
 
 
 class Connection:
@@ -85,7 +67,8 @@ class Connection:
 
     Obtained from :func:`connect` (client) or given to a :func:`serve`
     handler (server).  Messages keep their boundaries; each is any size up to
-    the receiver's ``max_message_size``.
+    the receiver's ``max_message_size``.  One thread may send while another
+    receives.
     """
 
     def __init__(self, sock: socket.socket, engine: Engine, *, timeout: Optional[float]) -> None:
@@ -96,13 +79,14 @@ class Connection:
         self._rbuf = bytearray(FIRST_READ_SIZE)
         self._rview = memoryview(self._rbuf)
         self._bulk = False
-        self._send_lock = threading.Lock()
+        self._send_lock = threading.RLock()
         self._recv_lock = threading.Lock()
         self._closed = False
-        self._rcv_timeout: Optional[float] = None
+        self._rcv_timeout: Optional[float] = None  # SO_RCVTIMEO as set
+        self._decrypt: Callable[[DecryptionRequested], Optional[bytes]] = DecryptionRequested.run
         engine.wake = self._wake
         sock.settimeout(None)
-        self._set_send_timeout(timeout)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(timeout))
         try:
             self.remote_address: Address = tuple(sock.getpeername())
         except OSError:
@@ -122,12 +106,7 @@ class Connection:
     def settimeout(self, timeout: Optional[float]) -> None:
         """Deadline in seconds for each later blocking operation (None: wait forever)."""
         self._timeout = timeout
-        self._set_send_timeout(timeout)
-
-    def _set_send_timeout(self, timeout: Optional[float]) -> None:
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
-
-    # ------------------------------------------------------------ handshake
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(timeout))
 
     def do_handshake(self, timeout: Union[float, None, _Default] = DEFAULT) -> None:
         """Run the handshake until data may flow: a client returns once its
@@ -142,34 +121,8 @@ class Connection:
         seconds = self._timeout if isinstance(timeout, _Default) else timeout
         deadline = _FOREVER if seconds is None else time.monotonic() + seconds
         with self._recv_lock:
-            self._handshake(deadline, seconds, DecryptionRequested.run)
-
-    def _handshake(
-        self,
-        deadline: float,
-        seconds: Optional[float],
-        decrypt: Callable[[DecryptionRequested], Optional[bytes]],
-    ) -> None:
-        engine = self._engine
-        try:
-            while True:
-                step = engine.handshake_step()
-                self._flush()
-                if step is None:
-                    return
-                if step is NEED_DATA:
-                    self._read(_remaining(deadline))
-                else:
-                    engine.decrypted(decrypt(step))  # type: ignore[arg-type]
-        except CallcpTimeout:
-            err = engine.handshake_timed_out(seconds, format_peer(self.remote_address))
-            self._abort()
-            raise err from None
-        except CallcpError:
-            self._abort()
-            raise
-
-    # -------------------------------------------------------------- sending
+            peer = format_peer(self.remote_address)
+            self._drive(_engine.handshake(self._engine, deadline, seconds, peer))
 
     def send(self, message: Buffer) -> None:
         """Send one message.
@@ -217,75 +170,12 @@ class Connection:
             LocalProtocolError: the connection cannot send now.
             Whatever reading ``source`` raises (the stream is then aborted).
         """
-        core = self._core
+        size = source_size(source) if size is None else size
+        chunks = iter_chunks(source)
         with self._send_lock:
-            tx = StreamSending(
-                core, source_size(source) if size is None else size, name, checksum, progress
-            )
-            try:
-                self._write(core.data_to_send_parts())
-                for chunk in iter_chunks(source):
-                    tx.chunk(chunk)
-                    self._write(core.data_to_send_parts())
-                    tx.sent()
-                info = tx.end()
-            except BaseException as exc:
-                if tx.abort(exc):
-                    try:
-                        self._write(core.data_to_send_parts())
-                    except CallcpError:
-                        pass  # _write closed the connection
-                raise
-            self._write(core.data_to_send_parts())
+            steps = _engine.send_stream(self._core, chunks, size, name, checksum, progress)
+            info: StreamInfo = self._drive(steps)
         return info
-
-    def _write(self, data: Union[bytes, List[bytes]]) -> None:
-        """Write under ``_send_lock``; a failed write kills the connection.
-        Large lists of pieces go out with gathering writes (no joining copy)."""
-        if not data:
-            return
-        try:
-            if isinstance(data, bytes):
-                self._sock.sendall(data)
-            elif len(data) <= 2 and sum(map(len, data)) <= GATHER_MIN:
-                self._sock.sendall(b"".join(data))
-            else:
-                _sendmsg_all(self._sock, data)
-        except OSError as exc:
-            raise self._write_failed(exc) from exc
-
-    def _write_failed(self, exc: OSError) -> CallcpError:
-        """A write failed: the connection is dead; the error to raise.
-
-        Typically the peer closed on us (a refused upload), and its CLOSE may
-        be waiting unread: if so, that is the error (its code and reason),
-        rather than a bare reset."""
-        if self._closed:  # closed under us (a forced shutdown)
-            return self._engine.closed_error()
-        err: CallcpError = _translate(exc, "sending")
-        if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and self._recv_lock.acquire(
-            blocking=False  # a receiver that is reading will see the close itself
-        ):
-            try:
-                self._core.receive_data(self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT))
-                while self._engine.next_event() is not NEED_DATA:
-                    pass
-            except CallcpError as closed:
-                if self._core._close_received is not None:
-                    err = closed
-            except OSError:
-                pass
-            finally:
-                self._recv_lock.release()
-        self._core.fail(err)
-        self._close_socket()
-        return err
-
-    def _flush(self) -> None:
-        with self._send_lock:
-            self._write(self._core.data_to_send())
-
-    # ------------------------------------------------------------ receiving
 
     def recv(self, timeout: Union[float, None, _Default] = DEFAULT) -> bytes:
         """Receive the next whole message.
@@ -332,23 +222,71 @@ class Connection:
             OSError: ``dest`` could not be written.
         """
         with self._recv_lock:
-            started = self._engine.stream_from(self._next(DEFAULT))
+            info: StreamInfo = self._drive(_engine.receive_stream(self._engine, dest, progress))
+        return info
+
+    def request(self, message: Buffer, timeout: Union[float, None, _Default] = DEFAULT) -> bytes:
+        """Send one message and return the next message received."""
+        self.send(message)
+        return self.recv(timeout)
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Incoming messages until the peer closes cleanly (a broken
+        connection raises instead of ending the loop).  Each wait is bounded
+        by the connection's timeout (the server's ``idle_timeout``)."""
+        while True:
             try:
-                rx = StreamReception(started, dest, progress)
-            except BaseException:
-                self.close(CloseCode.INTERNAL_ERROR, "the receiver could not open its output")
-                raise
+                yield self.recv()
+            except ConnectionClosedOK:
+                return
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Send the authenticated close and close the socket; never raises."""
+        if not self._closed:
+            self._engine.close(code, reason)
+            self._abort()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<callcp.Connection {self.remote_address!r} {self._core.state.value}>"
+
+    # ------------------------------------------------------------ waiting
+
+    def _drive(self, steps: _engine.Procedure) -> Any:
+        """Run an engine procedure, doing what it asks the blocking way."""
+        reply: Any = None
+        thrown: Optional[BaseException] = None
+        while True:
             try:
-                while True:
-                    info = rx.feed(self._next(DEFAULT))
-                    if info is not None:
-                        return info
-            except BaseException as exc:
-                if rx.failed(exc):
-                    self.close(
-                        CloseCode.INTERNAL_ERROR, "the receiver failed in the middle of a stream"
-                    )
+                op, arg = steps.send(reply) if thrown is None else steps.throw(thrown)
+            except StopIteration as done:
+                return done.value
+            except CallcpError:
+                if self._engine.failed:
+                    self._abort()
                 raise
+            reply = thrown = None
+            try:
+                if op is _engine.WRITE:
+                    with self._send_lock:
+                        self._write(self._core.data_to_send_parts())
+                elif op is _engine.EVENT:
+                    reply = self._next(DEFAULT)
+                elif op is _engine.CHUNK:
+                    reply = next(arg, None)
+                elif op is _engine.READ:
+                    self._read(_remaining(arg))
+                elif op is _engine.DECRYPT:
+                    reply = self._decrypt(arg)
+                else:
+                    self._abort()
+            except BaseException as exc:  # the procedure cleans up, then raises
+                thrown = exc
 
     def _next(self, timeout: Union[float, None, _Default]) -> Any:
         """The next application event, reading as needed (under ``_recv_lock``)."""
@@ -368,20 +306,13 @@ class Connection:
             if not deadline:
                 deadline = _FOREVER if seconds is None else time.monotonic() + seconds
             elif seconds is not None:
-                seconds = deadline - time.monotonic()
-                if seconds <= 0:
-                    raise CallcpTimeout("timed out while receiving")
+                seconds = _remaining(deadline)
             self._read(seconds)
             read = True
 
     def _read(self, timeout: Optional[float]) -> None:
-        # Skip the syscall when SO_RCVTIMEO is already close enough (within
-        # 5 ms below): one fewer per read on the common path.
-        current = self._rcv_timeout
-        if (timeout is None and current is not None) or (
-            timeout is not None and (current is None or not timeout - 0.005 <= current <= timeout)
-        ):
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+        if timeout != self._rcv_timeout:  # (a syscall saved per read on the common path)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(timeout))
             self._rcv_timeout = timeout
         try:
             if self._bulk:  # large reads straight into new bytes (decrypted in place)
@@ -395,13 +326,12 @@ class Connection:
             if self._closed:
                 raise self._engine.closed_error() from None
             err = _translate(exc, "receiving")
-            if not isinstance(err, CallcpTimeout):  # a timeout leaves it usable
-                self._core.fail(err)
-                self._abort()
-            raise err from None if isinstance(err, CallcpTimeout) else exc
-        if (
-            not data and self._engine.interruption is not None
-        ):  # our own wake-up, not the peer's EOF
+            if isinstance(err, CallcpTimeout):  # the connection stays usable
+                raise err from None
+            self._core.fail(err)
+            self._abort()
+            raise err from exc
+        if not data and self._engine.interruption is not None:  # our wake-up, not EOF
             try:
                 self._engine.check_interrupt()
             except CallcpError:
@@ -409,39 +339,54 @@ class Connection:
                 raise
         self._core.receive_data(data)
 
-    def request(self, message: Buffer, timeout: Union[float, None, _Default] = DEFAULT) -> bytes:
-        """Send one message and return the next message received."""
-        self.send(message)
-        return self.recv(timeout)
+    def _write(self, data: Union[bytes, List[bytes]]) -> None:
+        """Write under ``_send_lock``; a failed write kills the connection.
+        Large lists of pieces go out with gathering writes (no joining copy)."""
+        if not data:
+            return
+        try:
+            if isinstance(data, bytes):
+                self._sock.sendall(data)
+            elif len(data) <= 2 and sum(map(len, data)) <= GATHER_MIN:
+                self._sock.sendall(b"".join(data))
+            else:
+                sendmsg_all(self._sock, data)
+        except OSError as exc:
+            raise self._write_failed(exc) from exc
 
-    def __iter__(self) -> Iterator[bytes]:
-        """Incoming messages until the peer closes cleanly (a broken
-        connection raises instead of ending the loop).  Each wait is bounded
-        by the connection's timeout (the server's ``idle_timeout``)."""
-        while True:
+    def _write_failed(self, exc: OSError) -> CallcpError:
+        """A write failed: the connection is dead; the error to raise.  If the
+        peer closed on us (a refused upload), its CLOSE may be waiting
+        unread: then that is the error (its code and reason), not a reset."""
+        if self._closed:  # closed under us (a forced shutdown)
+            return self._engine.closed_error()
+        err: CallcpError = _translate(exc, "sending")
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and self._recv_lock.acquire(
+            blocking=False  # (a receiver that is reading will see the close itself)
+        ):
             try:
-                yield self.recv()
-            except ConnectionClosedOK:
-                return
-
-    # -------------------------------------------------------------- closing
-
-    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Send the authenticated close and close the socket; never raises."""
-        if not self._closed:
-            self._engine.close(code, reason)
-            self._abort()
+                self._core.receive_data(self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT))
+                err = self._engine.peer_close_or(err)
+            except OSError:
+                pass
+            finally:
+                self._recv_lock.release()
+        self._core.fail(err)
+        self._close_socket()
+        return err
 
     def _abort(self, send_timeout: Optional[float] = None) -> None:
         """Write what the core has queued (a CLOSE, an ALERT), best effort,
-        and close the socket.  A sender stuck on a peer that does not read
-        holds the send lock: after CLOSE_WAIT the socket is closed anyway."""
+        and close.  A sender stuck on a peer that does not read holds the
+        send lock: after CLOSE_WAIT the socket is closed anyway."""
         if self._closed:
             return
         if self._send_lock.acquire(timeout=CLOSE_WAIT):
             try:
                 if send_timeout is not None:
-                    self._set_send_timeout(send_timeout)
+                    self._sock.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(send_timeout)
+                    )
                 self._write(self._core.data_to_send())
             except (CallcpError, OSError):
                 pass
@@ -466,14 +411,15 @@ class Connection:
         except OSError:
             pass
 
-    def __enter__(self) -> Connection:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<callcp.Connection {self.remote_address!r} {self._core.state.value}>"
+def _remaining(deadline: float) -> Optional[float]:
+    """Seconds left until ``deadline`` (None: no deadline); CallcpTimeout if none."""
+    if deadline == _FOREVER:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise CallcpTimeout("timed out while receiving")
+    return left
 
 
 # ================================================================== client
@@ -497,7 +443,7 @@ def connect(host: str, port: int = DEFAULT_PORT, **options: Unpack[ClientKwargs]
         CallcpTimeout, TransportError: the network failed (nothing listening,
             unreachable, timeout).
         KeyManagementError: ``client_key`` could not be loaded.
-        ValueError: an option is invalid.
+        ValueError, TypeError: an option is invalid or unknown.
     """
     return open_connection(host, port, ClientOptions(**options))
 
@@ -526,16 +472,6 @@ def open_connection(host: str, port: int, options: ClientOptions) -> Connection:
 Handler = Callable[[Connection], Any]
 
 
-def _alive(sock: socket.socket) -> bool:
-    """The peer has not closed (checked before spending RSA work on it)."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-
-
 class Server:
     """A threaded callcp/2 server; see :func:`serve`."""
 
@@ -552,7 +488,7 @@ class Server:
         self._active: Set[Connection] = set()
         self._busy = 0  # connections with a thread (key exchange or handler)
         self._idle = threading.Condition(self._lock)  # notified when _busy drops
-        self._threads = _ThreadPool()
+        self._threads = ThreadPool()
         self._arrivals: Deque[Arrival] = deque()  # in accept order = deadline order
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -560,26 +496,21 @@ class Server:
         self._stopped.set()
         self._pool: Optional[WorkerPool] = None
         self.workers = options.workers
-        if options.workers > 1:  # the parent supervises; each worker listens
-            self._sock, self._address = _reserve(host, port)
-            worker_options = options.replace(key=self.keypair, workers=1, reuse_port=True)
-            self._pool = WorkerPool(
-                options.workers, _sync_worker, (handler, host, self._address[1], worker_options)
-            )
-            try:
-                self._pool.start()  # listening starts now, as for one process
-            except BaseException:
-                self._sock.close()
-                raise
-            self._log.info(
-                "callcp server listening on %s with %d worker processes (key %s)",
-                self._address,
-                options.workers,
-                self.fingerprint,
-            )
-        else:
-            self._sock = _listen(host, port, options.backlog, options.reuse_port)
+        if options.workers == 1:
+            self._sock = listen(host, port, options.backlog, options.reuse_port)
             self._address = tuple(self._sock.getsockname())
+            return
+        self._sock, self._address = reserve(host, port)  # the workers listen; we supervise
+        worker_options = options.replace(key=self.keypair, workers=1, reuse_port=True)
+        self._pool = WorkerPool(
+            options.workers, _worker, (handler, host, self.port, worker_options)
+        )
+        try:
+            self._pool.start()  # listening starts now, as for one process
+        except BaseException:
+            self._sock.close()
+            raise
+        core.listening(self._address, options.workers)
 
     @property
     def server_address(self) -> Address:
@@ -600,8 +531,6 @@ class Server:
         with self._lock:
             return self._busy
 
-    # ------------------------------------------------------------ serving
-
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Accept and serve connections until :meth:`shutdown` (returns at
         once if shutdown was already requested)."""
@@ -613,9 +542,7 @@ class Server:
             if self._pool is not None:
                 self._pool.wait(poll_interval, stop=lambda: self._core.stopping)
             else:
-                self._log.info(
-                    "callcp server listening on %s (key %s)", self._address, self.fingerprint
-                )
+                self._core.listening(self._address, 1)
                 self._accept_loop()
         finally:
             self._stopped.set()
@@ -645,11 +572,11 @@ class Server:
                     else:
                         self._readable(key.data)
                 now = time.monotonic()
-                while arrivals and (arrivals[0].state in _GONE or arrivals[0].deadline <= now):
+                while arrivals and (arrivals[0].gone or arrivals[0].deadline <= now):
                     arrival = arrivals.popleft()
                     if arrival.state == "hello":
                         sel.unregister(arrival.io)
-                    if arrival.state not in _GONE and arrival.expire():
+                    if not arrival.gone and arrival.expire():
                         self._drop(arrival)
                 core.notices.flush()
         finally:
@@ -672,19 +599,18 @@ class Server:
                 self._core.notices.note("accept failed", "", "accept failed: %s", exc)
                 return False
             arrival, first = self._core.arrive(addr)
+            if arrival is None:
+                send_and_close(sock, first)
+                continue
+            arrival.io = sock
             try:
                 sock.setblocking(False)
-                sock.send(first)  # the ServerHello or a refusal (a fresh socket takes it)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.send(first)  # the ServerHello (a fresh socket takes it whole)
             except OSError:
-                if arrival is not None:
-                    arrival.received(b"")
-                    self._core.release(addr, None)
-                arrival = None
-            if arrival is None:
-                sock.close()
+                arrival.received(b"")  # dropped, noted
+                self._drop(arrival)
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            arrival.io = sock
             self._selector.register(sock, selectors.EVENT_READ, arrival)
             self._arrivals.append(arrival)
         return True
@@ -700,46 +626,39 @@ class Server:
             arrival.engine.transport_lost(_translate(exc, "receiving"))
         if not arrival.received(data):
             return
-        self._selector.unregister(arrival.io)  # the kernel holds the rest
-        arrival.queue(lambda: self._threads.submit(self._serve_one, arrival), lambda: _alive(sock))
+        self._selector.unregister(sock)  # the kernel holds the rest
+        arrival.queue(
+            lambda: self._threads.submit(self._serve_one, arrival), lambda: peer_alive(sock)
+        )
         if arrival.state == "dropped":
             self._drop(arrival)
 
     def _drop(self, arrival: Arrival) -> None:
         """Close a connection still in the acceptor's hands, with the ALERT
         the engine queued."""
-        _send_and_close(arrival.io, arrival.engine.core.data_to_send())
+        send_and_close(arrival.io, arrival.engine.core.data_to_send())
         self._core.release(arrival.addr, arrival.engine)
 
     def _serve_one(self, arrival: Arrival) -> None:
         core, options = self._core, self._core.options
-        conn = Connection(arrival.io, arrival.engine, timeout=options.handshake_timeout)
         addr, engine = arrival.addr, arrival.engine
+        conn = Connection(arrival.io, engine, timeout=options.handshake_timeout)
+        conn._decrypt = arrival.decrypt
         with self._lock:
             self._active.add(conn)
             self._busy += 1
-
-        def decrypt(request: DecryptionRequested) -> Optional[bytes]:
-            try:
-                return request.run()
-            finally:
-                arrival.key_exchange_done()
-
         try:
             try:
-                conn._handshake(arrival.deadline, options.handshake_timeout, decrypt)
-            except CallcpError as exc:
+                conn._drive(
+                    _engine.handshake(engine, arrival.deadline, options.handshake_timeout, "")
+                )
+            except Exception as exc:
                 core.handshake_failed(addr, exc)
-                return
-            except Exception:  # a bug, not the peer: say so loudly, keep serving
-                self._log.exception("internal error in the handshake with %s", format_peer(addr))
                 return
             finally:
                 arrival.key_exchange_done()
-            conn.settimeout(options.idle_timeout)
             core.connected(addr, engine)
-            if core.stopping:
-                engine.stop()
+            conn.settimeout(options.idle_timeout)
             error: Optional[BaseException] = None
             try:
                 self._handler(conn)
@@ -753,8 +672,6 @@ class Server:
                 self._active.discard(conn)
                 self._busy -= 1
                 self._idle.notify_all()
-
-    # ------------------------------------------------------------ stopping
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, let in-flight requests finish (up to ``timeout``
@@ -779,14 +696,13 @@ class Server:
             done = self._idle.wait_for(lambda: self._busy == 0, timeout)
             conns = [] if done else list(self._active)
         for conn in conns:  # past the deadline: close what is left
-            conn._engine.close(CloseCode.GOING_AWAY, "server shutting down")
+            conn._engine.close(CloseCode.GOING_AWAY, _engine.SHUTTING_DOWN)
             conn._abort(send_timeout=0.1)
         with self._lock:
             self._idle.wait_for(lambda: self._busy == 0, 1.0)
-        self._core.notices.flush(float("inf"))
         for sock in (self._wake_r, self._wake_w):
             sock.close()
-        self._log.info("callcp server stopped")
+        self._core.stopped()
 
     close = shutdown
 
@@ -795,145 +711,6 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-_GONE = ("started", "dropped")
-
-
-def _reserve(host: Optional[str], port: int) -> Tuple[socket.socket, Address]:
-    try:
-        return reserve_port(host, port)
-    except OSError as exc:
-        raise _translate(exc, f"listening on {host}:{port}") from exc
-
-
-def _listen(host: Optional[str], port: int, backlog: int, reuse_port: bool) -> socket.socket:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, addr = infos[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(addr)
-            sock.listen(backlog)
-        except BaseException:
-            sock.close()
-            raise
-    except OSError as exc:
-        raise _translate(exc, f"listening on {host}:{port}") from exc
-    return sock
-
-
-def _send_and_close(sock: socket.socket, data: bytes) -> None:
-    """Best effort, never blocking: a refusal or alert, then close."""
-    try:
-        sock.setblocking(False)
-        if data:
-            sock.send(data)
-    except OSError:
-        pass
-    sock.close()
-
-
-class _ThreadPool:
-    """Daemon threads that serve one connection after another: a thread is
-    started only when none is idle, and an idle one exits after a while.
-    (Starting a thread per connection costs more than a handshake's
-    symmetric crypto.)  The server bounds how many run at once."""
-
-    IDLE_SECONDS = 30.0
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Tuple[Callable[..., None], Tuple[Any, ...]]] = (
-            queue.SimpleQueue()
-        )
-        self._lock = threading.Lock()
-        self._idle = 0
-
-    def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        with self._lock:
-            reuse = self._idle > 0
-            if reuse:
-                self._idle -= 1  # that idle thread will take this job
-        if reuse:
-            self._jobs.put((fn, args))
-        else:
-            threading.Thread(target=self._work, args=(fn, args), daemon=True).start()
-
-    def _work(self, fn: Callable[..., None], args: Tuple[Any, ...]) -> None:
-        while True:
-            fn(*args)  # the server's job catches and logs everything
-            with self._lock:
-                self._idle += 1
-            try:
-                fn, args = self._jobs.get(timeout=self.IDLE_SECONDS)
-            except queue.Empty:
-                with self._lock:
-                    if self._idle > 0:  # nobody claimed us: leave
-                        self._idle -= 1
-                        return
-                fn, args = self._jobs.get()  # claimed just now: the job is coming
-
-
-def _remaining(deadline: float) -> Optional[float]:
-    """Seconds left until ``deadline`` (None: no deadline); CallcpTimeout if none."""
-    if deadline == _FOREVER:
-        return None
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise CallcpTimeout("timed out while receiving")
-    return left
-
-
-def _sendmsg_all(sock: socket.socket, parts: List[bytes]) -> None:
-    """sendall() for a list of buffers, with sendmsg (writev)."""
-    views: List[Any] = list(parts)
-    while views:
-        sent = sock.sendmsg(views[:IOV_MAX])
-        while sent:
-            first = len(views[0])
-            if sent >= first:
-                sent -= first
-                del views[0]
-            else:
-                views[0] = memoryview(views[0])[sent:]
-                sent = 0
-
-
-def _timeval(timeout: Optional[float]) -> bytes:
-    """A struct timeval for SO_RCVTIMEO/SO_SNDTIMEO (zero means "no timeout",
-    so a deadline already reached becomes one microsecond)."""
-    if timeout is None:
-        return struct.pack("@ll", 0, 0)
-    micros = max(1, int(timeout * 1_000_000))
-    return struct.pack("@ll", micros // 1_000_000, micros % 1_000_000)
-
-
-def _sync_worker(
-    handler: Handler,
-    host: Optional[str],
-    port: int,
-    options: ServerOptions,
-    ready: Callable[[], None],
-) -> None:
-    """One worker process of a ``workers=N`` server: an ordinary server on a
-    SO_REUSEPORT socket, shut down gracefully on SIGTERM."""
-    server = Server(handler, host, port, options)
-    stopper: List[threading.Thread] = []
-
-    def on_term(signum: int, frame: Any) -> None:
-        if not stopper:  # shutdown() waits for serve_forever: not from its thread
-            thread = threading.Thread(target=server.shutdown, name="callcp-stop")
-            stopper.append(thread)
-            thread.start()
-
-    signal.signal(signal.SIGTERM, on_term)
-    ready()
-    server.serve_forever()
-    for thread in stopper:
-        thread.join()
 
 
 def serve(
@@ -952,8 +729,32 @@ def serve(
     SO_REUSEPORT (Linux); the handler then runs in them.
 
     Raises:
-        ValueError: an option is invalid.
+        ValueError, TypeError: an option is invalid or unknown.
         KeyManagementError: the key could not be loaded or created.
         TransportError: the address could not be bound.
     """
     return Server(handler, host, port, ServerOptions(**options))
+
+
+def _worker(
+    handler: Handler,
+    host: Optional[str],
+    port: int,
+    options: ServerOptions,
+    ready: Callable[[], None],
+) -> None:
+    """One worker process of a ``workers=N`` server: an ordinary server on a
+    SO_REUSEPORT socket, shut down gracefully on SIGTERM."""
+    server = Server(handler, host, port, options)
+    stopper: List[threading.Thread] = []
+
+    def on_term(signum: int, frame: Any) -> None:
+        if not stopper:  # shutdown() waits for serve_forever: not from its thread
+            stopper.append(threading.Thread(target=server.shutdown, name="callcp-stop"))
+            stopper[0].start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    ready()
+    server.serve_forever()
+    for thread in stopper:
+        thread.join()
