@@ -1,21 +1,195 @@
-"""Blocking-socket odds and ends for the blocking adapter (and workers):
-listening, gathering writes, kernel deadlines, a best-effort last word, a
-pool of reusable threads."""
+"""The blocking side of connections: :class:`SocketLink` moves bytes between
+one socket and its engine's core under kernel deadlines (the asyncio
+adapter's counterpart is ``_aiolink.Link``); and socket odds and ends:
+listening, gathering writes, a best-effort last word, a pool of reusable
+threads."""
 
 from __future__ import annotations
 
 import queue
+import selectors
 import socket
 import struct
 import threading
-from typing import Any, Callable, List, Optional, Tuple
+import time
+from collections import deque
+from typing import Any, Callable, Deque, List, Optional, Tuple, Union
 
 from ._common import translate_oserror
+from ._core.errors import CallcpError, CallcpTimeout
+from ._engine import Engine
 from ._workers import reserve_port
 
-__all__ = ["listen", "reserve", "send_and_close", "peer_alive", "sendmsg_all", "timeval"]
+__all__ = [
+    "SocketLink",
+    "Acceptor",
+    "ThreadPool",
+    "listen",
+    "reserve",
+    "send_and_close",
+    "peer_alive",
+    "remaining",
+    "FOREVER",
+]
 
 IOV_MAX = 512
+#: Bytes asked of the socket per read: small reads go through one reusable
+#: buffer; once a read fills it, bulk transfer is likely and reads grow.
+READ_SIZE = 256 * 1024
+FIRST_READ_SIZE = 16 * 1024
+#: Below this many bytes, pieces are joined and written with one send().
+GATHER_MIN = 16 * 1024
+#: How long an abort waits for a sender to let go of the socket.
+CLOSE_WAIT = 0.5
+FOREVER = float("inf")
+
+
+class SocketLink:
+    """One connection's blocking socket and its engine.  Deadlines are the
+    kernel's (SO_RCVTIMEO/SO_SNDTIMEO: no poll() per call).  ``_send_lock``
+    owns everything written (the core seals records only when asked for its
+    output, under that lock); ``_recv_lock`` serialises receivers."""
+
+    def __init__(self, sock: socket.socket, engine: Engine, timeout: Optional[float]) -> None:
+        self._sock = sock
+        self._engine = engine
+        self._core = engine.core
+        self._timeout = timeout
+        self._rbuf = bytearray(FIRST_READ_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._bulk = False
+        self._send_lock = threading.RLock()
+        self._recv_lock = threading.Lock()
+        self._closed = False
+        self._rcv_timeout: Optional[float] = None  # SO_RCVTIMEO as set
+        engine.wake = self._wake
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(timeout))
+        try:
+            self.remote_address: Tuple[Any, ...] = tuple(sock.getpeername())
+        except OSError:
+            self.remote_address = ()
+        self.local_address: Tuple[Any, ...] = tuple(sock.getsockname())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def settimeout(self, timeout: Optional[float]) -> None:
+        """Deadline in seconds for each later blocking operation (None: wait forever)."""
+        self._timeout = timeout
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(timeout))
+
+    def _read(self, timeout: Optional[float]) -> None:
+        if timeout != self._rcv_timeout:  # (a syscall saved per read on the common path)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(timeout))
+            self._rcv_timeout = timeout
+        try:
+            if self._bulk:  # large reads straight into new bytes (decrypted in place)
+                data = self._sock.recv(READ_SIZE)
+                self._bulk = len(data) >= FIRST_READ_SIZE
+            else:
+                n = self._sock.recv_into(self._rbuf)
+                data = self._rview[:n].tobytes()
+                self._bulk = n == FIRST_READ_SIZE
+        except OSError as exc:
+            if self._closed:
+                raise self._engine.closed_error() from None
+            err = translate_oserror(exc, "receiving")
+            if isinstance(err, CallcpTimeout):  # the connection stays usable
+                raise err from None
+            self._core.fail(err)
+            self._abort()
+            raise err from exc
+        if not data and self._engine.interruption is not None:  # our wake-up, not EOF
+            try:
+                self._engine.check_interrupt()
+            except CallcpError:
+                self._abort()
+                raise
+        self._core.receive_data(data)
+
+    def _write(self, data: Union[bytes, List[bytes]]) -> None:
+        """Write under ``_send_lock``; a failed write kills the connection.
+        Large lists of pieces go out with gathering writes (no joining copy)."""
+        if not data:
+            return
+        try:
+            if isinstance(data, bytes):
+                self._sock.sendall(data)
+            elif len(data) <= 2 and sum(map(len, data)) <= GATHER_MIN:
+                self._sock.sendall(b"".join(data))
+            else:
+                sendmsg_all(self._sock, data)
+        except OSError as exc:
+            raise self._write_failed(exc) from exc
+
+    def _write_failed(self, exc: OSError) -> CallcpError:
+        """A write failed: the connection is dead; the error to raise.  If the
+        peer closed on us (a refused upload), its CLOSE may be waiting
+        unread: then that is the error (its code and reason), not a reset."""
+        if self._closed:  # closed under us (a forced shutdown)
+            return self._engine.closed_error()
+        err: CallcpError = translate_oserror(exc, "sending")
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and self._recv_lock.acquire(
+            blocking=False  # (a receiver that is reading will see the close itself)
+        ):
+            try:
+                self._core.receive_data(self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT))
+                err = self._engine.peer_close_or(err)
+            except OSError:
+                pass
+            finally:
+                self._recv_lock.release()
+        self._core.fail(err)
+        self._close_socket()
+        return err
+
+    def _abort(self, send_timeout: Optional[float] = None) -> None:
+        """Write what the core has queued (a CLOSE, an ALERT), best effort,
+        and close.  A sender stuck on a peer that does not read holds the
+        send lock: after CLOSE_WAIT the socket is closed anyway."""
+        if self._closed:
+            return
+        if self._send_lock.acquire(timeout=CLOSE_WAIT):
+            try:
+                if send_timeout is not None:
+                    self._sock.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(send_timeout)
+                    )
+                self._write(self._core.data_to_send())
+            except (CallcpError, OSError):
+                pass
+            finally:
+                self._send_lock.release()
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+    def _wake(self) -> None:
+        """(any thread) End a blocked read: the reader sees the interrupt."""
+        try:
+            self._sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+
+def remaining(deadline: float) -> Optional[float]:
+    """Seconds left until ``deadline`` (None: no deadline); CallcpTimeout if none."""
+    if deadline == FOREVER:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise CallcpTimeout("timed out while receiving")
+    return left
 
 
 def listen(host: Optional[str], port: int, backlog: int, reuse_port: bool) -> socket.socket:
@@ -93,6 +267,122 @@ def timeval(timeout: Optional[float]) -> bytes:
         return struct.pack("@ll", 0, 0)
     micros = max(1, int(timeout * 1_000_000))
     return struct.pack("@ll", micros // 1_000_000, micros % 1_000_000)
+
+
+class Acceptor:
+    """The blocking server's selector thread: it accepts, and holds each
+    connection until its whole ClientHello is in, then queues it for a
+    key-exchange slot; ``start(arrival)`` hands it to a thread when a slot is
+    free.  A peer that trickles or withholds its hello costs a small buffer
+    and a file descriptor, never a thread, until its handshake deadline."""
+
+    def __init__(self, sock: socket.socket, core: Any, start: Callable[[Any], None]) -> None:
+        self._sock = sock
+        self._core = core  # (a ServerCore)
+        self._start = start
+        self._arrivals: Deque[Any] = deque()  # in accept order = deadline order
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    def wake(self) -> None:
+        """(any thread) Make run() look at ``core.stopping`` now."""
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def run(self) -> None:
+        """Accept and hold arrivals until the server stops."""
+        sel, core, arrivals = self._sel, self._core, self._arrivals
+        self._sock.setblocking(False)
+        sel.register(self._sock, selectors.EVENT_READ, None)
+        sel.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+        paused_until = 0.0
+        try:
+            while not core.stopping:
+                now = time.monotonic()
+                if paused_until and now >= paused_until:
+                    sel.register(self._sock, selectors.EVENT_READ, None)
+                    paused_until = 0.0
+                wait = arrivals[0].deadline - now if arrivals else 1.0
+                for key, _ in sel.select(min(1.0, max(0.0, wait))):
+                    if key.data is None:
+                        if not self._accept_some():  # EMFILE and the like: do not spin
+                            sel.unregister(self._sock)
+                            paused_until = time.monotonic() + 0.1
+                    elif key.data is self._wake_r:
+                        self._wake_r.recv(4096)
+                    else:
+                        self._readable(key.data)
+                now = time.monotonic()
+                while arrivals and (arrivals[0].gone or arrivals[0].deadline <= now):
+                    arrival = arrivals.popleft()
+                    if arrival.state == "hello":
+                        sel.unregister(arrival.io)
+                    if not arrival.gone and arrival.expire():
+                        self._drop(arrival)
+                core.notices.flush()
+        finally:
+            for arrival in arrivals:
+                if arrival.state == "hello":
+                    sel.unregister(arrival.io)
+                if arrival.stop():
+                    self._drop(arrival)
+            arrivals.clear()
+            sel.close()
+
+    def _accept_some(self) -> bool:
+        """Accept what is waiting (a bounded batch); False if accept failed."""
+        for _ in range(64):
+            try:
+                sock, addr = self._sock.accept()
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                self._core.notices.note("accept failed", "", "accept failed: %s", exc)
+                return False
+            arrival, first = self._core.arrive(addr)
+            if arrival is None:
+                send_and_close(sock, first)
+                continue
+            arrival.io = sock
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.send(first)  # the ServerHello (a fresh socket takes it whole)
+            except OSError:
+                arrival.received(b"")  # dropped, noted
+                self._drop(arrival)
+                continue
+            self._sel.register(sock, selectors.EVENT_READ, arrival)
+            self._arrivals.append(arrival)
+        return True
+
+    def _readable(self, arrival: Any) -> None:
+        sock: socket.socket = arrival.io
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data = b""
+            arrival.engine.transport_lost(translate_oserror(exc, "receiving"))
+        if not arrival.received(data):
+            return
+        self._sel.unregister(sock)  # the kernel holds the rest
+        arrival.queue(lambda: self._start(arrival), lambda: peer_alive(sock))
+        if arrival.state == "dropped":
+            self._drop(arrival)
+
+    def _drop(self, arrival: Any) -> None:
+        """Close a connection still in the acceptor's hands, with the ALERT
+        the engine queued."""
+        send_and_close(arrival.io, arrival.engine.core.data_to_send())
+        self._core.release(arrival.addr, arrival.engine)
 
 
 class ThreadPool:

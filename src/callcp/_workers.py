@@ -21,7 +21,7 @@ import socket
 import time
 from typing import Any, Callable, List, Optional, Tuple
 
-__all__ = ["reserve_port", "WorkerPool", "check_workers"]
+__all__ = ["reserve_port", "WorkerPool", "check_workers", "for_server"]
 
 
 def check_workers(workers: int) -> None:
@@ -47,10 +47,41 @@ def reserve_port(host: Optional[str], port: int) -> Tuple[socket.socket, Tuple[A
     return sock, tuple(sock.getsockname())
 
 
+def for_server(
+    host: Optional[str],
+    port: int,
+    options: Any,
+    keypair: Any,
+    target: Callable[..., None],
+    handler: Any,
+) -> WorkerPool:
+    """(``workers=N``, N > 1) Reserve host:port, so port 0 becomes a real
+    port, and prepare N processes that each run ``target(handler, host,
+    port, worker_options, ready)``: an ordinary one-process server on the
+    port with SO_REUSEPORT, using the key loaded here.  Start it with
+    ``start()``; ``stop()`` also lets go of the port.
+
+    Raises:
+        TransportError: the address could not be bound.
+    """
+    from ._common import translate_oserror
+
+    try:
+        sock, address = reserve_port(host, port)
+    except OSError as exc:
+        raise translate_oserror(exc, f"listening on {host}:{port}") from exc
+    worker_options = options.replace(key=keypair, workers=1, reuse_port=True)
+    pool = WorkerPool(options.workers, target, (handler, host, address[1], worker_options))
+    pool.reserved, pool.address = sock, address
+    return pool
+
+
 class WorkerPool:
     """N forked processes, each running ``target(*args)``."""
 
     def __init__(self, count: int, target: Callable[..., None], args: Tuple[Any, ...]) -> None:
+        self.reserved: Optional[socket.socket] = None  # a socket holding the port
+        self.address: Tuple[Any, ...] = ()
         ctx = multiprocessing.get_context("fork")
         self._ready = ctx.Semaphore(0)
         self.processes: List[Any] = [
@@ -67,6 +98,14 @@ class WorkerPool:
             if not self._ready.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 self.stop(1.0)
                 raise RuntimeError("a callcp worker process did not start listening")
+
+    def start_or_close(self) -> None:
+        """``start()``, letting go of the port if it fails."""
+        try:
+            self.start()
+        except BaseException:
+            self.stop(1.0)
+            raise
 
     @property
     def alive(self) -> int:
@@ -90,6 +129,8 @@ class WorkerPool:
             if process.is_alive():
                 process.kill()
                 process.join(1.0)
+        if self.reserved is not None:
+            self.reserved.close()
 
 
 def _run(target: Callable[..., None], args: Tuple[Any, ...], ready: Any) -> None:

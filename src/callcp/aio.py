@@ -1,6 +1,6 @@
 """The asyncio adapter: the connection engine behind ``asyncio.Protocol``.
 
-Only "how do I wait" lives here.  Each TCP connection is a :class:`_Link`:
+Only "how do I wait" lives here.  Each TCP connection is a :class:`Link`:
 ``data_received`` hands bytes to the core and wakes the one task waiting
 for them; :class:`Connection` methods pull events, as the blocking adapter
 does after a read.  Bytes wait unparsed in the core (one buffer, never an
@@ -31,7 +31,6 @@ import os
 import signal
 import socket
 import time
-from collections import deque
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -39,8 +38,6 @@ from typing import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Deque,
-    List,
     Optional,
     Set,
     Tuple,
@@ -48,6 +45,8 @@ from typing import (
 )
 
 from . import _engine
+from . import _workers as workers
+from ._aiolink import FOREVER, Link, Turn, achunks, decrypt_here, next_chunk
 from ._common import check_port, client_protocol
 from ._common import translate_oserror as _translate
 from ._core.errors import (
@@ -58,25 +57,19 @@ from ._core.errors import (
     LocalProtocolError,
 )
 from ._core.events import NEED_DATA, DecryptionRequested, MessageReceived
-from ._engine import Arrival, Engine, ServerCore, format_peer, handler_outcome
+from ._engine import Engine, ServerCore, format_peer, handler_outcome
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
-from ._streams import Destination, Progress, StreamInfo, iter_chunks, source_size
-from ._workers import WorkerPool, reserve_port
+from ._streams import Destination, Progress, StreamInfo, source_size
+from ._workers import WorkerPool
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 __all__ = ["Connection", "Server", "connect", "serve"]
 
-#: Unparsed received bytes past which a link stops reading the socket.
-PAUSE_READING_AT = 256 << 10
-#: Waits at least this long (seconds) use the link's shared, lazily re-armed timer.
-COARSE_TIMEOUT = 1.0
-
 Address = Tuple[Any, ...]
 Buffer = Union[bytes, bytearray, memoryview]
 AsyncSource = Union[Any, AsyncIterable[Buffer]]
-_FOREVER = float("inf")
 
 
 class _Default:
@@ -86,215 +79,19 @@ class _Default:
 DEFAULT: Any = _Default()
 
 
-class _Link(asyncio.Protocol):
-    """One TCP connection: moves bytes between its transport and its engine,
-    and wakes the task waiting for them."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Any, server: Any = None) -> None:
-        self.loop = loop
-        self.engine: Engine = engine  # (a server's: set when admitted)
-        self.server: Optional[Server] = server
-        self.transport: Any = None
-        self.addr: Address = ()
-        self.lost: asyncio.Future[None] = loop.create_future()
-        #: (server) bytes before the key exchange go here instead
-        self.on_data: Optional[Callable[[_Link, bytes], None]] = None
-        self.arrival: Optional[Arrival] = None
-        self.timer: Optional[asyncio.TimerHandle] = None
-        self._waiter: Optional[asyncio.Future[None]] = None
-        self._deadline = 0.0  # of the current long wait
-        self._deadline_timer: Optional[asyncio.TimerHandle] = None
-        self._drain: List[asyncio.Future[None]] = []
-        self.paused_reading = False
-        self.paused_writing = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.addr = tuple(peer) if peer else ()
-        if self.server is not None:
-            self.server._accepted(self)
-
-    def data_received(self, data: bytes) -> None:
-        if self.on_data is not None:
-            self.on_data(self, data)
-            return
-        core = self.engine.core
-        core.receive_data(data)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        if core.buffered > PAUSE_READING_AT and not self.paused_reading:
-            self.pause()
-
-    def eof_received(self) -> bool:
-        self.data_received(b"")
-        return False
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        if self.engine is not None:
-            lost = _translate(exc, "receiving") if isinstance(exc, OSError) else None
-            self.engine.transport_lost(lost)
-        self.wake()
-        self.resume_writing()
-        if not self.lost.done():
-            self.lost.set_result(None)
-        if self.server is not None:
-            self.server._lost(self)
-
-    def pause_writing(self) -> None:
-        self.paused_writing = True
-
-    def resume_writing(self) -> None:
-        self.paused_writing = False
-        for waiter in self._drain:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain.clear()
-
-    def pause(self) -> None:
-        self.paused_reading = True
-        self.transport.pause_reading()
-
-    def resume(self) -> None:
-        """(the reader needs bytes) read again."""
-        self.paused_reading = False
-        if not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def flush(self) -> None:
-        """Write what the core has queued."""
-        out = self.engine.core.data_to_send()
-        if out and not self.transport.is_closing():
-            self.transport.write(out)
-
-    async def drain(self) -> None:
-        if self.paused_writing and not self.lost.done():
-            waiter = self.loop.create_future()
-            self._drain.append(waiter)
-            await waiter
-
-    def abort(self) -> None:
-        """Write what is queued (the CLOSE or ALERT saying why) and close."""
-        self.flush()
-        if not self.transport.is_closing():
-            self.transport.close()
-
-    def wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def wait(self, deadline: float) -> None:
-        """Wait for bytes, the transport's loss or a wake-up; CallcpTimeout at
-        ``deadline`` (loop time; inf: none).  Long waits share one lazily
-        re-armed timer per link: no task and no timer per message."""
-        if self.lost.done():
-            return
-        loop = self.loop
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._waiter = waiter
-        timer = None
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            self._waiter = None
-            raise CallcpTimeout("timed out while receiving")
-        if remaining < COARSE_TIMEOUT:
-            timer = loop.call_later(remaining, _expire, waiter)
-        elif deadline != _FOREVER:
-            self._deadline = deadline
-            shared = self._deadline_timer
-            if shared is None or shared.when() > deadline:
-                if shared is not None:
-                    shared.cancel()
-                self._deadline_timer = loop.call_at(deadline, self._check_deadline)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            self._deadline = 0.0
-            if timer is not None:
-                timer.cancel()
-
-    def _check_deadline(self) -> None:
-        """The shared timer fired: expire the current wait if its deadline
-        passed, else re-arm for it."""
-        self._deadline_timer = None
-        deadline, waiter = self._deadline, self._waiter
-        if not deadline or waiter is None or waiter.done():
-            return
-        if self.loop.time() >= deadline:
-            _expire(waiter)
-        else:
-            self._deadline_timer = self.loop.call_at(deadline, self._check_deadline)
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(CallcpTimeout("timed out while receiving"))
-
-
-class _Turn:
-    """Receivers take turns (first come, first served), like an asyncio.Lock
-    but without a coroutine per uncontended call: ``await take()``, ``give()``."""
-
-    __slots__ = ("_loop", "_busy", "_waiters")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._busy = False
-        self._waiters: Deque[asyncio.Future[None]] = deque()
-
-    def take(self) -> Any:
-        if not self._busy:
-            self._busy = True
-            return _DONE
-        return self._wait()
-
-    async def _wait(self) -> None:
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # handed the turn, then cancelled
-                self.give()
-            raise
-
-    def give(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the turn passes on: still busy
-                return
-        self._busy = False
-
-
-class _Done:
-    """An awaitable that is already complete (no coroutine, no future)."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Any:
-        return iter(())
-
-
-_DONE = _Done()
-
-
 class Connection:
     """One callcp/2 connection for asyncio: the methods of
     :class:`callcp.sync.Connection`, awaited.  Tasks may share it (receivers
     take turns; a send waits for a stream being sent)."""
 
-    def __init__(self, link: _Link, *, timeout: Optional[float]) -> None:
+    def __init__(self, link: Link, *, timeout: Optional[float]) -> None:
         self._link = link
         self._engine = link.engine
         self._core = link.engine.core
         self._timeout = timeout
         self._send_lock = asyncio.Lock()
-        self._turn = _Turn(link.loop)
-        self._decrypt: Callable[[DecryptionRequested], Awaitable[Optional[bytes]]] = _here
+        self._turn = Turn(link.loop)
+        self._decrypt: Callable[[DecryptionRequested], Awaitable[Optional[bytes]]] = decrypt_here
         link.engine.wake = link.wake
         self.remote_address: Address = link.addr
         local = link.transport.get_extra_info("sockname")
@@ -315,7 +112,7 @@ class Connection:
     async def do_handshake(self, timeout: Any = DEFAULT) -> None:
         """Run the handshake (see :meth:`callcp.sync.Connection.do_handshake`)."""
         seconds = self._timeout if isinstance(timeout, _Default) else timeout
-        deadline = _FOREVER if seconds is None else time.monotonic() + seconds
+        deadline = FOREVER if seconds is None else time.monotonic() + seconds
         await self._turn.take()
         try:
             peer = format_peer(self.remote_address)
@@ -359,9 +156,7 @@ class Connection:
         async with self._send_lock:
             if self._link.lost.done():
                 raise self._engine.lost_error()
-            steps = _engine.send_stream(
-                self._core, _achunks(source), size, name, checksum, progress
-            )
+            steps = _engine.send_stream(self._core, achunks(source), size, name, checksum, progress)
             info: StreamInfo = await self._drive(steps)
         return info
 
@@ -454,7 +249,7 @@ class Connection:
                 elif op is _engine.EVENT:
                     reply = await self._next(DEFAULT)
                 elif op is _engine.CHUNK:
-                    reply = await _next_chunk(arg)
+                    reply = await next_chunk(arg)
                 elif op is _engine.READ:
                     if link.paused_reading:
                         link.resume()
@@ -484,30 +279,9 @@ class Connection:
                 link.resume()
             if not deadline:
                 seconds = self._timeout if timeout is DEFAULT else timeout
-                deadline = _FOREVER if seconds is None else link.loop.time() + seconds
+                deadline = FOREVER if seconds is None else link.loop.time() + seconds
             await link.wait(deadline)
             waited = True
-
-
-async def _here(request: DecryptionRequested) -> Optional[bytes]:
-    return request.run()
-
-
-async def _achunks(source: AsyncSource) -> AsyncIterator[Buffer]:
-    if hasattr(source, "__aiter__"):
-        async for item in source:
-            for chunk in iter_chunks([item]):
-                yield chunk
-    else:
-        for chunk in iter_chunks(source):  # type: ignore[arg-type]
-            yield chunk
-
-
-async def _next_chunk(chunks: AsyncIterator[Buffer]) -> Optional[Buffer]:
-    try:
-        return await chunks.__anext__()
-    except StopAsyncIteration:
-        return None
 
 
 # ================================================================== client
@@ -526,7 +300,7 @@ async def open_connection(host: str, port: int, options: ClientOptions) -> Conne
     """:func:`connect` with its options as one :class:`ClientOptions`."""
     check_port(port, allow_zero=False)
     loop = asyncio.get_running_loop()
-    link = _Link(loop, Engine(client_protocol(host, port, options)))
+    link = Link(loop, Engine(client_protocol(host, port, options)))
     start = loop.time()
     try:
         await asyncio.wait_for(loop.create_connection(lambda: link, host, port), options.timeout)
@@ -563,7 +337,7 @@ class Server:
         self.options = options
         self.keypair = self._core.keypair
         self._server: Optional[asyncio.AbstractServer] = None
-        self._links: Set[_Link] = set()
+        self._links: Set[Link] = set()
         self._tasks: Set[asyncio.Task[None]] = set()
         # RSA work runs here: never on the loop, never in the application's executor.
         self._rsa = concurrent.futures.ThreadPoolExecutor(
@@ -573,7 +347,6 @@ class Server:
         self._port = 0
         self._pool: Optional[WorkerPool] = None  # workers > 1
         self._pool_stopped: Optional[asyncio.Future[None]] = None
-        self._reserved: Optional[socket.socket] = None  # (workers > 1) holds the port
 
     @property
     def sockets(self) -> Tuple[socket.socket, ...]:
@@ -600,52 +373,13 @@ class Server:
         self._core.notices.flush()
         self._clock = asyncio.get_running_loop().call_later(1.0, self._tick)
 
-    def _accepted(self, link: _Link) -> None:
-        """connection_made: admit it (or not) and send the ServerHello."""
-        arrival, first = self._core.arrive(link.addr)
-        link.transport.write(first)
-        if arrival is None:
-            link.transport.close()
-            return
-        arrival.io, link.arrival, link.engine = link, arrival, arrival.engine
-        link.on_data = self._hello_data
-        self._links.add(link)
-        seconds = self.options.handshake_timeout
-        link.timer = link.loop.call_later(seconds, self._too_slow, link)
-
-    def _hello_data(self, link: _Link, data: bytes) -> None:
-        """Bytes before the key exchange: is the ClientHello whole yet?"""
-        arrival = link.arrival
-        assert arrival is not None
-        if not arrival.received(data):
-            return
-        link.on_data = None
-        link.pause()  # (the kernel holds the rest)
-        arrival.queue(lambda: self._start(link), lambda: not link.lost.done())
-        if arrival.state == "dropped":
-            link.abort()
-
-    def _too_slow(self, link: _Link) -> None:
-        """The handshake deadline passed before the key exchange started."""
-        if link.arrival is not None and link.arrival.expire():
-            link.abort()
-
-    def _lost(self, link: _Link) -> None:
-        if link in self._links:
-            self._links.discard(link)
-            if link.timer is not None:
-                link.timer.cancel()
-            if link.arrival is not None:
-                link.arrival.lost()  # no RSA work for a peer that is gone
-            self._core.release(link.addr, link.engine)
-
-    def _start(self, link: _Link) -> None:
+    def _start(self, link: Link) -> None:
         """The connection got its key-exchange slot: its task runs."""
         task = link.loop.create_task(self._serve(link))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, link: _Link) -> None:
+    async def _serve(self, link: Link) -> None:
         core, options, arrival = self._core, self.options, link.arrival
         assert arrival is not None
         conn = Connection(link, timeout=options.idle_timeout)
@@ -719,8 +453,6 @@ class Server:
         then cancel what remains and close every connection."""
         if self._pool_stopped is not None:
             await self._pool_stopped
-            if self._reserved is not None:
-                self._reserved.close()
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
@@ -778,29 +510,27 @@ async def start_server(
     check_port(port, allow_zero=True)
     server = Server(handler, options)
     loop = asyncio.get_running_loop()
-    try:
-        if options.workers > 1:  # reserve the port; the forked workers listen on it
-            server._reserved, address = reserve_port(host, port)
-        else:
+    if options.workers > 1:
+        pool = server._pool = workers.for_server(
+            host, port, options, server.keypair, _worker, handler
+        )
+        address = pool.address
+        await loop.run_in_executor(None, pool.start_or_close)
+    else:
+        try:
             server._server = await loop.create_server(
-                lambda: _Link(loop, None, server),
+                lambda: Link(loop, None, server._core, server._links, server._start),
                 host,
                 port,
                 backlog=options.backlog,
                 reuse_address=True,
                 reuse_port=options.reuse_port or None,
             )
-            address = server.sockets[0].getsockname()
-    except OSError as exc:
-        raise _translate(exc, f"listening on {host}:{port}") from exc
-    server._port = address[1]
-    if options.workers > 1:
-        worker_options = options.replace(key=server.keypair, workers=1, reuse_port=True)
-        pool = WorkerPool(options.workers, _worker, (handler, host, server.port, worker_options))
-        server._pool = pool
-        await loop.run_in_executor(None, pool.start)
-    else:
+        except OSError as exc:
+            raise _translate(exc, f"listening on {host}:{port}") from exc
+        address = server.sockets[0].getsockname()
         server._tick()
+    server._port = address[1]
     server._core.listening(address, options.workers)
     return server
 

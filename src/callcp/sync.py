@@ -15,22 +15,21 @@ output, under that lock); ``_recv_lock`` serialises receivers.
 
 from __future__ import annotations
 
-import selectors
 import signal
 import socket
 import threading
 import time
-from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, List, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Set, Tuple, Union
 
 from . import _engine
+from . import _workers as workers
 from ._common import check_port, client_protocol
 from ._common import translate_oserror as _translate
-from ._core.errors import CallcpError, CallcpTimeout, CloseCode, ConnectionClosedOK
+from ._core.errors import CallcpError, CloseCode, ConnectionClosedOK
 from ._core.events import NEED_DATA, DecryptionRequested, MessageReceived
 from ._engine import Arrival, Engine, ServerCore, format_peer, handler_outcome
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
-from ._sockets import ThreadPool, listen, peer_alive, reserve, send_and_close, sendmsg_all, timeval
+from ._sockets import FOREVER, Acceptor, SocketLink, ThreadPool, listen, remaining
 from ._streams import Destination, Progress, Source, StreamInfo, iter_chunks, source_size
 from ._workers import WorkerPool
 
@@ -39,18 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Connection", "Server", "connect", "serve"]
 
-#: Bytes asked of the socket per read: small reads go through one reusable
-#: buffer; once a read fills it, bulk transfer is likely and reads grow.
-READ_SIZE = 256 * 1024
-FIRST_READ_SIZE = 16 * 1024
-#: Below this many bytes, pieces are joined and written with one send().
-GATHER_MIN = 16 * 1024
-#: How long an abort waits for a sender to let go of the socket.
-CLOSE_WAIT = 0.5
-
 Address = Tuple[Any, ...]
 Buffer = Union[bytes, bytearray, memoryview]
-_FOREVER = float("inf")
 
 
 class _Default:
@@ -62,7 +51,7 @@ class _Default:
 DEFAULT: Any = _Default()
 
 
-class Connection:
+class Connection(SocketLink):
     """One encrypted, authenticated, message-oriented connection.
 
     Obtained from :func:`connect` (client) or given to a :func:`serve`
@@ -72,41 +61,14 @@ class Connection:
     """
 
     def __init__(self, sock: socket.socket, engine: Engine, *, timeout: Optional[float]) -> None:
-        self._sock = sock
-        self._engine = engine
-        self._core = engine.core
-        self._timeout = timeout
-        self._rbuf = bytearray(FIRST_READ_SIZE)
-        self._rview = memoryview(self._rbuf)
-        self._bulk = False
-        self._send_lock = threading.RLock()
-        self._recv_lock = threading.Lock()
-        self._closed = False
-        self._rcv_timeout: Optional[float] = None  # SO_RCVTIMEO as set
+        super().__init__(sock, engine, timeout)
         self._decrypt: Callable[[DecryptionRequested], Optional[bytes]] = DecryptionRequested.run
-        engine.wake = self._wake
-        sock.settimeout(None)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(timeout))
-        try:
-            self.remote_address: Address = tuple(sock.getpeername())
-        except OSError:
-            self.remote_address = ()
-        self.local_address: Address = tuple(sock.getsockname())
 
     @property
     def peer_fingerprint(self) -> Optional[str]:
         """The peer's key fingerprint (``SHA256:...``): the server's on a
         client; the client's on a server with client authentication, else None."""
         return self._core.peer_fingerprint
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def settimeout(self, timeout: Optional[float]) -> None:
-        """Deadline in seconds for each later blocking operation (None: wait forever)."""
-        self._timeout = timeout
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(timeout))
 
     def do_handshake(self, timeout: Union[float, None, _Default] = DEFAULT) -> None:
         """Run the handshake until data may flow: a client returns once its
@@ -119,7 +81,7 @@ class Connection:
             HandshakeTimeout: it did not complete within ``timeout``.
         """
         seconds = self._timeout if isinstance(timeout, _Default) else timeout
-        deadline = _FOREVER if seconds is None else time.monotonic() + seconds
+        deadline = FOREVER if seconds is None else time.monotonic() + seconds
         with self._recv_lock:
             peer = format_peer(self.remote_address)
             self._drive(_engine.handshake(self._engine, deadline, seconds, peer))
@@ -280,7 +242,7 @@ class Connection:
                 elif op is _engine.CHUNK:
                     reply = next(arg, None)
                 elif op is _engine.READ:
-                    self._read(_remaining(arg))
+                    self._read(remaining(arg))
                 elif op is _engine.DECRYPT:
                     reply = self._decrypt(arg)
                 else:
@@ -304,122 +266,11 @@ class Connection:
                 if event is not NEED_DATA:
                     return event
             if not deadline:
-                deadline = _FOREVER if seconds is None else time.monotonic() + seconds
+                deadline = FOREVER if seconds is None else time.monotonic() + seconds
             elif seconds is not None:
-                seconds = _remaining(deadline)
+                seconds = remaining(deadline)
             self._read(seconds)
             read = True
-
-    def _read(self, timeout: Optional[float]) -> None:
-        if timeout != self._rcv_timeout:  # (a syscall saved per read on the common path)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(timeout))
-            self._rcv_timeout = timeout
-        try:
-            if self._bulk:  # large reads straight into new bytes (decrypted in place)
-                data = self._sock.recv(READ_SIZE)
-                self._bulk = len(data) >= FIRST_READ_SIZE
-            else:
-                n = self._sock.recv_into(self._rbuf)
-                data = self._rview[:n].tobytes()
-                self._bulk = n == FIRST_READ_SIZE
-        except OSError as exc:
-            if self._closed:
-                raise self._engine.closed_error() from None
-            err = _translate(exc, "receiving")
-            if isinstance(err, CallcpTimeout):  # the connection stays usable
-                raise err from None
-            self._core.fail(err)
-            self._abort()
-            raise err from exc
-        if not data and self._engine.interruption is not None:  # our wake-up, not EOF
-            try:
-                self._engine.check_interrupt()
-            except CallcpError:
-                self._abort()
-                raise
-        self._core.receive_data(data)
-
-    def _write(self, data: Union[bytes, List[bytes]]) -> None:
-        """Write under ``_send_lock``; a failed write kills the connection.
-        Large lists of pieces go out with gathering writes (no joining copy)."""
-        if not data:
-            return
-        try:
-            if isinstance(data, bytes):
-                self._sock.sendall(data)
-            elif len(data) <= 2 and sum(map(len, data)) <= GATHER_MIN:
-                self._sock.sendall(b"".join(data))
-            else:
-                sendmsg_all(self._sock, data)
-        except OSError as exc:
-            raise self._write_failed(exc) from exc
-
-    def _write_failed(self, exc: OSError) -> CallcpError:
-        """A write failed: the connection is dead; the error to raise.  If the
-        peer closed on us (a refused upload), its CLOSE may be waiting
-        unread: then that is the error (its code and reason), not a reset."""
-        if self._closed:  # closed under us (a forced shutdown)
-            return self._engine.closed_error()
-        err: CallcpError = _translate(exc, "sending")
-        if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and self._recv_lock.acquire(
-            blocking=False  # (a receiver that is reading will see the close itself)
-        ):
-            try:
-                self._core.receive_data(self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT))
-                err = self._engine.peer_close_or(err)
-            except OSError:
-                pass
-            finally:
-                self._recv_lock.release()
-        self._core.fail(err)
-        self._close_socket()
-        return err
-
-    def _abort(self, send_timeout: Optional[float] = None) -> None:
-        """Write what the core has queued (a CLOSE, an ALERT), best effort,
-        and close.  A sender stuck on a peer that does not read holds the
-        send lock: after CLOSE_WAIT the socket is closed anyway."""
-        if self._closed:
-            return
-        if self._send_lock.acquire(timeout=CLOSE_WAIT):
-            try:
-                if send_timeout is not None:
-                    self._sock.setsockopt(
-                        socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(send_timeout)
-                    )
-                self._write(self._core.data_to_send())
-            except (CallcpError, OSError):
-                pass
-            finally:
-                self._send_lock.release()
-        self._close_socket()
-
-    def _close_socket(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-
-    def _wake(self) -> None:
-        """(any thread) End a blocked read: the reader sees the interrupt."""
-        try:
-            self._sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
-
-
-def _remaining(deadline: float) -> Optional[float]:
-    """Seconds left until ``deadline`` (None: no deadline); CallcpTimeout if none."""
-    if deadline == _FOREVER:
-        return None
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise CallcpTimeout("timed out while receiving")
-    return left
 
 
 # ================================================================== client
@@ -489,9 +340,7 @@ class Server:
         self._busy = 0  # connections with a thread (key exchange or handler)
         self._idle = threading.Condition(self._lock)  # notified when _busy drops
         self._threads = ThreadPool()
-        self._arrivals: Deque[Arrival] = deque()  # in accept order = deadline order
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._acceptor: Optional[Acceptor] = None
         self._stopped = threading.Event()
         self._stopped.set()
         self._pool: Optional[WorkerPool] = None
@@ -499,17 +348,11 @@ class Server:
         if options.workers == 1:
             self._sock = listen(host, port, options.backlog, options.reuse_port)
             self._address = tuple(self._sock.getsockname())
+            self._acceptor = Acceptor(self._sock, core, self._start)
             return
-        self._sock, self._address = reserve(host, port)  # the workers listen; we supervise
-        worker_options = options.replace(key=self.keypair, workers=1, reuse_port=True)
-        self._pool = WorkerPool(
-            options.workers, _worker, (handler, host, self.port, worker_options)
-        )
-        try:
-            self._pool.start()  # listening starts now, as for one process
-        except BaseException:
-            self._sock.close()
-            raise
+        self._pool = workers.for_server(host, port, options, self.keypair, _worker, handler)
+        self._sock, self._address = self._pool.reserved, self._pool.address  # type: ignore[assignment]
+        self._pool.start_or_close()  # listening starts now, as for one process
         core.listening(self._address, options.workers)
 
     @property
@@ -539,105 +382,18 @@ class Server:
                 return
             self._stopped.clear()
         try:
-            if self._pool is not None:
-                self._pool.wait(poll_interval, stop=lambda: self._core.stopping)
-            else:
+            if self._acceptor is not None:
                 self._core.listening(self._address, 1)
-                self._accept_loop()
+                self._acceptor.run()
+            else:
+                assert self._pool is not None
+                self._pool.wait(poll_interval, stop=lambda: self._core.stopping)
         finally:
             self._stopped.set()
 
-    def _accept_loop(self) -> None:
-        """The selector thread: accepts, and holds each connection until its
-        whole ClientHello is in (then it queues for a key-exchange slot)."""
-        sel, core, arrivals = self._selector, self._core, self._arrivals
-        self._sock.setblocking(False)
-        sel.register(self._sock, selectors.EVENT_READ, None)
-        sel.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
-        paused_until = 0.0
-        try:
-            while not core.stopping:
-                now = time.monotonic()
-                if paused_until and now >= paused_until:
-                    sel.register(self._sock, selectors.EVENT_READ, None)
-                    paused_until = 0.0
-                wait = arrivals[0].deadline - now if arrivals else 1.0
-                for key, _ in sel.select(min(1.0, max(0.0, wait))):
-                    if key.data is None:
-                        if not self._accept_some():  # EMFILE and the like: do not spin
-                            sel.unregister(self._sock)
-                            paused_until = time.monotonic() + 0.1
-                    elif key.data is self._wake_r:
-                        self._wake_r.recv(4096)
-                    else:
-                        self._readable(key.data)
-                now = time.monotonic()
-                while arrivals and (arrivals[0].gone or arrivals[0].deadline <= now):
-                    arrival = arrivals.popleft()
-                    if arrival.state == "hello":
-                        sel.unregister(arrival.io)
-                    if not arrival.gone and arrival.expire():
-                        self._drop(arrival)
-                core.notices.flush()
-        finally:
-            for arrival in arrivals:
-                if arrival.state == "hello":
-                    sel.unregister(arrival.io)
-                if arrival.stop():
-                    self._drop(arrival)
-            arrivals.clear()
-            sel.close()
-
-    def _accept_some(self) -> bool:
-        """Accept what is waiting (a bounded batch); False if accept failed."""
-        for _ in range(64):
-            try:
-                sock, addr = self._sock.accept()
-            except BlockingIOError:
-                return True
-            except OSError as exc:
-                self._core.notices.note("accept failed", "", "accept failed: %s", exc)
-                return False
-            arrival, first = self._core.arrive(addr)
-            if arrival is None:
-                send_and_close(sock, first)
-                continue
-            arrival.io = sock
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.send(first)  # the ServerHello (a fresh socket takes it whole)
-            except OSError:
-                arrival.received(b"")  # dropped, noted
-                self._drop(arrival)
-                continue
-            self._selector.register(sock, selectors.EVENT_READ, arrival)
-            self._arrivals.append(arrival)
-        return True
-
-    def _readable(self, arrival: Arrival) -> None:
-        sock: socket.socket = arrival.io
-        try:
-            data = sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            data = b""
-            arrival.engine.transport_lost(_translate(exc, "receiving"))
-        if not arrival.received(data):
-            return
-        self._selector.unregister(sock)  # the kernel holds the rest
-        arrival.queue(
-            lambda: self._threads.submit(self._serve_one, arrival), lambda: peer_alive(sock)
-        )
-        if arrival.state == "dropped":
-            self._drop(arrival)
-
-    def _drop(self, arrival: Arrival) -> None:
-        """Close a connection still in the acceptor's hands, with the ALERT
-        the engine queued."""
-        send_and_close(arrival.io, arrival.engine.core.data_to_send())
-        self._core.release(arrival.addr, arrival.engine)
+    def _start(self, arrival: Arrival) -> None:
+        """The arrival got its key-exchange slot: a thread serves it."""
+        self._threads.submit(self._serve_one, arrival)
 
     def _serve_one(self, arrival: Arrival) -> None:
         core, options = self._core, self._core.options
@@ -680,10 +436,8 @@ class Server:
         timeout = self.options.shutdown_timeout if timeout is None else timeout
         with self._lock:
             self._core.stopping = True
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+        if self._acceptor is not None:
+            self._acceptor.wake()
         if self._pool is not None:
             self._pool.stop(timeout + 2.0)  # each worker shuts down gracefully on SIGTERM
         self._stopped.wait(timeout=2.0)
@@ -700,8 +454,8 @@ class Server:
             conn._abort(send_timeout=0.1)
         with self._lock:
             self._idle.wait_for(lambda: self._busy == 0, 1.0)
-        for sock in (self._wake_r, self._wake_w):
-            sock.close()
+        if self._acceptor is not None:
+            self._acceptor.close()
         self._core.stopped()
 
     close = shutdown
