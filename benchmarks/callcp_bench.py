@@ -1,7 +1,11 @@
 """Benchmarks: callcp against Python's ``ssl`` (TLS 1.3) and raw TCP, in one run.
 
-Run it as ``callcp bench`` (or ``python benchmarks/run.py``); see
-benchmarks/README.md for what is measured and how to read the results.
+Run it as ``python benchmarks/run.py`` (or ``make bench``, or ``callcp bench``
+from a checkout); see benchmarks/README.md for what is measured and how to
+read the results.  This module is not part of the callcp package: it lives in
+the repository's benchmarks/ directory and imports callcp like any user would
+(only its public API).  Results go to benchmarks/results/local/ (ignored by
+git) unless ``--save`` asks for benchmarks/results/, the committed ones.
 
 Theory of operation
 -------------------
@@ -42,6 +46,7 @@ just before a measured transfer, where the kernel allows it).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime
@@ -64,7 +69,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+import traceback
+from dataclasses import dataclass, field, replace
 from functools import cache
 from multiprocessing.connection import Connection as PipeEnd
 from pathlib import Path
@@ -74,6 +80,7 @@ from typing import (
     Dict,
     Iterator,
     List,
+    NoReturn,
     Optional,
     Protocol,
     Sequence,
@@ -82,14 +89,12 @@ from typing import (
 )
 
 import callcp
+import callcp.aio as callcp_aio
 
 try:
     import resource
-except ImportError:  # pragma: no cover - not on Windows (the CLI still imports this module)
+except ImportError:  # pragma: no cover - not on Windows
     resource = None  # type: ignore[assignment]
-
-from . import aio as callcp_aio
-from . import sync as callcp_sync
 
 __all__ = [
     "SCENARIOS",
@@ -99,6 +104,7 @@ __all__ = [
     "Report",
     "Sizes",
     "machine_info",
+    "main",
     "run",
     "workers_support",
 ]
@@ -124,9 +130,12 @@ _HEADER = struct.Struct("!I")
 _LENGTH = struct.Struct("!Q")
 MB = 1_000_000
 
-DEFAULT_RESULTS_DIR = Path("benchmarks") / "results"
-DEFAULT_JSON = DEFAULT_RESULTS_DIR / "latest.json"
-DEFAULT_PNG = DEFAULT_RESULTS_DIR / "latest.png"
+#: The committed results (README tables and chart): written only with ``--save``.
+SAVED_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Where a run writes by default (ignored by git: see benchmarks/.gitignore).
+LOCAL_RESULTS_DIR = SAVED_RESULTS_DIR / "local"
+DEFAULT_JSON = LOCAL_RESULTS_DIR / "latest.json"
+DEFAULT_PNG = LOCAL_RESULTS_DIR / "latest.png"
 
 #: Scenario names, in the order they run (``--only`` takes these).
 SCENARIOS = (
@@ -171,7 +180,7 @@ SIZES: Dict[str, Sizes] = {
 
 @dataclass(frozen=True)
 class Options:
-    """What to run and where to write; see ``callcp bench --help``."""
+    """What to run and where to write; see ``python benchmarks/run.py --help``."""
 
     sizes: str = "full"
     reps: Optional[int] = None
@@ -180,7 +189,8 @@ class Options:
     #: machine.md (default: next to the JSON file)
     machine_path: Optional[Path] = None
     only: Optional[Sequence[str]] = None
-    argv: Sequence[str] = ()
+    #: how this run was asked for (recorded in the JSON and machine.md)
+    command: str = "python benchmarks/run.py"
 
 
 # ====================================================================== keys and targets
@@ -396,7 +406,7 @@ def _open_sync(target: Target) -> _Session:
     """A blocking client connection, handshake done (callcp: key exchange sent)."""
     material = target.material
     if target.kind == "callcp":
-        return callcp_sync.connect(
+        return callcp.connect(
             HOST,
             target.port,
             server_fingerprint=material.callcp_fingerprint,
@@ -600,7 +610,7 @@ class ServerSpec:
     options: Tuple[Tuple[str, Any], ...] = ()
 
 
-def _callcp_echo(conn: callcp_sync.Connection) -> None:
+def _callcp_echo(conn: callcp.Connection) -> None:
     for message in conn:
         conn.send(message)
 
@@ -652,7 +662,7 @@ def _server_main(spec: ServerSpec, pipe: PipeEnd) -> None:
         if spec.flavour == "aio":
             asyncio.run(_aio_server(spec, options, pipe))
         elif spec.kind == "callcp":
-            server = callcp_sync.serve(
+            server = callcp.serve(
                 _callcp_echo,
                 HOST,
                 0,
@@ -889,7 +899,7 @@ def _stream_receiver_main(kind: str, material: Material, total: int, pipe: PipeE
         if kind == "callcp":
             done = threading.Event()
 
-            def handler(conn: callcp_sync.Connection) -> None:
+            def handler(conn: callcp.Connection) -> None:
                 try:
                     reset = reset_peak_rss()
                     before = rss_kib()
@@ -912,7 +922,7 @@ def _stream_receiver_main(kind: str, material: Material, total: int, pipe: PipeE
                 finally:
                     done.set()
 
-            server = callcp_sync.serve(
+            server = callcp.serve(
                 handler,
                 HOST,
                 0,
@@ -957,7 +967,7 @@ def _stream_sender_main(target: Target, total: int, pipe: PipeEnd) -> None:
     _child_setup()
     try:
         if target.kind == "callcp":
-            conn = callcp_sync.connect(
+            conn = callcp.connect(
                 HOST,
                 target.port,
                 server_fingerprint=target.material.callcp_fingerprint,
@@ -1533,7 +1543,7 @@ class _Runner:
     def concurrency_once(self, kind: str, n: int, k: int) -> Dict[str, Any]:
         options: Tuple[Tuple[str, Any], ...] = ()
         if kind == "callcp":
-            options = (("max_connections", max(n + 64, callcp_aio.DEFAULT_MAX_CONNECTIONS)),)
+            options = (("max_connections", n + OPEN_IN_FLIGHT),)  # never refuse one of ours
         server = _Child(
             f"{kind} aio server", _server_main, ServerSpec(kind, "aio", self.material, options)
         )
@@ -1590,7 +1600,7 @@ _TITLES = {
 def workers_support() -> Optional[str]:
     """``"sync"`` or ``"aio"``: which ``serve()`` takes ``workers=N``; None if neither."""
     for flavour, serve, server in (
-        ("sync", callcp_sync.serve, callcp_sync.Server),
+        ("sync", callcp.serve, callcp.Server),
         ("aio", callcp_aio.serve, callcp_aio.Server),
     ):
         for fn in (serve, server):
@@ -1648,8 +1658,9 @@ def machine_info() -> Dict[str, str]:
 
 
 def _source_revision() -> str:
-    """`` (git abc1234, modified)`` when callcp runs from a git checkout."""
-    here = Path(__file__).resolve().parent
+    """`` (git abc1234, with uncommitted changes)`` when the callcp being measured
+    runs from a git checkout (changes are looked for in its package directory)."""
+    here = Path(callcp.__file__).resolve().parent
     try:
         head = subprocess.run(  # noqa: S603 - fixed arguments
             ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],  # noqa: S607
@@ -1820,15 +1831,7 @@ def run(options: Options, say: Optional[Say] = None) -> Report:
     if options.reps is not None:
         if options.reps < 1:
             raise BenchError("--reps must be at least 1")
-        sizes = Sizes(
-            sizes.name,
-            options.reps,
-            sizes.seconds,
-            sizes.warmup,
-            sizes.stream_bytes,
-            sizes.concurrency,
-            sizes.requests_per_connection,
-        )
+        sizes = replace(sizes, reps=options.reps)
     chosen = _selected(options.only)
     _raise_nofile()
     started = time.monotonic()
@@ -1880,7 +1883,7 @@ def run(options: Options, say: Optional[Say] = None) -> Report:
 
 
 def _write_outputs(report: Report, options: Options) -> None:
-    command = " ".join(["callcp bench", *options.argv]).strip()
+    command = options.command
     if options.json_path is not None:
         path = Path(options.json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1902,3 +1905,162 @@ def _write_outputs(report: Report, options: Options) -> None:
             report.chart_note = why
         else:
             report.files.append(Path(options.png_path))
+
+
+# ====================================================================== command line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line on stderr (exit code 2), as callcp's."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"callcp: error: {message} (see '{self.prog} --help')\n")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected an integer >= 1")
+    return value
+
+
+def _scenario(text: str) -> str:
+    return text.replace("-", "_")  # rtt-sync is rtt_sync
+
+
+def build_parser(prog: str = "benchmarks/run.py") -> argparse.ArgumentParser:
+    """The benchmark's argument parser (``prog``: how it was invoked)."""
+    p = _Parser(
+        prog=prog,
+        description="Benchmark callcp against Python's ssl (TLS 1.3, RSA-2048 certificate\n"
+        "verified by the client) and raw TCP in one run, on 127.0.0.1, servers in\n"
+        "their own processes: handshakes/s (1 and 2 client processes, and workers=1\n"
+        "vs 2 where supported), 64-byte round trips/s (blocking and asyncio), 64 KiB\n"
+        "echo MB/s, one-way stream MB/s with each side's peak RSS, and N asyncio\n"
+        "connections (requests/s, p50/p99 latency, server RSS per connection).\n"
+        "Prints a table of medians [min-max] over the repetitions with the ratios\n"
+        "callcp/ssl and callcp/raw, and writes the results as JSON (every sample), a\n"
+        "PNG chart (needs matplotlib: pip install 'callcp[bench]') and machine.md\n"
+        "next to the JSON: into the results directory's local/\n"
+        f"({_shown(LOCAL_RESULTS_DIR)}/, ignored by git), or with --save into\n"
+        f"{_shown(SAVED_RESULTS_DIR)}/ itself, replacing the committed results.\n"
+        "A full run takes several minutes; --quick about one.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument(
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="sizes",
+        default="full",
+        help="smaller sizes and fewer repetitions: a 64 MiB stream, up to 1,000 "
+        "connections, 3 repetitions (about a minute)",
+    )
+    sizes.add_argument(
+        "--sizes",
+        choices=tuple(SIZES),
+        default="full",
+        help="full (default: 1 GiB stream, 100/1,000/5,000 connections, 5 repetitions), "
+        "quick, or tiny (seconds; for tests)",
+    )
+    p.add_argument(
+        "--reps",
+        metavar="N",
+        type=_count,
+        help="repetitions of each scenario (default: 5; --quick: 3; tiny: 1)",
+    )
+    p.add_argument(
+        "--only",
+        metavar="SCENARIO",
+        nargs="+",
+        type=_scenario,
+        choices=SCENARIOS,
+        help=f"run only these scenarios: {', '.join(SCENARIOS)}",
+    )
+    where = p.add_argument_group("where the results go")
+    where.add_argument(
+        "--save",
+        action="store_true",
+        help=f"write into {_shown(SAVED_RESULTS_DIR)}/, replacing the committed results "
+        f"(default: {_shown(LOCAL_RESULTS_DIR)}/)",
+    )
+    where.add_argument(
+        "--json",
+        metavar="PATH",
+        help="where to write the results (default: latest.json in the results directory; "
+        "machine.md goes next to it)",
+    )
+    where.add_argument(
+        "--png",
+        metavar="PATH",
+        help="where to write the chart (default: latest.png in the results directory)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress lines (the table and errors still print)",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="a failure shows its traceback"
+    )
+    return p
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the current directory when it is below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def options_for(args: argparse.Namespace, prog: str = "benchmarks/run.py") -> Options:
+    """The :class:`Options` for parsed command-line arguments."""
+    results = SAVED_RESULTS_DIR if args.save else LOCAL_RESULTS_DIR
+    command = [prog, "--sizes", args.sizes]
+    if args.reps is not None:
+        command += ["--reps", str(args.reps)]
+    if args.only:
+        command += ["--only", *args.only]
+    if args.save:
+        command.append("--save")
+    return Options(
+        sizes=args.sizes,
+        reps=args.reps,
+        json_path=Path(os.path.expanduser(args.json)) if args.json else results / "latest.json",
+        png_path=Path(os.path.expanduser(args.png)) if args.png else results / "latest.png",
+        only=args.only,
+        command=" ".join(command),
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "benchmarks/run.py") -> int:
+    """Run the benchmark from the command line; returns the exit code
+    (0, 1 if it failed, 2 for a usage error, 130 if interrupted)."""
+    args = build_parser(prog).parse_args(argv)
+    options = options_for(args, prog)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        report = run(options, None if args.quiet else say)
+    except KeyboardInterrupt:
+        say("callcp: interrupted")
+        return 130
+    except BenchError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        say(f"callcp: error: the benchmark failed: {' '.join(str(exc).split())}")
+        return 1
+    print(report.table(), flush=True)
+    if report.chart_note:
+        say(f"callcp: note: {report.chart_note}")
+    if not args.quiet:
+        say(f"ran in {report.seconds:.0f} s; wrote " + ", ".join(map(_shown, report.files)))
+    return 0
