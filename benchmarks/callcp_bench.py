@@ -41,7 +41,10 @@ Child processes talk to this one over a ``multiprocessing`` pipe, with
 tuples ``(tag, value)``; a child that fails sends ``("error", text)``.
 Memory figures come from the process itself: VmRSS / VmHWM in
 ``/proc/self/status`` (the peak is reset through ``/proc/self/clear_refs``
-just before a measured transfer, where the kernel allows it).
+just before a measured transfer, where the kernel allows it).  CPU figures
+(rtt_cpu) do too: user + system time from ``getrusage(RUSAGE_SELF)``, read by
+the client process around its round trips, and by the server process when
+the parent asks over its pipe, just before and just after them.
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ SCENARIOS = (
     "workers",
     "rtt_sync",
     "rtt_aio",
+    "rtt_cpu",
     "echo_64k",
     "stream",
     "concurrency",
@@ -169,12 +173,14 @@ class Sizes:
     stream_bytes: int
     concurrency: Tuple[int, ...]
     requests_per_connection: int
+    #: round trips per repetition of rtt_cpu (a fixed count: CPU time per round trip)
+    rtt_count: int
 
 
 SIZES: Dict[str, Sizes] = {
-    "full": Sizes("full", 5, 1.0, 0.3, 1 << 30, (100, 1000, 5000), 10),
-    "quick": Sizes("quick", 3, 0.3, 0.1, 64 << 20, (100, 1000), 5),
-    "tiny": Sizes("tiny", 1, 0.05, 0.02, 256 << 10, (4, 8), 2),
+    "full": Sizes("full", 5, 1.0, 0.3, 1 << 30, (100, 1000, 5000), 10, 20_000),
+    "quick": Sizes("quick", 3, 0.3, 0.1, 64 << 20, (100, 1000), 5, 10_000),
+    "tiny": Sizes("tiny", 1, 0.05, 0.02, 256 << 10, (4, 8), 2, 200),
 }
 
 
@@ -184,6 +190,8 @@ class Options:
 
     sizes: str = "full"
     reps: Optional[int] = None
+    #: round trips per repetition of rtt_cpu (default: the sizes' ``rtt_count``)
+    rtt_count: Optional[int] = None
     json_path: Optional[Path] = DEFAULT_JSON
     png_path: Optional[Path] = DEFAULT_PNG
     #: machine.md (default: next to the JSON file)
@@ -485,6 +493,15 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def cpu_seconds() -> Tuple[float, float]:
+    """(user, system) CPU seconds used so far by this process, all threads."""
+    if resource is not None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # microsecond resolution
+        return usage.ru_utime, usage.ru_stime
+    times = os.times()  # pragma: no cover - clock ticks (10 ms) where getrusage is missing
+    return times.user, times.system
+
+
 # ====================================================================== child processes
 
 _CTX = multiprocessing.get_context("spawn")
@@ -514,8 +531,9 @@ def _report_failure(pipe: PipeEnd, exc: BaseException) -> None:
 
 
 def _command_loop(pipe: PipeEnd, on_stop: Optional[Callable[[], None]] = None) -> None:
-    """Answer the parent: ``("rss",)`` -> VmRSS in KiB; ``("stop",)`` -> exit
-    (after ``on_stop()``, which stops a server's worker processes)."""
+    """Answer the parent: ``("rss",)`` -> VmRSS in KiB; ``("cpu",)`` -> this
+    process's (user, system) CPU seconds; ``("stop",)`` -> exit (after
+    ``on_stop()``, which stops a server's worker processes)."""
     while True:
         try:
             command = pipe.recv()
@@ -524,6 +542,8 @@ def _command_loop(pipe: PipeEnd, on_stop: Optional[Callable[[], None]] = None) -
         if command[0] == "rss":
             gc.collect()
             pipe.send(("rss", rss_kib()))
+        elif command[0] == "cpu":
+            pipe.send(("cpu", cpu_seconds()))
         else:  # "stop"
             if on_stop is not None:
                 with contextlib.suppress(Exception):
@@ -858,6 +878,93 @@ async def arequest_rate(target: Target, payload: bytes, seconds: float) -> float
             count += 1
             now = time.monotonic()
         return count / (now - start)
+    finally:
+        await session.close()
+
+
+def _rtt_cpu_client_main(pipe: PipeEnd) -> None:
+    """The client process of rtt_cpu, one connection at a time:
+
+    ``("rtt", target, flavour, n)`` -> connect and warm up, ``("connected", None)``;
+    ``("go",)`` -> ``n`` round trips, ``("result", {...})`` with their wall and
+    CPU time; ``("close",)`` -> close the connection; then the next ``"rtt"``.
+    The connection stays open until ``"close"`` so that the server's CPU time,
+    which the parent reads between ``"connected"`` and ``"result"``, covers
+    the round trips and nothing else."""
+    _child_setup()
+    try:
+        pipe.send(("ready", os.getpid()))
+        while True:
+            command = pipe.recv()
+            if command[0] != "rtt":
+                return
+            _, target, flavour, n = command
+            if flavour == "aio":
+                asyncio.run(_timed_arequests(target, n, pipe))
+            else:
+                _timed_requests(target, n, pipe)
+    except EOFError:
+        return
+    except BaseException as exc:
+        _report_failure(pipe, exc)
+        raise
+
+
+def _rtt_warmup(n: int) -> int:
+    return max(10, n // 10)
+
+
+def _await(pipe: PipeEnd, tag: str) -> None:
+    command = pipe.recv()
+    if command[0] != tag:
+        raise BenchError(f"expected {tag!r} from the parent, got {command[0]!r}")
+
+
+def _timing(n: int, seconds: float, before: Tuple[float, float]) -> Dict[str, float]:
+    user, system = cpu_seconds()
+    return {"n": n, "seconds": seconds, "user": user - before[0], "sys": system - before[1]}
+
+
+def _timed_requests(target: Target, n: int, pipe: PipeEnd) -> None:
+    payload = os.urandom(MESSAGE_SIZE)
+    session = _open_sync(target)
+    try:
+        for _ in range(_rtt_warmup(n)):
+            if session.request(payload) != payload:
+                raise BenchError(f"{target.kind}: the server did not echo the request")
+        pipe.send(("connected", None))
+        _await(pipe, "go")
+        request = session.request
+        before = cpu_seconds()
+        start = time.perf_counter()
+        for _ in range(n):
+            request(payload)
+        seconds = time.perf_counter() - start
+        pipe.send(("result", _timing(n, seconds, before)))
+        _await(pipe, "close")
+    finally:
+        session.close()
+
+
+async def _timed_arequests(target: Target, n: int, pipe: PipeEnd) -> None:
+    # The pipe is read with a blocking call on the event loop: nothing else
+    # runs in this process between the measured parts.
+    payload = os.urandom(MESSAGE_SIZE)
+    session = await _open_aio(target)
+    try:
+        for _ in range(_rtt_warmup(n)):
+            if await session.request(payload) != payload:
+                raise BenchError(f"{target.kind}: the server did not echo the request")
+        pipe.send(("connected", None))
+        _await(pipe, "go")
+        request = session.request
+        before = cpu_seconds()
+        start = time.perf_counter()
+        for _ in range(n):
+            await request(payload)
+        seconds = time.perf_counter() - start
+        pipe.send(("result", _timing(n, seconds, before)))
+        _await(pipe, "close")
     finally:
         await session.close()
 
@@ -1202,6 +1309,7 @@ class Report:
                 "stream_bytes": self.sizes.stream_bytes,
                 "concurrency": list(self.sizes.concurrency),
                 "requests_per_connection": self.sizes.requests_per_connection,
+                "rtt_count": self.sizes.rtt_count,
                 "message_bytes": MESSAGE_SIZE,
                 "echo_bytes": ECHO_SIZE,
             },
@@ -1449,6 +1557,63 @@ class _Runner:
             result, metric, "aio", lambda t, s: asyncio.run(arequest_rate(t, payload, s))
         )
 
+    def rtt_cpu(self, result: ScenarioResult) -> None:
+        """``rtt_count`` round trips per repetition, blocking then asyncio;
+        each side's CPU time is read by that process itself (getrusage)."""
+        n = self.sizes.rtt_count
+        result.title = (
+            f"{n:,} x 64-byte round trips on one connection: rate, and CPU time per round "
+            "trip in the client and in the server process"
+        )
+        runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
+        client = _Child("rtt_cpu client", _rtt_cpu_client_main)
+        try:
+            client.expect("ready")
+            for flavour, how in (("sync", "blocking"), ("aio", "asyncio")):
+                rate = result.metric(
+                    f"{flavour}_rate", f"{n:,} x 64 B round trips, {how}", "rt/s", True
+                )
+                on_client = result.metric(
+                    f"{flavour}_client_cpu", f"{how} round trip: client CPU", "us", False
+                )
+                on_server = result.metric(
+                    f"{flavour}_server_cpu", f"{how} round trip: server CPU", "us", False
+                )
+                runs[flavour] = {kind: [] for kind in KINDS}
+                with _Servers(KINDS, flavour, self.material) as servers:
+                    for rep in range(self.sizes.reps):
+                        for kind in self.interleaved(KINDS, rep):
+                            got = self.rtt_cpu_once(
+                                client, servers.children[kind], servers.targets[kind], flavour, n
+                            )
+                            runs[flavour][kind].append(got)
+                            c, s = got["client"], got["server"]
+                            rate.add(kind, n / c["seconds"])
+                            on_client.add(kind, (c["user"] + c["sys"]) / n * 1e6)
+                            on_server.add(kind, (s["user"] + s["sys"]) / n * 1e6)
+        finally:
+            client.stop()
+        result.extra["runs"] = runs
+        result.extra["round_trips"] = n
+
+    @staticmethod
+    def rtt_cpu_once(
+        client: _Child, server: _Child, target: Target, flavour: str, n: int
+    ) -> Dict[str, Any]:
+        client.send("rtt", target, flavour, n)
+        client.expect("connected")
+        server.send("cpu")
+        before = server.expect("cpu")
+        client.send("go")
+        timing = client.expect("result")
+        server.send("cpu")
+        after = server.expect("cpu")
+        client.send("close")
+        return {
+            "client": timing,
+            "server": {"user": after[0] - before[0], "sys": after[1] - before[1]},
+        }
+
     def echo_64k(self, result: ScenarioResult) -> None:
         metric = result.metric("throughput", "64 KiB echo, 1 conn (both directions)", "MB/s", True)
         payload = os.urandom(ECHO_SIZE)
@@ -1592,6 +1757,8 @@ _TITLES = {
     "workers": "handshakes/s with 2 client processes, callcp workers=1 vs workers=2",
     "rtt_sync": "64-byte request/response round trips on one connection, blocking",
     "rtt_aio": "64-byte request/response round trips on one connection, asyncio",
+    "rtt_cpu": "a fixed number of 64-byte round trips on one connection: rate, and CPU "
+    "time per round trip in the client and in the server process",
     "echo_64k": "64 KiB echo throughput on one connection, both directions counted",
     "stream": "one-way stream",
 }
@@ -1832,6 +1999,10 @@ def run(options: Options, say: Optional[Say] = None) -> Report:
         if options.reps < 1:
             raise BenchError("--reps must be at least 1")
         sizes = replace(sizes, reps=options.reps)
+    if options.rtt_count is not None:
+        if options.rtt_count < 1:
+            raise BenchError("--rtt-count must be at least 1")
+        sizes = replace(sizes, rtt_count=options.rtt_count)
     chosen = _selected(options.only)
     _raise_nofile()
     started = time.monotonic()
@@ -1928,7 +2099,7 @@ def _count(text: str) -> int:
 
 
 def _scenario(text: str) -> str:
-    return text.replace("-", "_")  # rtt-sync is rtt_sync
+    return text.replace("-", "_")  # rtt-cpu is rtt_cpu
 
 
 def build_parser(prog: str = "benchmarks/run.py") -> argparse.ArgumentParser:
@@ -1938,13 +2109,14 @@ def build_parser(prog: str = "benchmarks/run.py") -> argparse.ArgumentParser:
         description="Benchmark callcp against Python's ssl (TLS 1.3, RSA-2048 certificate\n"
         "verified by the client) and raw TCP in one run, on 127.0.0.1, servers in\n"
         "their own processes: handshakes/s (1 and 2 client processes, and workers=1\n"
-        "vs 2 where supported), 64-byte round trips/s (blocking and asyncio), 64 KiB\n"
-        "echo MB/s, one-way stream MB/s with each side's peak RSS, and N asyncio\n"
-        "connections (requests/s, p50/p99 latency, server RSS per connection).\n"
-        "Prints a table of medians [min-max] over the repetitions with the ratios\n"
-        "callcp/ssl and callcp/raw, and writes the results as JSON (every sample), a\n"
-        "PNG chart (needs matplotlib: pip install 'callcp[bench]') and machine.md\n"
-        "next to the JSON: into the results directory's local/\n"
+        "vs 2 where supported), 64-byte round trips/s (blocking and asyncio), CPU\n"
+        "time per 64-byte round trip in the client and the server process\n"
+        "(rtt_cpu), 64 KiB echo MB/s, one-way stream MB/s with each side's peak RSS,\n"
+        "and N asyncio connections (requests/s, p50/p99 latency, server RSS per\n"
+        "connection). Prints a table of medians [min-max] over the repetitions with\n"
+        "the ratios callcp/ssl and callcp/raw, and writes the results as JSON (every\n"
+        "sample), a PNG chart (needs matplotlib: pip install 'callcp[bench]') and\n"
+        "machine.md next to the JSON: into the results directory's local/\n"
         f"({_shown(LOCAL_RESULTS_DIR)}/, ignored by git), or with --save into\n"
         f"{_shown(SAVED_RESULTS_DIR)}/ itself, replacing the committed results.\n"
         "A full run takes several minutes; --quick about one.",
@@ -1980,6 +2152,12 @@ def build_parser(prog: str = "benchmarks/run.py") -> argparse.ArgumentParser:
         type=_scenario,
         choices=SCENARIOS,
         help=f"run only these scenarios: {', '.join(SCENARIOS)}",
+    )
+    p.add_argument(
+        "--rtt-count",
+        metavar="N",
+        type=_count,
+        help="round trips per repetition of rtt_cpu (default: 20,000; --quick: 10,000; tiny: 200)",
     )
     where = p.add_argument_group("where the results go")
     where.add_argument(
@@ -2025,6 +2203,8 @@ def options_for(args: argparse.Namespace, prog: str = "benchmarks/run.py") -> Op
     command = [prog, "--sizes", args.sizes]
     if args.reps is not None:
         command += ["--reps", str(args.reps)]
+    if args.rtt_count is not None:
+        command += ["--rtt-count", str(args.rtt_count)]
     if args.only:
         command += ["--only", *args.only]
     if args.save:
@@ -2032,6 +2212,7 @@ def options_for(args: argparse.Namespace, prog: str = "benchmarks/run.py") -> Op
     return Options(
         sizes=args.sizes,
         reps=args.reps,
+        rtt_count=args.rtt_count,
         json_path=Path(os.path.expanduser(args.json)) if args.json else results / "latest.json",
         png_path=Path(os.path.expanduser(args.png)) if args.png else results / "latest.png",
         only=args.only,
@@ -2042,7 +2223,10 @@ def options_for(args: argparse.Namespace, prog: str = "benchmarks/run.py") -> Op
 def main(argv: Optional[Sequence[str]] = None, prog: str = "benchmarks/run.py") -> int:
     """Run the benchmark from the command line; returns the exit code
     (0, 1 if it failed, 2 for a usage error, 130 if interrupted)."""
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.save and args.only:
+        parser.error("--save replaces all the committed results: not with --only")
     options = options_for(args, prog)
 
     def say(line: str) -> None:
