@@ -50,6 +50,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -91,7 +92,7 @@ from callcp._common import DEFAULT_PORT, DEFAULT_SERVER_KEY
 from callcp.keys import PASSPHRASE_ENV, load_public_key
 from callcp.trust import DEFAULT_KNOWN_HOSTS, format_address, normalize_fingerprint
 
-__all__ = ["main", "build_parser", "safe_file_name", "reserve_path"]
+__all__ = ["main", "build_parser", "make_server", "safe_file_name", "reserve_path"]
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -546,19 +547,29 @@ class _CliFormatter(logging.Formatter):
         return text
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def _logging(args: argparse.Namespace) -> Iterator[None]:
+    """Log to stderr while the command runs, then leave logging as it was
+    (:func:`main` may run more than once in a process, e.g. in tests)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_CliFormatter(timestamps=args.command == "serve"))
     root = logging.getLogger()
-    root.addHandler(handler)
+    saved = root.level, log.level
     if args.verbose >= 2:
         level = logging.DEBUG
     elif args.verbose == 1:
         level = logging.INFO
     else:
         level = logging.ERROR if args.quiet else logging.WARNING
+    root.addHandler(handler)
     root.setLevel(level)
     log.setLevel(logging.WARNING if args.quiet else min(level, logging.INFO))
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        log.setLevel(saved[1])
 
 
 def _silent_logger() -> logging.Logger:
@@ -941,7 +952,14 @@ def _sigterm(signum: int, frame: Optional[FrameType]) -> None:
     raise KeyboardInterrupt
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def make_server(args: argparse.Namespace) -> callcp.Server:
+    """The server ``callcp serve`` runs for these parsed arguments, listening
+    already (``serve_forever()`` serves).
+
+    Raises:
+        CommandError: ``--receive-dir`` is not a directory.
+        OSError, CallcpError: as :func:`callcp.serve`.
+    """
     receive_dir: Optional[Path] = None
     if args.receive_dir is not None:
         receive_dir = Path(os.path.expanduser(args.receive_dir))
@@ -961,19 +979,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = {k: v for k, v in options.items() if v is not None}
     if args.idle_timeout is not None:
         options["idle_timeout"] = args.idle_timeout or None
-    server = callcp.serve(_make_handler(args.upper, receive_dir), args.host, args.port, **options)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, _sigterm)
+    return callcp.serve(_make_handler(args.upper, receive_dir), args.host, args.port, **options)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    server = make_server(args)
+    # SIGTERM stops the server as Ctrl-C does; signal handlers can only be set
+    # from the main thread (main() may run in another one).
+    on_sigterm = (
+        hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread()
+    )
+    previous: Any = None
+    if on_sigterm:
+        previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         host, port = server.server_address[:2]
         _say(f"listening on {_addr(host, port)} (server key {server.fingerprint})")
-        if receive_dir is not None:
-            log.info("storing received files in %s", receive_dir)
+        if args.receive_dir is not None:
+            log.info("storing received files in %s", os.path.expanduser(args.receive_dir))
         server.serve_forever()
     except KeyboardInterrupt:
         log.info("shutting down")
     finally:
         server.shutdown()
+        if on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return EXIT_OK
 
 
@@ -983,9 +1013,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 #: The harness module in the repository's benchmarks/ directory.
 BENCH_MODULE = "callcp_bench"
 NO_BENCHMARKS = (
-    "callcp bench runs the benchmarks from a source checkout: they live in the source "
-    "repository's benchmarks/ directory (python benchmarks/run.py), which is not part of "
-    "the installed package"
+    "callcp bench needs a source checkout: the benchmarks live in the source repository's "
+    "benchmarks/ directory, not in the installed package (run python benchmarks/run.py "
+    "from a clone of the repository)"
 )
 
 
@@ -1120,20 +1150,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.bench_args = unparsed  # the harness parses them
     elif unparsed:
         parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
-    _setup_logging(args)
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        _say("callcp: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader went away (callcp send ... | head): not worth a message.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_INTERNAL
-    except Exception as exc:
-        code, message = _explain(exc, args)
-        if args.verbose:
-            traceback.print_exc()
-        _say(f"callcp: error: {message}", file=sys.stderr)
-        return code
+    with _logging(args):
+        try:
+            return int(args.func(args))
+        except KeyboardInterrupt:
+            _say("callcp: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # The reader went away (callcp send ... | head): not worth a message.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_INTERNAL
+        except Exception as exc:
+            code, message = _explain(exc, args)
+            if args.verbose:
+                traceback.print_exc()
+            _say(f"callcp: error: {message}", file=sys.stderr)
+            return code
