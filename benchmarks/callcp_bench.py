@@ -330,7 +330,7 @@ def _listen() -> socket.socket:
 def _quiet_logger() -> logging.Logger:
     """callcp's logger for benchmark servers: errors only (a benchmark's
     clients come and go by the thousand)."""
-    log = logging.getLogger("callcp.bench.server")
+    log = logging.getLogger("callcp_bench.server")
     log.setLevel(logging.ERROR)
     return log
 
