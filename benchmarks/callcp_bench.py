@@ -26,7 +26,7 @@ Every scenario runs the same message sizes and patterns over three
 payload, so all three deliver whole messages.  Servers run in their own
 processes (multiprocessing, ``spawn``); clients run in this process, or in
 two client processes for the parallel handshake case, or in one client
-process for the concurrency scenario.  Everything is on 127.0.0.1, with
+process for the concurrency and the rtt_cpu scenarios.  Everything is on 127.0.0.1, with
 TCP_NODELAY on every socket.  Blocking sockets have no Python-level timeout
 (which would cost a ``poll()`` per call); kernel timeouts (SO_RCVTIMEO)
 keep a broken run from hanging.
@@ -106,8 +106,10 @@ __all__ = [
     "Options",
     "Report",
     "Sizes",
+    "build_parser",
     "machine_info",
     "main",
+    "options_for",
     "run",
     "workers_support",
 ]
