@@ -19,8 +19,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
+# Results go to benchmarks/results/local/ (not committed); to replace the
+# committed ones: make bench BENCH_ARGS=--save (any benchmarks/run.py options).
 bench: $(VENV)/.installed
-	$(BIN)/python -m callcp bench
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 check: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -1,10 +1,12 @@
 """The benchmark's code path, with tiny sizes, so it cannot rot.
 
-No timing is asserted anywhere: the numbers only have to exist, be finite
-and be where the JSON says.  The smoke test runs ``python -m callcp bench
---sizes tiny`` for real (servers and clients in their own processes), with
-HOME pointed at a temporary directory, which must stay free of callcp files
-(the clients pin the server key: no known-hosts file is touched).
+The harness is benchmarks/callcp_bench.py, outside the package; these tests
+import it from there.  No timing is asserted anywhere: the numbers only have
+to exist, be finite and be where the JSON says.  The smoke test runs
+``python benchmarks/run.py --sizes tiny`` for real (servers and clients in
+their own processes), with HOME pointed at a temporary directory, which must
+stay free of callcp files (the clients pin the server key: no known-hosts
+file is touched).
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from callcp import aio, bench, sync
+from callcp import aio, sync
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # as benchmarks/run.py has it
+import callcp_bench as bench  # noqa: E402
 
 IMPLEMENTATIONS = ("callcp", "ssl", "raw")
 
@@ -48,7 +54,7 @@ def _check_metric(name: str, metric: Dict[str, Any], impls: List[str]) -> None:
             assert ratio == pytest.approx(metric["median"][num] / metric["median"][den]), name
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)  # about 20 s on a quiet 2-core machine
 def test_bench_smoke_tiny(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
@@ -58,9 +64,7 @@ def test_bench_smoke_tiny(tmp_path: Path) -> None:
     result = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "callcp",
-            "bench",
+            str(BENCHMARKS / "run.py"),
             "--sizes",
             "tiny",
             "--reps",
@@ -73,7 +77,7 @@ def test_bench_smoke_tiny(tmp_path: Path) -> None:
         capture_output=True,
         env=env,
         cwd=tmp_path,
-        timeout=55,
+        timeout=140,
         check=False,
     )
     stdout = result.stdout.decode("utf-8", "replace")
@@ -108,6 +112,20 @@ def test_bench_smoke_tiny(tmp_path: Path) -> None:
         "server_rss_per_conn",
         "open_seconds",
     }
+    # CPU per round trip, each side measured in its own process.
+    rtt_cpu = data["scenarios"]["rtt_cpu"]
+    assert set(rtt_cpu["metrics"]) == {
+        f"{flavour}_{what}"
+        for flavour in ("sync", "aio")
+        for what in ("rate", "client_cpu", "server_cpu")
+    }
+    assert rtt_cpu["extra"]["round_trips"] == data["sizes"]["rtt_count"] == 200
+    for flavour, runs in rtt_cpu["extra"]["runs"].items():
+        for impl in IMPLEMENTATIONS:
+            (run,) = runs[impl]
+            assert run["client"]["n"] == 200, (flavour, impl)
+            for side in ("client", "server"):
+                assert all(_finite(run[side][k]) for k in ("user", "sys")), (flavour, impl, side)
     assert set(data["scenarios"]["stream"]["metrics"]) == {
         "throughput",
         "sender_peak_rss",
@@ -205,3 +223,38 @@ def test_unknown_scenario_and_sizes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(bench.BenchError, match="unknown sizes"):
         bench.run(bench.Options(sizes="huge", json_path=tmp_path / "x.json", png_path=None))
     assert not (tmp_path / "x.json").exists()
+
+
+def test_scenarios_are_named_with_underscores_or_dashes() -> None:
+    args = bench.build_parser().parse_args(["--only", "rtt-cpu", "rtt_sync", "--rtt-count", "50"])
+    assert args.only == ["rtt_cpu", "rtt_sync"]
+    options = bench.options_for(args)
+    assert options.rtt_count == 50 and options.only == ["rtt_cpu", "rtt_sync"]
+
+
+def test_results_go_to_the_local_directory_unless_saved(tmp_path: Path) -> None:
+    parse = bench.build_parser().parse_args
+    local = bench.options_for(parse([]))
+    assert local.json_path == BENCHMARKS / "results" / "local" / "latest.json"
+    assert local.png_path == BENCHMARKS / "results" / "local" / "latest.png"
+    saved = bench.options_for(parse(["--save", "--quick"]))
+    assert saved.json_path == BENCHMARKS / "results" / "latest.json"
+    assert saved.png_path == BENCHMARKS / "results" / "latest.png"
+    assert saved.command.endswith("--sizes quick --save")
+    chosen = bench.options_for(parse(["--json", str(tmp_path / "a.json"), "--save"]))
+    assert chosen.json_path == tmp_path / "a.json"
+    # A partial run never replaces the committed (full) results.
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--save", "--only", "rtt_cpu"])
+    assert refused.value.code == 2
+    ignored = (BENCHMARKS / ".gitignore").read_text(encoding="utf-8").split()
+    assert "/results/local/" in ignored
+
+
+def test_the_package_does_not_import_the_harness() -> None:
+    code = "import sys, callcp.cli; print(sorted(m for m in sys.modules if 'bench' in m))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"
+    assert importlib.util.find_spec("callcp.bench") is None

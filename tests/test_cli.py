@@ -1,13 +1,25 @@
-"""The ``callcp`` command, run for real in subprocesses (``python -m callcp``).
+"""The ``callcp`` command.
 
-Every subprocess gets HOME=<per-test directory> (so ``~/.callcp`` is
-per-test) and a timeout.  Servers are started with ``--port 0`` and report
-their port on their first line of output.
+Most cases run ``callcp.cli.main(argv)`` in this process: stdout and stderr
+are captured, HOME points at a per-test directory (so ``~/.callcp`` is
+per-test), and the exit code is main()'s return value or its SystemExit.
+Servers run in this process too, in a thread: the server ``callcp serve``
+would run for the same arguments (:func:`callcp.cli.make_server`), whose logs
+are kept apart from the client's output as a separate process's would be.
+
+A few cases need a real process and keep one: the console script, ``serve``
+stopping on SIGTERM, ``serve --workers`` and the progress bar on a
+pseudo-terminal.  Those get HOME=<per-test directory> and a timeout;
+servers there are started with ``--port 0`` and report their port on their
+first line of output.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
+import logging
 import os
 import pty
 import queue
@@ -19,13 +31,16 @@ import subprocess
 import sys
 import threading
 import time
+import types
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import callcp
+from callcp import cli
 from callcp.cli import reserve_path, safe_file_name
 
 pytestmark = pytest.mark.timeout(120)
@@ -39,40 +54,24 @@ FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 # ---------------------------------------------------------------- helpers
 
 
-def cli_env(home: Path, **extra: str) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLCP_")}
-    env.update(HOME=str(home), PYTHONIOENCODING="utf-8", COLUMNS="100", **extra)
-    if "PYTHONPATH" not in extra:
-        env.pop("PYTHONPATH", None)
-    return env
+@dataclass
+class Result:
+    """What one run of the command did."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
 
 
-def run(
-    home: Path,
-    *args: str,
-    stdin: bytes = b"",
-    env: Optional[Dict[str, str]] = None,
-    timeout: float = RUN_TIMEOUT,
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "callcp", *args],
-        input=stdin,
-        capture_output=True,
-        env=env if env is not None else cli_env(home),
-        timeout=timeout,
-        check=False,
-    )
-
-
-def out(result: subprocess.CompletedProcess[bytes]) -> str:
+def out(result: Result) -> str:
     return result.stdout.decode("utf-8", "replace")
 
 
-def err(result: subprocess.CompletedProcess[bytes]) -> str:
+def err(result: Result) -> str:
     return result.stderr.decode("utf-8", "replace")
 
 
-def error_line(result: subprocess.CompletedProcess[bytes], code: int) -> str:
+def error_line(result: Result, code: int) -> str:
     """Assert a failure: the exit code, ONE line on stderr, no traceback."""
     stderr = err(result)
     assert "Traceback" not in stderr, stderr
@@ -81,6 +80,56 @@ def error_line(result: subprocess.CompletedProcess[bytes], code: int) -> str:
     assert lines[0].startswith("callcp: error: "), stderr
     assert result.returncode == code, (result.returncode, stderr)
     return lines[0]
+
+
+def exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    return exc.code if isinstance(exc.code, int) else 1
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A per-test HOME, for this process and for the subprocesses it starts."""
+    path = tmp_path / "home"
+    path.mkdir()
+    for name in list(os.environ):
+        if name.startswith("CALLCP_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(path))
+    monkeypatch.setenv("COLUMNS", "100")  # argparse's help layout
+    return path
+
+
+@pytest.fixture
+def run(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> Callable[..., Result]:
+    """``run(*args, stdin=b"", env={})``: ``callcp ARGS`` in this process."""
+
+    def run(*args: str, stdin: bytes = b"", env: Optional[Dict[str, str]] = None) -> Result:
+        capsysbinary.readouterr()  # only this run's output
+        with monkeypatch.context() as patch:
+            for name, value in (env or {}).items():
+                patch.setenv(name, value)
+            patch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+            try:
+                code = cli.main(list(args))
+            except SystemExit as exc:  # argparse: usage errors, --help, --version
+                code = exit_code(exc)
+        captured = capsysbinary.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def cli_env(home: Path, **extra: str) -> Dict[str, str]:
+    """The environment of a ``callcp`` subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLCP_")}
+    env.update(HOME=str(home), PYTHONIOENCODING="utf-8", COLUMNS="100", **extra)
+    if "PYTHONPATH" not in extra:
+        env.pop("PYTHONPATH", None)
+    return env
 
 
 def free_port() -> int:
@@ -109,6 +158,94 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class ServerLog(logging.Handler):
+    """The log lines of this process's servers, kept away from the root logger
+    (where a client's ``main()`` would print them as its own)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        self.lines: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))  # list.append is atomic
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def server_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[ServerLog]:
+    """Route the logs of servers made in this test to a :class:`ServerLog`:
+    the library's (``callcp.serve(logger=...)``) and the CLI handler's own
+    (the ``callcp.cli`` logger, which only ``serve`` uses)."""
+    handler = ServerLog()
+    library = logging.getLogger("test_cli.server")
+    library.propagate = False
+    library.setLevel(logging.INFO)
+    library.addHandler(handler)
+    monkeypatch.setattr(callcp, "serve", functools.partial(callcp.serve, logger=library))
+    own = logging.getLogger("callcp.cli")
+    saved_level = own.level
+    monkeypatch.setattr(own, "propagate", False)
+    own.setLevel(logging.INFO)  # as `callcp serve` has it
+    own.addHandler(handler)
+    yield handler
+    own.removeHandler(handler)
+    own.setLevel(saved_level)
+    library.removeHandler(handler)
+
+
+class InProcessServer:
+    """A callcp server served by a thread of this process until :meth:`stop`."""
+
+    def __init__(self, server: callcp.Server, log: ServerLog) -> None:
+        self.server = server
+        self._log = log
+        self.host, self.port = server.server_address[:2]
+        self.fingerprint = server.fingerprint
+        self.thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+        self.stopped = False
+
+    @property
+    def address(self) -> List[str]:
+        return [self.host, str(self.port)]
+
+    def log(self) -> str:
+        return self._log.text()
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.server.shutdown()
+            self.thread.join(RUN_TIMEOUT)
+            assert not self.thread.is_alive(), "serve_forever() did not return"
+
+
+@pytest.fixture
+def serve(
+    home: Path, key_file: Path, server_log: ServerLog
+) -> Iterator[Callable[..., InProcessServer]]:
+    """``serve(*args)``: the server of ``callcp serve --port 0 --key <session key> ARGS``,
+    running in this process."""
+    servers: List[InProcessServer] = []
+
+    def start(*args: str, key: Optional[Path] = key_file, port: int = 0) -> InProcessServer:
+        argv = ["serve", "--port", str(port), *args]
+        if key is not None:
+            argv += ["--key", str(key)]
+        server = InProcessServer(cli.make_server(cli.build_parser().parse_args(argv)), server_log)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
 
 
 class CliServer:
@@ -162,13 +299,6 @@ class CliServer:
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
-    path = tmp_path / "home"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def key_file(tmp_path: Path, server_key: rsa.RSAPrivateKey) -> Path:
     """The session's server key as a PEM file (generating one per server is slow)."""
     path = tmp_path / "keys" / "server.pem"
@@ -184,14 +314,13 @@ def other_key_file(tmp_path: Path, other_key: rsa.RSAPrivateKey) -> Path:
 
 
 @pytest.fixture
-def serve(home: Path, tmp_path: Path, key_file: Path) -> Iterator[Callable[..., CliServer]]:
-    """``serve(*args)``: a running ``callcp serve --port 0 --key <session key>``."""
+def serve_process(home: Path, tmp_path: Path, key_file: Path) -> Iterator[Callable[..., CliServer]]:
+    """``serve_process(*args)``: a running ``callcp serve --port 0 --key <session key>``
+    subprocess."""
     servers: List[CliServer] = []
 
-    def start(*args: str, key: Optional[Path] = key_file, port: int = 0) -> CliServer:
-        argv = ["--port", str(port), *args]
-        if key is not None:
-            argv += ["--key", str(key)]
+    def start(*args: str) -> CliServer:
+        argv = ["--port", "0", *args, "--key", str(key_file)]
         server = CliServer(home, argv, tmp_path / f"server{len(servers)}.log")
         servers.append(server)
         return server
@@ -202,25 +331,25 @@ def serve(home: Path, tmp_path: Path, key_file: Path) -> Iterator[Callable[..., 
             assert server.stop() == 0, server.log()
 
 
-# ---------------------------------------------------------------- help, version
+# ---------------------------------------------------------------- help, version, bench
 
 
-def test_help_for_every_command(home: Path) -> None:
-    main = run(home, "--help")
+def test_help_for_every_command(run: Callable[..., Result]) -> None:
+    main = run("--help")
     assert main.returncode == 0
     text = out(main)
     for word in ("serve", "send-file", "keygen", "fingerprint", "bench", "exit codes", "130"):
         assert word in text
     for command in ("serve", "send", "send-file", "keygen", "fingerprint", "bench"):
-        result = run(home, command, "--help")
+        result = run(command, "--help")
         assert result.returncode == 0, err(result)
         assert f"usage: callcp {command}" in out(result)
-    assert "CALLCP_KEY_PASSPHRASE" in out(run(home, "keygen", "--help"))
-    assert ".pub.pem" in out(run(home, "keygen", "--help"))
+    assert "CALLCP_KEY_PASSPHRASE" in out(run("keygen", "--help"))
+    assert ".pub.pem" in out(run("keygen", "--help"))
 
 
-def test_version(home: Path) -> None:
-    result = run(home, "--version")
+def test_version(run: Callable[..., Result]) -> None:
+    result = run("--version")
     assert result.returncode == 0
     assert callcp.__version__ in out(result)
 
@@ -233,63 +362,154 @@ def test_console_script_is_installed(home: Path) -> None:
         [str(script), "--version"], capture_output=True, env=cli_env(home), timeout=RUN_TIMEOUT
     )
     assert result.returncode == 0
-    assert callcp.__version__ in out(result)
+    assert callcp.__version__ in result.stdout.decode()
+
+
+def test_bench_hands_its_arguments_to_the_harness(
+    run: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: List[Any] = []
+
+    def fake_main(argv: List[str], prog: str) -> int:
+        calls.append((argv, prog))
+        return 0
+
+    monkeypatch.setitem(sys.modules, cli.BENCH_MODULE, types.SimpleNamespace(main=fake_main))
+    assert run("-q", "bench", "--sizes", "tiny", "--only", "rtt-cpu").returncode == 0
+    assert calls == [(["--quiet", "--sizes", "tiny", "--only", "rtt-cpu"], "callcp bench")]
+    assert cli.benchmarks_dir() == Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_bench_outside_a_checkout(
+    run: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: None)
+    for args in (["bench"], ["bench", "--quick"], ["bench", "--help"]):
+        line = error_line(run(*args), 2)
+        assert "the benchmarks live in the source repository's benchmarks/ directory" in line
 
 
 # ---------------------------------------------------------------- serve + send
 
 
-def test_send_echo_trusts_on_first_use(home: Path, serve: Callable[..., CliServer]) -> None:
+def test_send_echo_trusts_on_first_use(
+    home: Path, run: Callable[..., Result], serve: Callable[..., InProcessServer]
+) -> None:
     server = serve()
-    first = run(home, "send", *server.address, "hello wörld")
+    first = run("send", *server.address, "hello wörld")
     assert first.returncode == 0, err(first)
     assert out(first) == "hello wörld\n"
     assert "permanently added" in err(first)  # trust on first use is announced
     known = (home / ".callcp" / "known_hosts").read_text()
     assert f"127.0.0.1:{server.port} {server.fingerprint}" in known
-    again = run(home, "send", *server.address, "again")
+    again = run("send", *server.address, "again")
     assert (again.returncode, out(again), err(again)) == (0, "again\n", "")
 
 
-def test_send_upper(home: Path, serve: Callable[..., CliServer]) -> None:
+def test_send_upper(run: Callable[..., Result], serve: Callable[..., InProcessServer]) -> None:
     server = serve("--upper")
-    result = run(home, "send", *server.address, "hello, wörld", "--fingerprint", server.fingerprint)
+    result = run("send", *server.address, "hello, wörld", "--fingerprint", server.fingerprint)
     assert result.returncode == 0, err(result)
     assert out(result) == "HELLO, WÖRLD\n"
 
 
-def test_serve_with_workers(home: Path, serve: Callable[..., CliServer]) -> None:
+def test_serve_with_workers(
+    run: Callable[..., Result], serve_process: Callable[..., CliServer]
+) -> None:
     """--workers 2: two processes answer on one port; SIGTERM stops them all."""
-    server = serve("--upper", "--workers", "2")
+    server = serve_process("--upper", "--workers", "2")
     for i in range(4):
-        result = run(home, "send", *server.address, f"w{i}", "--fingerprint", server.fingerprint)
+        result = run("send", *server.address, f"w{i}", "--fingerprint", server.fingerprint)
         assert result.returncode == 0, err(result)
         assert out(result) == f"W{i}\n"
     assert server.stop(signal.SIGTERM) == 0
 
 
-def test_send_raw_and_stdin(home: Path, serve: Callable[..., CliServer]) -> None:
+def test_send_raw_and_stdin(
+    run: Callable[..., Result], serve: Callable[..., InProcessServer]
+) -> None:
     server = serve()
     payload = bytes(range(256)) * 4
     result = run(
-        home, "send", *server.address, "-", "--raw", "--fingerprint", server.fingerprint,
-        stdin=payload,
-    )  # fmt: skip
+        "send", *server.address, "-", "--raw", "--fingerprint", server.fingerprint, stdin=payload
+    )
     assert result.returncode == 0, err(result)
     assert result.stdout == payload
 
 
-def test_serve_stops_gracefully_on_sigterm(serve: Callable[..., CliServer]) -> None:
-    server = serve()
+def test_serve_stops_gracefully_on_sigterm(serve_process: Callable[..., CliServer]) -> None:
+    server = serve_process()
     assert server.stop(signal.SIGTERM) == 0
     assert "Traceback" not in server.log()
+
+
+def test_serve_command_in_process(
+    run: Callable[..., Result], tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole ``callcp serve`` command in this process's main thread, until
+    SIGTERM: its output, its answers, and the SIGTERM handler put back."""
+    started: queue.Queue[callcp.Server] = queue.Queue()
+    make_server = cli.make_server
+
+    def spy(args: Any) -> callcp.Server:
+        server = make_server(args)
+        started.put(server)
+        return server
+
+    monkeypatch.setattr(cli, "make_server", spy)
+    late: List[int] = []
+
+    def on_term(signum: int, frame: Any) -> None:  # SIGTERM outside the command
+        late.append(signum)
+
+    outer = signal.signal(signal.SIGTERM, on_term)
+    replies: List[bytes] = []
+    failures: List[BaseException] = []
+
+    def client() -> None:
+        server: Optional[callcp.Server] = None
+        try:
+            server = started.get(timeout=RUN_TIMEOUT)
+            with callcp.connect(
+                "127.0.0.1", server.port, server_fingerprint=server.fingerprint
+            ) as conn:
+                replies.append(conn.request(b"hello"))
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+        finally:
+            if replies:  # it is serving: stop it the way `kill` would
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+            elif server is not None:  # something went wrong: stop it anyway
+                server.shutdown()
+
+    helper = threading.Thread(target=client)
+    helper.start()
+    try:
+        inbox = tmp_path / "inbox"
+        argv = ["--port", "0", "--key", str(key_file), "--upper", "--receive-dir", str(inbox)]
+        result = run("serve", *argv)
+        helper.join(RUN_TIMEOUT)
+        handler = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, outer)
+    assert not failures, failures
+    assert replies == [b"HELLO"]
+    assert result.returncode == 0, err(result)
+    match = LISTENING.fullmatch(out(result).strip())
+    assert match is not None, out(result)
+    assert match[3] == callcp.KeyPair.load(key_file).fingerprint
+    assert f"INFO storing received files in {inbox}" in err(result)
+    assert "INFO shutting down" in err(result)
+    assert "Traceback" not in err(result)
+    assert inbox.is_dir()
+    assert handler is on_term and late == []  # the handler before the command, put back
 
 
 # ---------------------------------------------------------------- files
 
 
 def test_send_file_arrives_byte_identical(
-    home: Path, tmp_path: Path, serve: Callable[..., CliServer]
+    run: Callable[..., Result], tmp_path: Path, serve: Callable[..., InProcessServer]
 ) -> None:
     inbox = tmp_path / "inbox"
     server = serve("--receive-dir", str(inbox))
@@ -298,7 +518,7 @@ def test_send_file_arrives_byte_identical(
     digest = write_random(source, size)
     pin = ["--fingerprint", server.fingerprint]
 
-    result = run(home, "send-file", *server.address, str(source), *pin)
+    result = run("send-file", *server.address, str(source), *pin)
     assert result.returncode == 0, err(result)
     text = out(result)
     assert f"remote SHA-256 matches: {digest}" in text
@@ -307,7 +527,7 @@ def test_send_file_arrives_byte_identical(
     assert (inbox / "data.bin").stat().st_size == size
 
     # A second file of the same name never overwrites the first.
-    again = run(home, "send-file", *server.address, str(source), *pin)
+    again = run("send-file", *server.address, str(source), *pin)
     assert again.returncode == 0, err(again)
     assert "'data (1).bin'" in out(again)
     assert sha256_file(inbox / "data (1).bin") == digest
@@ -320,7 +540,7 @@ def test_send_file_arrives_byte_identical(
 
 
 def test_send_file_names_are_sanitised(
-    home: Path, tmp_path: Path, serve: Callable[..., CliServer]
+    run: Callable[..., Result], tmp_path: Path, serve: Callable[..., InProcessServer]
 ) -> None:
     inbox = tmp_path / "inbox"
     server = serve("--receive-dir", str(inbox))
@@ -332,32 +552,30 @@ def test_send_file_names_are_sanitised(
         ("..\\..\\windows.txt", "windows.txt"),
         ("/etc/passwd", "passwd"),
     ):
-        result = run(home, "send-file", *server.address, str(source), "--name", name, *pin)
+        result = run("send-file", *server.address, str(source), "--name", name, *pin)
         assert result.returncode == 0, err(result)
         assert f"stored as {stored!r}" in out(result)
     assert sorted(p.name for p in inbox.iterdir()) == ["escape.txt", "passwd", "windows.txt"]
     assert not (tmp_path / "escape.txt").exists()
     for name in ("..", ".", "dir/", ""):
-        result = run(home, "send-file", *server.address, str(source), "--name", name, *pin)
+        result = run("send-file", *server.address, str(source), "--name", name, *pin)
         line = error_line(result, EXIT_PROTOCOL)
         assert "refused the file: unsafe file name" in line
     for name in ("bad\nname", "x" * 256):  # callcp/2 cannot carry these: refused locally
-        result = run(home, "send-file", *server.address, str(source), "--name", name, *pin)
+        result = run("send-file", *server.address, str(source), "--name", name, *pin)
         assert "invalid name" in error_line(result, 2)
     assert sorted(p.name for p in inbox.iterdir()) == ["escape.txt", "passwd", "windows.txt"]
 
 
 @pytest.mark.parametrize("size", [6, 20 * 1024 * 1024])
 def test_server_without_receive_dir_refuses_files(
-    home: Path, tmp_path: Path, serve: Callable[..., CliServer], size: int
+    run: Callable[..., Result], tmp_path: Path, serve: Callable[..., InProcessServer], size: int
 ) -> None:
     """Small or large (still uploading when refused), the sender sees the refusal."""
     server = serve()
     source = tmp_path / "small.txt"
     source.write_bytes(os.urandom(size))
-    result = run(
-        home, "send-file", *server.address, str(source), "--fingerprint", server.fingerprint
-    )
+    result = run("send-file", *server.address, str(source), "--fingerprint", server.fingerprint)
     line = error_line(result, EXIT_PROTOCOL)
     assert "refused the file" in line
     assert "--receive-dir" in line
@@ -365,32 +583,32 @@ def test_server_without_receive_dir_refuses_files(
     assert "refused a file from 127.0.0.1:" in server.log()
 
 
-def test_send_file_missing_path(home: Path, tmp_path: Path) -> None:
+def test_send_file_missing_path(run: Callable[..., Result], tmp_path: Path) -> None:
     # The file is opened before connecting: no server is needed to see this error.
     missing = tmp_path / "no-such-file.bin"
-    result = run(home, "send-file", "127.0.0.1", "9", str(missing))
+    result = run("send-file", "127.0.0.1", "9", str(missing))
     line = error_line(result, EXIT_LOCAL)
     assert str(missing) in line
     assert "no such file" in line
 
 
-def test_send_file_directory_path(home: Path, tmp_path: Path) -> None:
-    line = error_line(run(home, "send-file", "127.0.0.1", "9", str(tmp_path)), EXIT_LOCAL)
+def test_send_file_directory_path(run: Callable[..., Result], tmp_path: Path) -> None:
+    line = error_line(run("send-file", "127.0.0.1", "9", str(tmp_path)), EXIT_LOCAL)
     assert "directory" in line
 
 
-def test_receive_dir_that_is_a_file(home: Path, tmp_path: Path, key_file: Path) -> None:
+def test_receive_dir_that_is_a_file(
+    run: Callable[..., Result], tmp_path: Path, key_file: Path
+) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    result = run(
-        home, "serve", "--port", "0", "--key", str(key_file), "--receive-dir", str(not_a_dir)
-    )
+    result = run("serve", "--port", "0", "--key", str(key_file), "--receive-dir", str(not_a_dir))
     assert "not a directory" in error_line(result, EXIT_LOCAL)
 
 
 def _stored_reply_server(
-    server_key: rsa.RSAPrivateKey, reply: Callable[[callcp.StreamInfo], bytes]
-) -> callcp.Server:
+    server_key: rsa.RSAPrivateKey, reply: Callable[[callcp.StreamInfo], bytes], log: ServerLog
+) -> InProcessServer:
     """An in-process server that receives a stream and answers ``reply(info)``."""
 
     def handler(conn: callcp.Connection) -> None:
@@ -400,9 +618,7 @@ def _stored_reply_server(
             info = conn.recv_stream(open(os.devnull, "wb"))  # noqa: SIM115
             conn.send(reply(info))
 
-    server = callcp.serve(handler, "127.0.0.1", 0, key=server_key)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return InProcessServer(callcp.serve(handler, "127.0.0.1", 0, key=server_key), log)
 
 
 @pytest.mark.parametrize(
@@ -414,29 +630,30 @@ def _stored_reply_server(
     ],
 )
 def test_send_file_checks_the_servers_confirmation(
-    home: Path,
+    run: Callable[..., Result],
     tmp_path: Path,
     server_key: rsa.RSAPrivateKey,
+    server_log: ServerLog,
     reply: Callable[[callcp.StreamInfo], bytes],
     expected: str,
 ) -> None:
-    server = _stored_reply_server(server_key, reply)
+    server = _stored_reply_server(server_key, reply, server_log)
     try:
         source = tmp_path / "f.bin"
         write_random(source, 100_000)
         result = run(
-            home, "send-file", "127.0.0.1", str(server.port), str(source),
+            "send-file", "127.0.0.1", str(server.port), str(source),
             "--fingerprint", server.fingerprint,
         )  # fmt: skip
         assert expected in error_line(result, EXIT_PROTOCOL)
     finally:
-        server.shutdown()
+        server.stop()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 @pytest.mark.parametrize("mode", ["rich", "no-display", "rich-missing"])
 def test_send_file_progress_on_a_terminal(
-    home: Path, tmp_path: Path, serve: Callable[..., CliServer], mode: str
+    home: Path, tmp_path: Path, serve: Callable[..., InProcessServer], mode: str
 ) -> None:
     server = serve("--receive-dir", str(tmp_path / "inbox"))
     source = tmp_path / "tty.bin"
@@ -450,7 +667,7 @@ def test_send_file_progress_on_a_terminal(
         fake.mkdir(parents=True)
         (fake / "__init__.py").write_text("raise ImportError('rich is hidden for this test')\n")
         extra["PYTHONPATH"] = str(fake.parent)
-    text, returncode = run_in_pty(home, args, cli_env(home, **extra))
+    text, returncode = run_in_pty(args, cli_env(home, **extra))
     assert returncode == 0, text
     assert f"remote SHA-256 matches: {digest}" in text
     if mode == "rich":
@@ -461,7 +678,7 @@ def test_send_file_progress_on_a_terminal(
         assert "sent 2097152/2097152 bytes (100%)" in text
 
 
-def run_in_pty(home: Path, args: List[str], env: Dict[str, str]) -> tuple[str, int]:
+def run_in_pty(args: List[str], env: Dict[str, str]) -> tuple[str, int]:
     """Run the CLI with stdout on a pseudo-terminal; return (output, exit code)."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(
@@ -499,17 +716,16 @@ def run_in_pty(home: Path, args: List[str], env: Dict[str, str]) -> tuple[str, i
 @pytest.mark.skipif(
     os.environ.get("CALLCP_SLOW") != "1", reason="slow (200 MiB transfer): set CALLCP_SLOW=1"
 )
-def test_send_file_200_mib(home: Path, tmp_path: Path, serve: Callable[..., CliServer]) -> None:
+def test_send_file_200_mib(
+    run: Callable[..., Result], tmp_path: Path, serve: Callable[..., InProcessServer]
+) -> None:
     inbox = tmp_path / "inbox"
     server = serve("--receive-dir", str(inbox))
     source = tmp_path / "big.bin"
     size = 200 * 1024 * 1024
     digest = write_random(source, size)
     started = time.monotonic()
-    result = run(
-        home, "send-file", *server.address, str(source), "--fingerprint", server.fingerprint,
-        timeout=600,
-    )  # fmt: skip
+    result = run("send-file", *server.address, str(source), "--fingerprint", server.fingerprint)
     elapsed = time.monotonic() - started
     assert result.returncode == 0, err(result)
     assert f"remote SHA-256 matches: {digest}" in out(result)
@@ -521,8 +737,10 @@ def test_send_file_200_mib(home: Path, tmp_path: Path, serve: Callable[..., CliS
 # ---------------------------------------------------------------- keys
 
 
-def test_keygen_default_path_refuses_overwrite_and_force(home: Path) -> None:
-    first = run(home, "keygen")
+def test_keygen_default_path_refuses_overwrite_and_force(
+    home: Path, run: Callable[..., Result]
+) -> None:
+    first = run("keygen")
     assert first.returncode == 0, err(first)
     private = home / ".callcp" / "server_key.pem"
     public = home / ".callcp" / "server_key.pub.pem"
@@ -532,75 +750,77 @@ def test_keygen_default_path_refuses_overwrite_and_force(home: Path) -> None:
 
     # fingerprint: default path, the private key, the public key
     for args in ([], [str(private)], [str(public)]):
-        result = run(home, "fingerprint", *args)
+        result = run("fingerprint", *args)
         assert (result.returncode, out(result)) == (0, fingerprint + "\n"), err(result)
 
-    again = run(home, "keygen")
+    again = run("keygen")
     assert "already exists" in error_line(again, EXIT_LOCAL)
     assert callcp.KeyPair.load(private).fingerprint == fingerprint  # untouched
 
-    forced = run(home, "keygen", "--force")
+    forced = run("keygen", "--force")
     assert forced.returncode == 0, err(forced)
     assert FINGERPRINT.findall(out(forced))[-1] != fingerprint
 
 
-def test_keygen_bits_and_output(home: Path, tmp_path: Path) -> None:
+def test_keygen_bits_and_output(run: Callable[..., Result], tmp_path: Path) -> None:
     path = tmp_path / "k" / "client.pem"
-    result = run(home, "keygen", "-o", str(path), "--bits", "3072", "-q")
+    result = run("keygen", "-o", str(path), "--bits", "3072", "-q")
     assert result.returncode == 0, err(result)
     assert callcp.KeyPair.load(path).key_size == 3072
     assert out(result).strip() == callcp.KeyPair.load(path).fingerprint
     assert (tmp_path / "k" / "client.pub.pem").exists()
-    bad = run(home, "keygen", "-o", str(tmp_path / "x.pem"), "--bits", "1024")
+    bad = run("keygen", "-o", str(tmp_path / "x.pem"), "--bits", "1024")
     assert "invalid choice" in error_line(bad, 2)
 
 
-def test_keygen_with_passphrase(home: Path, tmp_path: Path) -> None:
+def test_keygen_with_passphrase(run: Callable[..., Result], tmp_path: Path) -> None:
     path = tmp_path / "enc.pem"
-    env = cli_env(home, CALLCP_KEY_PASSPHRASE="correct horse")
-    assert run(home, "keygen", "-o", str(path), env=env).returncode == 0
+    env = {"CALLCP_KEY_PASSPHRASE": "correct horse"}
+    assert run("keygen", "-o", str(path), env=env).returncode == 0
     assert b"ENCRYPTED" in path.read_bytes()
-    assert run(home, "fingerprint", str(path), env=env).returncode == 0
-    line = error_line(run(home, "fingerprint", str(path)), EXIT_LOCAL)
+    assert run("fingerprint", str(path), env=env).returncode == 0
+    line = error_line(run("fingerprint", str(path)), EXIT_LOCAL)
     assert "CALLCP_KEY_PASSPHRASE" in line
 
 
-def test_fingerprint_remote(home: Path, serve: Callable[..., CliServer]) -> None:
+def test_fingerprint_remote(
+    home: Path, run: Callable[..., Result], serve: Callable[..., InProcessServer]
+) -> None:
     server = serve()
-    result = run(home, "fingerprint", "--remote", *server.address)
+    result = run("fingerprint", "--remote", *server.address)
     assert result.returncode == 0, err(result)
     assert out(result) == server.fingerprint + "\n"
     assert "NOT verified" in err(result)
     assert not (home / ".callcp" / "known_hosts").exists()  # nothing was trusted
 
 
-def test_fingerprint_errors(home: Path, tmp_path: Path) -> None:
-    line = error_line(run(home, "fingerprint"), EXIT_LOCAL)
+def test_fingerprint_errors(run: Callable[..., Result], tmp_path: Path) -> None:
+    line = error_line(run("fingerprint"), EXIT_LOCAL)
     assert "callcp keygen" in line  # no key yet: say how to make one
     garbage = tmp_path / "garbage.pem"
     garbage.write_bytes(b"this is not a key\n")
-    assert "not a PEM file" in error_line(run(home, "fingerprint", str(garbage)), EXIT_LOCAL)
-    assert "directory" in error_line(run(home, "fingerprint", str(tmp_path)), EXIT_LOCAL)
-    error_line(run(home, "fingerprint", "--remote", "127.0.0.1", "70000"), 2)
+    assert "not a PEM file" in error_line(run("fingerprint", str(garbage)), EXIT_LOCAL)
+    assert "directory" in error_line(run("fingerprint", str(tmp_path)), EXIT_LOCAL)
+    error_line(run("fingerprint", "--remote", "127.0.0.1", "70000"), 2)
 
 
 # ---------------------------------------------------------------- errors a new user hits
 
 
-def test_nothing_listening(home: Path) -> None:
+def test_nothing_listening(run: Callable[..., Result]) -> None:
     port = free_port()
-    line = error_line(run(home, "send", "127.0.0.1", str(port), "hi"), EXIT_NETWORK)
+    line = error_line(run("send", "127.0.0.1", str(port), "hi"), EXIT_NETWORK)
     assert f"nothing is listening on 127.0.0.1:{port}" in line
     assert "is the server running" in line
 
 
-def test_verbose_shows_the_traceback(home: Path) -> None:
-    result = run(home, "-v", "send", "127.0.0.1", str(free_port()), "hi")
+def test_verbose_shows_the_traceback(run: Callable[..., Result]) -> None:
+    result = run("-v", "send", "127.0.0.1", str(free_port()), "hi")
     assert result.returncode == EXIT_NETWORK
     assert "Traceback (most recent call last)" in err(result)
     assert err(result).splitlines()[-1].startswith("callcp: error: nothing is listening")
     # -v is accepted after the command name too
-    assert "Traceback" in err(run(home, "send", "-v", "127.0.0.1", str(free_port()), "hi"))
+    assert "Traceback" in err(run("send", "-v", "127.0.0.1", str(free_port()), "hi"))
 
 
 @pytest.mark.parametrize(
@@ -627,66 +847,69 @@ def test_verbose_shows_the_traceback(home: Path) -> None:
         (["send", "--timeout", "soon", "h", "1", "m"], "invalid duration 'soon'"),
     ],
 )
-def test_usage_errors(home: Path, args: List[str], expected: str) -> None:
-    line = error_line(run(home, *args), 2)
+def test_usage_errors(run: Callable[..., Result], args: List[str], expected: str) -> None:
+    line = error_line(run(*args), 2)
     assert expected in line
     assert "--help" in line
 
 
-def test_unreadable_key_files(home: Path, tmp_path: Path) -> None:
+def test_unreadable_key_files(run: Callable[..., Result], tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_bytes(
         b"-----BEGIN PRIVATE KEY-----\nnot base64 at all\n-----END PRIVATE KEY-----\n"
     )
-    line = error_line(run(home, "serve", "--port", "0", "--key", str(tmp_path)), EXIT_LOCAL)
+    line = error_line(run("serve", "--port", "0", "--key", str(tmp_path)), EXIT_LOCAL)
     assert f"{tmp_path}: it is a directory" in line
-    line = error_line(run(home, "serve", "--port", "0", "--key", str(garbage)), EXIT_LOCAL)
+    line = error_line(run("serve", "--port", "0", "--key", str(garbage)), EXIT_LOCAL)
     assert str(garbage) in line and "corrupted" in line
     # The client key is loaded before connecting: no server needed.
-    line = error_line(
-        run(home, "send", "127.0.0.1", "9", "hi", "--client-key", str(garbage)), EXIT_LOCAL
-    )
+    line = error_line(run("send", "127.0.0.1", "9", "hi", "--client-key", str(garbage)), EXIT_LOCAL)
     assert str(garbage) in line
     line = error_line(
-        run(home, "serve", "--port", "0", "--authorized-keys", str(tmp_path / "nope")), EXIT_LOCAL
+        run("serve", "--port", "0", "--authorized-keys", str(tmp_path / "nope")), EXIT_LOCAL
     )
     assert "no such file" in line
 
 
 def test_changed_server_key(
-    home: Path, serve: Callable[..., CliServer], other_key_file: Path
+    home: Path,
+    run: Callable[..., Result],
+    serve: Callable[..., InProcessServer],
+    other_key_file: Path,
 ) -> None:
     first = serve()
-    assert run(home, "send", *first.address, "hi").returncode == 0  # trusted on first use
+    assert run("send", *first.address, "hi").returncode == 0  # trusted on first use
     port, old = first.port, first.fingerprint
     first.stop()
     second = serve(key=other_key_file, port=port)
     assert second.port == port and second.fingerprint != old
-    line = error_line(run(home, "send", *second.address, "hi"), EXIT_UNTRUSTED)
+    line = error_line(run("send", *second.address, "hi"), EXIT_UNTRUSTED)
     known_hosts = str(home / ".callcp" / "known_hosts")
     assert "CHANGED" in line
     assert old in line and second.fingerprint in line  # both fingerprints
     assert f"remove the line for 127.0.0.1:{port} from {known_hosts}" in line
     assert f"--fingerprint {second.fingerprint}" in line
     # pinning the new key is the documented way out
-    pinned = run(home, "send", *second.address, "hi", "--fingerprint", second.fingerprint)
+    pinned = run("send", *second.address, "hi", "--fingerprint", second.fingerprint)
     assert (pinned.returncode, out(pinned)) == (0, "hi\n")
 
 
-def test_wrong_pin_and_no_tofu(home: Path, serve: Callable[..., CliServer]) -> None:
+def test_wrong_pin_and_no_tofu(
+    run: Callable[..., Result], serve: Callable[..., InProcessServer]
+) -> None:
     server = serve()
     wrong = "SHA256:" + "A" * 43
-    line = error_line(
-        run(home, "send", *server.address, "hi", "--fingerprint", wrong), EXIT_UNTRUSTED
-    )
+    line = error_line(run("send", *server.address, "hi", "--fingerprint", wrong), EXIT_UNTRUSTED)
     assert wrong in line and server.fingerprint in line
-    line = error_line(run(home, "send", *server.address, "hi", "--no-tofu"), EXIT_UNTRUSTED)
+    line = error_line(run("send", *server.address, "hi", "--no-tofu"), EXIT_UNTRUSTED)
     assert "not in the known hosts file" in line and server.fingerprint in line
 
 
-def test_insecure_warns_loudly(home: Path, serve: Callable[..., CliServer]) -> None:
+def test_insecure_warns_loudly(
+    home: Path, run: Callable[..., Result], serve: Callable[..., InProcessServer]
+) -> None:
     server = serve()
-    result = run(home, "send", *server.address, "hi", "--insecure")
+    result = run("send", *server.address, "hi", "--insecure")
     assert (result.returncode, out(result)) == (0, "hi\n")
     lines = err(result).splitlines()
     assert len(lines) == 1  # the CLI's warning, not repeated by the library
@@ -695,24 +918,37 @@ def test_insecure_warns_loudly(home: Path, serve: Callable[..., CliServer]) -> N
     assert not (home / ".callcp" / "known_hosts").exists()
 
 
-def test_client_authentication(home: Path, tmp_path: Path, serve: Callable[..., CliServer]) -> None:
+def test_client_authentication(
+    run: Callable[..., Result], tmp_path: Path, serve: Callable[..., InProcessServer]
+) -> None:
     client_key = tmp_path / "client.pem"
-    made = run(home, "keygen", "-o", str(client_key), "-q")
+    made = run("keygen", "-o", str(client_key), "-q")
     assert made.returncode == 0, err(made)
     allowed = tmp_path / "authorized"
     allowed.write_text(out(made))
     server = serve("--authorized-keys", str(allowed))
     pin = ["--fingerprint", server.fingerprint]
-    ok = run(home, "send", *server.address, "hi", "--client-key", str(client_key), *pin)
+    ok = run("send", *server.address, "hi", "--client-key", str(client_key), *pin)
     assert (ok.returncode, out(ok)) == (0, "hi\n"), err(ok)
-    line = error_line(run(home, "send", *server.address, "hi", *pin), EXIT_HANDSHAKE)
+    line = error_line(run("send", *server.address, "hi", *pin), EXIT_HANDSHAKE)
     assert "requires client authentication" in line and "--client-key" in line
 
 
-def test_address_in_use(home: Path, serve: Callable[..., CliServer], key_file: Path) -> None:
+def test_address_in_use(
+    run: Callable[..., Result], serve: Callable[..., InProcessServer], key_file: Path
+) -> None:
     server = serve()
-    result = run(home, "serve", "--port", str(server.port), "--key", str(key_file))
+    result = run("serve", "--port", str(server.port), "--key", str(key_file))
     assert "already in use" in error_line(result, EXIT_NETWORK)
+
+
+def test_main_leaves_logging_as_it_found_it(run: Callable[..., Result], key_file: Path) -> None:
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level, logging.getLogger("callcp.cli").level)
+    assert run("-v", "send", "127.0.0.1", str(free_port()), "hi").returncode == EXIT_NETWORK
+    assert run("-q", "fingerprint", str(key_file)).returncode == 0
+    after = (list(root.handlers), root.level, logging.getLogger("callcp.cli").level)
+    assert after == before
 
 
 # ---------------------------------------------------------------- file naming (in process)

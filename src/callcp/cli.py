@@ -3,7 +3,10 @@
 
 Run it as ``callcp`` (the console script) or ``python -m callcp``.  This module
 is deliberately thin: it parses arguments, calls callcp's public API and
-prints.  What it owns is the small application protocol of ``callcp serve``:
+prints.  ``bench`` only hands its arguments to the benchmark harness, which
+is not part of the package: it lives in the source repository's benchmarks/
+directory and is imported from there, when it is run (see :func:`cmd_bench`).
+What this module owns is the small application protocol of ``callcp serve``:
 
 - a message is answered with the same message (upper-cased with ``--upper``);
 - a stream is a file: with ``--receive-dir`` it is stored under the base name
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib
 import io
 import logging
 import os
@@ -46,6 +50,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -82,13 +87,12 @@ from callcp import (
     StreamAbortedError,
     StreamPending,
     TransportError,
-    bench,
 )
 from callcp._common import DEFAULT_PORT, DEFAULT_SERVER_KEY
 from callcp.keys import PASSPHRASE_ENV, load_public_key
 from callcp.trust import DEFAULT_KNOWN_HOSTS, format_address, normalize_fingerprint
 
-__all__ = ["main", "build_parser", "safe_file_name", "reserve_path"]
+__all__ = ["main", "build_parser", "make_server", "safe_file_name", "reserve_path"]
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -497,65 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_fingerprint)
 
-    # -- bench
-    p = add(
+    # -- bench: its options are the harness's (main() hands them over unparsed)
+    sub.add_parser(
         "bench",
-        "compare callcp with Python's ssl (TLS 1.3) and raw TCP",
-        "Benchmark callcp against Python's ssl (TLS 1.3, RSA-2048 certificate verified\n"
-        "by the client) and raw TCP in one run, on 127.0.0.1, servers in their own\n"
-        "processes: handshakes/s (1 and 2 client processes, and workers=1 vs 2 where\n"
-        "supported), 64-byte round trips/s (blocking and asyncio), 64 KiB echo MB/s,\n"
-        "one-way stream MB/s with each side's peak RSS, and N asyncio connections\n"
-        "(requests/s, p50/p99 latency, server RSS per connection). Prints a table of\n"
-        "medians [min-max] over the repetitions with the ratios callcp/ssl and\n"
-        "callcp/raw, and writes the results as JSON (every sample), a PNG chart\n"
-        "(needs matplotlib: pip install 'callcp[bench]') and machine.md next to the\n"
-        "JSON. A full run takes several minutes; --quick about one.",
-    )
-    sizes = p.add_mutually_exclusive_group()
-    sizes.add_argument(
-        "--quick",
-        action="store_const",
-        const="quick",
-        dest="sizes",
-        default="full",
-        help="smaller sizes and fewer repetitions: a 64 MiB stream, up to 1,000 "
-        "connections, 3 repetitions (about a minute)",
-    )
-    sizes.add_argument(
-        "--sizes",
-        choices=tuple(bench.SIZES),
-        default="full",
-        help="full (default: 1 GiB stream, 100/1,000/5,000 connections, 5 repetitions), "
-        "quick, or tiny (seconds; for tests)",
-    )
-    p.add_argument(
-        "--reps",
-        metavar="N",
-        type=_count,
-        help="repetitions of each scenario (default: 5; --quick: 3; tiny: 1)",
-    )
-    p.add_argument(
-        "--json",
-        metavar="PATH",
-        default=str(bench.DEFAULT_JSON),
-        help=f"where to write the results (default: {bench.DEFAULT_JSON}; machine.md goes "
-        "next to it)",
-    )
-    p.add_argument(
-        "--png",
-        metavar="PATH",
-        default=str(bench.DEFAULT_PNG),
-        help=f"where to write the chart (default: {bench.DEFAULT_PNG})",
-    )
-    p.add_argument(
-        "--only",
-        metavar="SCENARIO",
-        nargs="+",
-        choices=bench.SCENARIOS,
-        help=f"run only these scenarios: {', '.join(bench.SCENARIOS)}",
-    )
-    p.set_defaults(func=cmd_bench)
+        help="compare callcp with Python's ssl (TLS 1.3) and raw TCP (from a source checkout)",
+        add_help=False,
+    ).set_defaults(func=cmd_bench)
     return parser
 
 
@@ -596,19 +547,29 @@ class _CliFormatter(logging.Formatter):
         return text
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def _logging(args: argparse.Namespace) -> Iterator[None]:
+    """Log to stderr while the command runs, then leave logging as it was
+    (:func:`main` may run more than once in a process, e.g. in tests)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_CliFormatter(timestamps=args.command == "serve"))
     root = logging.getLogger()
-    root.addHandler(handler)
+    saved = root.level, log.level
     if args.verbose >= 2:
         level = logging.DEBUG
     elif args.verbose == 1:
         level = logging.INFO
     else:
         level = logging.ERROR if args.quiet else logging.WARNING
+    root.addHandler(handler)
     root.setLevel(level)
     log.setLevel(logging.WARNING if args.quiet else min(level, logging.INFO))
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        log.setLevel(saved[1])
 
 
 def _silent_logger() -> logging.Logger:
@@ -991,7 +952,14 @@ def _sigterm(signum: int, frame: Optional[FrameType]) -> None:
     raise KeyboardInterrupt
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def make_server(args: argparse.Namespace) -> callcp.Server:
+    """The server ``callcp serve`` runs for these parsed arguments, listening
+    already (``serve_forever()`` serves).
+
+    Raises:
+        CommandError: ``--receive-dir`` is not a directory.
+        OSError, CallcpError: as :func:`callcp.serve`.
+    """
     receive_dir: Optional[Path] = None
     if args.receive_dir is not None:
         receive_dir = Path(os.path.expanduser(args.receive_dir))
@@ -1011,49 +979,63 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = {k: v for k, v in options.items() if v is not None}
     if args.idle_timeout is not None:
         options["idle_timeout"] = args.idle_timeout or None
-    server = callcp.serve(_make_handler(args.upper, receive_dir), args.host, args.port, **options)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, _sigterm)
+    return callcp.serve(_make_handler(args.upper, receive_dir), args.host, args.port, **options)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    server = make_server(args)
+    # SIGTERM stops the server as Ctrl-C does; signal handlers can only be set
+    # from the main thread (main() may run in another one).
+    on_sigterm = (
+        hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread()
+    )
+    previous: Any = None
+    if on_sigterm:
+        previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         host, port = server.server_address[:2]
         _say(f"listening on {_addr(host, port)} (server key {server.fingerprint})")
-        if receive_dir is not None:
-            log.info("storing received files in %s", receive_dir)
+        if args.receive_dir is not None:
+            log.info("storing received files in %s", os.path.expanduser(args.receive_dir))
         server.serve_forever()
     except KeyboardInterrupt:
         log.info("shutting down")
     finally:
         server.shutdown()
+        if on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return EXIT_OK
 
 
 # ====================================================================== bench
 
 
+#: The harness module in the repository's benchmarks/ directory.
+BENCH_MODULE = "callcp_bench"
+NO_BENCHMARKS = (
+    "callcp bench needs a source checkout: the benchmarks live in the source repository's "
+    "benchmarks/ directory, not in the installed package (run python benchmarks/run.py "
+    "from a clone of the repository)"
+)
+
+
+def benchmarks_dir() -> Optional[Path]:
+    """The benchmarks/ directory of the checkout this callcp runs from (an
+    editable install, or src/ on the path), or None for an installed package.
+    Only that one place is looked at: never the current directory."""
+    directory = Path(__file__).resolve().parents[2] / "benchmarks"  # <repo>/src/callcp/cli.py
+    return directory if (directory / f"{BENCH_MODULE}.py").is_file() else None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    argv = ["--sizes", args.sizes]
-    if args.reps is not None:
-        argv += ["--reps", str(args.reps)]
-    if args.only:
-        argv += ["--only", *args.only]
-    options = bench.Options(
-        sizes=args.sizes,
-        reps=args.reps,
-        json_path=Path(os.path.expanduser(args.json)),
-        png_path=Path(os.path.expanduser(args.png)),
-        only=args.only,
-        argv=argv,
-    )
-    progress = None if args.quiet else (lambda line: _say(line, file=sys.stderr))
-    try:
-        report = bench.run(options, progress)
-    except bench.BenchError as exc:
-        raise CommandError(f"the benchmark failed: {exc}", EXIT_INTERNAL) from exc
-    _say(report.table())
-    if report.chart_note:
-        _say(f"callcp: note: {report.chart_note}", file=sys.stderr)
-    _note(args, f"ran in {report.seconds:.0f} s; wrote " + ", ".join(map(str, report.files)))
-    return EXIT_OK
+    directory = benchmarks_dir()
+    if directory is None:
+        raise CommandError(NO_BENCHMARKS, EXIT_USAGE)
+    if str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))  # the harness's spawned processes import it too
+    harness = importlib.import_module(BENCH_MODULE)
+    argv = [*(["--quiet"] if args.quiet else []), *(["-v"] if args.verbose else [])]
+    return int(harness.main([*argv, *args.bench_args], prog="callcp bench"))
 
 
 # ====================================================================== errors
@@ -1162,21 +1144,26 @@ def _fix_stdout() -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``callcp`` command; returns its exit code."""
     _fix_stdout()
-    args = build_parser().parse_args(argv)
-    _setup_logging(args)
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        _say("callcp: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader went away (callcp send ... | head): not worth a message.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_INTERNAL
-    except Exception as exc:
-        code, message = _explain(exc, args)
-        if args.verbose:
-            traceback.print_exc()
-        _say(f"callcp: error: {message}", file=sys.stderr)
-        return code
+    parser = build_parser()
+    args, unparsed = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = unparsed  # the harness parses them
+    elif unparsed:
+        parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
+    with _logging(args):
+        try:
+            return int(args.func(args))
+        except KeyboardInterrupt:
+            _say("callcp: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # The reader went away (callcp send ... | head): not worth a message.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_INTERNAL
+        except Exception as exc:
+            code, message = _explain(exc, args)
+            if args.verbose:
+                traceback.print_exc()
+            _say(f"callcp: error: {message}", file=sys.stderr)
+            return code

@@ -1,7 +1,11 @@
 """Benchmarks: callcp against Python's ``ssl`` (TLS 1.3) and raw TCP, in one run.
 
-Run it as ``callcp bench`` (or ``python benchmarks/run.py``); see
-benchmarks/README.md for what is measured and how to read the results.
+Run it as ``python benchmarks/run.py`` (or ``make bench``, or ``callcp bench``
+from a checkout); see benchmarks/README.md for what is measured and how to
+read the results.  This module is not part of the callcp package: it lives in
+the repository's benchmarks/ directory and imports callcp like any user would
+(only its public API).  Results go to benchmarks/results/local/ (ignored by
+git) unless ``--save`` asks for benchmarks/results/, the committed ones.
 
 Theory of operation
 -------------------
@@ -22,7 +26,7 @@ Every scenario runs the same message sizes and patterns over three
 payload, so all three deliver whole messages.  Servers run in their own
 processes (multiprocessing, ``spawn``); clients run in this process, or in
 two client processes for the parallel handshake case, or in one client
-process for the concurrency scenario.  Everything is on 127.0.0.1, with
+process for the concurrency and the rtt_cpu scenarios.  Everything is on 127.0.0.1, with
 TCP_NODELAY on every socket.  Blocking sockets have no Python-level timeout
 (which would cost a ``poll()`` per call); kernel timeouts (SO_RCVTIMEO)
 keep a broken run from hanging.
@@ -37,11 +41,15 @@ Child processes talk to this one over a ``multiprocessing`` pipe, with
 tuples ``(tag, value)``; a child that fails sends ``("error", text)``.
 Memory figures come from the process itself: VmRSS / VmHWM in
 ``/proc/self/status`` (the peak is reset through ``/proc/self/clear_refs``
-just before a measured transfer, where the kernel allows it).
+just before a measured transfer, where the kernel allows it).  CPU figures
+(rtt_cpu) do too: user + system time from ``getrusage(RUSAGE_SELF)``, read by
+the client process around its round trips, and by the server process when
+the parent asks over its pipe, just before and just after them.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime
@@ -64,7 +72,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+import traceback
+from dataclasses import dataclass, field, replace
 from functools import cache
 from multiprocessing.connection import Connection as PipeEnd
 from pathlib import Path
@@ -74,6 +83,7 @@ from typing import (
     Dict,
     Iterator,
     List,
+    NoReturn,
     Optional,
     Protocol,
     Sequence,
@@ -82,14 +92,12 @@ from typing import (
 )
 
 import callcp
+import callcp.aio as callcp_aio
 
 try:
     import resource
-except ImportError:  # pragma: no cover - not on Windows (the CLI still imports this module)
+except ImportError:  # pragma: no cover - not on Windows
     resource = None  # type: ignore[assignment]
-
-from . import aio as callcp_aio
-from . import sync as callcp_sync
 
 __all__ = [
     "SCENARIOS",
@@ -98,7 +106,10 @@ __all__ = [
     "Options",
     "Report",
     "Sizes",
+    "build_parser",
     "machine_info",
+    "main",
+    "options_for",
     "run",
     "workers_support",
 ]
@@ -124,9 +135,12 @@ _HEADER = struct.Struct("!I")
 _LENGTH = struct.Struct("!Q")
 MB = 1_000_000
 
-DEFAULT_RESULTS_DIR = Path("benchmarks") / "results"
-DEFAULT_JSON = DEFAULT_RESULTS_DIR / "latest.json"
-DEFAULT_PNG = DEFAULT_RESULTS_DIR / "latest.png"
+#: The committed results (README tables and chart): written only with ``--save``.
+SAVED_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Where a run writes by default (ignored by git: see benchmarks/.gitignore).
+LOCAL_RESULTS_DIR = SAVED_RESULTS_DIR / "local"
+DEFAULT_JSON = LOCAL_RESULTS_DIR / "latest.json"
+DEFAULT_PNG = LOCAL_RESULTS_DIR / "latest.png"
 
 #: Scenario names, in the order they run (``--only`` takes these).
 SCENARIOS = (
@@ -135,6 +149,7 @@ SCENARIOS = (
     "workers",
     "rtt_sync",
     "rtt_aio",
+    "rtt_cpu",
     "echo_64k",
     "stream",
     "concurrency",
@@ -160,27 +175,32 @@ class Sizes:
     stream_bytes: int
     concurrency: Tuple[int, ...]
     requests_per_connection: int
+    #: round trips per repetition of rtt_cpu (a fixed count: CPU time per round trip)
+    rtt_count: int
 
 
 SIZES: Dict[str, Sizes] = {
-    "full": Sizes("full", 5, 1.0, 0.3, 1 << 30, (100, 1000, 5000), 10),
-    "quick": Sizes("quick", 3, 0.3, 0.1, 64 << 20, (100, 1000), 5),
-    "tiny": Sizes("tiny", 1, 0.05, 0.02, 256 << 10, (4, 8), 2),
+    "full": Sizes("full", 5, 1.0, 0.3, 1 << 30, (100, 1000, 5000), 10, 20_000),
+    "quick": Sizes("quick", 3, 0.3, 0.1, 64 << 20, (100, 1000), 5, 10_000),
+    "tiny": Sizes("tiny", 1, 0.05, 0.02, 256 << 10, (4, 8), 2, 200),
 }
 
 
 @dataclass(frozen=True)
 class Options:
-    """What to run and where to write; see ``callcp bench --help``."""
+    """What to run and where to write; see ``python benchmarks/run.py --help``."""
 
     sizes: str = "full"
     reps: Optional[int] = None
+    #: round trips per repetition of rtt_cpu (default: the sizes' ``rtt_count``)
+    rtt_count: Optional[int] = None
     json_path: Optional[Path] = DEFAULT_JSON
     png_path: Optional[Path] = DEFAULT_PNG
     #: machine.md (default: next to the JSON file)
     machine_path: Optional[Path] = None
     only: Optional[Sequence[str]] = None
-    argv: Sequence[str] = ()
+    #: how this run was asked for (recorded in the JSON and machine.md)
+    command: str = "python benchmarks/run.py"
 
 
 # ====================================================================== keys and targets
@@ -312,7 +332,7 @@ def _listen() -> socket.socket:
 def _quiet_logger() -> logging.Logger:
     """callcp's logger for benchmark servers: errors only (a benchmark's
     clients come and go by the thousand)."""
-    log = logging.getLogger("callcp.bench.server")
+    log = logging.getLogger("callcp_bench.server")
     log.setLevel(logging.ERROR)
     return log
 
@@ -396,7 +416,7 @@ def _open_sync(target: Target) -> _Session:
     """A blocking client connection, handshake done (callcp: key exchange sent)."""
     material = target.material
     if target.kind == "callcp":
-        return callcp_sync.connect(
+        return callcp.connect(
             HOST,
             target.port,
             server_fingerprint=material.callcp_fingerprint,
@@ -475,6 +495,15 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def cpu_seconds() -> Tuple[float, float]:
+    """(user, system) CPU seconds used so far by this process, all threads."""
+    if resource is not None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # microsecond resolution
+        return usage.ru_utime, usage.ru_stime
+    times = os.times()  # pragma: no cover - clock ticks (10 ms) where getrusage is missing
+    return times.user, times.system
+
+
 # ====================================================================== child processes
 
 _CTX = multiprocessing.get_context("spawn")
@@ -504,8 +533,9 @@ def _report_failure(pipe: PipeEnd, exc: BaseException) -> None:
 
 
 def _command_loop(pipe: PipeEnd, on_stop: Optional[Callable[[], None]] = None) -> None:
-    """Answer the parent: ``("rss",)`` -> VmRSS in KiB; ``("stop",)`` -> exit
-    (after ``on_stop()``, which stops a server's worker processes)."""
+    """Answer the parent: ``("rss",)`` -> VmRSS in KiB; ``("cpu",)`` -> this
+    process's (user, system) CPU seconds; ``("stop",)`` -> exit (after
+    ``on_stop()``, which stops a server's worker processes)."""
     while True:
         try:
             command = pipe.recv()
@@ -514,6 +544,8 @@ def _command_loop(pipe: PipeEnd, on_stop: Optional[Callable[[], None]] = None) -
         if command[0] == "rss":
             gc.collect()
             pipe.send(("rss", rss_kib()))
+        elif command[0] == "cpu":
+            pipe.send(("cpu", cpu_seconds()))
         else:  # "stop"
             if on_stop is not None:
                 with contextlib.suppress(Exception):
@@ -600,7 +632,7 @@ class ServerSpec:
     options: Tuple[Tuple[str, Any], ...] = ()
 
 
-def _callcp_echo(conn: callcp_sync.Connection) -> None:
+def _callcp_echo(conn: callcp.Connection) -> None:
     for message in conn:
         conn.send(message)
 
@@ -652,7 +684,7 @@ def _server_main(spec: ServerSpec, pipe: PipeEnd) -> None:
         if spec.flavour == "aio":
             asyncio.run(_aio_server(spec, options, pipe))
         elif spec.kind == "callcp":
-            server = callcp_sync.serve(
+            server = callcp.serve(
                 _callcp_echo,
                 HOST,
                 0,
@@ -852,6 +884,93 @@ async def arequest_rate(target: Target, payload: bytes, seconds: float) -> float
         await session.close()
 
 
+def _rtt_cpu_client_main(pipe: PipeEnd) -> None:
+    """The client process of rtt_cpu, one connection at a time:
+
+    ``("rtt", target, flavour, n)`` -> connect and warm up, ``("connected", None)``;
+    ``("go",)`` -> ``n`` round trips, ``("result", {...})`` with their wall and
+    CPU time; ``("close",)`` -> close the connection; then the next ``"rtt"``.
+    The connection stays open until ``"close"`` so that the server's CPU time,
+    which the parent reads between ``"connected"`` and ``"result"``, covers
+    the round trips and nothing else."""
+    _child_setup()
+    try:
+        pipe.send(("ready", os.getpid()))
+        while True:
+            command = pipe.recv()
+            if command[0] != "rtt":
+                return
+            _, target, flavour, n = command
+            if flavour == "aio":
+                asyncio.run(_timed_arequests(target, n, pipe))
+            else:
+                _timed_requests(target, n, pipe)
+    except EOFError:
+        return
+    except BaseException as exc:
+        _report_failure(pipe, exc)
+        raise
+
+
+def _rtt_warmup(n: int) -> int:
+    return max(10, n // 10)
+
+
+def _await(pipe: PipeEnd, tag: str) -> None:
+    command = pipe.recv()
+    if command[0] != tag:
+        raise BenchError(f"expected {tag!r} from the parent, got {command[0]!r}")
+
+
+def _timing(n: int, seconds: float, before: Tuple[float, float]) -> Dict[str, float]:
+    user, system = cpu_seconds()
+    return {"n": n, "seconds": seconds, "user": user - before[0], "sys": system - before[1]}
+
+
+def _timed_requests(target: Target, n: int, pipe: PipeEnd) -> None:
+    payload = os.urandom(MESSAGE_SIZE)
+    session = _open_sync(target)
+    try:
+        for _ in range(_rtt_warmup(n)):
+            if session.request(payload) != payload:
+                raise BenchError(f"{target.kind}: the server did not echo the request")
+        pipe.send(("connected", None))
+        _await(pipe, "go")
+        request = session.request
+        before = cpu_seconds()
+        start = time.perf_counter()
+        for _ in range(n):
+            request(payload)
+        seconds = time.perf_counter() - start
+        pipe.send(("result", _timing(n, seconds, before)))
+        _await(pipe, "close")
+    finally:
+        session.close()
+
+
+async def _timed_arequests(target: Target, n: int, pipe: PipeEnd) -> None:
+    # The pipe is read with a blocking call on the event loop: nothing else
+    # runs in this process between the measured parts.
+    payload = os.urandom(MESSAGE_SIZE)
+    session = await _open_aio(target)
+    try:
+        for _ in range(_rtt_warmup(n)):
+            if await session.request(payload) != payload:
+                raise BenchError(f"{target.kind}: the server did not echo the request")
+        pipe.send(("connected", None))
+        _await(pipe, "go")
+        request = session.request
+        before = cpu_seconds()
+        start = time.perf_counter()
+        for _ in range(n):
+            await request(payload)
+        seconds = time.perf_counter() - start
+        pipe.send(("result", _timing(n, seconds, before)))
+        _await(pipe, "close")
+    finally:
+        await session.close()
+
+
 # ---------------------------------------------------------------- streams
 
 
@@ -889,7 +1008,7 @@ def _stream_receiver_main(kind: str, material: Material, total: int, pipe: PipeE
         if kind == "callcp":
             done = threading.Event()
 
-            def handler(conn: callcp_sync.Connection) -> None:
+            def handler(conn: callcp.Connection) -> None:
                 try:
                     reset = reset_peak_rss()
                     before = rss_kib()
@@ -912,7 +1031,7 @@ def _stream_receiver_main(kind: str, material: Material, total: int, pipe: PipeE
                 finally:
                     done.set()
 
-            server = callcp_sync.serve(
+            server = callcp.serve(
                 handler,
                 HOST,
                 0,
@@ -957,7 +1076,7 @@ def _stream_sender_main(target: Target, total: int, pipe: PipeEnd) -> None:
     _child_setup()
     try:
         if target.kind == "callcp":
-            conn = callcp_sync.connect(
+            conn = callcp.connect(
                 HOST,
                 target.port,
                 server_fingerprint=target.material.callcp_fingerprint,
@@ -1192,6 +1311,7 @@ class Report:
                 "stream_bytes": self.sizes.stream_bytes,
                 "concurrency": list(self.sizes.concurrency),
                 "requests_per_connection": self.sizes.requests_per_connection,
+                "rtt_count": self.sizes.rtt_count,
                 "message_bytes": MESSAGE_SIZE,
                 "echo_bytes": ECHO_SIZE,
             },
@@ -1439,6 +1559,63 @@ class _Runner:
             result, metric, "aio", lambda t, s: asyncio.run(arequest_rate(t, payload, s))
         )
 
+    def rtt_cpu(self, result: ScenarioResult) -> None:
+        """``rtt_count`` round trips per repetition, blocking then asyncio;
+        each side's CPU time is read by that process itself (getrusage)."""
+        n = self.sizes.rtt_count
+        result.title = (
+            f"{n:,} x 64-byte round trips on one connection: rate, and CPU time per round "
+            "trip in the client and in the server process"
+        )
+        runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
+        client = _Child("rtt_cpu client", _rtt_cpu_client_main)
+        try:
+            client.expect("ready")
+            for flavour, how in (("sync", "blocking"), ("aio", "asyncio")):
+                rate = result.metric(
+                    f"{flavour}_rate", f"{n:,} x 64 B round trips, {how}", "rt/s", True
+                )
+                on_client = result.metric(
+                    f"{flavour}_client_cpu", f"{how} round trip: client CPU", "us", False
+                )
+                on_server = result.metric(
+                    f"{flavour}_server_cpu", f"{how} round trip: server CPU", "us", False
+                )
+                runs[flavour] = {kind: [] for kind in KINDS}
+                with _Servers(KINDS, flavour, self.material) as servers:
+                    for rep in range(self.sizes.reps):
+                        for kind in self.interleaved(KINDS, rep):
+                            got = self.rtt_cpu_once(
+                                client, servers.children[kind], servers.targets[kind], flavour, n
+                            )
+                            runs[flavour][kind].append(got)
+                            c, s = got["client"], got["server"]
+                            rate.add(kind, n / c["seconds"])
+                            on_client.add(kind, (c["user"] + c["sys"]) / n * 1e6)
+                            on_server.add(kind, (s["user"] + s["sys"]) / n * 1e6)
+        finally:
+            client.stop()
+        result.extra["runs"] = runs
+        result.extra["round_trips"] = n
+
+    @staticmethod
+    def rtt_cpu_once(
+        client: _Child, server: _Child, target: Target, flavour: str, n: int
+    ) -> Dict[str, Any]:
+        client.send("rtt", target, flavour, n)
+        client.expect("connected")
+        server.send("cpu")
+        before = server.expect("cpu")
+        client.send("go")
+        timing = client.expect("result")
+        server.send("cpu")
+        after = server.expect("cpu")
+        client.send("close")
+        return {
+            "client": timing,
+            "server": {"user": after[0] - before[0], "sys": after[1] - before[1]},
+        }
+
     def echo_64k(self, result: ScenarioResult) -> None:
         metric = result.metric("throughput", "64 KiB echo, 1 conn (both directions)", "MB/s", True)
         payload = os.urandom(ECHO_SIZE)
@@ -1533,7 +1710,12 @@ class _Runner:
     def concurrency_once(self, kind: str, n: int, k: int) -> Dict[str, Any]:
         options: Tuple[Tuple[str, Any], ...] = ()
         if kind == "callcp":
-            options = (("max_connections", n + 64),)
+            # Never refuse one of ours: every client comes from one address.
+            options = (
+                ("max_connections", n + OPEN_IN_FLIGHT),
+                ("max_connections_per_source", 0),
+                ("max_handshakes_per_source", 0),
+            )
         server = _Child(
             f"{kind} aio server", _server_main, ServerSpec(kind, "aio", self.material, options)
         )
@@ -1582,6 +1764,8 @@ _TITLES = {
     "workers": "handshakes/s with 2 client processes, callcp workers=1 vs workers=2",
     "rtt_sync": "64-byte request/response round trips on one connection, blocking",
     "rtt_aio": "64-byte request/response round trips on one connection, asyncio",
+    "rtt_cpu": "a fixed number of 64-byte round trips on one connection: rate, and CPU "
+    "time per round trip in the client and in the server process",
     "echo_64k": "64 KiB echo throughput on one connection, both directions counted",
     "stream": "one-way stream",
 }
@@ -1590,7 +1774,7 @@ _TITLES = {
 def workers_support() -> Optional[str]:
     """``"sync"`` or ``"aio"``: which ``serve()`` takes ``workers=N``; None if neither."""
     for flavour, serve, server in (
-        ("sync", callcp_sync.serve, callcp_sync.Server),
+        ("sync", callcp.serve, callcp.Server),
         ("aio", callcp_aio.serve, callcp_aio.Server),
     ):
         for fn in (serve, server):
@@ -1648,8 +1832,9 @@ def machine_info() -> Dict[str, str]:
 
 
 def _source_revision() -> str:
-    """`` (git abc1234, modified)`` when callcp runs from a git checkout."""
-    here = Path(__file__).resolve().parent
+    """`` (git abc1234, with uncommitted changes)`` when the callcp being measured
+    runs from a git checkout (changes are looked for in its package directory)."""
+    here = Path(callcp.__file__).resolve().parent
     try:
         head = subprocess.run(  # noqa: S603 - fixed arguments
             ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],  # noqa: S607
@@ -1820,15 +2005,11 @@ def run(options: Options, say: Optional[Say] = None) -> Report:
     if options.reps is not None:
         if options.reps < 1:
             raise BenchError("--reps must be at least 1")
-        sizes = Sizes(
-            sizes.name,
-            options.reps,
-            sizes.seconds,
-            sizes.warmup,
-            sizes.stream_bytes,
-            sizes.concurrency,
-            sizes.requests_per_connection,
-        )
+        sizes = replace(sizes, reps=options.reps)
+    if options.rtt_count is not None:
+        if options.rtt_count < 1:
+            raise BenchError("--rtt-count must be at least 1")
+        sizes = replace(sizes, rtt_count=options.rtt_count)
     chosen = _selected(options.only)
     _raise_nofile()
     started = time.monotonic()
@@ -1880,7 +2061,7 @@ def run(options: Options, say: Optional[Say] = None) -> Report:
 
 
 def _write_outputs(report: Report, options: Options) -> None:
-    command = " ".join(["callcp bench", *options.argv]).strip()
+    command = options.command
     if options.json_path is not None:
         path = Path(options.json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1902,3 +2083,175 @@ def _write_outputs(report: Report, options: Options) -> None:
             report.chart_note = why
         else:
             report.files.append(Path(options.png_path))
+
+
+# ====================================================================== command line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line on stderr (exit code 2), as callcp's."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"callcp: error: {message} (see '{self.prog} --help')\n")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected an integer >= 1")
+    return value
+
+
+def _scenario(text: str) -> str:
+    return text.replace("-", "_")  # rtt-cpu is rtt_cpu
+
+
+def build_parser(prog: str = "benchmarks/run.py") -> argparse.ArgumentParser:
+    """The benchmark's argument parser (``prog``: how it was invoked)."""
+    p = _Parser(
+        prog=prog,
+        description="Benchmark callcp against Python's ssl (TLS 1.3, RSA-2048 certificate\n"
+        "verified by the client) and raw TCP in one run, on 127.0.0.1, servers in\n"
+        "their own processes: handshakes/s (1 and 2 client processes, and workers=1\n"
+        "vs 2 where supported), 64-byte round trips/s (blocking and asyncio), CPU\n"
+        "time per 64-byte round trip in the client and the server process\n"
+        "(rtt_cpu), 64 KiB echo MB/s, one-way stream MB/s with each side's peak RSS,\n"
+        "and N asyncio connections (requests/s, p50/p99 latency, server RSS per\n"
+        "connection). Prints a table of medians [min-max] over the repetitions with\n"
+        "the ratios callcp/ssl and callcp/raw, and writes the results as JSON (every\n"
+        "sample), a PNG chart (needs matplotlib: pip install 'callcp[bench]') and\n"
+        "machine.md next to the JSON: into the results directory's local/\n"
+        f"({_shown(LOCAL_RESULTS_DIR)}/, ignored by git), or with --save into\n"
+        f"{_shown(SAVED_RESULTS_DIR)}/ itself, replacing the committed results.\n"
+        "A full run takes several minutes; --quick about one.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument(
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="sizes",
+        default="full",
+        help="smaller sizes and fewer repetitions: a 64 MiB stream, up to 1,000 "
+        "connections, 3 repetitions (about a minute)",
+    )
+    sizes.add_argument(
+        "--sizes",
+        choices=tuple(SIZES),
+        default="full",
+        help="full (default: 1 GiB stream, 100/1,000/5,000 connections, 5 repetitions), "
+        "quick, or tiny (seconds; for tests)",
+    )
+    p.add_argument(
+        "--reps",
+        metavar="N",
+        type=_count,
+        help="repetitions of each scenario (default: 5; --quick: 3; tiny: 1)",
+    )
+    p.add_argument(
+        "--only",
+        metavar="SCENARIO",
+        nargs="+",
+        type=_scenario,
+        choices=SCENARIOS,
+        help=f"run only these scenarios: {', '.join(SCENARIOS)}",
+    )
+    p.add_argument(
+        "--rtt-count",
+        metavar="N",
+        type=_count,
+        help="round trips per repetition of rtt_cpu (default: 20,000; --quick: 10,000; tiny: 200)",
+    )
+    where = p.add_argument_group("where the results go")
+    where.add_argument(
+        "--save",
+        action="store_true",
+        help=f"write into {_shown(SAVED_RESULTS_DIR)}/, replacing the committed results "
+        f"(default: {_shown(LOCAL_RESULTS_DIR)}/)",
+    )
+    where.add_argument(
+        "--json",
+        metavar="PATH",
+        help="where to write the results (default: latest.json in the results directory; "
+        "machine.md goes next to it)",
+    )
+    where.add_argument(
+        "--png",
+        metavar="PATH",
+        help="where to write the chart (default: latest.png in the results directory)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress lines (the table and errors still print)",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="a failure shows its traceback"
+    )
+    return p
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the current directory when it is below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def options_for(args: argparse.Namespace, prog: str = "benchmarks/run.py") -> Options:
+    """The :class:`Options` for parsed command-line arguments."""
+    results = SAVED_RESULTS_DIR if args.save else LOCAL_RESULTS_DIR
+    command = [prog, "--sizes", args.sizes]
+    if args.reps is not None:
+        command += ["--reps", str(args.reps)]
+    if args.rtt_count is not None:
+        command += ["--rtt-count", str(args.rtt_count)]
+    if args.only:
+        command += ["--only", *args.only]
+    if args.save:
+        command.append("--save")
+    return Options(
+        sizes=args.sizes,
+        reps=args.reps,
+        rtt_count=args.rtt_count,
+        json_path=Path(os.path.expanduser(args.json)) if args.json else results / "latest.json",
+        png_path=Path(os.path.expanduser(args.png)) if args.png else results / "latest.png",
+        only=args.only,
+        command=" ".join(command),
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "benchmarks/run.py") -> int:
+    """Run the benchmark from the command line; returns the exit code
+    (0, 1 if it failed, 2 for a usage error, 130 if interrupted)."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.save and args.only:
+        parser.error("--save replaces all the committed results: not with --only")
+    options = options_for(args, prog)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        report = run(options, None if args.quiet else say)
+    except KeyboardInterrupt:
+        say("callcp: interrupted")
+        return 130
+    except BenchError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        say(f"callcp: error: the benchmark failed: {' '.join(str(exc).split())}")
+        return 1
+    print(report.table(), flush=True)
+    if report.chart_note:
+        say(f"callcp: note: {report.chart_note}")
+    if not args.quiet:
+        say(f"ran in {report.seconds:.0f} s; wrote " + ", ".join(map(_shown, report.files)))
+    return 0
