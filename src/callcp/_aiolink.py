@@ -130,10 +130,11 @@ class Link(asyncio.Protocol):
         assert arrival is not None and self.start is not None
         if not arrival.received(data):
             return
+        # From here bytes go to the core (bounded by PAUSE_READING_AT): reading
+        # goes on, so a peer that leaves while its hello waits is seen to go.
         self.on_data = None
-        self.pause()  # (the kernel holds the rest)
         start = self.start
-        arrival.queue(lambda: start(self), lambda: not self.lost.done())
+        arrival.queue(lambda: start(self), lambda: not self.lost.done(), self.abort)
         if arrival.state == "dropped":
             self.abort()
 

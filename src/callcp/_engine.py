@@ -48,6 +48,7 @@ from ._core.errors import (
     ConnectionClosed,
     ConnectionClosedError,
     ConnectionClosedOK,
+    HandshakeError,
     HandshakeTimeout,
     MessagePending,
     MessageTooLarge,
@@ -86,6 +87,7 @@ Address = Tuple[Any, ...]
 HandshakeStep = Union[NeedData, DecryptionRequested, None]
 
 SHUTTING_DOWN = "server shutting down"
+PEER_LEFT = "the peer closed the connection before its key exchange"
 
 
 def _going_away() -> ConnectionClosedOK:
@@ -353,6 +355,46 @@ _EVENT: Op = (EVENT, None)
 _ABORT: Op = (ABORT, None)
 
 
+class Run:
+    """A procedure being run by an adapter's ``_drive`` loop::
+
+        run = Run(engine, steps, abort)
+        for op, arg in run:
+            try:
+                ...do op; set run.reply to what goes back...
+            except BaseException as exc:
+                run.thrown = exc       # the procedure cleans up, then raises
+        return run.value
+
+    A CallcpError that failed the connection runs ``abort()`` (write the
+    queued ALERT or CLOSE, close the transport) before it propagates.
+    """
+
+    __slots__ = ("_steps", "_engine", "_abort", "reply", "thrown", "value")
+
+    def __init__(self, engine: Engine, steps: Procedure, abort: Callable[[], None]) -> None:
+        self._steps, self._engine, self._abort = steps, engine, abort
+        self.reply: Any = None
+        self.thrown: Optional[BaseException] = None
+        self.value: Any = None
+
+    def __iter__(self) -> Run:
+        return self
+
+    def __next__(self) -> Op:
+        reply, thrown = self.reply, self.thrown
+        self.reply = self.thrown = None
+        try:
+            return self._steps.send(reply) if thrown is None else self._steps.throw(thrown)
+        except StopIteration as done:
+            self.value = done.value
+            raise StopIteration from None
+        except CallcpError:
+            if self._engine.failed:
+                self._abort()
+            raise
+
+
 def handshake(engine: Engine, deadline: float, seconds: Optional[float], peer: str) -> Procedure:
     """Run the handshake until data may flow (see Engine.handshake_step)."""
     try:
@@ -515,12 +557,19 @@ class Admission:
 class HandshakeTicket:
     """One connection's claim on a key-exchange slot."""
 
-    __slots__ = ("source", "start", "alive", "state")
+    __slots__ = ("source", "start", "alive", "dead", "state")
 
-    def __init__(self, source: str, start: Callable[[], None], alive: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        source: str,
+        start: Callable[[], None],
+        alive: Callable[[], bool],
+        dead: Callable[[], None] = lambda: None,
+    ) -> None:
         self.source = source
         self.start = start  # called (outside any lock) when the slot is granted
-        self.alive = alive  # False: the connection is gone, skip it
+        self.alive = alive  # False: the connection is gone, skip it...
+        self.dead = dead  # ...and call this (outside any lock) to close and release it
         self.state = "new"  # then "waiting", "running", "done"
 
 
@@ -566,7 +615,7 @@ class HandshakeQueue:
 
     def done(self, ticket: HandshakeTicket) -> None:
         """The ticket's key exchange finished (or failed): let the next in."""
-        starts = []
+        starts, dead = [], []
         with self._lock:
             if ticket.state != "running":
                 return
@@ -578,10 +627,13 @@ class HandshakeQueue:
                 if not nxt.alive():
                     nxt.state = "done"
                     self._forget(nxt.source)
+                    dead.append(nxt)
                     continue
                 nxt.state = "running"
                 self.running += 1
                 starts.append(nxt)
+        for gone in dead:
+            gone.dead()
         for nxt in starts:
             nxt.start()
 
@@ -754,12 +806,22 @@ class Arrival:
             self._drop(exc)
             return True
 
-    def queue(self, start: Callable[[], None], alive: Callable[[], bool]) -> None:
-        """Queue for a key-exchange slot (``start()`` may run at once)."""
+    def queue(
+        self, start: Callable[[], None], alive: Callable[[], bool], drop: Callable[[], None]
+    ) -> None:
+        """Queue for a key-exchange slot: ``start()`` (maybe at once) when it
+        is granted; ``alive()`` says whether the peer is still there; ``drop()``
+        closes and releases a connection whose peer left while it waited."""
         if self.state != "hello":
             return
         self.state = "waiting"
-        self.ticket = HandshakeTicket(source_of(self.addr), self._start(start), alive)
+
+        def dead() -> None:
+            self.state = "dropped"
+            self.server.handshake_failed(self.addr, HandshakeError(PEER_LEFT))
+            drop()
+
+        self.ticket = HandshakeTicket(source_of(self.addr), self._start(start), alive, dead)
         why = self.server.handshakes.submit(self.ticket)
         if why is not None:
             self.server.refused(self.addr, why)
@@ -780,8 +842,11 @@ class Arrival:
 
     def decrypt(self, request: DecryptionRequested) -> Optional[bytes]:
         """Run the key exchange's RSA decryption and free the slot at once
-        (the rest of the handshake does not hold it)."""
+        (the rest of the handshake does not hold it).  A peer that left
+        costs none: then the handshake goes on without it, and fails."""
         try:
+            if self.ticket is not None and not self.ticket.alive():
+                return None
             return request.run()
         finally:
             self.key_exchange_done()

@@ -374,7 +374,9 @@ class Acceptor:
         if not arrival.received(data):
             return
         self._sel.unregister(sock)  # the kernel holds the rest
-        arrival.queue(lambda: self._start(arrival), lambda: peer_alive(sock))
+        arrival.queue(
+            lambda: self._start(arrival), lambda: peer_alive(sock), lambda: self._drop(arrival)
+        )
         if arrival.state == "dropped":
             self._drop(arrival)
 

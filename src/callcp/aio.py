@@ -227,18 +227,8 @@ class Connection:
     async def _drive(self, steps: _engine.Procedure) -> Any:
         """Run an engine procedure, doing what it asks the asyncio way."""
         link = self._link
-        reply: Any = None
-        thrown: Optional[BaseException] = None
-        while True:
-            try:
-                op, arg = steps.send(reply) if thrown is None else steps.throw(thrown)
-            except StopIteration as done:
-                return done.value
-            except CallcpError:
-                if self._engine.failed:
-                    link.abort()
-                raise
-            reply = thrown = None
+        run = _engine.Run(self._engine, steps, link.abort)
+        for op, arg in run:
             try:
                 if op is _engine.WRITE:
                     if link.lost.done():
@@ -247,19 +237,20 @@ class Connection:
                     if arg is not _engine.NOW:
                         await link.drain()
                 elif op is _engine.EVENT:
-                    reply = await self._next(DEFAULT)
+                    run.reply = await self._next(DEFAULT)
                 elif op is _engine.CHUNK:
-                    reply = await next_chunk(arg)
+                    run.reply = await next_chunk(arg)
                 elif op is _engine.READ:
                     if link.paused_reading:
                         link.resume()
                     await link.wait(link.loop.time() + arg - time.monotonic())
                 elif op is _engine.DECRYPT:
-                    reply = await self._decrypt(arg)
+                    run.reply = await self._decrypt(arg)
                 else:
                     link.abort()
-            except BaseException as exc:  # the procedure cleans up, then raises
-                thrown = exc
+            except BaseException as exc:
+                run.thrown = exc
+        return run.value
 
     async def _next(self, timeout: Any) -> Any:
         """The next application event, waiting as needed (in the receive turn)."""

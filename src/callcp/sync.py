@@ -221,34 +221,25 @@ class Connection(SocketLink):
 
     def _drive(self, steps: _engine.Procedure) -> Any:
         """Run an engine procedure, doing what it asks the blocking way."""
-        reply: Any = None
-        thrown: Optional[BaseException] = None
-        while True:
-            try:
-                op, arg = steps.send(reply) if thrown is None else steps.throw(thrown)
-            except StopIteration as done:
-                return done.value
-            except CallcpError:
-                if self._engine.failed:
-                    self._abort()
-                raise
-            reply = thrown = None
+        run = _engine.Run(self._engine, steps, self._abort)
+        for op, arg in run:
             try:
                 if op is _engine.WRITE:
                     with self._send_lock:
                         self._write(self._core.data_to_send_parts())
                 elif op is _engine.EVENT:
-                    reply = self._next(DEFAULT)
+                    run.reply = self._next(DEFAULT)
                 elif op is _engine.CHUNK:
-                    reply = next(arg, None)
+                    run.reply = next(arg, None)
                 elif op is _engine.READ:
                     self._read(remaining(arg))
                 elif op is _engine.DECRYPT:
-                    reply = self._decrypt(arg)
+                    run.reply = self._decrypt(arg)
                 else:
                     self._abort()
-            except BaseException as exc:  # the procedure cleans up, then raises
-                thrown = exc
+            except BaseException as exc:
+                run.thrown = exc
+        return run.value
 
     def _next(self, timeout: Union[float, None, _Default]) -> Any:
         """The next application event, reading as needed (under ``_recv_lock``)."""
