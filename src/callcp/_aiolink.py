@@ -11,6 +11,7 @@ long deadlines share one lazily re-armed timer per link.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from typing import (
     Any,
@@ -29,6 +30,7 @@ from ._common import translate_oserror
 from ._core.errors import CallcpTimeout
 from ._core.events import DecryptionRequested
 from ._engine import Arrival, Engine, ServerCore
+from ._sockets import peer_alive
 from ._streams import iter_chunks
 
 __all__ = ["Link", "Turn", "DONE", "PAUSE_READING_AT", "FOREVER", "achunks", "next_chunk"]
@@ -134,9 +136,23 @@ class Link(asyncio.Protocol):
         # goes on, so a peer that leaves while its hello waits is seen to go.
         self.on_data = None
         start = self.start
-        arrival.queue(lambda: start(self), lambda: not self.lost.done(), self.abort)
+        arrival.queue(lambda: start(self), self._alive, self.abort)
         if arrival.state == "dropped":
             self.abort()
+
+    def _alive(self) -> bool:
+        """The peer is still there (any thread): asked just before RSA work,
+        when the loop may not have seen its FIN or RST yet, by a peek."""
+        if self.lost.done():
+            return False
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return True
+        raw = socket.socket(fileno=sock.fileno())  # a view of the same descriptor
+        try:
+            return peer_alive(raw)
+        finally:
+            raw.detach()
 
     def _too_slow(self) -> None:
         """The handshake deadline passed before the key exchange started."""
