@@ -136,9 +136,18 @@ class State(enum.Enum):
     FAILED = "failed"  # a fatal error happened (either side's fault)
 
 
+# Module-level names for the states the hot paths test: an enum member
+# lookup (``State.OPEN``) costs ten times a global's.
+_OPEN = State.OPEN
+_DATA_END = FrameType.DATA_END
+_STREAMING = State.STREAMING
+_CLOSED = State.CLOSED
+_FAILED = State.FAILED
+_WAIT_DECRYPTION = State.WAIT_DECRYPTION
+
 _HANDSHAKE_STATES = frozenset(
     {
-        State.WAIT_DECRYPTION,
+        _WAIT_DECRYPTION,
         State.WAIT_SERVER_HELLO,
         State.WAIT_CLIENT_HELLO,
         State.WAIT_CLIENT_AUTH,
@@ -226,7 +235,7 @@ class _Protocol:
         self.max_message_size = max_message_size
         self.key_update_interval = key_update_interval
         self._entropy = entropy or Entropy()
-        self.state: State = State.FAILED  # set by subclasses
+        self.state: State = _FAILED  # set by subclasses
         self.version: Optional[int] = None
         self.peer_fingerprint: Optional[str] = None
         self.error: Optional[CallcpError] = None
@@ -254,7 +263,7 @@ class _Protocol:
         self._receiver: Optional[RecordReceiver] = None
         self._fragments: List[bytes] = []
         self._fragments_size = 0
-        # the stream being received (State.STREAMING) / sent
+        # the stream being received (_STREAMING) / sent
         # (the hashes exist only for streams whose sender asked for a SHA-256)
         self._in_stream_hash: Optional[Any] = None
         self._in_stream_checksum = False
@@ -284,7 +293,7 @@ class _Protocol:
         if not data:
             self._eof = True
             return
-        if self.state is State.FAILED or self.state is State.CLOSED:
+        if self.state is _FAILED or self.state is _CLOSED:
             return  # nothing more is read from a finished connection
         if self._pos >= len(self._buf) and not self._chunks:
             self._buf = data if type(data) is bytes else bytes(data)
@@ -312,7 +321,7 @@ class _Protocol:
             self._chunks_len == 0
             and self._pos >= len(self._buf)
             and not self._eof
-            and (self.state is State.OPEN or self.state in _LIVE_STATES)
+            and (self.state is _OPEN or self.state in _LIVE_STATES)
         )
 
     @property
@@ -371,12 +380,13 @@ class _Protocol:
             ConnectionClosed: the connection is closed or failed already
             (ConnectionClosedOK after the peer's normal CLOSE).
         """
-        if self.state is State.FAILED or self.state is State.CLOSED:
+        state = self.state
+        if state is _FAILED or state is _CLOSED:
             raise self.closed_error()
-        if self.state is State.WAIT_DECRYPTION:
+        if state is _WAIT_DECRYPTION:
             raise LocalProtocolError("call premaster_decrypted() before asking for more events")
         try:
-            if self.state is State.OPEN and not self._fragments:
+            if state is _OPEN and not self._fragments:
                 # Fast path for the commonest frame: a whole one-record message.
                 # Same checks and outcome as the table's (OPEN, DATA_END) entry.
                 buf, pos = self._buf, self._pos
@@ -384,7 +394,7 @@ class _Protocol:
                     ftype, length = HEADER.unpack_from(buf, pos)
                     end = pos + HEADER_SIZE + length
                     if (
-                        ftype == FrameType.DATA_END
+                        ftype == _DATA_END
                         and TAG_SIZE <= length <= MAX_RECORD_BODY
                         and end <= len(buf)
                         and length - TAG_SIZE <= self.max_message_size
@@ -442,7 +452,7 @@ class _Protocol:
         if (
             type(message) is bytes
             and len(message) <= MAX_FRAGMENT
-            and self.state is State.OPEN
+            and self.state is _OPEN
             and sender is not None
             and not self._close_sent
             and not self._out_stream_active
@@ -465,7 +475,7 @@ class _Protocol:
         if (
             type(message) is bytes
             and len(message) <= MAX_FRAGMENT
-            and self.state is State.OPEN
+            and self.state is _OPEN
             and sender is not None
             and not self._close_sent
             and not self._out_stream_active
@@ -553,7 +563,7 @@ class _Protocol:
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Queue the authenticated CLOSE (idempotent).  Before keys exist it
         is a plaintext ALERT.  After it, ``send`` is refused."""
-        if self._close_sent or self.state is State.FAILED:
+        if self._close_sent or self.state is _FAILED:
             return
         self._close_sent = True
         if self._sender is not None:
@@ -690,7 +700,7 @@ class _Protocol:
         sender.seal(ftype, plaintext, self._out)
 
     def _check_can_send(self) -> None:
-        if self.state is State.FAILED or (self.state is State.CLOSED and self._peer_closed_first):
+        if self.state is _FAILED or (self.state is _CLOSED and self._peer_closed_first):
             raise self.closed_error()
         if self._close_sent:
             raise LocalProtocolError("send() after close()")
@@ -702,7 +712,7 @@ class _Protocol:
         detail = f" ({partial} bytes of an incomplete frame buffered)" if partial else ""
         if self.state in _HANDSHAKE_STATES:
             raise HandshakeError(f"the peer closed the connection during the handshake{detail}")
-        if self.state is State.STREAMING:
+        if self.state is _STREAMING:
             detail = f" in the middle of a stream ({self._in_stream_length} bytes received){detail}"
         raise ConnectionClosedError(
             "the peer closed TCP without an authenticated close: the stream may have "
@@ -716,7 +726,7 @@ class _Protocol:
             wrapped.code = exc.code
             wrapped.__cause__ = exc
             exc = wrapped
-        if self.state is not State.FAILED:
+        if self.state is not _FAILED:
             if not isinstance(exc, ConnectionClosed):
                 code = getattr(exc, "code", CloseCode.INTERNAL_ERROR)
                 # What we tell the peer: why its bytes were refused, but
@@ -727,7 +737,7 @@ class _Protocol:
                 else:
                     reason = CloseCode.name(code)
                 self.close(code, reason)
-            self.state = State.FAILED
+            self.state = _FAILED
             self.error = exc
         self._fragments.clear()
         self._fragments_size = 0
@@ -768,7 +778,7 @@ class _Protocol:
         self._in_stream_checksum = checksum
         self._in_stream_hash = hashlib.sha256() if checksum else None
         self._in_stream_length = 0
-        self.state = State.STREAMING
+        self.state = _STREAMING
         return StreamStarted(size, name, checksum)
 
     def _on_stream_data(self, header: bytes, body: bytes) -> Optional[Event]:
@@ -790,13 +800,13 @@ class _Protocol:
                 f"{self._in_stream_length} arrived, or their SHA-256 differs"
             )
         self._in_stream_hash = None
-        self.state = State.OPEN
+        self.state = _OPEN
         return StreamEnded(length, ours)
 
     def _on_stream_abort(self, header: bytes, body: bytes) -> Optional[Event]:
         _, reason = decode_alert(body)
         self._in_stream_hash = None
-        self.state = State.OPEN
+        self.state = _OPEN
         return StreamAborted(reason)
 
     def _on_key_update(self, header: bytes, body: bytes) -> Optional[Event]:
@@ -819,17 +829,17 @@ class _Protocol:
             self._close_received = (code, reason)
             self._close_sent = True  # never answer a refusal
             raise err
-        if self._fragments or self.state is State.STREAMING:
+        if self._fragments or self.state is _STREAMING:
             # A message or stream was cut short by the close: the message is
             # dropped, never delivered; the stream is reported incomplete.
-            what = "stream" if self.state is State.STREAMING else "message"
+            what = "stream" if self.state is _STREAMING else "message"
             self._fragments.clear()
             self._fragments_size = 0
             self._in_stream_hash = None
             code = code if code not in _CLEAN_CODES else CloseCode.PROTOCOL_ERROR
             reason = reason or f"closed in the middle of a {what}"
         self._close_received = (code, reason)
-        self.state = State.CLOSED
+        self.state = _CLOSED
         self._peer_closed_first = not self._close_sent
         if not self._close_sent and self._sender is not None:
             self.close(CloseCode.NORMAL, "")
@@ -958,7 +968,7 @@ class ClientProtocol(_Protocol):
         if not _verify_finished(self._secrets.server_finished, self._transcript.digest(), body):
             raise HandshakeError("the server's Finished MAC does not verify")
         self._secrets = None  # the finished keys are no longer needed
-        self.state = State.OPEN
+        self.state = _OPEN
         return HandshakeCompleted(self.version, self.peer_fingerprint)
 
     _TABLE = {
@@ -1049,7 +1059,7 @@ class ServerProtocol(_Protocol):
         self._peer_share = peer_share
         request = DecryptionRequested(self._key, hello.encrypted_premaster)
         if self._defer_decryption:
-            self.state = State.WAIT_DECRYPTION
+            self.state = _WAIT_DECRYPTION
             return request
         self._finish_key_exchange(request.run())
         return None
@@ -1061,7 +1071,7 @@ class ServerProtocol(_Protocol):
             LocalProtocolError: no decryption was requested.
             HandshakeError: the key exchange failed (the connection is failed).
         """
-        if self.state is not State.WAIT_DECRYPTION:
+        if self.state is not _WAIT_DECRYPTION:
             raise LocalProtocolError("premaster_decrypted() without a DecryptionRequested")
         try:
             self._finish_key_exchange(premaster)
@@ -1118,7 +1128,7 @@ class ServerProtocol(_Protocol):
         self._transcript_add(FrameType.FINISHED, body)
         verify_data = _finished_mac(self._secrets.server_finished, self._transcript.digest())
         self._secrets = None
-        self.state = State.OPEN
+        self.state = _OPEN
         self._seal(FrameType.FINISHED, verify_data)
         return HandshakeCompleted(self.version, self.peer_fingerprint)
 
