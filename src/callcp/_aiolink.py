@@ -98,7 +98,14 @@ class Link(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.data_received(b"")
-        return False
+        # A client that sent its whole flight and closed (fire and forget)
+        # while its hello waits for a key-exchange slot is still served: keep
+        # the transport until its turn.  One that sent only a hello is gone.
+        return (
+            self.arrival is not None
+            and self.arrival.state == "waiting"
+            and (self.arrival.wanted(False))
+        )
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if self.engine is not None:
@@ -141,8 +148,9 @@ class Link(asyncio.Protocol):
             self.abort()
 
     def _alive(self) -> bool:
-        """The peer is still there (any thread): asked just before RSA work,
-        when the loop may not have seen its FIN or RST yet, by a peek."""
+        """Is the connection still worth its key exchange (any thread)?  Asked
+        just before RSA work, when the loop may not have seen the peer's FIN
+        or RST yet: a peek at the socket tells."""
         if self.lost.done():
             return False
         sock = self.transport.get_extra_info("socket")
@@ -150,9 +158,11 @@ class Link(asyncio.Protocol):
             return True
         raw = socket.socket(fileno=sock.fileno())  # a view of the same descriptor
         try:
-            return peer_alive(raw)
+            connected = peer_alive(raw)
         finally:
             raw.detach()
+        assert self.arrival is not None
+        return self.arrival.wanted(connected)
 
     def _too_slow(self) -> None:
         """The handshake deadline passed before the key exchange started."""

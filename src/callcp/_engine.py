@@ -332,7 +332,9 @@ def _nothing() -> None:
 # connection is over: the driver writes what is queued and closes.
 
 #: Write what the core has queued and (asyncio) wait while the transport is
-#: full, unless the argument is NOW (a last word on the way out: an abort).
+#: full; a failure is raised.  With the argument NOW (a handshake flight, or a
+#: last word on the way out) it is written as far as the transport takes it,
+#: with no wait and no error: what the peer sent is still read.
 WRITE = "write"
 NOW = "now"
 #: Wait for bytes (the argument: a time.monotonic() deadline) and feed them to the core.
@@ -400,7 +402,7 @@ def handshake(engine: Engine, deadline: float, seconds: Optional[float], peer: s
     try:
         while True:
             step = engine.handshake_step()
-            yield _WRITE
+            yield _WRITE_NOW
             if step is None:
                 return
             if step is NEED_DATA:
@@ -834,6 +836,13 @@ class Arrival:
             start()
 
         return started
+
+    def wanted(self, connected: bool) -> bool:
+        """Is the connection still worth its key exchange?  Yes while the
+        peer is connected; after its FIN only if it sent more than its hello
+        (a client that sent its whole flight and closed is still served; one
+        that sent a hello and left costs no RSA work)."""
+        return connected or self.engine.core.buffered > 0
 
     @property
     def gone(self) -> bool:

@@ -375,7 +375,9 @@ class Acceptor:
             return
         self._sel.unregister(sock)  # the kernel holds the rest
         arrival.queue(
-            lambda: self._start(arrival), lambda: peer_alive(sock), lambda: self._drop(arrival)
+            lambda: self._start(arrival),
+            lambda: arrival.wanted(peer_alive(sock)),
+            lambda: self._drop(arrival),
         )
         if arrival.state == "dropped":
             self._drop(arrival)

@@ -231,7 +231,7 @@ class Connection:
         for op, arg in run:
             try:
                 if op is _engine.WRITE:
-                    if link.lost.done():
+                    if arg is not _engine.NOW and link.lost.done():
                         raise self._engine.lost_error()
                     link.flush()
                     if arg is not _engine.NOW:

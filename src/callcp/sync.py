@@ -226,7 +226,11 @@ class Connection(SocketLink):
             try:
                 if op is _engine.WRITE:
                     with self._send_lock:
-                        self._write(self._core.data_to_send_parts())
+                        try:
+                            self._write(self._core.data_to_send_parts())
+                        except CallcpError:
+                            if arg is not _engine.NOW:
+                                raise
                 elif op is _engine.EVENT:
                     run.reply = self._next(DEFAULT)
                 elif op is _engine.CHUNK:
