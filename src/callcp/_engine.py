@@ -102,7 +102,17 @@ def _going_away() -> ConnectionClosedOK:
 class Engine:
     """One connection's policy above the core (see the module docstring)."""
 
-    __slots__ = ("core", "wake", "pending", "interruption", "_lost", "_budget", "charged")
+    __slots__ = (
+        "core",
+        "wake",
+        "pending",
+        "interruption",
+        "_lost",
+        "_budget",
+        "charged",
+        "handshake_deadline",
+        "handshaken",
+    )
 
     def __init__(self, core: _Protocol, *, budget: Optional[MessageBudget] = None) -> None:
         self.core = core
@@ -116,6 +126,9 @@ class Engine:
         self._lost: Optional[CallcpError] = None  # the transport's own error
         self._budget = budget
         self.charged = 0  # bytes of this connection's partial message in the budget
+        #: (server) (time.monotonic() deadline, seconds): fixed at accept
+        self.handshake_deadline: Optional[Tuple[float, float]] = None
+        self.handshaken = False  # handshake_step() said "done" once
 
     @property
     def failed(self) -> bool:
@@ -127,6 +140,13 @@ class Engine:
         return self.core._role == "server"
 
     # ------------------------------------------------------------ handshake
+
+    def handshake_limits(self, seconds: Optional[float]) -> Tuple[float, Optional[float]]:
+        """The handshake's deadline (time.monotonic(); inf: none) and its
+        length: a server's was fixed at accept, a client's starts now."""
+        if self.handshake_deadline is not None:
+            return self.handshake_deadline
+        return (float("inf") if seconds is None else time.monotonic() + seconds), seconds
 
     def handshake_step(self) -> HandshakeStep:
         """Advance the handshake as far as the buffered bytes allow.
@@ -142,6 +162,8 @@ class Engine:
             HandshakeError (and subclasses), ConnectionClosed: the handshake
                 failed; the alert for the peer is queued.
         """
+        if self.handshaken:  # (again: nothing to do, and no event to swallow)
+            return None
         if self.pending is not None:  # a DecryptionRequested seen by poll_hello()
             step, self.pending = self.pending, None
             return step  # type: ignore[no-any-return]
@@ -154,6 +176,7 @@ class Engine:
             if isinstance(event, DecryptionRequested):
                 return event
             if isinstance(event, (ServerKeyAccepted, HandshakeCompleted)):
+                self.handshaken = True
                 return None
 
     def poll_hello(self) -> bool:
@@ -795,6 +818,7 @@ class Arrival:
         self.addr = addr
         self.engine = engine
         self.deadline = time.monotonic() + server.options.handshake_timeout
+        engine.handshake_deadline = (self.deadline, server.options.handshake_timeout)
         self.ticket: Optional[HandshakeTicket] = None
         self.state = "hello"
 

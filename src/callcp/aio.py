@@ -84,14 +84,20 @@ class Connection:
     :class:`callcp.sync.Connection`, awaited.  Tasks may share it (receivers
     take turns; a send waits for a stream being sent)."""
 
-    def __init__(self, link: Link, *, timeout: Optional[float]) -> None:
+    def __init__(
+        self,
+        link: Link,
+        *,
+        timeout: Optional[float],
+        decrypt: Callable[[DecryptionRequested], Awaitable[Optional[bytes]]] = decrypt_here,
+    ) -> None:
         self._link = link
         self._engine = link.engine
         self._core = link.engine.core
         self._timeout = timeout
         self._send_lock = asyncio.Lock()
         self._turn = Turn(link.loop)
-        self._decrypt: Callable[[DecryptionRequested], Awaitable[Optional[bytes]]] = decrypt_here
+        self._decrypt = decrypt  # (server) the key exchange's RSA work, off the loop
         link.engine.wake = link.wake
         self.remote_address: Address = link.addr
         local = link.transport.get_extra_info("sockname")
@@ -111,12 +117,14 @@ class Connection:
 
     async def do_handshake(self, timeout: Any = DEFAULT) -> None:
         """Run the handshake (see :meth:`callcp.sync.Connection.do_handshake`)."""
-        seconds = self._timeout if isinstance(timeout, _Default) else timeout
-        deadline = FOREVER if seconds is None else time.monotonic() + seconds
+        engine = self._engine
+        deadline, seconds = engine.handshake_limits(
+            self._timeout if isinstance(timeout, _Default) else timeout
+        )
         await self._turn.take()
         try:
             peer = format_peer(self.remote_address)
-            await self._drive(_engine.handshake(self._engine, deadline, seconds, peer))
+            await self._drive(_engine.handshake(engine, deadline, seconds, peer))
         finally:
             self._turn.give()
 
@@ -373,14 +381,14 @@ class Server:
     async def _serve(self, link: Link) -> None:
         core, options, arrival = self._core, self.options, link.arrival
         assert arrival is not None
-        conn = Connection(link, timeout=options.idle_timeout)
-        conn._decrypt = lambda request: link.loop.run_in_executor(
-            self._rsa, arrival.decrypt, request
-        )
+        rsa = self._rsa
+
+        def decrypt(request: DecryptionRequested) -> Awaitable[Optional[bytes]]:
+            return link.loop.run_in_executor(rsa, arrival.decrypt, request)
+
+        conn = Connection(link, timeout=options.idle_timeout, decrypt=decrypt)
         try:
-            await conn._drive(
-                _engine.handshake(link.engine, arrival.deadline, options.handshake_timeout, "")
-            )
+            await conn.do_handshake()
         except Exception as exc:
             core.handshake_failed(link.addr, exc)
             link.abort()

@@ -60,9 +60,16 @@ class Connection(SocketLink):
     receives.
     """
 
-    def __init__(self, sock: socket.socket, engine: Engine, *, timeout: Optional[float]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        engine: Engine,
+        *,
+        timeout: Optional[float],
+        decrypt: Callable[[DecryptionRequested], Optional[bytes]] = DecryptionRequested.run,
+    ) -> None:
         super().__init__(sock, engine, timeout)
-        self._decrypt: Callable[[DecryptionRequested], Optional[bytes]] = DecryptionRequested.run
+        self._decrypt = decrypt  # (server) the key exchange's RSA work
 
     @property
     def peer_fingerprint(self) -> Optional[str]:
@@ -80,11 +87,13 @@ class Connection(SocketLink):
             HandshakeError (ServerKeyChanged, UnknownServerKey, ...): refused.
             HandshakeTimeout: it did not complete within ``timeout``.
         """
-        seconds = self._timeout if isinstance(timeout, _Default) else timeout
-        deadline = FOREVER if seconds is None else time.monotonic() + seconds
+        engine = self._engine
+        deadline, seconds = engine.handshake_limits(
+            self._timeout if isinstance(timeout, _Default) else timeout
+        )
         with self._recv_lock:
             peer = format_peer(self.remote_address)
-            self._drive(_engine.handshake(self._engine, deadline, seconds, peer))
+            self._drive(_engine.handshake(engine, deadline, seconds, peer))
 
     def send(self, message: Buffer) -> None:
         """Send one message.
@@ -393,23 +402,19 @@ class Server:
     def _serve_one(self, arrival: Arrival) -> None:
         core, options = self._core, self._core.options
         addr, engine = arrival.addr, arrival.engine
-        conn = Connection(arrival.io, engine, timeout=options.handshake_timeout)
-        conn._decrypt = arrival.decrypt
+        conn = Connection(arrival.io, engine, timeout=options.idle_timeout, decrypt=arrival.decrypt)
         with self._lock:
             self._active.add(conn)
             self._busy += 1
         try:
             try:
-                conn._drive(
-                    _engine.handshake(engine, arrival.deadline, options.handshake_timeout, "")
-                )
+                conn.do_handshake()
             except Exception as exc:
                 core.handshake_failed(addr, exc)
                 return
             finally:
                 arrival.key_exchange_done()
             core.connected(addr, engine)
-            conn.settimeout(options.idle_timeout)
             error: Optional[BaseException] = None
             try:
                 self._handler(conn)
