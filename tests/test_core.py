@@ -339,3 +339,29 @@ def test_deferred_decryption_failure_is_implicitly_rejected(server_key: rsa.RSAP
     p.server.premaster_decrypted(None)  # as if the ciphertext were bad
     with pytest.raises(HandshakeError):
         drain(p.server)
+
+
+def test_our_own_close_then_eof_is_clean(server_key: rsa.RSAPrivateKey) -> None:
+    """A reader that sees EOF after its own side closed is told so cleanly,
+    not that the stream "may have been truncated"."""
+    p = Pair(server_key)
+    p.handshake()
+    p.client.close()
+    p.client.data_to_send()
+    p.client.receive_data(b"")
+    with pytest.raises(ConnectionClosedOK, match="closed locally"):
+        p.client.next_event()
+
+
+def test_the_servers_finished_comes_before_its_first_message(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    """The server's FINISHED is owed by its receiving side and sealed by its
+    writer, always first."""
+    p = Pair(server_key)
+    p.to_client()
+    p.client.send(b"hi")
+    feed(p.server, p.client.data_to_send())
+    out = p.server.send_bytes(b"first")
+    kinds = [f[0] for f in split_frames(out)]
+    assert kinds == [FrameType.FINISHED, FrameType.DATA_END]

@@ -269,3 +269,55 @@ def test_handler_outcome_is_one_policy(exc: Any, code: int, logged: bool, traceb
     assert outcome.close_code == code
     assert (outcome.log_kind is not None or outcome.traceback) == logged
     assert outcome.traceback == traceback
+
+
+def test_message_budget_evicts_from_the_source_holding_the_most() -> None:
+    """Many mid-sized messages from one source cannot make another source's
+    single (larger) upload the victim."""
+    budget = MessageBudget(limit=100)
+    legit = _engine(budget)
+    legit.source = "legit"
+    hogs = [_engine(budget) for _ in range(3)]
+    woken: List[str] = []
+    legit.wake = lambda: woken.append("legit")
+    for i, hog in enumerate(hogs):
+        hog.source = "hog"
+        hog.wake = lambda i=i: woken.append(f"hog{i}")  # type: ignore[misc]
+    budget.charge(legit, 40)
+    for hog in hogs:
+        budget.charge(hog, 25)  # the third goes over: 40 + 75 > 100
+    assert woken == ["hog0"] and legit.interruption is None
+    assert "budget" in str(hogs[0].interruption) and "100" not in str(hogs[0].interruption)
+
+
+def test_sources_carrying_ipv4() -> None:
+    assert source_of(("2002:c000:0207::1", 1, 0, 0)) == "192.0.2.7"  # 6to4
+    assert source_of(("64:ff9b::c000:207", 1, 0, 0)) == "192.0.2.7"  # NAT64
+    assert source_of(("64:ff9b::c000:208", 1, 0, 0)) == "192.0.2.8"
+
+
+def test_peer_text_is_never_a_log_format(caplog: pytest.LogCaptureFixture) -> None:
+    outcome = handler_outcome(HandshakeError("the peer said %(boom)s 100% %s"), 1.0)
+    assert "%(boom)s" not in outcome.log_message
+    log = logging.getLogger("callcp.test.format")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        Notices(log).note("k", "s", outcome.log_message, "peer", outcome.detail)
+    assert caplog.records[0].getMessage().endswith("%(boom)s 100% %s")
+
+
+def test_queue_survives_a_failing_liveness_check() -> None:
+    started: List[str] = []
+    queue = HandshakeQueue(limit=1, max_waiting=5, per_source=2)
+    first = HandshakeTicket("s", lambda: started.append("a"), lambda: True)
+    queue.submit(first)
+    dead: List[str] = []
+
+    def broken() -> bool:
+        raise ValueError("negative file descriptor")
+
+    queue.submit(
+        HandshakeTicket("s", lambda: started.append("b"), broken, lambda: dead.append("b"))
+    )
+    queue.done(first)
+    assert dead == ["b"] and started == ["a"] and queue.waiting == 0 and queue.running == 0
+    assert queue.submit(HandshakeTicket("s", lambda: started.append("c"), lambda: True)) is None

@@ -40,6 +40,13 @@ PAUSE_READING_AT = 256 << 10
 #: Waits at least this long (seconds) use the link's shared, lazily re-armed timer.
 COARSE_TIMEOUT = 1.0
 FOREVER = float("inf")
+#: A closing transport that the peer does not drain is dropped after this.
+CLOSE_GRACE = 1.0
+#: While a hello waits for a key-exchange slot, reading stops past this many
+#: bytes (its Finished and first request fit; the rest waits in the kernel).
+WAITING_BUFFER = 16 << 10
+RECEIVING = "receiving"
+SENDING = "sending"
 
 Address = Tuple[Any, ...]
 Buffer = Union[bytes, bytearray, memoryview]
@@ -93,7 +100,16 @@ class Link(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if core.buffered > PAUSE_READING_AT and not self.paused_reading:
+        if (
+            core.buffered > PAUSE_READING_AT
+            and not self.paused_reading
+            or (
+                self.arrival is not None
+                and self.arrival.state == "waiting"
+                and core.buffered > WAITING_BUFFER
+                and not self.paused_reading
+            )
+        ):
             self.pause()
 
     def eof_received(self) -> bool:
@@ -151,8 +167,9 @@ class Link(asyncio.Protocol):
         """Is the connection still worth its key exchange (any thread)?  Asked
         just before RSA work, when the loop may not have seen the peer's FIN
         or RST yet: a peek at the socket tells."""
+        assert self.arrival is not None
         if self.lost.done():
-            return False
+            return self.arrival.wanted(False)
         sock = self.transport.get_extra_info("socket")
         if sock is None:
             return True
@@ -161,7 +178,6 @@ class Link(asyncio.Protocol):
             connected = peer_alive(raw)
         finally:
             raw.detach()
-        assert self.arrival is not None
         return self.arrival.wanted(connected)
 
     def _too_slow(self) -> None:
@@ -176,7 +192,7 @@ class Link(asyncio.Protocol):
             self.timer.cancel()
         if self.arrival is not None:
             self.arrival.lost()  # no RSA work for a peer that is gone
-        self.core.release(self.addr, self.engine)
+            self.arrival.release()
 
     # ------------------------------------------------------------ moving
 
@@ -206,17 +222,36 @@ class Link(asyncio.Protocol):
         if out and not self.transport.is_closing():
             self.transport.write(out)
 
-    async def drain(self) -> None:
-        if self.paused_writing and not self.lost.done():
-            waiter = self.loop.create_future()
-            self._drain.append(waiter)
+    async def drain(self, timeout: Optional[float]) -> None:
+        """Wait while the transport is full, at most ``timeout`` seconds: a
+        peer that stops reading cannot hold a sender (or its connection's
+        place) forever; then the connection fails with CallcpTimeout."""
+        if not self.paused_writing or self.lost.done():
+            return
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._drain.append(waiter)
+        timer = None if timeout is None else self.loop.call_later(timeout, expire, waiter, SENDING)
+        try:
             await waiter
+        except CallcpTimeout as exc:
+            self.engine.core.fail(exc)
+            self.transport.abort()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def abort(self) -> None:
-        """Write what is queued (the CLOSE or ALERT saying why) and close."""
+        """Write what is queued (the CLOSE or ALERT saying why) and close;
+        what the peer does not take within CLOSE_GRACE is dropped."""
         self.flush()
         if not self.transport.is_closing():
             self.transport.close()
+            self.loop.call_later(CLOSE_GRACE, self._hard_close)
+
+    def _hard_close(self) -> None:
+        if not self.lost.done():
+            self.transport.abort()
 
     def wake(self) -> None:
         waiter = self._waiter
@@ -267,9 +302,9 @@ class Link(asyncio.Protocol):
             self._deadline_timer = self.loop.call_at(deadline, self._check_deadline)
 
 
-def expire(waiter: asyncio.Future[None]) -> None:
+def expire(waiter: asyncio.Future[None], doing: str = RECEIVING) -> None:
     if not waiter.done():
-        waiter.set_exception(CallcpTimeout("timed out while receiving"))
+        waiter.set_exception(CallcpTimeout(f"timed out while {doing}"))
 
 
 class Turn:

@@ -112,6 +112,7 @@ class Engine:
         "charged",
         "handshake_deadline",
         "handshaken",
+        "source",
     )
 
     def __init__(self, core: _Protocol, *, budget: Optional[MessageBudget] = None) -> None:
@@ -129,6 +130,7 @@ class Engine:
         #: (server) (time.monotonic() deadline, seconds): fixed at accept
         self.handshake_deadline: Optional[Tuple[float, float]] = None
         self.handshaken = False  # handshake_step() said "done" once
+        self.source = ""  # (server) what per-source limits count it under
 
     @property
     def failed(self) -> bool:
@@ -215,6 +217,13 @@ class Engine:
         """Bytes read from the transport (``b""``: the peer closed it)."""
         self.core.receive_data(data)
 
+    def transport_broke(self, err: CallcpError) -> None:
+        """(a sender, without the receive lock) The transport broke: remember
+        why; the reader reports it at its next read.  Touches nothing the
+        reader is using."""
+        if self._lost is None:
+            self._lost = err
+
     def transport_lost(self, err: Optional[CallcpError]) -> None:
         """The transport is gone (``err``: it broke).  What is buffered is
         still delivered; then the loss is reported."""
@@ -245,7 +254,9 @@ class Engine:
                 if type(event) is MessageReceived:
                     return event
                 if event is NEED_DATA:
-                    if self.interruption is not None:
+                    if self.interruption is not None and (
+                        not getattr(self.interruption, "graceful", False) or self.at_boundary
+                    ):
                         self.check_interrupt()
                     if self._budget is not None and core._fragments_size != self.charged:
                         self._budget.charge(self, core._fragments_size)
@@ -309,9 +320,22 @@ class Engine:
             self.wake()
 
     def stop(self) -> None:
-        """Server shutdown: an idle reader is closed now with GOING_AWAY, a
-        busy handler at its next wait for bytes."""
-        self.interrupt(_going_away())
+        """Server shutdown: an idle reader is closed now with GOING_AWAY; a
+        handler busy with a request, or in the middle of receiving one, at its
+        next wait for bytes between two messages (the forced deadline ends
+        the rest)."""
+        exc = _going_away()
+        exc.graceful = True  # type: ignore[attr-defined]  # (waits for a message boundary)
+        if self.interruption is None:
+            self.interruption = exc
+            if self.at_boundary:
+                self.wake()
+
+    @property
+    def at_boundary(self) -> bool:
+        """Between two messages: nothing of the next one has arrived."""
+        core = self.core
+        return core.state is State.OPEN and core.buffered == 0 and not core._fragments_size
 
     def check_interrupt(self) -> None:
         """Raise the interrupt, if any, after queuing its close for the peer."""
@@ -512,9 +536,13 @@ def format_peer(addr: Any) -> str:
     return "unknown peer" if not addr else str(addr)
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def source_of(addr: Any) -> str:
     """What per-source limits count: an IPv4 address, or an IPv6 /64 (one
-    subscriber's prefix); an IPv4-mapped IPv6 address counts as IPv4."""
+    subscriber's prefix); an IPv6 address that carries an IPv4 one
+    (v4-mapped, 6to4, NAT64's 64:ff9b::/96) counts as that IPv4 address."""
     if not addr or not isinstance(addr, tuple):
         return "local"
     host = str(addr[0]).split("%", 1)[0]
@@ -523,8 +551,11 @@ def source_of(addr: Any) -> str:
     except ValueError:
         return host
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:  # (v4-mapped, 6to4, NAT64: the IPv4 host is the source)
+            return str(embedded)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
 
@@ -649,7 +680,11 @@ class HandshakeQueue:
             self._forget(ticket.source)
             while self._waiting and self.running < self.limit:
                 nxt = self._waiting.popleft()
-                if not nxt.alive():
+                try:
+                    alive = nxt.alive()
+                except Exception:  # (a transport closing under the check)
+                    alive = False
+                if not alive:
                     nxt.state = "done"
                     self._forget(nxt.source)
                     dead.append(nxt)
@@ -703,15 +738,24 @@ class MessageBudget:
             else:
                 self._holders.discard(engine)
             if self.total > self.limit:
-                victim = max(self._holders, key=lambda e: e.charged)
+                # The source holding the most unfinished bytes loses its
+                # largest message: many mid-sized ones from one source cannot
+                # make another source's single upload the victim.
+                by_source: Dict[str, int] = {}
+                for holder in self._holders:
+                    by_source[holder.source] = by_source.get(holder.source, 0) + holder.charged
+                worst = max(by_source, key=by_source.__getitem__)
+                victim = max(
+                    (h for h in self._holders if h.source == worst), key=lambda e: e.charged
+                )
                 # Its bytes are as good as freed: it will not read again.
                 self.total -= victim.charged
                 victim.charged = 0
                 self._holders.discard(victim)
         if victim is not None:
             err = MessageTooLarge(
-                f"the server's budget for partially received messages "
-                f"({self.limit} bytes) is exhausted; the largest unfinished message is dropped"
+                "the server's budget for partially received messages is exhausted; "
+                "this unfinished message is dropped"
             )
             if victim is engine:
                 engine.core.fail(err)
@@ -792,7 +836,8 @@ class Outcome:
     close_code: int  #: the code of the CLOSE we send (if the connection is open)
     close_reason: str
     log_kind: Optional[str]  #: a Notices kind, or None: not logged
-    log_message: str  #: formatted with the peer's address
+    log_message: str  #: a logging format: the peer's address, then ``detail``
+    detail: str = ""  #: an argument, never part of the format (it may quote the peer)
     traceback: bool = False  #: log the handler's traceback (an application bug)
 
 
@@ -810,7 +855,17 @@ class Arrival:
     saying why, and closes).
     """
 
-    __slots__ = ("server", "addr", "engine", "deadline", "ticket", "state", "io")
+    __slots__ = (
+        "server",
+        "addr",
+        "engine",
+        "deadline",
+        "ticket",
+        "state",
+        "io",
+        "released",
+        "__weakref__",
+    )
 
     def __init__(self, server: ServerCore, addr: Any, engine: Engine) -> None:
         self.io: Any = None  #: the adapter's transport (a socket, an asyncio link)
@@ -819,6 +874,8 @@ class Arrival:
         self.engine = engine
         self.deadline = time.monotonic() + server.options.handshake_timeout
         engine.handshake_deadline = (self.deadline, server.options.handshake_timeout)
+        engine.source = source_of(addr)
+        self.released = False
         self.ticket: Optional[HandshakeTicket] = None
         self.state = "hello"
 
@@ -847,17 +904,24 @@ class Arrival:
             self.server.handshake_failed(self.addr, HandshakeError(PEER_LEFT))
             drop()
 
-        self.ticket = HandshakeTicket(source_of(self.addr), self._start(start), alive, dead)
+        self.ticket = HandshakeTicket(source_of(self.addr), self._start(start, drop), alive, dead)
         why = self.server.handshakes.submit(self.ticket)
         if why is not None:
             self.server.refused(self.addr, why)
             self.engine.close(CloseCode.GOING_AWAY, f"server busy: {why}")
             self.state = "dropped"
 
-    def _start(self, start: Callable[[], None]) -> Callable[[], None]:
+    def _start(self, start: Callable[[], None], drop: Callable[[], None]) -> Callable[[], None]:
         def started() -> None:
             self.state = "started"
-            start()
+            try:
+                start()
+            except Exception as exc:  # no thread (a task limit): busy, not a dead server
+                self.state = "dropped"
+                self.key_exchange_done()
+                self.server.log.error("could not serve %s: %s", format_peer(self.addr), exc)
+                self.engine.close(CloseCode.GOING_AWAY, "server busy")
+                drop()
 
         return started
 
@@ -874,15 +938,23 @@ class Arrival:
         return self.state == "started" or self.state == "dropped"
 
     def decrypt(self, request: DecryptionRequested) -> Optional[bytes]:
-        """Run the key exchange's RSA decryption and free the slot at once
-        (the rest of the handshake does not hold it).  A peer that left
-        costs none: then the handshake goes on without it, and fails."""
+        """(blocking server) :meth:`run_key_exchange`, then free the slot at
+        once (the rest of the handshake does not hold it)."""
         try:
-            if self.ticket is not None and not self.ticket.alive():
-                return None
-            return request.run()
+            return self.run_key_exchange(request)
         finally:
             self.key_exchange_done()
+
+    def run_key_exchange(self, request: DecryptionRequested) -> Optional[bytes]:
+        """The RSA decryption (any thread).  A peer that left, or a deadline
+        already passed, costs none: the handshake then goes on and fails."""
+        try:
+            gone = time.monotonic() >= self.deadline or (
+                self.ticket is not None and not self.ticket.alive()
+            )
+        except Exception:
+            gone = True
+        return None if gone else request.run()
 
     def key_exchange_done(self) -> None:
         """The RSA work is over (or failed): the next ticket may start."""
@@ -919,6 +991,12 @@ class Arrival:
         if self.ticket is not None:
             self.server.handshakes.cancel(self.ticket)
 
+    def release(self) -> None:
+        """The connection is over: give back its place (once, whoever asks)."""
+        if not self.released:
+            self.released = True
+            self.server.release(self.addr, self.engine)
+
     def _drop(self, exc: BaseException) -> None:
         self.state = "dropped"
         self.server.handshake_failed(self.addr, exc)
@@ -933,11 +1011,16 @@ def handler_outcome(exc: Optional[BaseException], idle_timeout: Optional[float])
             CloseCode.TIMEOUT,
             "idle timeout",
             "connections closed: idle timeout",
-            f"closed %s: idle for more than {idle_timeout} s",
+            "closed %s: idle for more than %s s",
+            str(idle_timeout),
         )
     if isinstance(exc, CallcpError):
         return Outcome(
-            CloseCode.NORMAL, "", "connections ended by an error", f"connection %s ended: {exc}"
+            CloseCode.NORMAL,
+            "",
+            "connections ended by an error",
+            "connection %s ended: %s",
+            str(exc),
         )
     if not isinstance(exc, Exception):  # cancellation, KeyboardInterrupt: we are stopping
         return Outcome(CloseCode.GOING_AWAY, SHUTTING_DOWN, None, "")
@@ -1036,7 +1119,11 @@ class ServerCore:
             self.log.error(outcome.log_message, format_peer(addr), exc_info=exc)
         elif outcome.log_kind is not None:
             self.notices.note(
-                outcome.log_kind, source_of(addr), outcome.log_message, format_peer(addr)
+                outcome.log_kind,
+                source_of(addr),
+                outcome.log_message,
+                format_peer(addr),
+                outcome.detail,
             )
         engine.close(outcome.close_code, outcome.close_reason)
 

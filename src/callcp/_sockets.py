@@ -12,6 +12,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any, Callable, Deque, List, Optional, Tuple, Union
 
@@ -94,7 +95,7 @@ class SocketLink:
                 self._bulk = n == FIRST_READ_SIZE
         except OSError as exc:
             if self._closed:
-                raise self._engine.closed_error() from None
+                raise self._engine.lost_error() from None
             err = translate_oserror(exc, "receiving")
             if isinstance(err, CallcpTimeout):  # the connection stays usable
                 raise err from None
@@ -129,19 +130,24 @@ class SocketLink:
         peer closed on us (a refused upload), its CLOSE may be waiting
         unread: then that is the error (its code and reason), not a reset."""
         if self._closed:  # closed under us (a forced shutdown)
-            return self._engine.closed_error()
+            return self._engine.lost_error()
         err: CallcpError = translate_oserror(exc, "sending")
-        if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and self._recv_lock.acquire(
-            blocking=False  # (a receiver that is reading will see the close itself)
-        ):
+        # The receiving half of the core is the reader's: only with the
+        # receive lock may this thread read the peer's CLOSE or fail the core.
+        # Else the reader fails it at its next read (never in the middle of a
+        # message it is assembling).
+        if self._recv_lock.acquire(blocking=False):
             try:
-                self._core.receive_data(self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT))
-                err = self._engine.peer_close_or(err)
+                if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+                    self._core.receive_data(self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT))
+                    err = self._engine.peer_close_or(err)
             except OSError:
                 pass
             finally:
+                self._core.fail(err)
                 self._recv_lock.release()
-        self._core.fail(err)
+        else:
+            self._engine.transport_broke(err)
         self._close_socket()
         return err
 
@@ -174,8 +180,21 @@ class SocketLink:
             pass
         self._sock.close()
 
+    def _unblock(self) -> None:
+        """(forced shutdown, any thread) A sender stuck on a peer that does
+        not read is released now: its socket stops sending and receiving."""
+        if not self._closed and self._send_lock.acquire(blocking=False):
+            self._send_lock.release()  # (nobody is writing: abort() will say goodbye)
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def _wake(self) -> None:
         """(any thread) End a blocked read: the reader sees the interrupt."""
+        if self._closed:  # (its descriptor may belong to another socket by now)
+            return
         try:
             self._sock.shutdown(socket.SHUT_RD)
         except OSError:
@@ -280,7 +299,9 @@ class Acceptor:
         self._sock = sock
         self._core = core  # (a ServerCore)
         self._start = start
-        self._arrivals: Deque[Any] = deque()  # in accept order = deadline order
+        # In accept order = deadline order; weak, so an arrival that started or
+        # was dropped is freed at once, not when the silent one ahead expires.
+        self._arrivals: Deque[Any] = deque()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
 
@@ -308,7 +329,7 @@ class Acceptor:
                 if paused_until and now >= paused_until:
                     sel.register(self._sock, selectors.EVENT_READ, None)
                     paused_until = 0.0
-                wait = arrivals[0].deadline - now if arrivals else 1.0
+                wait = arrivals[0][0] - now if arrivals else 1.0
                 for key, _ in sel.select(min(1.0, max(0.0, wait))):
                     if key.data is None:
                         if not self._accept_some():  # EMFILE and the like: do not spin
@@ -319,15 +340,23 @@ class Acceptor:
                     else:
                         self._readable(key.data)
                 now = time.monotonic()
-                while arrivals and (arrivals[0].gone or arrivals[0].deadline <= now):
-                    arrival = arrivals.popleft()
-                    if arrival.state == "hello":
-                        sel.unregister(arrival.io)
-                    if not arrival.gone and arrival.expire():
-                        self._drop(arrival)
+                while arrivals:
+                    deadline, ref = arrivals[0]
+                    arrival = ref()
+                    if arrival is not None and not arrival.gone and deadline > now:
+                        break
+                    arrivals.popleft()
+                    if arrival is not None and not arrival.gone:
+                        if arrival.state == "hello":
+                            sel.unregister(arrival.io)
+                        if arrival.expire():
+                            self._drop(arrival)
                 core.notices.flush()
         finally:
-            for arrival in arrivals:
+            for _, ref in arrivals:
+                arrival = ref()
+                if arrival is None or arrival.gone:
+                    continue
                 if arrival.state == "hello":
                     sel.unregister(arrival.io)
                 if arrival.stop():
@@ -359,7 +388,7 @@ class Acceptor:
                 self._drop(arrival)
                 continue
             self._sel.register(sock, selectors.EVENT_READ, arrival)
-            self._arrivals.append(arrival)
+            self._arrivals.append((arrival.deadline, weakref.ref(arrival)))
         return True
 
     def _readable(self, arrival: Any) -> None:
@@ -386,7 +415,7 @@ class Acceptor:
         """Close a connection still in the acceptor's hands, with the ALERT
         the engine queued."""
         send_and_close(arrival.io, arrival.engine.core.data_to_send())
-        self._core.release(arrival.addr, arrival.engine)
+        arrival.release()
 
 
 class ThreadPool:

@@ -140,12 +140,13 @@ class Connection:
         else:
             self._send(message)
         if link.paused_writing:
-            await link.drain()
+            await link.drain(self._timeout)
 
     def _send(self, message: Buffer) -> None:
-        if self._link.lost.done():
+        transport = self._link.transport
+        if transport.is_closing():  # (lost, or failing: nothing would go out)
             raise self._engine.lost_error()
-        self._link.transport.write(self._core.send_bytes(message))
+        transport.write(self._core.send_bytes(message))
 
     async def send_stream(
         self,
@@ -162,7 +163,7 @@ class Connection:
         drain between chunks, so memory stays bounded."""
         size = source_size(source) if size is None else size
         async with self._send_lock:
-            if self._link.lost.done():
+            if self._link.transport.is_closing():
                 raise self._engine.lost_error()
             steps = _engine.send_stream(self._core, achunks(source), size, name, checksum, progress)
             info: StreamInfo = await self._drive(steps)
@@ -239,11 +240,11 @@ class Connection:
         for op, arg in run:
             try:
                 if op is _engine.WRITE:
-                    if arg is not _engine.NOW and link.lost.done():
+                    if arg is not _engine.NOW and link.transport.is_closing():
                         raise self._engine.lost_error()
                     link.flush()
                     if arg is not _engine.NOW:
-                        await link.drain()
+                        await link.drain(self._timeout)
                 elif op is _engine.EVENT:
                     run.reply = await self._next(DEFAULT)
                 elif op is _engine.CHUNK:
@@ -383,8 +384,11 @@ class Server:
         assert arrival is not None
         rsa = self._rsa
 
-        def decrypt(request: DecryptionRequested) -> Awaitable[Optional[bytes]]:
-            return link.loop.run_in_executor(rsa, arrival.decrypt, request)
+        async def decrypt(request: DecryptionRequested) -> Optional[bytes]:
+            try:  # the RSA work off the loop; the queue's bookkeeping on it
+                return await link.loop.run_in_executor(rsa, arrival.run_key_exchange, request)
+            finally:
+                arrival.key_exchange_done()
 
         conn = Connection(link, timeout=options.idle_timeout, decrypt=decrypt)
         try:

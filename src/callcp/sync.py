@@ -261,7 +261,12 @@ class Connection(SocketLink):
         deadline = 0.0  # set at the first read, which gets all of ``seconds``
         read = False
         while True:
-            if read or engine.pending is not None or not core.needs_data:  # (else: read first)
+            if (
+                read
+                or engine.pending is not None
+                or engine.interruption is not None
+                or not core.needs_data
+            ):  # (else: read first)
                 try:
                     event = engine.next_event()
                 except CallcpError:
@@ -422,8 +427,8 @@ class Server:
                 error = exc
             core.ended(addr, engine, handler_outcome(error, options.idle_timeout), error)
         finally:
+            arrival.release()  # (before the descriptor can be reused)
             conn.close()
-            core.release(addr, engine)
             with self._lock:
                 self._active.discard(conn)
                 self._busy -= 1
@@ -449,8 +454,10 @@ class Server:
         with self._lock:
             done = self._idle.wait_for(lambda: self._busy == 0, timeout)
             conns = [] if done else list(self._active)
-        for conn in conns:  # past the deadline: close what is left
+        for conn in conns:  # past the deadline: close what is left, all at once
             conn._engine.close(CloseCode.GOING_AWAY, _engine.SHUTTING_DOWN)
+            conn._unblock()
+        for conn in conns:
             conn._abort(send_timeout=0.1)
         with self._lock:
             self._idle.wait_for(lambda: self._busy == 0, 1.0)

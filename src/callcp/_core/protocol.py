@@ -252,10 +252,11 @@ class _Protocol:
         self._chunks_len = 0
         self._eof = False
         self._out: List[bytes] = []
-        # A CLOSE owed to the peer, sealed by the next data_to_send(): whoever
-        # writes seals it, so a receiving thread never seals (the sending side
-        # owns the record sequence).
-        self._close_pending: Optional[bytes] = None
+        # Records the receiving side owes the peer (the server's FINISHED, a
+        # CLOSE), sealed by the next data_to_send(): whoever writes seals them,
+        # so a receiving thread never seals (the sending side owns the record
+        # sequence, under the adapter's send lock).
+        self._owed: List[Tuple[int, bytes]] = []
         self._peer_closed_first = False
         self._transcript = hashlib.sha256()
         self._secrets: Optional[HandshakeSecrets] = None
@@ -416,6 +417,10 @@ class _Protocol:
                     return NEED_DATA
                 event = self._dispatch(*frame_)
                 if event is not None:
+                    if (
+                        self.state is _FAILED
+                    ):  # failed meanwhile (another thread): nothing half-made goes out
+                        raise self.closed_error()
                     return event
         except CallcpError as exc:
             err = self._fail(exc)
@@ -425,8 +430,8 @@ class _Protocol:
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the socket now (possibly empty)."""
-        if self._close_pending is not None:
-            self._seal_close()
+        if self._owed:
+            self._seal_owed()
         if not self._out:
             return b""
         out = b"".join(self._out)
@@ -436,8 +441,8 @@ class _Protocol:
     def data_to_send_parts(self) -> List[bytes]:
         """What ``data_to_send()`` would return, as a list of pieces (for a
         gathering write: large records are not copied into one buffer)."""
-        if self._close_pending is not None:
-            self._seal_close()
+        if self._owed:
+            self._seal_owed()
         out, self._out = self._out, []
         return out
 
@@ -457,6 +462,7 @@ class _Protocol:
             and not self._close_sent
             and not self._out_stream_active
             and not self._out
+            and not self._owed
             and sender.seq < self.key_update_interval
         ):
             return sender.seal_one(FrameType.DATA_END, message)
@@ -479,6 +485,7 @@ class _Protocol:
             and sender is not None
             and not self._close_sent
             and not self._out_stream_active
+            and not self._owed
             and sender.seq < self.key_update_interval
         ):
             # Fast path: a one-record message on an open connection.
@@ -567,14 +574,14 @@ class _Protocol:
             return
         self._close_sent = True
         if self._sender is not None:
-            self._close_pending = encode_alert(code, reason)
+            self._owed.append((FrameType.CLOSE, encode_alert(code, reason)))
         else:
             self._out.append(frame(FrameType.ALERT, encode_alert(code, reason)))
 
-    def _seal_close(self) -> None:
-        body, self._close_pending = self._close_pending, None
-        if body is not None:
-            self._seal(FrameType.CLOSE, body)
+    def _seal_owed(self) -> None:
+        owed, self._owed = self._owed, []
+        for ftype, body in owed:
+            self._seal(ftype, body)
 
     def fail(self, exc: CallcpError) -> None:
         """Mark the connection failed because of ``exc`` (a local decision such
@@ -690,6 +697,8 @@ class _Protocol:
             raise
 
     def _seal(self, ftype: int, plaintext: Union[bytes, memoryview]) -> None:
+        if self._owed:  # what the receiving side owes goes first
+            self._seal_owed()
         sender = self._sender
         assert sender is not None
         # Roll the key once the interval is reached, but never in the middle
@@ -712,6 +721,9 @@ class _Protocol:
         detail = f" ({partial} bytes of an incomplete frame buffered)" if partial else ""
         if self.state in _HANDSHAKE_STATES:
             raise HandshakeError(f"the peer closed the connection during the handshake{detail}")
+        if self._close_sent and not self._fragments and self.state is _OPEN:
+            # Our own close ended it (the peer's answer may not come): clean.
+            raise ConnectionClosedOK("the connection was closed locally", code=CloseCode.NORMAL)
         if self.state is _STREAMING:
             detail = f" in the middle of a stream ({self._in_stream_length} bytes received){detail}"
         raise ConnectionClosedError(
@@ -1129,7 +1141,7 @@ class ServerProtocol(_Protocol):
         verify_data = _finished_mac(self._secrets.server_finished, self._transcript.digest())
         self._secrets = None
         self.state = _OPEN
-        self._seal(FrameType.FINISHED, verify_data)
+        self._owed.append((FrameType.FINISHED, verify_data))
         return HandshakeCompleted(self.version, self.peer_fingerprint)
 
     _TABLE = {
