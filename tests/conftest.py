@@ -11,6 +11,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.adapters import FLAVOURS, PAIRS, Adapter
 
+# the arena, target and make_proxy fixtures of the blocking real-socket tests
+pytest_plugins = ["tests.sock_support"]
+
 
 @pytest.fixture(scope="session")
 def server_key() -> rsa.RSAPrivateKey:
