@@ -20,7 +20,9 @@ import functools
 import random
 import socket
 import struct
+import sys
 import threading
+import traceback
 from typing import Callable, List, Sequence
 
 import pytest
@@ -108,7 +110,15 @@ def test_no_thread_leaks_after_attacks(arena: Arena, monkeypatch: pytest.MonkeyP
     def leaked() -> List[threading.Thread]:
         return [t for t in threading.enumerate() if t not in before]
 
-    assert wait_until(lambda: not leaked(), 10.0), leaked()
+    if not wait_until(lambda: not leaked(), 10.0):
+        frames = sys._current_frames()  # where each leaked thread is stuck
+        raise AssertionError(
+            "\n".join(
+                f"{t!r}:\n" + "".join(traceback.format_stack(frames[t.ident]))
+                for t in leaked()
+                if t.ident in frames
+            )
+        )
     arena.settle()
     arena.bystander_unharmed()
 
