@@ -1,6 +1,7 @@
-"""Support for tests/test_aio.py and tests/test_streams.py: servers on
-127.0.0.1:0 that hand the test both ends of a connection (blocking and
-asyncio flavours), a bounded ``asyncio.run``, log capture, RSS sampling.
+"""Support for the asyncio-only tests (tests/test_aio.py, a few in
+tests/test_streams.py): a server on 127.0.0.1:0 that hands the test both
+ends of a connection, a bounded ``asyncio.run``, log capture, RSS sampling.
+(Tests over both adapters use tests/adapters.py.)
 
 No sleeps are used as synchronisation: waits are on events, queues and
 sockets, each with a deadline."""
@@ -10,16 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable, List, Optional, Tuple, TypeVar
 
 import callcp.aio
-import callcp.sync
 from tests.aio_stream_peer import proc_status
 
 LOOPBACK = "127.0.0.1"
@@ -121,70 +119,13 @@ class RssSampler:
         return self.peak - self.baseline
 
 
-# ----------------------------------------------------- blocking harness
-
-
-class SyncHarness:
-    """A blocking callcp server in a thread whose handler hands each
-    connection to the test (``accept()``) and holds it open until the
-    harness closes."""
-
-    def __init__(self, key: Any, **options: Any) -> None:
-        self._conns: queue.Queue[callcp.sync.Connection] = queue.Queue()
-        self._release = threading.Event()
-        self._clients: List[callcp.sync.Connection] = []
-        release = self._release
-        conns = self._conns
-
-        def handler(conn: callcp.sync.Connection) -> None:
-            conns.put(conn)
-            release.wait(120)
-
-        self.server = callcp.sync.serve(handler, LOOPBACK, 0, key=key, **options)
-        self.port = self.server.port
-        self.fingerprint = self.server.fingerprint
-        self._thread = threading.Thread(
-            target=self.server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="sync-harness",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def connect(self, port: Optional[int] = None, **kwargs: Any) -> callcp.sync.Connection:
-        kwargs.setdefault("timeout", 10.0)
-        kwargs.setdefault("server_fingerprint", self.fingerprint)
-        conn = callcp.sync.connect(LOOPBACK, port or self.port, **kwargs)
-        self._clients.append(conn)
-        return conn
-
-    def accept(self, timeout: float = 10.0) -> callcp.sync.Connection:
-        return self._conns.get(timeout=timeout)
-
-    def pair(self, port: Optional[int] = None) -> Tuple[callcp.sync.Connection, ...]:
-        """(client, server side) of one new connection."""
-        client = self.connect(port)
-        return client, self.accept()
-
-    def close(self) -> None:
-        self._release.set()
-        for conn in self._clients:
-            conn.close()
-        self.server.shutdown(timeout=2)
-        self._thread.join(5)
-
-    def __enter__(self) -> SyncHarness:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 # ------------------------------------------------------ asyncio harness
 
 
 class AioHarness:
-    """The asyncio twin of :class:`SyncHarness` (``async with``)."""
+    """A callcp.aio server whose handler hands each connection to the test
+    (``await accept()``) and holds it open until the harness closes
+    (``async with``)."""
 
     def __init__(self, key: Any, **options: Any) -> None:
         self._key = key
@@ -237,7 +178,3 @@ class AioHarness:
         for conn in self._clients:
             await conn.close()
         await self.server.shutdown()
-
-
-def elapsed_since(t0: float) -> float:
-    return time.monotonic() - t0

@@ -1,7 +1,9 @@
-"""Support for the real-socket tests (test_sync, test_server_robustness,
-test_attacks_sockets): servers run in background threads on 127.0.0.1:0, a
-"bystander" client that must keep being served while other peers misbehave,
-and polling helpers with deadlines (never bare sleeps as synchronisation)."""
+"""Support for the blocking real-socket tests (test_server_robustness,
+test_attacks_sockets, test_sync_internals): servers run in background
+threads on 127.0.0.1:0, a "bystander" client that must keep being served
+while other peers misbehave (the ``arena`` fixture), the attack ``target``
+behind a frame proxy (``make_proxy``), and polling helpers with deadlines
+(never bare sleeps as synchronisation)."""
 
 from __future__ import annotations
 
@@ -11,17 +13,21 @@ import re
 import socket
 import threading
 import time
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from callcp._core.errors import CallcpError
 from callcp.sync import Connection, Server, connect, serve
+from tests.sock_proxy import FrameProxy
 
 LOOPBACK = "127.0.0.1"
 #: Every raw socket a test opens gets this timeout.
 SOCK_TIMEOUT = 5.0
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
     while True:
@@ -47,9 +53,8 @@ class RunningServer:
             daemon=True,
         )
         self.thread.start()
-        # serve_forever marks itself running by clearing _stopped; shutting
-        # down before that point is a separate case (see test_sync).
-        assert wait_until(lambda: not self.server._stopped.is_set(), 5.0)
+        # (Connecting before serve_forever runs is fine: the socket listens
+        # already; shutting down first makes serve_forever return at once.)
         self._stopped = False
 
     @property
@@ -156,7 +161,7 @@ class Bystander:
         with self._cond:
             return self._count
 
-    def wait_for_more(self, n: int, timeout: float = 5.0) -> bool:
+    def wait_for_more(self, n: int, timeout: float = 10.0) -> bool:
         """Wait until ``n`` more requests than now have succeeded."""
         with self._cond:
             target = self._count + n
@@ -184,9 +189,10 @@ def records_about(records: List[logging.LogRecord], port: int) -> List[logging.L
     return [r for r in list(records) if pattern.search(r.getMessage())]
 
 
-def read_until_closed(sock: socket.socket, timeout: float = 2.0) -> bytes:
-    """Read until the peer closes (b"" or reset); fail if that takes longer
-    than ``timeout`` seconds.  Returns what was read."""
+def read_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Read until the peer closes (b"" or reset); fail if that has not
+    happened within ``timeout`` seconds (a generous bound, not a speed
+    check).  Returns what was read."""
     got = bytearray()
     deadline = time.monotonic() + timeout
     while True:
@@ -228,3 +234,134 @@ def free_port() -> int:
         s.bind((LOOPBACK, 0))
         port: int = s.getsockname()[1]
     return port
+
+
+def send_ignoring_close(sock: socket.socket, data: bytes) -> None:
+    """Write what the server accepts; it may well close the connection first."""
+    try:
+        sock.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+# ------------------------------------------------------- the arena fixture
+
+#: The arena server's handshake timeout (short: silent peers are dropped soon).
+HANDSHAKE_TIMEOUT = 0.5
+
+
+class Arena:
+    """A server, a bystander being served, and the log."""
+
+    def __init__(self, srv: RunningServer, bystander: Bystander, caplog: pytest.LogCaptureFixture):
+        self.srv = srv
+        self.bystander = bystander
+        self.caplog = caplog
+
+    def raw(self) -> socket.socket:
+        sock = self.srv.raw()
+        sock.settimeout(SOCK_TIMEOUT)
+        return sock
+
+    def settle(self) -> None:
+        """Wait until only the bystander's connection is left on the server."""
+        assert wait_until(lambda: self.srv.server.active_connections == 1, 10.0), (
+            f"{self.srv.server.active_connections} connections still open"
+        )
+
+    def one_line_about(self, port: int, *expected: str) -> str:
+        """The single WARNING-or-worse log line about the peer at ``port``."""
+        assert wait_until(lambda: records_about(self.caplog.records, port), 10.0), (
+            f"nothing was logged about peer port {port}"
+        )
+        self.settle()
+        lines = records_about(self.caplog.records, port)
+        messages = [r.getMessage() for r in lines]
+        assert len(lines) == 1, messages
+        assert lines[0].levelno == logging.WARNING, messages
+        assert lines[0].exc_info is None, "a traceback was logged"
+        for text in expected:
+            assert text in messages[0], messages[0]
+        return messages[0]
+
+    def bystander_unharmed(self) -> None:
+        assert self.bystander.wait_for_more(5), self.bystander.errors
+        assert self.bystander.errors == []
+
+
+@pytest.fixture
+def arena(server_key: rsa.RSAPrivateKey, caplog: pytest.LogCaptureFixture) -> Iterator[Arena]:
+    caplog.set_level(logging.WARNING, logger="callcp")
+    srv = RunningServer(echo, key=server_key, handshake_timeout=HANDSHAKE_TIMEOUT)
+    bystander = Bystander(srv)
+    try:
+        yield Arena(srv, bystander, caplog)
+        # nothing was ever logged about the bystander
+        assert records_about(caplog.records, bystander.conn.local_address[1]) == []
+        assert bystander.errors == []
+    finally:
+        bystander.stop()
+        srv.stop()
+
+
+# ----------------------------------------- the attack target and its proxy
+
+REQUEST = b"transfer 100 to alice"
+
+
+def handshake_failure_logged(log: pytest.LogCaptureFixture) -> bool:
+    return any(
+        "handshake with" in r.getMessage() and "failed" in r.getMessage() for r in log.records
+    )
+
+
+class Target:
+    """The real server, with a handler that records what reached the application."""
+
+    def __init__(self, key: rsa.RSAPrivateKey, handler: Any = None, **options: Any) -> None:
+        self.rec = Recorder()
+        self.srv = RunningServer(handler or self.rec, key=key, **options)
+
+    @property
+    def address(self) -> tuple:
+        return (LOOPBACK, self.srv.port)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.srv.fingerprint
+
+
+@pytest.fixture
+def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.WARNING, logger="callcp")
+    return caplog
+
+
+@pytest.fixture
+def target(server_key: rsa.RSAPrivateKey, log: pytest.LogCaptureFixture) -> Iterator[Target]:
+    t = Target(server_key)
+    yield t
+    t.srv.stop()
+
+
+@pytest.fixture
+def make_proxy(target: Target) -> Iterator[Callable[..., FrameProxy]]:
+    proxies: List[FrameProxy] = []
+
+    def make(**hooks: Any) -> FrameProxy:
+        p = FrameProxy(target.address, **hooks)
+        proxies.append(p)
+        return p
+
+    yield make
+    for p in proxies:
+        p.close()
+        assert p.errors == [], p.errors  # no hook blew up
+
+
+def via(proxy: FrameProxy, target: Target, **kwargs: Any) -> Connection:
+    """A client that believes the proxy is the server (pinned to the real key)."""
+    kwargs.setdefault("timeout", SOCK_TIMEOUT)
+    if "known_hosts" not in kwargs:
+        kwargs.setdefault("server_fingerprint", target.fingerprint)
+    return connect(LOOPBACK, proxy.port, **kwargs)

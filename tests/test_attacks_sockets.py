@@ -4,24 +4,20 @@ TCP proxy that rewrites the byte stream frame by frame (tests/sock_proxy.py).
 Core-level versions of these attacks live in tests/test_attacks.py; here the
 blocking client and server run for real, and each attack must end with the
 specific exception on the side that detects it, while the server's handler
-never receives a tampered, replayed, reordered or forged message.
+never receives a tampered, replayed, reordered or forged message.  (The
+version-downgrade tests force versions through callcp.sync's internals:
+they are in tests/test_sync_internals.py.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import logging
-import struct
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Sequence
+from typing import Callable, Iterator, List, Sequence
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
-import callcp._common
-import callcp._engine
-import callcp.sync
 from callcp._core.errors import (
     CloseCode,
     ConnectionClosed,
@@ -31,87 +27,28 @@ from callcp._core.errors import (
     ServerKeyChanged,
     UnknownServerKey,
 )
-from callcp._core.protocol import ClientProtocol, ServerProtocol
 from callcp._core.wire import MAGIC, FrameType
-from callcp.sync import Connection, connect
+from callcp.sync import Connection
 from tests.sock_proxy import FrameProxy, Relay, flip_bit, hook_on, make_frame
 from tests.sock_support import (
     LOOPBACK,
-    SOCK_TIMEOUT,
-    Recorder,
-    RunningServer,
+    REQUEST,
+    Target,
+    handshake_failure_logged,
     read_until_closed,
     records_about,
     recv_frame,
+    via,
     wait_until,
 )
 
 pytestmark = pytest.mark.timeout(30)
 
-REQUEST = b"transfer 100 to alice"
 SECOND = b"transfer 999 to mallory"
-
-
-class Target:
-    """The real server, with a handler that records what reached the application."""
-
-    def __init__(self, key: rsa.RSAPrivateKey, handler: Any = None, **options: Any) -> None:
-        self.rec = Recorder()
-        self.srv = RunningServer(handler or self.rec, key=key, **options)
-
-    @property
-    def address(self) -> tuple:
-        return (LOOPBACK, self.srv.port)
-
-    @property
-    def fingerprint(self) -> str:
-        return self.srv.fingerprint
-
-
-@pytest.fixture
-def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.WARNING, logger="callcp")
-    return caplog
-
-
-@pytest.fixture
-def target(server_key: rsa.RSAPrivateKey, log: pytest.LogCaptureFixture) -> Iterator[Target]:
-    t = Target(server_key)
-    yield t
-    t.srv.stop()
-
-
-@pytest.fixture
-def make_proxy(target: Target) -> Iterator[Callable[..., FrameProxy]]:
-    proxies: List[FrameProxy] = []
-
-    def make(**hooks: Any) -> FrameProxy:
-        p = FrameProxy(target.address, **hooks)
-        proxies.append(p)
-        return p
-
-    yield make
-    for p in proxies:
-        p.close()
-        assert p.errors == [], p.errors  # no hook blew up
-
-
-def via(proxy: FrameProxy, target: Target, **kwargs: Any) -> Connection:
-    """A client that believes the proxy is the server (pinned to the real key)."""
-    kwargs.setdefault("timeout", SOCK_TIMEOUT)
-    if "known_hosts" not in kwargs:
-        kwargs.setdefault("server_fingerprint", target.fingerprint)
-    return connect(LOOPBACK, proxy.port, **kwargs)
 
 
 def types(frames: Sequence[bytes]) -> List[int]:
     return [f[0] for f in frames]
-
-
-def handshake_failure_logged(log: pytest.LogCaptureFixture) -> bool:
-    return any(
-        "handshake with" in r.getMessage() and "failed" in r.getMessage() for r in log.records
-    )
 
 
 # --------------------------------------------------------------- sanity
@@ -456,67 +393,3 @@ def test_mitm_substituting_its_own_x25519_share(
     assert target.rec.calls == 0
     relay = proxy.relay(0)
     assert REQUEST not in relay.c2s_raw
-
-
-def _with_versions(monkeypatch: pytest.MonkeyPatch, versions: tuple) -> None:
-    monkeypatch.setattr(
-        callcp._engine, "ServerProtocol", functools.partial(ServerProtocol, versions=versions)
-    )
-    monkeypatch.setattr(
-        callcp._common, "ClientProtocol", functools.partial(ClientProtocol, versions=versions)
-    )
-
-
-def test_both_sides_agree_on_the_best_common_version(
-    target: Target, make_proxy: Callable[..., FrameProxy], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Control for the downgrade tests: untouched, (2, 3) and (2, 3) pick 3."""
-    _with_versions(monkeypatch, (2, 3))
-    proxy = make_proxy()
-    with via(proxy, target) as conn:
-        assert conn.request(REQUEST) == b"ok:" + REQUEST
-        assert conn._core.version == 3
-
-
-def _strip_version_3(relay: Relay, index: int, frame: bytes) -> Sequence[bytes]:
-    body = frame[5:]
-    n = body[len(MAGIC)]
-    start = len(MAGIC) + 1
-    offered = struct.unpack(f">{n}H", body[start : start + 2 * n])
-    assert offered == (2, 3)
-    forged = body[: len(MAGIC)] + bytes([1]) + struct.pack(">H", 2) + body[start + 2 * n :]
-    return [make_frame(frame[0], forged)]
-
-
-def _choose_version_2(relay: Relay, index: int, frame: bytes) -> Sequence[bytes]:
-    body = frame[5:]
-    at = len(MAGIC)
-    assert struct.unpack(">H", body[at : at + 2]) == (3,)
-    return [make_frame(frame[0], body[:at] + struct.pack(">H", 2) + body[at + 2 :])]
-
-
-@pytest.mark.parametrize(
-    "hooks",
-    [
-        {"s2c": hook_on(FrameType.SERVER_HELLO, _strip_version_3)},
-        {"c2s": hook_on(FrameType.CLIENT_HELLO, _choose_version_2)},
-    ],
-    ids=["server-offer-stripped", "client-choice-rewritten"],
-)
-def test_version_downgrade(
-    target: Target,
-    make_proxy: Callable[..., FrameProxy],
-    monkeypatch: pytest.MonkeyPatch,
-    log: pytest.LogCaptureFixture,
-    hooks: dict,
-) -> None:
-    _with_versions(monkeypatch, (2, 3))
-    proxy = make_proxy(**hooks)
-    conn = via(proxy, target)
-    conn.send(REQUEST)
-    with pytest.raises(HandshakeError):
-        conn.recv()
-    conn.close()
-    assert wait_until(lambda: handshake_failure_logged(log))
-    assert target.rec.calls == 0
-    assert target.rec.seen() == []

@@ -14,6 +14,7 @@ dependencies (cryptography, rich) importable but skips the editable install's
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import logging
 import os
@@ -24,6 +25,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -345,12 +347,33 @@ def test_root_modules_export_the_callcp1_names(repo_copy: Path, tmp_path: Path) 
 # ------------------------------------------------------ python Server.py / Client.py
 
 
+@contextlib.contextmanager
+def port_8436() -> Iterator[None]:
+    """Server.py always listens on 8436: hold a machine-wide lock around its
+    use, so parallel runs (pytest-xdist, other checkouts) take turns, and skip
+    when something else holds the port."""
+    with open(os.path.join(tempfile.gettempdir(), "callcp-tests-port-8436.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not port_is_free("0.0.0.0", 8436):  # noqa: S104
+                pytest.skip("port 8436 is in use on this machine; Server.py always listens there")
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def test_server_py_and_client_py_scripts(tmp_path: Path) -> None:
-    if not port_is_free("0.0.0.0", 8436):  # noqa: S104
-        pytest.skip("port 8436 is in use on this machine; Server.py always listens there")
     env = uninstalled_env(tmp_path)
-    with process([sys.executable, "-S", str(REPO / "Server.py")], tmp_path, env) as server:
-        server.wait_for("callcp server listening")
+    with (
+        port_8436(),
+        process([sys.executable, "-S", str(REPO / "Server.py")], tmp_path, env) as server,
+    ):
+        try:
+            server.wait_for("callcp server listening")
+        except pytest.fail.Exception:
+            if "already in use" in server.output:  # taken since port_8436() looked
+                pytest.skip("port 8436 was taken by another program meanwhile")
+            raise
         done = run(
             [
                 sys.executable,

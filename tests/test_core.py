@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import List
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -11,9 +13,11 @@ from callcp._core.errors import (
     ConnectionClosedError,
     ConnectionClosedOK,
     HandshakeError,
+    KeyManagementError,
     LocalProtocolError,
     MessageTooLarge,
     RemoteProtocolError,
+    ServerKeyError,
     VersionMismatch,
 )
 from callcp._core.events import (
@@ -23,8 +27,8 @@ from callcp._core.events import (
     ServerKeyAccepted,
 )
 from callcp._core.keys import fingerprint
-from callcp._core.protocol import ServerProtocol, State
-from callcp._core.wire import HEADER, FrameType
+from callcp._core.protocol import ClientProtocol, ServerProtocol, State
+from callcp._core.wire import HEADER, FrameType, decode_alert
 from tests.helpers import Pair, drain, feed, split_frames
 
 
@@ -339,6 +343,59 @@ def test_deferred_decryption_failure_is_implicitly_rejected(server_key: rsa.RSAP
     p.server.premaster_decrypted(None)  # as if the ciphertext were bad
     with pytest.raises(HandshakeError):
         drain(p.server)
+
+
+def test_back_to_back_key_updates_are_refused(server_key: rsa.RSAPrivateKey) -> None:
+    """A KEY_UPDATE must follow at least one other record under its key, so a
+    peer cannot make the receiver derive keys over and over for free."""
+    pair = Pair(server_key)
+    pair.handshake()
+    sender = pair.client._sender
+    assert sender is not None
+    out: List[bytes] = []
+    sender.seal(FrameType.KEY_UPDATE, b"", out)  # fine: FINISHED used this key
+    sender.update()
+    sender.seal(FrameType.KEY_UPDATE, b"", out)  # nothing under the new key yet
+    with pytest.raises(RemoteProtocolError, match="KEY_UPDATE"):
+        feed(pair.server, b"".join(out))
+
+
+# ---------------------------------------------------------- the key verifier
+
+
+def test_alerts_carry_no_local_details(server_key: rsa.RSAPrivateKey) -> None:
+    """An error of our own (here: an unreadable known-hosts file) is reported
+    to the peer by its code name only, never with its message."""
+
+    def verify(fingerprint: str, der: bytes) -> None:
+        raise KeyManagementError("cannot read known hosts file /home/alice/secret/known_hosts")
+
+    client = ClientProtocol(verify)
+    server = ServerProtocol(server_key)
+    server.start()
+    with pytest.raises(KeyManagementError):
+        feed(client, server.data_to_send())
+    (alert,) = split_frames(client.data_to_send())
+    assert alert[0] == FrameType.ALERT
+    code, reason = decode_alert(alert[5:])
+    assert "alice" not in reason and "/" not in reason
+    assert reason == "internal error"
+
+
+def test_a_failing_key_verifier_refuses_the_key(server_key: rsa.RSAPrivateKey) -> None:
+    """A verifier that fails with an ordinary exception (a bug, an odd host
+    name) refuses the server like a mismatch, instead of escaping the core."""
+
+    def broken(fingerprint: str, der: bytes) -> None:
+        raise ValueError("not a host name")
+
+    client = ClientProtocol(broken)
+    server = ServerProtocol(server_key)
+    server.start()
+    with pytest.raises(ServerKeyError, match="ValueError"):
+        feed(client, server.data_to_send())
+    (alert,) = split_frames(client.data_to_send())
+    assert alert[0] == FrameType.ALERT
 
 
 def test_our_own_close_then_eof_is_clean(server_key: rsa.RSAPrivateKey) -> None:

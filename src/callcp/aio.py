@@ -143,10 +143,11 @@ class Connection:
             await link.drain(self._timeout)
 
     def _send(self, message: Buffer) -> None:
+        data = self._core.send_bytes(message)  # (refused after our own close())
         transport = self._link.transport
         if transport.is_closing():  # (lost, or failing: nothing would go out)
             raise self._engine.lost_error()
-        transport.write(self._core.send_bytes(message))
+        transport.write(data)
 
     async def send_stream(
         self,
@@ -363,7 +364,9 @@ class Server:
 
     @property
     def active_connections(self) -> int:
-        return len(self._links)
+        """Connections open now, in every phase (the hello, the handshake,
+        the handler)."""
+        return self._core.admission.open
 
     def is_serving(self) -> bool:
         return self._server is not None and self._server.is_serving()

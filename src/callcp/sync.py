@@ -380,8 +380,9 @@ class Server:
 
     @property
     def active_connections(self) -> int:
-        with self._lock:
-            return self._busy
+        """Connections open now, in every phase (the hello, the handshake,
+        the handler)."""
+        return self._core.admission.open
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Accept and serve connections until :meth:`shutdown` (returns at
