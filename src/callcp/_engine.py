@@ -71,6 +71,7 @@ from ._streams import Destination, Progress, StreamInfo, StreamReception
 
 __all__ = [
     "Engine",
+    "ServerBase",
     "ServerCore",
     "Admission",
     "HandshakeQueue",
@@ -1034,6 +1035,23 @@ def handler_outcome(exc: Optional[BaseException], idle_timeout: Optional[float])
 
 
 # ================================================================== servers
+
+
+class ServerBase:
+    """What both servers show of their ServerCore."""
+
+    _core: ServerCore
+
+    @property
+    def fingerprint(self) -> str:
+        """The server key's ``SHA256:`` fingerprint."""
+        return self._core.fingerprint
+
+    @property
+    def active_connections(self) -> int:
+        """Connections open now, in every phase (the hello, the handshake,
+        the handler)."""
+        return self._core.admission.open
 
 
 class ServerCore:

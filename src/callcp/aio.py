@@ -57,7 +57,7 @@ from ._core.errors import (
     LocalProtocolError,
 )
 from ._core.events import NEED_DATA, DecryptionRequested, MessageReceived
-from ._engine import Engine, ServerCore, format_peer, handler_outcome
+from ._engine import Engine, ServerBase, ServerCore, format_peer, handler_outcome
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
 from ._streams import Destination, Progress, StreamInfo, source_size
 from ._workers import WorkerPool
@@ -325,7 +325,7 @@ async def open_connection(host: str, port: int, options: ClientOptions) -> Conne
 Handler = Callable[[Connection], Awaitable[Any]]
 
 
-class Server:
+class Server(ServerBase):
     """An asyncio callcp/2 server, shaped like ``asyncio.start_server``'s.
 
     Use ``async with server:`` and ``await server.serve_forever()``;
@@ -357,16 +357,6 @@ class Server:
     def port(self) -> int:
         """The bound port (still known after close())."""
         return self._port
-
-    @property
-    def fingerprint(self) -> str:
-        return self._core.fingerprint
-
-    @property
-    def active_connections(self) -> int:
-        """Connections open now, in every phase (the hello, the handshake,
-        the handler)."""
-        return self._core.admission.open
 
     def is_serving(self) -> bool:
         return self._server is not None and self._server.is_serving()

@@ -27,7 +27,7 @@ from ._common import check_port, client_protocol
 from ._common import translate_oserror as _translate
 from ._core.errors import CallcpError, CloseCode, ConnectionClosedOK
 from ._core.events import NEED_DATA, DecryptionRequested, MessageReceived
-from ._engine import Arrival, Engine, ServerCore, format_peer, handler_outcome
+from ._engine import Arrival, Engine, ServerBase, ServerCore, format_peer, handler_outcome
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
 from ._sockets import FOREVER, Acceptor, SocketLink, ThreadPool, listen, remaining
 from ._streams import Destination, Progress, Source, StreamInfo, iter_chunks, source_size
@@ -332,7 +332,7 @@ def open_connection(host: str, port: int, options: ClientOptions) -> Connection:
 Handler = Callable[[Connection], Any]
 
 
-class Server:
+class Server(ServerBase):
     """A threaded callcp/2 server; see :func:`serve`."""
 
     def __init__(
@@ -373,16 +373,6 @@ class Server:
     def port(self) -> int:
         port: int = self._address[1]
         return port
-
-    @property
-    def fingerprint(self) -> str:
-        return self._core.fingerprint
-
-    @property
-    def active_connections(self) -> int:
-        """Connections open now, in every phase (the hello, the handshake,
-        the handler)."""
-        return self._core.admission.open
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Accept and serve connections until :meth:`shutdown` (returns at
