@@ -326,3 +326,18 @@ def test_queue_survives_a_failing_liveness_check() -> None:
     queue.done(first)
     assert dead == ["b"] and started == ["a"] and queue.waiting == 0 and queue.running == 0
     assert queue.submit(HandshakeTicket("s", lambda: started.append("c"), lambda: True)) is None
+
+
+def test_queue_refuses_what_could_not_get_its_turn_in_time() -> None:
+    """A hello that would wait past the handshake deadline is refused at
+    once ("server busy"), not left to time out."""
+    started: List[str] = []
+    queue = HandshakeQueue(limit=2, max_waiting=1000, per_source=0, patience=1.0)
+    queue.cost = 0.1  # seconds per key exchange, as measured
+    tickets = [HandshakeTicket("s", lambda: started.append("x"), lambda: True) for _ in range(30)]
+    answers = [queue.submit(ticket) for ticket in tickets]
+    admitted = [why is None for why in answers]
+    # 2 run; waiting n costs n * 0.1 / 2 s: 19 fit within 1 s, the rest are refused
+    assert admitted.count(True) == 2 + 19
+    assert all(not ok for ok in admitted[21:])
+    assert "max_handshakes=2" in str(answers[-1])

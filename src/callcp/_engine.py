@@ -614,7 +614,7 @@ class Admission:
 class HandshakeTicket:
     """One connection's claim on a key-exchange slot."""
 
-    __slots__ = ("source", "start", "alive", "dead", "state")
+    __slots__ = ("source", "start", "alive", "dead", "state", "started")
 
     def __init__(
         self,
@@ -628,6 +628,7 @@ class HandshakeTicket:
         self.alive = alive  # False: the connection is gone, skip it...
         self.dead = dead  # ...and call this (outside any lock) to close and release it
         self.state = "new"  # then "waiting", "running", "done"
+        self.started = 0.0  # when its key exchange started
 
 
 class HandshakeQueue:
@@ -636,12 +637,22 @@ class HandshakeQueue:
     waiting in arrival order, at most ``per_source`` (running or waiting)
     from one source (0: no such limit).  A waiting ticket whose connection
     closed or timed out is cancelled, so no work is done for a peer that is
-    gone."""
+    gone.
 
-    def __init__(self, limit: int, max_waiting: int, per_source: int) -> None:
+    The queue is also bounded in time: a ticket that would wait longer than
+    ``patience`` seconds (the handshake timeout: it would time out anyway)
+    is refused at once, "server busy".  The expected wait is the queue's
+    length times the recent cost of a key exchange (from its start to its
+    end, so contention for the CPU is counted) over ``limit``."""
+
+    def __init__(
+        self, limit: int, max_waiting: int, per_source: int, patience: float = float("inf")
+    ) -> None:
         self.limit = limit
         self.max_waiting = max_waiting
         self.per_source = per_source
+        self.patience = patience
+        self.cost = 0.0  # seconds per key exchange, a moving average
         self._lock = threading.Lock()
         self.running = 0
         self._waiting: Deque[HandshakeTicket] = deque()
@@ -660,7 +671,11 @@ class HandshakeQueue:
             if self.running < self.limit:
                 self.running += 1
                 ticket.state = "running"
-            elif len(self._waiting) < self.max_waiting:
+                ticket.started = time.monotonic()
+            elif (
+                len(self._waiting) < self.max_waiting
+                and (len(self._waiting) + 1) * self.cost / self.limit < self.patience
+            ):
                 ticket.state = "waiting"
                 self._waiting.append(ticket)
             else:
@@ -677,6 +692,8 @@ class HandshakeQueue:
             if ticket.state != "running":
                 return
             ticket.state = "done"
+            took = time.monotonic() - ticket.started
+            self.cost = took if not self.cost else 0.9 * self.cost + 0.1 * took
             self.running -= 1
             self._forget(ticket.source)
             while self._waiting and self.running < self.limit:
@@ -691,6 +708,7 @@ class HandshakeQueue:
                     dead.append(nxt)
                     continue
                 nxt.state = "running"
+                nxt.started = time.monotonic()
                 self.running += 1
                 starts.append(nxt)
         for gone in dead:
@@ -1069,6 +1087,7 @@ class ServerCore:
             options.max_handshakes,
             options.max_waiting_handshakes,
             options.max_handshakes_per_source,
+            options.handshake_timeout,
         )
         self.budget = MessageBudget(options.max_buffered_bytes)
         self.notices = Notices(self.log)

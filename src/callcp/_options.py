@@ -151,8 +151,9 @@ class ServerOptions(_Options):
         max_connections_per_source: open connections from one source
             address (an IPv4 address or an IPv6 /64); 0 turns it off.
         max_handshakes: RSA key exchanges running at once; more complete
-            ClientHellos wait in a queue of 64 x this many (beyond it: "server
-            busy"), each until its handshake deadline.
+            ClientHellos wait their turn, each until its handshake deadline;
+            one that could not get its turn before then is refused at once
+            ("server busy").
         max_handshakes_per_source: handshakes (waiting or running) from one
             source address; 0 turns it off.
         handshake_timeout: seconds from accept to a completed handshake.
@@ -209,8 +210,10 @@ class ServerOptions(_Options):
 
     @property
     def max_waiting_handshakes(self) -> int:
-        """Complete ClientHellos that may wait for a key-exchange slot."""
-        return 64 * self.max_handshakes
+        """Complete ClientHellos that may wait for a key-exchange slot (the
+        wait is bounded in time too: see HandshakeQueue)."""
+        assert self.max_connections is not None
+        return self.max_connections
 
 
 # The keyword arguments of connect() and serve(), for ``**options:
