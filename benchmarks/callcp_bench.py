@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import gc
 import importlib
@@ -1712,7 +1713,8 @@ class _Runner:
         if kind == "callcp":
             # Never refuse one of ours: every client comes from one address.
             options = (
-                ("max_connections", n + OPEN_IN_FLIGHT),
+                # (twice: the last tenth is kept for other addresses)
+                ("max_connections", 2 * n + OPEN_IN_FLIGHT),
                 ("max_connections_per_source", 0),
                 ("max_handshakes_per_source", 0),
             )
@@ -1773,6 +1775,9 @@ _TITLES = {
 
 def workers_support() -> Optional[str]:
     """``"sync"`` or ``"aio"``: which ``serve()`` takes ``workers=N``; None if neither."""
+    options = getattr(callcp, "ServerOptions", None)  # (the options as one typed object)
+    if options is not None and "workers" in {f.name for f in dataclasses.fields(options)}:
+        return "sync"
     for flavour, serve, server in (
         ("sync", callcp.serve, callcp.Server),
         ("aio", callcp_aio.serve, callcp_aio.Server),

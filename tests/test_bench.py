@@ -11,6 +11,7 @@ file is touched).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import inspect
 import json
@@ -23,6 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
+import callcp
 from callcp import aio, sync
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -210,7 +212,10 @@ def test_workers_support_follows_the_signatures() -> None:
             return False
 
     expected: Optional[str] = None
-    if takes_workers(sync.serve) or takes_workers(sync.Server):
+    options = getattr(callcp, "ServerOptions", None)
+    if options is not None and "workers" in {f.name for f in dataclasses.fields(options)}:
+        expected = "sync"  # the options as one typed object (serve() takes **options)
+    elif takes_workers(sync.serve) or takes_workers(sync.Server):
         expected = "sync"
     elif takes_workers(aio.serve) or takes_workers(aio.Server):
         expected = "aio"

@@ -71,6 +71,8 @@ from ._streams import Destination, Progress, StreamInfo, StreamReception
 
 __all__ = [
     "Engine",
+    "ConnectionBase",
+    "DEFAULT",
     "ServerBase",
     "ServerCore",
     "Admission",
@@ -1053,6 +1055,39 @@ def handler_outcome(exc: Optional[BaseException], idle_timeout: Optional[float])
 
 
 # ================================================================== servers
+
+
+class _Default:
+    """Sentinel type: "use the connection's timeout"."""
+
+    __slots__ = ()
+
+
+#: A ``timeout`` argument's default: the connection's own timeout.
+DEFAULT: Any = _Default()
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class ConnectionBase:
+    """What both adapters' Connections show of their engine."""
+
+    _core: _Protocol
+    _timeout: Optional[float]
+    remote_address: Address
+    _repr_name = "callcp.Connection"
+
+    @property
+    def peer_fingerprint(self) -> Optional[str]:
+        """The peer's key fingerprint (``SHA256:...``): the server's on a
+        client; the client's on a server with client authentication, else None."""
+        return self._core.peer_fingerprint
+
+    def _seconds(self, timeout: Any) -> Optional[float]:
+        """A call's ``timeout`` argument, DEFAULT being the connection's."""
+        return self._timeout if isinstance(timeout, _Default) else timeout
+
+    def __repr__(self) -> str:
+        return f"<{self._repr_name} {self.remote_address!r} {self._core.state.value}>"
 
 
 class ServerBase:

@@ -1,20 +1,7 @@
 """The asyncio adapter: the connection engine behind ``asyncio.Protocol``.
 
-Only "how do I wait" lives here.  Each TCP connection is a :class:`Link`:
-``data_received`` hands bytes to the core and wakes the one task waiting
-for them; :class:`Connection` methods pull events, as the blocking adapter
-does after a read.  Bytes wait unparsed in the core (one buffer, never an
-object per read); past a bound the link stops reading and TCP's
-back-pressure does the rest.  A server holds a connection in callbacks alone
-until its whole ClientHello is in; only then does it queue for a key-exchange
-slot, whose RSA work runs in a worker thread (never on the event loop, never
-for a connection that is gone).
-
-Usage::
-
-    async def handler(conn):
-        async for message in conn:
-            await conn.send(message)
+Only "how do I wait" lives here; each connection's transport side is a
+``_aiolink.Link``.  The API is :mod:`callcp.sync`'s, awaited::
 
     async with await callcp.aio.serve(handler, "127.0.0.1", 8436) as server:
         await server.serve_forever()
@@ -57,7 +44,17 @@ from ._core.errors import (
     LocalProtocolError,
 )
 from ._core.events import NEED_DATA, DecryptionRequested, MessageReceived
-from ._engine import Engine, ServerBase, ServerCore, format_peer, handler_outcome
+from ._engine import (
+    DEFAULT,
+    Address,
+    Buffer,
+    ConnectionBase,
+    Engine,
+    ServerBase,
+    ServerCore,
+    format_peer,
+    handler_outcome,
+)
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
 from ._streams import Destination, Progress, StreamInfo, source_size
 from ._workers import WorkerPool
@@ -67,19 +64,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Connection", "Server", "connect", "serve"]
 
-Address = Tuple[Any, ...]
-Buffer = Union[bytes, bytearray, memoryview]
 AsyncSource = Union[Any, AsyncIterable[Buffer]]
 
 
-class _Default:
-    __slots__ = ()
-
-
-DEFAULT: Any = _Default()
-
-
-class Connection:
+class Connection(ConnectionBase):
     """One callcp/2 connection for asyncio: the methods of
     :class:`callcp.sync.Connection`, awaited.  Tasks may share it (receivers
     take turns; a send waits for a stream being sent)."""
@@ -98,15 +86,11 @@ class Connection:
         self._send_lock = asyncio.Lock()
         self._turn = Turn(link.loop)
         self._decrypt = decrypt  # (server) the key exchange's RSA work, off the loop
+        self._repr_name = "callcp.aio.Connection"
         link.engine.wake = link.wake
         self.remote_address: Address = link.addr
         local = link.transport.get_extra_info("sockname")
         self.local_address: Address = tuple(local) if local else ()
-
-    @property
-    def peer_fingerprint(self) -> Optional[str]:
-        """The peer's key fingerprint (see :class:`callcp.sync.Connection`)."""
-        return self._core.peer_fingerprint
 
     @property
     def closed(self) -> bool:
@@ -118,9 +102,7 @@ class Connection:
     async def do_handshake(self, timeout: Any = DEFAULT) -> None:
         """Run the handshake (see :meth:`callcp.sync.Connection.do_handshake`)."""
         engine = self._engine
-        deadline, seconds = engine.handshake_limits(
-            self._timeout if isinstance(timeout, _Default) else timeout
-        )
+        deadline, seconds = engine.handshake_limits(self._seconds(timeout))
         await self._turn.take()
         try:
             peer = format_peer(self.remote_address)
@@ -228,9 +210,6 @@ class Connection:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def __repr__(self) -> str:
-        return f"<callcp.aio.Connection {self.remote_address!r} {self._core.state.value}>"
 
     # ------------------------------------------------------------ waiting
 
@@ -405,6 +384,30 @@ class Server(ServerBase):
         if isinstance(error, asyncio.CancelledError):
             raise error
 
+    async def _open(self, host: Optional[str], port: int) -> None:
+        """Listen (or, with workers, fork the processes that listen)."""
+        loop, options = asyncio.get_running_loop(), self.options
+        if options.workers > 1:
+            pool = workers.for_server(host, port, options, self.keypair, _worker, self._handler)
+            self._pool, address = pool, pool.address
+            await loop.run_in_executor(None, pool.start_or_close)
+        else:
+            try:
+                self._server = await loop.create_server(
+                    lambda: Link(loop, None, self._core, self._links, self._start),
+                    host,
+                    port,
+                    backlog=options.backlog,
+                    reuse_address=True,
+                    reuse_port=options.reuse_port or None,
+                )
+            except OSError as exc:
+                raise _translate(exc, f"listening on {host}:{port}") from exc
+            address = self.sockets[0].getsockname()
+            self._tick()
+        self._port = address[1]
+        self._core.listening(address, options.workers)
+
     async def serve_forever(self) -> None:
         """Serve until :meth:`close` (or cancellation)."""
         pool = self._pool
@@ -505,29 +508,7 @@ async def start_server(
     """:func:`serve` with its options as one :class:`ServerOptions`."""
     check_port(port, allow_zero=True)
     server = Server(handler, options)
-    loop = asyncio.get_running_loop()
-    if options.workers > 1:
-        pool = server._pool = workers.for_server(
-            host, port, options, server.keypair, _worker, handler
-        )
-        address = pool.address
-        await loop.run_in_executor(None, pool.start_or_close)
-    else:
-        try:
-            server._server = await loop.create_server(
-                lambda: Link(loop, None, server._core, server._links, server._start),
-                host,
-                port,
-                backlog=options.backlog,
-                reuse_address=True,
-                reuse_port=options.reuse_port or None,
-            )
-        except OSError as exc:
-            raise _translate(exc, f"listening on {host}:{port}") from exc
-        address = server.sockets[0].getsockname()
-        server._tick()
-    server._port = address[1]
-    server._core.listening(address, options.workers)
+    await server._open(host, port)
     return server
 
 

@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Set
 
 from . import _engine
 from . import _workers as workers
@@ -27,7 +27,18 @@ from ._common import check_port, client_protocol
 from ._common import translate_oserror as _translate
 from ._core.errors import CallcpError, CloseCode, ConnectionClosedOK
 from ._core.events import NEED_DATA, DecryptionRequested, MessageReceived
-from ._engine import Arrival, Engine, ServerBase, ServerCore, format_peer, handler_outcome
+from ._engine import (
+    DEFAULT,
+    Address,
+    Arrival,
+    Buffer,
+    ConnectionBase,
+    Engine,
+    ServerBase,
+    ServerCore,
+    format_peer,
+    handler_outcome,
+)
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
 from ._sockets import FOREVER, Acceptor, SocketLink, ThreadPool, listen, remaining
 from ._streams import Destination, Progress, Source, StreamInfo, iter_chunks, source_size
@@ -38,20 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Connection", "Server", "connect", "serve"]
 
-Address = Tuple[Any, ...]
-Buffer = Union[bytes, bytearray, memoryview]
 
-
-class _Default:
-    """Sentinel type: "use the connection's timeout"."""
-
-    __slots__ = ()
-
-
-DEFAULT: Any = _Default()
-
-
-class Connection(SocketLink):
+class Connection(SocketLink, ConnectionBase):
     """One encrypted, authenticated, message-oriented connection.
 
     Obtained from :func:`connect` (client) or given to a :func:`serve`
@@ -71,13 +70,7 @@ class Connection(SocketLink):
         super().__init__(sock, engine, timeout)
         self._decrypt = decrypt  # (server) the key exchange's RSA work
 
-    @property
-    def peer_fingerprint(self) -> Optional[str]:
-        """The peer's key fingerprint (``SHA256:...``): the server's on a
-        client; the client's on a server with client authentication, else None."""
-        return self._core.peer_fingerprint
-
-    def do_handshake(self, timeout: Union[float, None, _Default] = DEFAULT) -> None:
+    def do_handshake(self, timeout: Any = DEFAULT) -> None:
         """Run the handshake until data may flow: a client returns once its
         key exchange is sent (its first message shares that flight; the
         server's Finished is checked before any reply is returned).
@@ -88,9 +81,7 @@ class Connection(SocketLink):
             HandshakeTimeout: it did not complete within ``timeout``.
         """
         engine = self._engine
-        deadline, seconds = engine.handshake_limits(
-            self._timeout if isinstance(timeout, _Default) else timeout
-        )
+        deadline, seconds = engine.handshake_limits(self._seconds(timeout))
         with self._recv_lock:
             peer = format_peer(self.remote_address)
             self._drive(_engine.handshake(engine, deadline, seconds, peer))
@@ -148,7 +139,7 @@ class Connection(SocketLink):
             info: StreamInfo = self._drive(steps)
         return info
 
-    def recv(self, timeout: Union[float, None, _Default] = DEFAULT) -> bytes:
+    def recv(self, timeout: Any = DEFAULT) -> bytes:
         """Receive the next whole message.
 
         ``timeout`` overrides the connection's timeout for this call (None:
@@ -196,7 +187,7 @@ class Connection(SocketLink):
             info: StreamInfo = self._drive(_engine.receive_stream(self._engine, dest, progress))
         return info
 
-    def request(self, message: Buffer, timeout: Union[float, None, _Default] = DEFAULT) -> bytes:
+    def request(self, message: Buffer, timeout: Any = DEFAULT) -> bytes:
         """Send one message and return the next message received."""
         self.send(message)
         return self.recv(timeout)
@@ -222,9 +213,6 @@ class Connection(SocketLink):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"<callcp.Connection {self.remote_address!r} {self._core.state.value}>"
 
     # ------------------------------------------------------------ waiting
 
@@ -254,10 +242,10 @@ class Connection(SocketLink):
                 run.thrown = exc
         return run.value
 
-    def _next(self, timeout: Union[float, None, _Default]) -> Any:
+    def _next(self, timeout: Any) -> Any:
         """The next application event, reading as needed (under ``_recv_lock``)."""
         engine, core = self._engine, self._core
-        seconds: Optional[float] = self._timeout if timeout is DEFAULT else timeout  # type: ignore[assignment]
+        seconds: Optional[float] = self._timeout if timeout is DEFAULT else timeout
         deadline = 0.0  # set at the first read, which gets all of ``seconds``
         read = False
         while True:
