@@ -419,6 +419,6 @@ def test_the_servers_finished_comes_before_its_first_message(
     p.to_client()
     p.client.send(b"hi")
     feed(p.server, p.client.data_to_send())
-    out = p.server.send_bytes(b"first")
-    kinds = [f[0] for f in split_frames(out)]
+    out = p.server.send_bytes(b"first")  # (owed records pending: the parts come back)
+    kinds = [f[0] for f in split_frames(out if isinstance(out, bytes) else b"".join(out))]
     assert kinds == [FrameType.FINISHED, FrameType.DATA_END]

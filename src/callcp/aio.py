@@ -129,7 +129,10 @@ class Connection(ConnectionBase):
         transport = self._link.transport
         if transport.is_closing():  # (lost, or failing: nothing would go out)
             raise self._engine.lost_error()
-        transport.write(data)
+        if type(data) is bytes:
+            transport.write(data)
+        else:
+            transport.writelines(data)
 
     async def send_stream(
         self,

@@ -98,6 +98,8 @@ class Connection(SocketLink, ConnectionBase):
         """
         with self._send_lock:
             data = self._core.send_bytes(message)
+            if type(data) is not bytes:  # several records: gathering writes
+                return self._write(data)
             try:
                 self._sock.sendall(data)
             except OSError as exc:

@@ -446,10 +446,11 @@ class _Protocol:
         out, self._out = self._out, []
         return out
 
-    def send_bytes(self, message: Union[bytes, bytearray, memoryview]) -> bytes:
-        """``send(message)`` then ``data_to_send()``, in one step: the
-        adapters' hot path (a small message on an open connection is sealed
-        straight into the bytes to write).
+    def send_bytes(self, message: Union[bytes, bytearray, memoryview]) -> Union[bytes, List[bytes]]:
+        """``send(message)`` then what to write, in one step: the adapters'
+        hot path.  A small message on an open connection is sealed straight
+        into the bytes to write; anything else comes back as
+        ``data_to_send_parts()`` (large records are not joined).
 
         Raises: as :meth:`send`.
         """
@@ -467,7 +468,7 @@ class _Protocol:
         ):
             return sender.seal_one(FrameType.DATA_END, message)
         self.send(message)
-        return self.data_to_send()
+        return self.data_to_send_parts()
 
     def send(self, message: Union[bytes, bytearray, memoryview]) -> None:
         """Queue one message (any size: it is split into 64 KiB records).
