@@ -3,23 +3,28 @@
 
 Theory of operation
 -------------------
-An adapter (``sync.py`` with sockets and threads, ``aio.py`` with asyncio)
-owns a transport and a way to wait.  For each connection it holds one
-:class:`Engine` and does only this:
+An adapter (``sync.py`` with ``_sockets.py``, ``aio.py`` with
+``_aiolink.py``) owns a transport and a way to wait.  For each connection it
+holds one :class:`Engine` and does only this:
 
-* feed what it reads to ``engine.feed(data)`` (``b""`` at end of stream);
+* feed what it reads to the core (``core.receive_data``; ``b""`` at end of
+  stream), reading first when the core ``needs_data``;
 * ask ``engine.next_event()`` for the next application event; on NEED_DATA,
   wait for bytes and ask again;
-* write what ``engine.core.data_to_send()`` returns, always under its one
-  send lock (sealing happens there, so the record sequence has one owner);
-* on any :class:`CallcpError` from the engine, write what is queued (the
+* write what the core has to send (``send_bytes`` for a message, else
+  ``data_to_send_parts()``), always under its one send lock: records are
+  sealed only there, so the record sequence has one owner;
+* run the engine's procedures (:func:`handshake`, :func:`send_stream`,
+  :func:`receive_stream`) with its ``_drive`` loop, doing what each asks
+  (WRITE, READ, EVENT, CHUNK, DECRYPT, ABORT) its own way;
+* on a CallcpError that failed the connection, write what is queued (the
   CLOSE or ALERT telling the peer why) and close the transport.
 
 The engine decides everything else: which events the application sees
 (handshake events are consumed, the peer's CLOSE becomes an exception), the
-handshake steps (:meth:`Engine.handshake_step`), what a timeout during the
-handshake means, how a server interrupts a connection (shutdown, the global
-message budget), and how a stream is sent (:class:`StreamSending`).
+handshake steps, what a timeout during the handshake means, how a server
+interrupts a connection (shutdown between two messages, the global message
+budget at once), and what a sender sees once the transport is gone.
 
 For servers, :class:`ServerCore` holds what is shared by every connection of
 one server: the options, the key, the admission policy (:class:`Admission`),
