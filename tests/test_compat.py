@@ -18,6 +18,7 @@ import fcntl
 import io
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -115,10 +116,28 @@ def client_for(server: SecureTCPServer, tmp_path: Path, **options: Any) -> Secur
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A free port below the kernel's ephemeral range: a port the kernel
+    hands out (port 0) may be taken by another test's outgoing connection
+    before the example binds it (seen with pytest-xdist)."""
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError):
+        pass
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10_000, max(10_001, low))
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # (no luck: the kernel's choice)
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -467,7 +467,7 @@ class _Protocol:
             and sender.seq < self.key_update_interval
         ):
             return sender.seal_one(FrameType.DATA_END, message)
-        self.send(message)
+        self._seal_message(message)
         return self.data_to_send_parts()
 
     def send(self, message: Union[bytes, bytearray, memoryview]) -> None:
@@ -478,20 +478,14 @@ class _Protocol:
                 data may be sent, or the connection is closing.
             ConnectionClosed: the connection is closed or failed.
         """
-        sender = self._sender
-        if (
-            type(message) is bytes
-            and len(message) <= MAX_FRAGMENT
-            and self.state is _OPEN
-            and sender is not None
-            and not self._close_sent
-            and not self._out_stream_active
-            and not self._owed
-            and sender.seq < self.key_update_interval
-        ):
-            # Fast path: a one-record message on an open connection.
-            sender.seal(FrameType.DATA_END, message, self._out)
-            return
+        out = self.send_bytes(message)
+        if isinstance(out, bytes):
+            self._out.append(out)
+        else:
+            self._out.extend(out)  # (what send_bytes took from the queue, back in order)
+
+    def _seal_message(self, message: Union[bytes, bytearray, memoryview]) -> None:
+        """The general case of :meth:`send`: checks, then 64 KiB records."""
         self._check_can_send()
         if self._out_stream_active:
             raise LocalProtocolError("send() while a stream is being sent: end it first")
