@@ -68,17 +68,6 @@ GATE_TIMEOUT = 30.0
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.005)
-
-
 async def wait_event(event: threading.Event, timeout: float = GATE_TIMEOUT) -> bool:
     """Wait on a ``threading.Event`` from a coroutine without blocking the
     loop (polled: a thread blocked in ``Event.wait`` could not be cancelled)."""

@@ -52,10 +52,9 @@ from tests.adapters import (
     Gated,
     Handlers,
     Talker,
-    wait_until,
 )
 from tests.helpers import split_frames
-from tests.sock_support import free_port, read_until_closed
+from tests.sock_support import free_port, read_until_closed, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

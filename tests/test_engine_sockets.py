@@ -18,17 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 import callcp
 import callcp._sockets
 from callcp._core.wire import MAX_FRAGMENT, FrameType
+from tests.sock_support import wait_until
 
 ADAPTERS = ["sync", "aio"]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 class Served:
