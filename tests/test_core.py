@@ -12,6 +12,7 @@ from callcp._core.errors import (
     CloseCode,
     ConnectionClosedError,
     ConnectionClosedOK,
+    CryptoError,
     HandshakeError,
     KeyManagementError,
     LocalProtocolError,
@@ -422,3 +423,50 @@ def test_the_servers_finished_comes_before_its_first_message(
     out = p.server.send_bytes(b"first")  # (owed records pending: the parts come back)
     kinds = [f[0] for f in split_frames(out if isinstance(out, bytes) else b"".join(out))]
     assert kinds == [FrameType.FINISHED, FrameType.DATA_END]
+
+
+def test_receive_message_returns_a_whole_record_at_once(server_key: rsa.RSAPrivateKey) -> None:
+    """The adapters' hot path: one read holding exactly one small message."""
+    p = Pair(server_key)
+    p.handshake()
+    p.client.send(b"one")
+    record = p.client.data_to_send()
+    assert p.server.receive_message(memoryview(bytearray(record))) == b"one"
+    assert p.server.needs_data
+
+
+@pytest.mark.parametrize("shape", ["partial", "two", "fragmented"])
+def test_receive_message_falls_back_to_events(server_key: rsa.RSAPrivateKey, shape: str) -> None:
+    """Anything but one whole one-record message is buffered (copied out of
+    the caller's reusable buffer) and comes out of next_event()."""
+    p = Pair(server_key)
+    p.handshake()
+    if shape == "fragmented":
+        p.client.send(b"x" * 70000)  # DATA then DATA_END
+        expected = [MessageReceived(b"x" * 70000)]
+    else:
+        p.client.send(b"a")
+        p.client.send(b"b")
+        expected = [MessageReceived(b"a"), MessageReceived(b"b")]
+    wire = p.client.data_to_send()
+    reads = [wire[:3], wire[3:]] if shape == "partial" else [wire]
+    for chunk in reads:
+        scratch = bytearray(chunk)
+        assert p.server.receive_message(memoryview(scratch)) is None
+        scratch[:] = b"\0" * len(scratch)  # the caller reuses its buffer
+    assert drain(p.server) == expected
+
+
+def test_receive_message_fails_the_connection_on_a_forged_record(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.client.send(b"secret")
+    record = bytearray(p.client.data_to_send())
+    record[-1] ^= 1
+    with pytest.raises(CryptoError):
+        p.server.receive_message(bytes(record))
+    assert p.server.state is State.FAILED
+    kinds = [f[0] for f in split_frames(p.server.data_to_send())]
+    assert kinds == [FrameType.CLOSE]

@@ -82,16 +82,22 @@ class SocketLink:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(timeout))
 
     def _read(self, timeout: Optional[float]) -> None:
+        self._core.receive_data(self._recv(timeout))
+
+    def _recv(self, timeout: Optional[float]) -> Union[bytes, memoryview]:
+        """One read (``b""``: end of stream).  A small read is a view into the
+        reusable buffer, valid until the next read: feed it to the core now."""
         if timeout != self._rcv_timeout:  # (a syscall saved per read on the common path)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(timeout))
             self._rcv_timeout = timeout
+        data: Union[bytes, memoryview]
         try:
             if self._bulk:  # large reads straight into new bytes (decrypted in place)
                 data = self._sock.recv(READ_SIZE)
                 self._bulk = len(data) >= FIRST_READ_SIZE
             else:
                 n = self._sock.recv_into(self._rbuf)
-                data = self._rview[:n].tobytes()
+                data = self._rview[:n]
                 self._bulk = n == FIRST_READ_SIZE
         except OSError as exc:
             if self._closed:
@@ -108,7 +114,7 @@ class SocketLink:
             except CallcpError:
                 self._abort()
                 raise
-        self._core.receive_data(data)
+        return data
 
     def _write(self, data: Union[bytes, List[bytes]]) -> None:
         """Write under ``_send_lock``; a failed write kills the connection.

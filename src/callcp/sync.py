@@ -158,10 +158,29 @@ class Connection(SocketLink, ConnectionBase):
                 :meth:`recv_stream`).
         """
         with self._recv_lock:
-            event = self._next(timeout)
+            engine, core = self._engine, self._core
+            if (
+                timeout is DEFAULT
+                and engine.pending is None
+                and engine.interruption is None
+                and core.needs_data
+            ):  # the hot path: one read, commonly one whole message
+                seconds = self._timeout
+                deadline = FOREVER if seconds is None else time.monotonic() + seconds
+                data = self._recv(seconds)
+                try:
+                    message = core.receive_message(data)
+                except CallcpError:
+                    self._abort()
+                    raise
+                if message is not None:
+                    return message
+                event = self._next(timeout, deadline)
+            else:
+                event = self._next(timeout)
             if type(event) is MessageReceived:
                 return event.data
-            return self._engine.message_from(event)
+            return engine.message_from(event)
 
     def recv_stream(self, dest: Destination, *, progress: Optional[Progress] = None) -> StreamInfo:
         """Receive a stream into ``dest`` (a path, or a binary file) in bounded
@@ -244,12 +263,12 @@ class Connection(SocketLink, ConnectionBase):
                 run.thrown = exc
         return run.value
 
-    def _next(self, timeout: Any) -> Any:
-        """The next application event, reading as needed (under ``_recv_lock``)."""
+    def _next(self, timeout: Any, deadline: float = 0.0) -> Any:
+        """The next application event, reading as needed (under ``_recv_lock``).
+        A nonzero ``deadline``: this call has read already, under it."""
         engine, core = self._engine, self._core
         seconds: Optional[float] = self._timeout if timeout is DEFAULT else timeout
-        deadline = 0.0  # set at the first read, which gets all of ``seconds``
-        read = False
+        read = deadline != 0.0  # (else: the first read gets all of ``seconds``)
         while True:
             if (
                 read

@@ -77,7 +77,7 @@ class RecordSender(_Direction):
 class RecordReceiver(_Direction):
     __slots__ = ()
 
-    def open(self, header: bytes, body: Union[bytes, memoryview]) -> bytes:
+    def open(self, header: Union[bytes, memoryview], body: Union[bytes, memoryview]) -> bytes:
         """Authenticate and decrypt one record; the only place InvalidTag is caught.
 
         Raises:
