@@ -341,3 +341,33 @@ def test_queue_refuses_what_could_not_get_its_turn_in_time() -> None:
     assert admitted.count(True) == 2 + 19
     assert all(not ok for ok in admitted[21:])
     assert "max_handshakes=2" in str(answers[-1])
+
+
+# ------------------------------------------------------- the spare ServerHello
+
+
+def _share(first: bytes) -> bytes:
+    """The X25519 share in a ServerHello frame."""
+    from callcp._core.wire import ServerHello
+
+    return ServerHello.decode(first[5:]).x25519_public
+
+
+def test_a_prepared_server_hello_serves_exactly_one_connection(server_key: Any) -> None:
+    """prepare() moves the next ServerHello's key generation off the accept
+    path; the prepared ephemeral key goes to one connection only, and a
+    server that is stopping prepares none."""
+    core = callcp._engine.ServerCore(ServerOptions(key=server_key, logger=logging.getLogger("t")))
+    core.prepare()
+    spare = core._spare
+    assert spare is not None
+    core.prepare()  # (one at most)
+    assert core._spare is spare
+    first, hello1 = core.arrive(("192.0.2.1", 1000))
+    second, hello2 = core.arrive(("192.0.2.2", 1000))
+    assert first is not None and second is not None
+    assert first.engine is spare and second.engine is not spare
+    assert _share(hello1) != _share(hello2)
+    core.stopping = True
+    core.prepare()
+    assert core._spare is None

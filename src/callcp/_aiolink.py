@@ -148,6 +148,7 @@ class Link(asyncio.Protocol):
         self.on_data = Link._hello
         self.links.add(self)
         self.timer = self.loop.call_later(self.core.options.handshake_timeout, self._too_slow)
+        self.loop.call_soon(self.core.prepare)  # the next connection's ServerHello
 
     def _hello(self, data: bytes) -> None:
         """Bytes before the key exchange: is the ClientHello whole yet?"""

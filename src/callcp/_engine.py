@@ -37,6 +37,7 @@ calls it from many threads, the asyncio server from one.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import threading
@@ -452,7 +453,7 @@ class Run:
             raise
 
 
-def handshake(engine: Engine, deadline: float, seconds: Optional[float], peer: str) -> Procedure:
+def handshake(engine: Engine, deadline: float, seconds: Optional[float], peer: Any) -> Procedure:
     """Run the handshake until data may flow (see Engine.handshake_step)."""
     try:
         while True:
@@ -465,7 +466,7 @@ def handshake(engine: Engine, deadline: float, seconds: Optional[float], peer: s
             else:
                 engine.decrypted((yield (DECRYPT, step)))
     except CallcpTimeout:
-        raise engine.handshake_timed_out(seconds, peer) from None
+        raise engine.handshake_timed_out(seconds, format_peer(peer)) from None
 
 
 def send_stream(
@@ -553,7 +554,12 @@ def source_of(addr: Any) -> str:
     (v4-mapped, 6to4, NAT64's 64:ff9b::/96) counts as that IPv4 address."""
     if not addr or not isinstance(addr, tuple):
         return "local"
-    host = str(addr[0]).split("%", 1)[0]
+    return _source_of_host(str(addr[0]))
+
+
+@functools.lru_cache(maxsize=1024)  # (a connection asks up to four times)
+def _source_of_host(host: str) -> str:
+    host = host.split("%", 1)[0]
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -1132,12 +1138,22 @@ class ServerCore:
         self.budget = MessageBudget(options.max_buffered_bytes)
         self.notices = Notices(self.log)
         self.stopping = False
+        self._spare: Optional[Engine] = None
 
     @property
     def fingerprint(self) -> str:
         return self.keypair.fingerprint
 
-    def new_engine(self) -> Engine:
+    def prepare(self) -> None:
+        """(the accepting thread, when it has nothing else to do) Make the
+        next connection's engine now: its ServerHello's X25519 key pair and
+        random then cost the next connection no wait.  One at most, used by
+        exactly one connection (an idle server holds one unused ephemeral
+        key, which has protected nothing)."""
+        if self._spare is None and not self.stopping:
+            self._spare = self._new_engine()
+
+    def _new_engine(self) -> Engine:
         """A server connection's engine; its ServerHello is queued."""
         core = ServerProtocol(
             self.keypair.private_key,
@@ -1156,7 +1172,8 @@ class ServerCore:
         if why is not None:
             self.refused(addr, why)
             return None, alert_frame(CloseCode.GOING_AWAY, f"server busy: {why}")
-        arrival = Arrival(self, addr, self.new_engine())
+        engine, self._spare = self._spare, None
+        arrival = Arrival(self, addr, engine or self._new_engine())
         return arrival, arrival.engine.core.data_to_send()
 
     def refused(self, addr: Any, why: str) -> None:

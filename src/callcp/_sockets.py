@@ -345,6 +345,7 @@ class Acceptor:
                         self._wake_r.recv(4096)
                     else:
                         self._readable(key.data)
+                core.prepare()  # the next connection's ServerHello, while idle
                 now = time.monotonic()
                 while arrivals:
                     deadline, ref = arrivals[0]

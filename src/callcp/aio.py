@@ -52,7 +52,6 @@ from ._engine import (
     Engine,
     ServerBase,
     ServerCore,
-    format_peer,
     handler_outcome,
 )
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
@@ -105,8 +104,7 @@ class Connection(ConnectionBase):
         deadline, seconds = engine.handshake_limits(self._seconds(timeout))
         await self._turn.take()
         try:
-            peer = format_peer(self.remote_address)
-            await self._drive(_engine.handshake(engine, deadline, seconds, peer))
+            await self._drive(_engine.handshake(engine, deadline, seconds, self.remote_address))
         finally:
             self._turn.give()
 

@@ -36,7 +36,6 @@ from ._engine import (
     Engine,
     ServerBase,
     ServerCore,
-    format_peer,
     handler_outcome,
 )
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
@@ -83,8 +82,7 @@ class Connection(SocketLink, ConnectionBase):
         engine = self._engine
         deadline, seconds = engine.handshake_limits(self._seconds(timeout))
         with self._recv_lock:
-            peer = format_peer(self.remote_address)
-            self._drive(_engine.handshake(engine, deadline, seconds, peer))
+            self._drive(_engine.handshake(engine, deadline, seconds, self.remote_address))
 
     def send(self, message: Buffer) -> None:
         """Send one message.
