@@ -3,9 +3,10 @@ exception and without handing any byte of a bad message to the application."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa, x25519
@@ -315,3 +316,56 @@ def test_eof_before_close_after_data_is_truncation(session: Session) -> None:
     assert delivered == [REQUEST]
     assert isinstance(err, ConnectionClosedError)
     assert "truncat" in str(err)
+
+
+def _malformed_der(n: int, e: int) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    key = rsa.RSAPublicNumbers(e, n).public_key()
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.mark.parametrize(
+    ("n", "e", "problem"),
+    [
+        ((1 << 2047) | 2, 65537, "even modulus"),  # passes DER parsing; OAEP then fails
+        ((1 << 3071) | 1, (1 << 3000) | 1, "public exponent a 3001-bit number"),
+        ((1 << 1023) | 1, 65537, "has 1024 bits"),
+    ],
+    ids=["even-modulus", "huge-exponent", "1024-bit"],
+)
+def test_a_malformed_server_key_is_refused_before_trust_and_use(
+    server_key: rsa.RSAPrivateKey, tmp_path: Any, n: int, e: int, problem: str
+) -> None:
+    """A first-contact attacker presenting a key that cannot work (or costs
+    far more than it should) gets a HandshakeError naming the problem, not a
+    bare ValueError; nothing is recorded in known_hosts, nothing is sealed."""
+    from callcp._common import server_key_verifier
+
+    known = tmp_path / "known_hosts"
+    verify = server_key_verifier(
+        "192.0.2.7",
+        8436,
+        server_fingerprint=None,
+        known_hosts=known,
+        trust_on_first_use=True,
+        insecure=False,
+        logger=logging.getLogger("test"),
+    )
+    c = ClientProtocol(verify)
+    s = ServerProtocol(server_key)
+    s.start()
+    hello = ServerHello.decode(s.data_to_send()[5:])
+    forged = ServerHello(
+        hello.versions,
+        hello.random,
+        hello.x25519_public,
+        _malformed_der(n, e),
+        hello.require_client_auth,
+    ).encode()
+    with pytest.raises(HandshakeError, match=problem):
+        feed(c, forged)
+    assert not known.exists() or known.read_text() == ""
+    assert [f[0] for f in split_frames(c.data_to_send())] == [FrameType.ALERT]

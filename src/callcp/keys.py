@@ -85,8 +85,9 @@ class KeyPair:
 
     Raises:
         TypeError: ``private_key`` is not an RSA private key.
-        KeyManagementError: the key's size is outside what callcp accepts
-            (``MIN_RSA_BITS`` to ``MAX_RSA_BITS`` bits).
+        KeyManagementError: callcp does not accept the key: its size is
+            outside ``MIN_RSA_BITS`` to ``MAX_RSA_BITS`` bits, or its public
+            exponent is even, below 3 or above 2^32-1.
     """
 
     __slots__ = ("_private_key", "_public_key", "_public_der", "_fingerprint")
@@ -94,7 +95,9 @@ class KeyPair:
     def __init__(self, private_key: rsa.RSAPrivateKey) -> None:
         if not isinstance(private_key, rsa.RSAPrivateKey):
             raise TypeError(f"KeyPair needs an RSA private key, not {type(private_key).__name__}")
-        _check_size(private_key.key_size, "private key")
+        problem = _ckeys.rsa_key_problem(private_key)
+        if problem is not None:
+            raise KeyManagementError(f"the RSA private key {problem}")
         self._private_key = private_key
         self._public_key = private_key.public_key()
         self._public_der = _ckeys.public_der(self._public_key)
@@ -395,19 +398,10 @@ def _parse_public_pem(data: bytes, source: str) -> rsa.RSAPublicKey:
         raise KeyManagementError(f"{what}: unsupported key type ({exc})") from None
     if not isinstance(key, rsa.RSAPublicKey):
         raise KeyManagementError(f"{what}: it is an {_kind(key)} key, callcp needs an RSA key")
-    try:
-        _check_size(key.key_size, "public key")
-    except KeyManagementError as exc:
-        raise KeyManagementError(f"{what}: {exc}") from None
+    problem = _ckeys.rsa_key_problem(key)
+    if problem is not None:
+        raise KeyManagementError(f"{what}: the RSA public key {problem}")
     return key
-
-
-def _check_size(bits: int, what: str) -> None:
-    if not _ckeys.MIN_RSA_BITS <= bits <= _ckeys.MAX_RSA_BITS:
-        raise KeyManagementError(
-            f"the RSA {what} has {bits} bits; callcp accepts "
-            f"{_ckeys.MIN_RSA_BITS} to {_ckeys.MAX_RSA_BITS}"
-        )
 
 
 def _kind(key: object) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from typing import Union
+from typing import Optional, Union
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -20,6 +20,7 @@ __all__ = [
     "fingerprint",
     "fingerprint_der",
     "load_public_der",
+    "rsa_key_problem",
 ]
 
 #: RSA modulus sizes callcp generates; 2048 is the default.
@@ -27,6 +28,10 @@ RSA_KEY_SIZES = (2048, 3072, 4096)
 #: Peers' keys outside [MIN, MAX] are refused.
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192
+#: The largest public exponent accepted (as BoringSSL's 33-bit cap, a
+#: little tighter): a huge exponent makes every signature check and
+#: encryption with the key expensive.  callcp's keys use 65537.
+MAX_RSA_EXPONENT = 2**32 - 1
 
 AnyRSAKey = Union[rsa.RSAPublicKey, rsa.RSAPrivateKey]
 
@@ -50,8 +55,30 @@ def fingerprint(key: AnyRSAKey) -> str:
     return fingerprint_der(public_der(key))
 
 
+def rsa_key_problem(key: AnyRSAKey) -> Optional[str]:
+    """What makes an RSA key unacceptable to callcp (None: nothing): a
+    modulus outside MIN..MAX_RSA_BITS, an even modulus, or a public exponent
+    that is even, below 3 or above MAX_RSA_EXPONENT (such keys either fail at
+    first use or cost far more than they should)."""
+    numbers = (
+        key.public_numbers()
+        if isinstance(key, rsa.RSAPublicKey)
+        else key.private_numbers().public_numbers
+    )
+    if not MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS:
+        return f"has {key.key_size} bits; callcp accepts {MIN_RSA_BITS} to {MAX_RSA_BITS}"
+    if numbers.n % 2 == 0:
+        return "has an even modulus (not a product of two odd primes)"
+    e = numbers.e
+    if e % 2 == 0 or not 3 <= e <= MAX_RSA_EXPONENT:
+        shown = str(e) if e.bit_length() <= 64 else f"a {e.bit_length()}-bit number"
+        return f"has public exponent {shown}; callcp accepts odd exponents from 3 to 2^32-1"
+    return None
+
+
 def load_public_der(der: bytes, *, what: str) -> rsa.RSAPublicKey:
-    """Parse a peer's DER public key; refuse non-RSA keys and odd sizes.
+    """Parse a peer's DER public key; refuse non-RSA keys and malformed or
+    odd ones (:func:`rsa_key_problem`).
 
     Raises:
         HandshakeError: the bytes are not an acceptable RSA public key.
@@ -62,9 +89,7 @@ def load_public_der(der: bytes, *, what: str) -> rsa.RSAPublicKey:
         raise HandshakeError(f"{what} public key is not valid DER") from exc
     if not isinstance(key, rsa.RSAPublicKey):
         raise HandshakeError(f"{what} public key is not an RSA key")
-    if not MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS:
-        raise HandshakeError(
-            f"{what} RSA key has {key.key_size} bits; "
-            f"callcp accepts {MIN_RSA_BITS} to {MAX_RSA_BITS}"
-        )
+    problem = rsa_key_problem(key)
+    if problem is not None:
+        raise HandshakeError(f"{what} RSA key {problem}")
     return key

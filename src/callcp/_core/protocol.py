@@ -976,11 +976,15 @@ class ClientProtocol(_Protocol):
         except ValueError as exc:
             raise HandshakeError("the server's X25519 share is invalid") from exc
         premaster = entropy.random(PREMASTER_SIZE)
+        try:
+            encrypted_premaster = entropy.oaep_encrypt(server_key, premaster)
+        except ValueError as exc:  # (load_public_der refuses the keys known to do this)
+            raise HandshakeError(f"the server's RSA key cannot encrypt: {exc}") from exc
         client_hello = ClientHello(
             version=self.version,
             random=entropy.random(32),
             x25519_public=eph.public_key().public_bytes_raw(),
-            encrypted_premaster=entropy.oaep_encrypt(server_key, premaster),
+            encrypted_premaster=encrypted_premaster,
         )
         ch_frame = client_hello.encode()
         self._transcript_add(FrameType.SERVER_HELLO, body)
