@@ -413,6 +413,9 @@ class AioConn:
     def settimeout(self, timeout: Optional[float]) -> None:
         self._loop.run(self.raw.settimeout, timeout)
 
+    def do_handshake(self, *args: Any, **kwargs: Any) -> None:
+        self._call(self.raw.do_handshake(*args, **kwargs))
+
     # messages
     def send(self, message: Any) -> None:
         self._call(self.raw.send(message))

@@ -3,8 +3,10 @@ exception and without handing any byte of a bad message to the application."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, List, Tuple
 
@@ -24,6 +26,7 @@ from callcp._core.keys import fingerprint
 from callcp._core.protocol import OAEP, ClientProtocol, ServerProtocol
 from callcp._core.records import RecordReceiver
 from callcp._core.schedule import derive_handshake_secrets
+from callcp._core.shares import CLOCK_SKEW, MAX_SHARE_VALIDITY, SignedShare, sign_share
 from callcp._core.wire import FrameType, ServerHello
 from tests.helpers import FixedEntropy, Pair, drain, feed, pin, split_frames
 
@@ -40,6 +43,7 @@ class Session:
     s2c: bytes  # ServerHello | Finished, DATA_END(reply) | CLOSE
     c2s: bytes  # ClientHello, Finished, DATA_END(request) | CLOSE
     oaep: bytes
+    share: SignedShare  # (signed once: a PSS signature is randomized)
 
     def client(self) -> ClientProtocol:
         ent = FixedEntropy([b"P" * 32, b"C" * 32], b"\x11" * 32, self.oaep)
@@ -47,7 +51,7 @@ class Session:
 
     def server(self) -> ServerProtocol:
         ent = FixedEntropy([b"S" * 32, b"F" * 32], b"\x22" * 32)
-        s = ServerProtocol(self.server_key, entropy=ent)
+        s = ServerProtocol(self.server_key, entropy=ent, share=self.share)
         s.start()
         return s
 
@@ -55,7 +59,11 @@ class Session:
 @pytest.fixture(scope="module")
 def session(server_key: rsa.RSAPrivateKey) -> Session:
     oaep = server_key.public_key().encrypt(b"P" * 32, OAEP)
-    rec = Session(server_key, b"", b"", oaep)
+    now = time.time()
+    share = sign_share(
+        server_key, x25519.X25519PrivateKey.from_private_bytes(b"\x22" * 32), int(now) + 600, now
+    )
+    rec = Session(server_key, b"", b"", oaep, share)
     c, s = rec.client(), rec.server()
     sh = s.data_to_send()
     feed(c, sh)
@@ -210,46 +218,80 @@ def test_mitm_with_own_rsa_key_rejected_by_pin(
 
 
 def test_mitm_substituting_x25519_share(server_key: rsa.RSAPrivateKey) -> None:
-    """The attacker relays the real RSA key but swaps in its own X25519 share."""
+    """The attacker relays the real RSA key (and its signature) but swaps in
+    its own X25519 share: the client refuses at the ServerHello, before it
+    seals anything, so a later theft of the RSA key opens nothing."""
     c = ClientProtocol(pin(fingerprint(server_key)))
     s = ServerProtocol(server_key)
     s.start()
-    sh_frame = s.data_to_send()
-    hello = ServerHello.decode(sh_frame[5:])
+    hello = ServerHello.decode(s.data_to_send()[5:])
     attacker = x25519.X25519PrivateKey.generate()
-    forged = ServerHello(
-        hello.versions,
-        hello.random,
-        attacker.public_key().public_bytes_raw(),
-        hello.rsa_public_der,
-        hello.require_client_auth,
+    forged = dataclasses.replace(
+        hello, x25519_public=attacker.public_key().public_bytes_raw()
     ).encode()
-    feed(c, forged)
-    c.send(b"secret first request")
-    flight = c.data_to_send()
-    # the server must not deliver the request, and must fail the handshake
-    delivered, err = _deliver(s, flight)
-    assert delivered == []
-    assert isinstance(err, HandshakeError)
-    # and the attacker cannot read it either: it lacks the premaster
-    frames = split_frames(flight)
-    assert b"secret first request" not in flight
-    assert len(frames) == 3
+    with pytest.raises(HandshakeError, match="not signed by the server's key"):
+        feed(c, forged)
+    assert [f[0] for f in split_frames(c.data_to_send())] == [FrameType.ALERT]
+    with pytest.raises(CallcpError):
+        c.send(b"secret first request")
+    assert c.peer_fingerprint is None
+
+
+@pytest.mark.parametrize("field", ["share_expiry", "share_signature"])
+def test_the_share_and_its_expiry_are_signed_together(
+    server_key: rsa.RSAPrivateKey, field: str
+) -> None:
+    """An attacker cannot stretch a share's validity, nor pass off a
+    signature made for another share."""
+    c = ClientProtocol(pin(fingerprint(server_key)))
+    s = ServerProtocol(server_key)
+    s.start()
+    hello = ServerHello.decode(s.data_to_send()[5:])
+    other = ServerProtocol(server_key)
+    other.start()
+    value = (
+        hello.share_expiry + 3600
+        if field == "share_expiry"
+        else ServerHello.decode(other.data_to_send()[5:]).share_signature
+    )
+    with pytest.raises(HandshakeError, match="not signed"):
+        feed(c, dataclasses.replace(hello, **{field: value}).encode())
+
+
+@pytest.mark.parametrize(
+    ("offset", "message"),
+    [(-CLOCK_SKEW - 5, "expired"), (MAX_SHARE_VALIDITY + CLOCK_SKEW + 5, "valid for")],
+)
+def test_a_share_outside_its_validity_is_refused(
+    server_key: rsa.RSAPrivateKey, offset: int, message: str
+) -> None:
+    """A replayed old ServerHello (its share expired) or a share claiming a
+    validity nobody gives is refused, with the clock tolerance stated."""
+    now = 1_800_000_000.0
+    share = sign_share(server_key, x25519.X25519PrivateKey.generate(), int(now) + offset, now)
+    c = ClientProtocol(pin(fingerprint(server_key)), clock=lambda: now)
+    s = ServerProtocol(server_key, share=share)
+    s.start()
+    with pytest.raises(HandshakeError, match=message):
+        feed(c, s.data_to_send())
+    # within the tolerance, it is accepted
+    share = sign_share(server_key, x25519.X25519PrivateKey.generate(), int(now) - 60, now)
+    c = ClientProtocol(pin(fingerprint(server_key)), clock=lambda: now)
+    s = ServerProtocol(server_key, share=share)
+    s.start()
+    assert feed(c, s.data_to_send())
 
 
 def test_version_downgrade_detected(server_key: rsa.RSAPrivateKey) -> None:
-    """Both sides support versions 2 and 3; the attacker strips 3 from the
-    ServerHello so the client picks 2.  The transcript catches it."""
-    c = ClientProtocol(pin(fingerprint(server_key)), versions=(2, 3))
-    s = ServerProtocol(server_key, versions=(2, 3))
+    """Both sides support versions 3 and 4; the attacker strips 4 from the
+    ServerHello so the client picks 3.  The transcript catches it."""
+    c = ClientProtocol(pin(fingerprint(server_key)), versions=(3, 4))
+    s = ServerProtocol(server_key, versions=(3, 4))
     s.start()
     hello = ServerHello.decode(s.data_to_send()[5:])
-    assert hello.versions == (2, 3)
-    stripped = ServerHello(
-        (2,), hello.random, hello.x25519_public, hello.rsa_public_der, hello.require_client_auth
-    ).encode()
-    feed(c, stripped)
-    assert c.version == 2
+    assert hello.versions == (3, 4)
+    feed(c, dataclasses.replace(hello, versions=(3,)).encode())
+    assert c.version == 3
     c.send(b"request")
     delivered, err = _deliver(s, c.data_to_send())
     assert delivered == []
@@ -358,13 +400,7 @@ def test_a_malformed_server_key_is_refused_before_trust_and_use(
     s = ServerProtocol(server_key)
     s.start()
     hello = ServerHello.decode(s.data_to_send()[5:])
-    forged = ServerHello(
-        hello.versions,
-        hello.random,
-        hello.x25519_public,
-        _malformed_der(n, e),
-        hello.require_client_auth,
-    ).encode()
+    forged = dataclasses.replace(hello, rsa_public_der=_malformed_der(n, e)).encode()
     with pytest.raises(HandshakeError, match=problem):
         feed(c, forged)
     assert not known.exists() or known.read_text() == ""

@@ -374,22 +374,49 @@ def _x25519_offset(body: bytes) -> int:
 
 
 def test_mitm_substituting_its_own_x25519_share(
-    target: Target, make_proxy: Callable[..., FrameProxy], log: pytest.LogCaptureFixture
+    target: Target,
+    make_proxy: Callable[..., FrameProxy],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    attacker = x25519.X25519PrivateKey.generate().public_key().public_bytes_raw()
+    """The attack that made the server's share signed (issue 8): a man in
+    the middle swaps only the X25519 share in the ServerHello, records
+    everything, and later steals the server's RSA key.  The client refuses
+    at the ServerHello, before it seals any application byte, on every API
+    (connect + several send()s, and `callcp send-file`); the attacker, with
+    the RSA key and its own share's private key, has nothing to decrypt."""
+    attacker = x25519.X25519PrivateKey.generate()
+    share = attacker.public_key().public_bytes_raw()
 
     def substitute(relay: Relay, index: int, frame: bytes) -> Sequence[bytes]:
         body = frame[5:]
         at = _x25519_offset(body)
-        return [make_frame(frame[0], body[:at] + attacker + body[at + 32 :])]
+        return [make_frame(frame[0], body[:at] + share + body[at + 32 :])]
 
     proxy = make_proxy(s2c=hook_on(FrameType.SERVER_HELLO, substitute))
-    conn = via(proxy, target)  # the RSA key is genuine, so the client goes on
-    conn.send(REQUEST)
-    with pytest.raises(HandshakeError):
-        conn.recv()
-    conn.close()
-    assert wait_until(lambda: handshake_failure_logged(log))
+    with pytest.raises(HandshakeError, match="not signed by the server's key"):
+        conn = via(proxy, target)  # a fire-and-forget client gets no further
+        for _ in range(3):
+            conn.send(REQUEST)
+    payload = b"the secret upload " * 4096
+    (tmp_path / "upload.bin").write_bytes(payload)
+    from callcp import cli
+
+    code = cli.main(
+        [
+            "send-file", LOOPBACK, str(proxy.port), str(tmp_path / "upload.bin"),
+            "--fingerprint", target.fingerprint, "--timeout", "10",
+        ]
+    )  # fmt: skip
+    assert code == cli.EXIT_HANDSHAKE
+    assert "not signed by the server's key" in capsys.readouterr().err
+    assert wait_until(lambda: len(proxy.relays) == 2 and all(r.done.is_set() for r in proxy.relays))
+    for relay in proxy.relays:
+        # Nothing sealed left the client: no ClientHello, no record; only its
+        # plaintext alert.  So the stolen RSA key (which would open an OAEP
+        # premaster) and the attacker's share (which would give the X25519
+        # secret) have no ciphertext to work on.
+        assert types(relay.c2s_frames) == [FrameType.ALERT]
+        assert REQUEST not in relay.c2s_raw and payload[:64] not in relay.c2s_raw
     assert target.rec.calls == 0
-    relay = proxy.relay(0)
-    assert REQUEST not in relay.c2s_raw
+

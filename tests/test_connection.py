@@ -103,14 +103,33 @@ def test_server_iteration_ends_on_the_clients_clean_close(
     assert [r.getMessage() for r in caplog.records if r.name.startswith("callcp")] == []
 
 
+def test_do_handshake_confirm_waits_for_the_server_to_prove_its_key(
+    adapter: Adapter, tmp_path: Path
+) -> None:
+    """``do_handshake(confirm=True)``: one round trip more, and the client
+    knows the server holds its key before it sends anything."""
+    known_hosts = tmp_path / "known_hosts"
+    srv = adapter.serve(Echo())
+    with adapter.connect(srv.port, known_hosts=known_hosts) as conn:
+        assert conn.peer_fingerprint is None
+        conn.do_handshake(confirm=True)
+        assert conn.peer_fingerprint == srv.fingerprint
+        assert srv.fingerprint in known_hosts.read_text()
+        conn.do_handshake(confirm=True)  # (again: nothing to do)
+        assert conn.request(b"after") == b"after"
+
+
 def test_peer_fingerprint_and_addresses(mixed: Adapter, server_key: rsa.RSAPrivateKey) -> None:
     handler = Echo()
     srv = mixed.serve(handler)
     with srv.connect() as conn:
-        assert conn.peer_fingerprint == srv.fingerprint == fingerprint(server_key)
+        # connect() returns once the key exchange is sent: the server has
+        # not proved it holds its key yet, so it is not the peer's yet
+        assert conn.peer_fingerprint is None
         assert srv.fingerprint == KeyPair(server_key).fingerprint
         assert conn.remote_address == (LOOPBACK, srv.port)
         assert conn.request(b"x") == b"x"
+        assert conn.peer_fingerprint == srv.fingerprint == fingerprint(server_key)
         server_remote, server_local = handler.addresses.get(timeout=10)
     assert handler.peers.get(timeout=10) is None  # no client authentication
     assert server_remote == conn.local_address
@@ -225,6 +244,9 @@ def test_known_hosts_trust_on_first_use_then_changed_key(
     first = adapter.serve(handler)
     port, expected = first.port, first.fingerprint
     with adapter.connect(port, known_hosts=str(known_hosts)) as conn:
+        # trust after proof: nothing is recorded before the server's Finished
+        # proved it holds the key (connect() returns before reading it)
+        assert not known_hosts.exists() or known_hosts.read_text() == ""
         assert conn.request(b"tofu") == b"tofu"
     assert known_hosts.read_text().split() == [f"{LOOPBACK}:{port}", expected]
     assert any("permanently added" in r.getMessage() for r in caplog.records)

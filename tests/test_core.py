@@ -43,10 +43,10 @@ def test_handshake_and_first_request_in_one_flight(server_key: rsa.RSAPrivateKey
     kinds = [f[0] for f in split_frames(flight)]
     assert kinds == [FrameType.CLIENT_HELLO, FrameType.FINISHED, FrameType.DATA_END]
     events = feed(p.server, flight)
-    assert events == [HandshakeCompleted(2, None), MessageReceived(b"first request")]
+    assert events == [HandshakeCompleted(3, None), MessageReceived(b"first request")]
     p.server.send(b"reply")
     events = p.to_client()
-    assert events == [HandshakeCompleted(2, fingerprint(server_key)), MessageReceived(b"reply")]
+    assert events == [HandshakeCompleted(3, fingerprint(server_key)), MessageReceived(b"reply")]
     assert p.client.state is State.OPEN and p.server.state is State.OPEN
 
 
@@ -97,7 +97,7 @@ def test_byte_at_a_time_delivery(server_key: rsa.RSAPrivateKey) -> None:
     events = []
     for i in range(len(flight)):
         events += feed(p.server, flight[i : i + 1])
-    assert events == [HandshakeCompleted(2, None), MessageReceived(b"hello")]
+    assert events == [HandshakeCompleted(3, None), MessageReceived(b"hello")]
 
 
 def test_max_message_size_enforced_without_buffering_it(server_key: rsa.RSAPrivateKey) -> None:
@@ -202,7 +202,7 @@ def test_close_mid_message_drops_the_partial_message(server_key: rsa.RSAPrivateK
 
 def test_version_mismatch_is_clear(server_key: rsa.RSAPrivateKey) -> None:
     p = Pair(server_key, server_kwargs={"versions": (7,)})
-    with pytest.raises(VersionMismatch, match=r"\[7\].*\[2\]"):
+    with pytest.raises(VersionMismatch, match=r"\[7\].*\[3\]"):
         p.to_client()
     # the client tells the server, in a plaintext alert
     with pytest.raises(VersionMismatch):
@@ -210,10 +210,10 @@ def test_version_mismatch_is_clear(server_key: rsa.RSAPrivateKey) -> None:
 
 
 def test_server_rejects_a_version_it_did_not_offer(server_key: rsa.RSAPrivateKey) -> None:
-    p = Pair(server_key, client_kwargs={"versions": (2, 9)})
-    # the client picks the best common version: 2
+    p = Pair(server_key, client_kwargs={"versions": (3, 9)})
+    # the client picks the best common version: 3
     p.handshake()
-    assert p.client.version == 2
+    assert p.client.version == 3
 
 
 def test_client_auth_required_and_authorized(
@@ -227,7 +227,7 @@ def test_client_auth_required_and_authorized(
     )
     p.to_client()
     p.client.send(b"hi")
-    assert p.to_server() == [HandshakeCompleted(2, fp), MessageReceived(b"hi")]
+    assert p.to_server() == [HandshakeCompleted(3, fp), MessageReceived(b"hi")]
 
 
 def test_unlisted_client_refused_before_any_message(
@@ -333,7 +333,7 @@ def test_deferred_decryption(server_key: rsa.RSAPrivateKey) -> None:
     with pytest.raises(LocalProtocolError):
         p.server.next_event()
     p.server.premaster_decrypted(request.run())
-    assert drain(p.server) == [HandshakeCompleted(2, None), MessageReceived(b"early")]
+    assert drain(p.server) == [HandshakeCompleted(3, None), MessageReceived(b"early")]
 
 
 def test_deferred_decryption_failure_is_implicitly_rejected(server_key: rsa.RSAPrivateKey) -> None:

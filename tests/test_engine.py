@@ -9,6 +9,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any, List
 
@@ -343,20 +344,18 @@ def test_queue_refuses_what_could_not_get_its_turn_in_time() -> None:
     assert "max_handshakes=2" in str(answers[-1])
 
 
-# ------------------------------------------------------- the spare ServerHello
+# ------------------------------------------- the signed share, the spare ServerHello
 
 
-def _share(first: bytes) -> bytes:
-    """The X25519 share in a ServerHello frame."""
+def _hello(first: bytes) -> Any:
     from callcp._core.wire import ServerHello
 
-    return ServerHello.decode(first[5:]).x25519_public
+    return ServerHello.decode(first[5:])
 
 
 def test_a_prepared_server_hello_serves_exactly_one_connection(server_key: Any) -> None:
-    """prepare() moves the next ServerHello's key generation off the accept
-    path; the prepared ephemeral key goes to one connection only, and a
-    server that is stopping prepares none."""
+    """prepare() makes the next ServerHello off the accept path; it goes to
+    one connection only, and a server that is stopping prepares none."""
     core = callcp._engine.ServerCore(ServerOptions(key=server_key, logger=logging.getLogger("t")))
     core.prepare()
     spare = core._spare
@@ -366,8 +365,45 @@ def test_a_prepared_server_hello_serves_exactly_one_connection(server_key: Any) 
     first, hello1 = core.arrive(("192.0.2.1", 1000))
     second, hello2 = core.arrive(("192.0.2.2", 1000))
     assert first is not None and second is not None
-    assert first.engine is spare and second.engine is not spare
-    assert _share(hello1) != _share(hello2)
+    assert first.engine is spare[0] and second.engine is not spare[0]
+    assert _hello(hello1).random != _hello(hello2).random
+    # one signed share serves both: one RSA signature per share_lifetime
+    assert _hello(hello1).x25519_public == _hello(hello2).x25519_public
     core.stopping = True
+    core._spare = None
     core.prepare()
     assert core._spare is None
+
+
+def test_the_share_is_renewed_on_time_and_a_stale_spare_is_not_used(server_key: Any) -> None:
+    """A share is handed out for share_lifetime seconds and valid for
+    share_lifetime + handshake_timeout; refresh() renews it ahead of time
+    (when idle); a spare made with an older share is never sent."""
+    from callcp._core.shares import ShareKeeper
+
+    keeper = ShareKeeper(server_key, lifetime=60.0, grace=10.0)
+    first = keeper.current(1000.0)
+    assert first.expiry == 1071 and keeper.current(1059.0) is first
+    keeper.refresh(1057.0)  # not due within AHEAD seconds: kept
+    assert keeper.current(1057.5) is first
+    keeper.refresh(1058.5)  # due within AHEAD seconds: renewed now
+    second = keeper.current(1058.6)
+    assert second is not first and second.public != first.public
+    assert keeper.current(1200.0) is not second  # overdue: renewed at once
+    assert keeper.current(0.0).created == 0.0  # the clock went back: renewed
+
+    core = callcp._engine.ServerCore(ServerOptions(key=server_key, logger=logging.getLogger("t")))
+    core.prepare()
+    assert core._spare is not None
+    stale_engine = core._spare[0]
+    renewed = core.shares._renew(time.time())  # (a rotation happened)
+    arrival, hello = core.arrive(("192.0.2.1", 1000))
+    assert arrival is not None and arrival.engine is not stale_engine
+    assert _hello(hello).x25519_public == renewed.public
+
+
+def test_share_lifetime_is_validated() -> None:
+    assert ServerOptions(share_lifetime=1).share_lifetime == 1
+    for bad in (0, 0.5, 3601, True, "60", None):
+        with pytest.raises(ValueError, match="share_lifetime"):
+            ServerOptions(share_lifetime=bad)  # type: ignore[arg-type]

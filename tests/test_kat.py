@@ -38,7 +38,9 @@ def key() -> rsa.RSAPrivateKey:
 
 
 def test_library_reproduces_the_vector(key: rsa.RSAPrivateKey) -> None:
-    got = run(key, bytes.fromhex(VECTOR["encrypted_premaster"]))
+    got = run(
+        key, bytes.fromhex(VECTOR["encrypted_premaster"]), bytes.fromhex(VECTOR["share_signature"])
+    )
     for name in EXP:
         assert got[name] == EXP[name], name
 
@@ -67,20 +69,37 @@ def test_independent_derivation_matches(key: rsa.RSAPrivateKey) -> None:
         0x01, 0x02, 0x10, 0x21, 0x10, 0x21,
     ]  # fmt: skip
 
-    # ServerHello layout: magic, versions, random, x25519, der, flags
+    # ServerHello layout: magic, versions, random, share, expiry, der, signature, flags
     body = sh[5:]
-    assert body[:6] == b"CALLCP" and body[6] == 1 and body[7:9] == b"\x00\x02"
+    assert body[:6] == b"CALLCP" and body[6] == 1 and body[7:9] == b"\x00\x03"
     assert body[9:41] == IN["server_random"]
     server_pub = body[41:73]
-    der_len = int.from_bytes(body[73:75], "big")
-    der = body[75 : 75 + der_len]
-    assert body[75 + der_len :] == b"\x00"
+    expiry = int.from_bytes(body[73:81], "big")
+    assert expiry == VECTOR["share_expiry"]
+    der_len = int.from_bytes(body[81:83], "big")
+    der = body[83 : 83 + der_len]
+    rest = body[83 + der_len :]
+    sig_len = int.from_bytes(rest[:2], "big")
+    signature = rest[2 : 2 + sig_len]
+    assert rest[2 + sig_len :] == b"\x00"  # flags
     assert der == key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    # the share is signed: RSA-PSS(SHA-256, MGF1-SHA-256, salt 32) over
+    # "callcp/2 server share" || 0x00 || share || u64 expiry
+    key.public_key().verify(
+        signature,
+        b"callcp/2 server share\x00" + server_pub + expiry.to_bytes(8, "big"),
+        padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+        hashes.SHA256(),
+    )
+    assert server_pub == x25519.X25519PrivateKey.from_private_bytes(
+        IN["server_share_private"]
+    ).public_key().public_bytes_raw()
+    assert VECTOR["client_clock"] <= expiry + 300  # within the clock tolerance
     # ClientHello layout
     cb = ch[5:]
-    assert cb[:6] == b"CALLCP" and cb[6:8] == b"\x00\x02"
+    assert cb[:6] == b"CALLCP" and cb[6:8] == b"\x00\x03"
     assert cb[8:40] == IN["client_random"]
     client_pub = cb[40:72]
     enc = cb[74:]
@@ -91,7 +110,7 @@ def test_independent_derivation_matches(key: rsa.RSAPrivateKey) -> None:
     dh = x25519.X25519PrivateKey.from_private_bytes(IN["client_x25519_private"]).exchange(
         x25519.X25519PublicKey.from_public_bytes(server_pub)
     )
-    dh2 = x25519.X25519PrivateKey.from_private_bytes(IN["server_x25519_private"]).exchange(
+    dh2 = x25519.X25519PrivateKey.from_private_bytes(IN["server_share_private"]).exchange(
         x25519.X25519PublicKey.from_public_bytes(client_pub)
     )
     assert dh == dh2
@@ -115,3 +134,20 @@ def test_independent_derivation_matches(key: rsa.RSAPrivateKey) -> None:
     th2 = hashlib.sha256(sh + ch + cf_plain_frame).digest()
     assert _open(s_traffic, 0, s_fin) == hmac.new(s_fin_key, th2, hashlib.sha256).digest()
     assert _open(s_traffic, 1, s_data) == IN["reply"]
+
+
+def test_the_spec_prints_this_vector() -> None:
+    """docs/PROTOCOL.md §12 shows the very bytes pinned here (the spec is
+    what a second implementation is written from)."""
+    doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
+    section = doc[doc.index("## 12. Known-answer handshake") :]
+    joined = "".join(section.split())  # hex blocks are wrapped at 64 columns
+    values = [
+        *VECTOR["inputs"].values(),
+        VECTOR["encrypted_premaster"],
+        VECTOR["share_signature"],
+        str(VECTOR["share_expiry"]),
+        *EXP.values(),
+    ]
+    missing = [v[:16] for v in values if v not in joined]
+    assert missing == []

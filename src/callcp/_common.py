@@ -78,7 +78,7 @@ def server_key_verifier(
     trust_on_first_use: bool,
     insecure: bool,
     logger: logging.Logger,
-) -> Callable[[str, bytes], None]:
+) -> Callable[[str, bytes], Optional[Callable[[], None]]]:
     """Build the core's ``verify_server_key`` callback from the user's options.
 
     Precedence: ``insecure`` (explicit, logged loudly) > a pinned
@@ -100,15 +100,20 @@ def server_key_verifier(
     else:
         policy = ServerKeyPolicy.known_hosts(known_hosts, trust_on_first_use=trust_on_first_use)
 
-    def verify(fingerprint: str, der: bytes) -> None:
-        outcome = policy.verify(host, port, fingerprint)
-        if outcome == "new":
-            logger.warning(
-                "permanently added %s:%s (%s) to the known hosts (trust on first use)",
-                host,
-                port,
-                fingerprint,
-            )
+    def verify(fingerprint: str, der: bytes) -> Optional[Callable[[], None]]:
+        if policy.verify(host, port, fingerprint, record=False) != "new":
+            return None
+
+        def record() -> None:  # once the server proved it holds the key
+            if policy.verify(host, port, fingerprint) == "new":
+                logger.warning(
+                    "permanently added %s:%s (%s) to the known hosts (trust on first use)",
+                    host,
+                    port,
+                    fingerprint,
+                )
+
+        return record
 
     return verify
 

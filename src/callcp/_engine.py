@@ -71,6 +71,7 @@ from ._core.events import (
     StreamStarted,
 )
 from ._core.protocol import ServerProtocol, State, _Protocol
+from ._core.shares import ShareKeeper, SignedShare
 from ._core.wire import alert_frame
 from ._options import ServerOptions
 from ._streams import Destination, Progress, StreamInfo, StreamReception
@@ -189,6 +190,24 @@ class Engine:
             if isinstance(event, (ServerKeyAccepted, HandshakeCompleted)):
                 self.handshaken = True
                 return None
+
+    def confirm_step(self) -> HandshakeStep:
+        """(client, after handshake_step() returned None) Read on until the
+        server's Finished verified: NEED_DATA (wait for bytes, call again) or
+        None (the server proved its key; ``peer_fingerprint`` is set).  The
+        server sends nothing before its Finished, so no message is consumed.
+
+        Raises: as :meth:`handshake_step`.
+        """
+        core = self.core
+        while core.state is State.WAIT_SERVER_FINISHED:
+            event = core.next_event()
+            if event is NEED_DATA:
+                self.check_interrupt()
+                return NEED_DATA
+            if isinstance(event, CloseReceived):
+                raise core.closed_error()
+        return None
 
     def poll_hello(self) -> bool:
         """(server) True once a whole ClientHello is buffered: from then on
@@ -453,11 +472,16 @@ class Run:
             raise
 
 
-def handshake(engine: Engine, deadline: float, seconds: Optional[float], peer: Any) -> Procedure:
-    """Run the handshake until data may flow (see Engine.handshake_step)."""
+def handshake(
+    engine: Engine, deadline: float, seconds: Optional[float], peer: Any, confirm: bool = False
+) -> Procedure:
+    """Run the handshake until data may flow (see Engine.handshake_step);
+    ``confirm`` (client): on until the server's Finished verified."""
     try:
         while True:
             step = engine.handshake_step()
+            if step is None and confirm:
+                step = engine.confirm_step()
             yield _WRITE_NOW
             if step is None:
                 return
@@ -1138,29 +1162,39 @@ class ServerCore:
         self.budget = MessageBudget(options.max_buffered_bytes)
         self.notices = Notices(self.log)
         self.stopping = False
-        self._spare: Optional[Engine] = None
+        self.shares = ShareKeeper(
+            self.keypair.private_key, options.share_lifetime, options.handshake_timeout
+        )
+        self._spare: Optional[Tuple[Engine, SignedShare]] = None
 
     @property
     def fingerprint(self) -> str:
         return self.keypair.fingerprint
 
     def prepare(self) -> None:
-        """(the accepting thread, when it has nothing else to do) Make the
-        next connection's engine now: its ServerHello's X25519 key pair and
-        random then cost the next connection no wait.  One at most, used by
-        exactly one connection (an idle server holds one unused ephemeral
-        key, which has protected nothing)."""
-        if self._spare is None and not self.stopping:
-            self._spare = self._new_engine()
+        """(the accepting thread, when it has nothing else to do; at least
+        once a second) Renew the signed share when it is nearly due (its RSA
+        signature then costs no connection a wait), and make the next
+        connection's engine: its ServerHello is ready when it arrives.  One
+        spare at most, used by one connection, and only while its share is
+        the current one."""
+        if self.stopping:
+            return
+        now = time.time()
+        self.shares.refresh(now)
+        share = self.shares.current(now)
+        if self._spare is None or self._spare[1] is not share:
+            self._spare = (self._new_engine(share), share)
 
-    def _new_engine(self) -> Engine:
-        """A server connection's engine; its ServerHello is queued."""
+    def _new_engine(self, share: SignedShare) -> Engine:
+        """A server connection's engine; its ServerHello (with ``share``) is queued."""
         core = ServerProtocol(
             self.keypair.private_key,
             authorize_client=self._authorize,
             max_message_size=self.options.max_message_size,
             server_public_der=self._public_der,
             defer_decryption=True,
+            share=share,
         )
         core.start()
         return Engine(core, budget=self.budget)
@@ -1172,8 +1206,10 @@ class ServerCore:
         if why is not None:
             self.refused(addr, why)
             return None, alert_frame(CloseCode.GOING_AWAY, f"server busy: {why}")
-        engine, self._spare = self._spare, None
-        arrival = Arrival(self, addr, engine or self._new_engine())
+        spare, self._spare = self._spare, None
+        share = self.shares.current(time.time())
+        engine = spare[0] if spare is not None and spare[1] is share else self._new_engine(share)
+        arrival = Arrival(self, addr, engine)
         return arrival, arrival.engine.core.data_to_send()
 
     def refused(self, addr: Any, why: str) -> None:

@@ -21,6 +21,7 @@ else:
     from typing import TypedDict
 
 from ._core.protocol import DEFAULT_MAX_MESSAGE_SIZE
+from ._core.shares import MAX_SHARE_VALIDITY
 
 __all__ = [
     "ClientOptions",
@@ -69,6 +70,10 @@ def default_max_connections() -> int:
         return MAX_DEFAULT_CONNECTIONS
     headroom = max(FD_HEADROOM, soft // 10)
     return max(1, min(MAX_DEFAULT_CONNECTIONS, soft - headroom))
+
+
+#: The longest share_lifetime a server may choose (seconds).
+MAX_SHARE_LIFETIME = 3600
 
 
 def _positive_or_none(name: str, value: Any) -> None:
@@ -157,6 +162,9 @@ class ServerOptions(_Options):
         max_handshakes_per_source: handshakes (waiting or running) from one
             source address; 0 turns it off.
         handshake_timeout: seconds from accept to a completed handshake.
+        share_lifetime: seconds the server uses one signed X25519 share for
+            its ServerHellos (one RSA signature each; 1 to 3,600).  A share
+            is valid for ``share_lifetime + handshake_timeout`` seconds.
         idle_timeout: seconds a handler's wait for a message may last (None:
             forever).
         max_message_size: the largest message a handler's ``recv()`` accepts.
@@ -178,6 +186,7 @@ class ServerOptions(_Options):
     max_handshakes: int = 16
     max_handshakes_per_source: int = 64
     handshake_timeout: float = 10.0
+    share_lifetime: float = 60.0
     idle_timeout: Optional[float] = 300.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_buffered_bytes: int = 256 * 1024 * 1024
@@ -197,6 +206,15 @@ class ServerOptions(_Options):
         _positive_or_none("handshake_timeout", self.handshake_timeout)
         if self.handshake_timeout is None:
             raise ValueError("handshake_timeout must be a number of seconds > 0, not None")
+        lifetime = self.share_lifetime
+        if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)):
+            raise ValueError(f"share_lifetime must be a number of seconds, not {lifetime!r}")
+        if not 1 <= lifetime <= MAX_SHARE_LIFETIME or lifetime + self.handshake_timeout > (
+            MAX_SHARE_VALIDITY
+        ):
+            raise ValueError(
+                f"share_lifetime must be from 1 to {MAX_SHARE_LIFETIME} seconds, not {lifetime!r}"
+            )
         _positive_or_none("idle_timeout", self.idle_timeout)
         _count("max_message_size", self.max_message_size, low=0)
         _count("max_buffered_bytes", self.max_buffered_bytes, low=1)
@@ -247,6 +265,7 @@ class ServerKwargs(TypedDict, total=False):
     max_handshakes: int
     max_handshakes_per_source: int
     handshake_timeout: float
+    share_lifetime: float
     idle_timeout: Optional[float]
     max_message_size: int
     max_buffered_bytes: int

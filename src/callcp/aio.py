@@ -98,13 +98,15 @@ class Connection(ConnectionBase):
     def settimeout(self, timeout: Optional[float]) -> None:
         self._timeout = timeout
 
-    async def do_handshake(self, timeout: Any = DEFAULT) -> None:
+    async def do_handshake(self, timeout: Any = DEFAULT, *, confirm: bool = False) -> None:
         """Run the handshake (see :meth:`callcp.sync.Connection.do_handshake`)."""
         engine = self._engine
         deadline, seconds = engine.handshake_limits(self._seconds(timeout))
         await self._turn.take()
         try:
-            await self._drive(_engine.handshake(engine, deadline, seconds, self.remote_address))
+            await self._drive(
+                _engine.handshake(engine, deadline, seconds, self.remote_address, confirm)
+            )
         finally:
             self._turn.give()
 
@@ -342,8 +344,10 @@ class Server(ServerBase):
         return self._server is not None and self._server.is_serving()
 
     def _tick(self) -> None:
-        """The server's clock: summaries of refusals, once a second."""
+        """The server's clock, once a second: summaries of refusals; the
+        signed share renewed ahead of time."""
         self._core.notices.flush()
+        self._core.prepare()
         self._clock = asyncio.get_running_loop().call_later(1.0, self._tick)
 
     def _start(self, link: Link) -> None:

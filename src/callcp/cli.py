@@ -829,8 +829,9 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     with callcp.connect(
         host, port, insecure=True, timeout=args.timeout or None, logger=logger
     ) as conn:
+        conn.do_handshake(confirm=True)  # the server proves it holds the key it presents
         presented = conn.peer_fingerprint
-    if presented is None:  # pragma: no cover - connect() returns after the ServerHello
+    if presented is None:  # pragma: no cover - set once the server's Finished verified
         raise CommandError("the server presented no key", EXIT_PROTOCOL)
     _say(presented)
     _note(

@@ -410,7 +410,7 @@ class SecureTCPClient:
             display.channel_panel()
 
     def _open(self) -> sync.Connection:
-        return sync.connect(
+        conn = sync.connect(
             self.host,
             self.port,
             timeout=self.timeout,
@@ -423,6 +423,12 @@ class SecureTCPClient:
             max_message_size=self.max_message_size,
             logger=self.logger,
         )
+        try:  # Callcp 1.0's connect() returned with the handshake done: so does this one
+            conn.do_handshake(confirm=True)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def send_message(self, message: bytes) -> bytes:
         """Send ``message`` (any size) and return the server's response.

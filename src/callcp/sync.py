@@ -69,11 +69,14 @@ class Connection(SocketLink, ConnectionBase):
         super().__init__(sock, engine, timeout)
         self._decrypt = decrypt  # (server) the key exchange's RSA work
 
-    def do_handshake(self, timeout: Any = DEFAULT) -> None:
+    def do_handshake(self, timeout: Any = DEFAULT, *, confirm: bool = False) -> None:
         """Run the handshake until data may flow: a client returns once its
         key exchange is sent (its first message shares that flight; the
         server's Finished is checked before any reply is returned).
-        :func:`connect` calls it; calling it again does nothing.
+        :func:`connect` calls it; calling it again does nothing, except that
+        ``confirm=True`` (client) then also waits for the server's Finished:
+        the server has then proved that it holds its key, and
+        ``peer_fingerprint`` is set (it is None until then).
 
         Raises:
             HandshakeError (ServerKeyChanged, UnknownServerKey, ...): refused.
@@ -82,7 +85,7 @@ class Connection(SocketLink, ConnectionBase):
         engine = self._engine
         deadline, seconds = engine.handshake_limits(self._seconds(timeout))
         with self._recv_lock:
-            self._drive(_engine.handshake(engine, deadline, seconds, self.remote_address))
+            self._drive(_engine.handshake(engine, deadline, seconds, self.remote_address, confirm))
 
     def send(self, message: Buffer) -> None:
         """Send one message.

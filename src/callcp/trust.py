@@ -534,14 +534,19 @@ class ServerKeyPolicy:
             )
         return "ServerKeyPolicy.insecure()"
 
-    def verify(self, host: str, port: int, fingerprint: str) -> VerifyResult:
+    def verify(
+        self, host: str, port: int, fingerprint: str, *, record: bool = True
+    ) -> VerifyResult:
         """Decide whether the server at ``host:port`` with this key is trusted.
 
         Returns what happened: ``"pinned"`` (matches the pin), ``"known"``
         (matches the known-hosts file), ``"new"`` (unknown, trusted on first use
         and recorded — callers should log that it was permanently added), or
         ``"insecure"`` (not checked).  Failing to record a new key is logged as
-        a warning and does not refuse the server (as in SSH).
+        a warning and does not refuse the server (as in SSH).  With
+        ``record=False`` a new key is only reported, not written: the
+        handshake checks at the ServerHello and records (calling again) only
+        once the server has proved that it holds the key.
 
         Raises:
             ServerKeyChanged: the key differs from the pin or the recorded key;
@@ -573,9 +578,13 @@ class ServerKeyPolicy:
                 presented=presented,
             )
         assert self._known_hosts is not None
-        return self._verify_known(self._known_hosts, format_address(host, port), presented)
+        return self._verify_known(
+            self._known_hosts, format_address(host, port), presented, record
+        )
 
-    def _verify_known(self, kh: KnownHosts, address: str, presented: str) -> VerifyResult:
+    def _verify_known(
+        self, kh: KnownHosts, address: str, presented: str, record: bool
+    ) -> VerifyResult:
         path = kh.path
         if self._tofu:
             with contextlib.suppress(KeyManagementError):
@@ -630,6 +639,8 @@ class ServerKeyPolicy:
                     "is the right key (compare it with `callcp fingerprint` on the server), "
                     f"add the line '{address} {presented}' to {path}, or pin it."
                 )
+            if not record:
+                return "new"
             try:
                 kh._append(text, f"{address} {presented}")
             except KeyManagementError as exc:

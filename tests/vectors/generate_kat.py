@@ -2,9 +2,11 @@
 
     python tests/vectors/generate_kat.py
 
-The RSA key and the OAEP ciphertext are random when made; everything else is
-fixed.  Re-running it makes a *new* vector: only do so when the protocol
-changes on purpose, and update docs/PROTOCOL.md to match.
+The RSA key, the OAEP ciphertext and the share's RSA-PSS signature are
+random when made (the first two are kept from the existing vector when there
+is one); everything else is fixed.  Re-running it makes a *new* vector: only
+do so when the protocol changes on purpose, and update docs/PROTOCOL.md to
+match.
 """
 
 from __future__ import annotations
@@ -13,26 +15,37 @@ import json
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
 from callcp._core.keys import fingerprint
 from callcp._core.protocol import OAEP, ClientProtocol, ServerProtocol
+from callcp._core.shares import SignedShare, sign_share
 from tests.helpers import FixedEntropy
 
 HERE = Path(__file__).parent
 
 INPUTS = {
     "server_random": bytes(range(0x00, 0x20)),
-    "server_x25519_private": bytes(range(0x20, 0x40)),
+    "server_share_private": bytes(range(0x20, 0x40)),
     "client_random": bytes(range(0x40, 0x60)),
     "client_x25519_private": bytes(range(0x60, 0x80)),
     "premaster": bytes(range(0x80, 0xA0)),
     "request": b"hello callcp/2",
     "reply": b"hello client",
 }
+#: The share's expiry (u64 Unix time: 2027-01-15T08:00:00Z) and the client's
+#: clock during the handshake (30 s earlier).
+SHARE_EXPIRY = 1_800_000_000
+CLIENT_CLOCK = SHARE_EXPIRY - 30.0
 
 
-def run(key: rsa.RSAPrivateKey, oaep: bytes) -> dict:
+def share_of(signature: bytes) -> SignedShare:
+    private = x25519.X25519PrivateKey.from_private_bytes(INPUTS["server_share_private"])
+    public = private.public_key().public_bytes_raw()
+    return SignedShare(private, public, SHARE_EXPIRY, signature, CLIENT_CLOCK)
+
+
+def run(key: rsa.RSAPrivateKey, oaep: bytes, signature: bytes) -> dict:
     i = INPUTS
     fp = fingerprint(key)
     c = ClientProtocol(
@@ -40,8 +53,13 @@ def run(key: rsa.RSAPrivateKey, oaep: bytes) -> dict:
         entropy=FixedEntropy(
             [i["premaster"], i["client_random"]], i["client_x25519_private"], oaep
         ),
+        clock=lambda: CLIENT_CLOCK,
     )
-    s = ServerProtocol(key, entropy=FixedEntropy([i["server_random"]], i["server_x25519_private"]))
+    s = ServerProtocol(
+        key,
+        entropy=FixedEntropy([i["server_random"]], b""),
+        share=share_of(signature),
+    )
     s.start()
     server_hello = s.data_to_send()
     c.receive_data(server_hello)
@@ -68,18 +86,34 @@ def run(key: rsa.RSAPrivateKey, oaep: bytes) -> dict:
 
 
 def main() -> None:
-    key = rsa.generate_private_key(65537, 2048)
-    oaep = key.public_key().encrypt(INPUTS["premaster"], OAEP)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
+    path = HERE / "handshake_kat.json"
+    if path.exists():  # keep the key (and its fingerprint in the spec)
+        old = json.loads(path.read_text())
+        pem = old["server_private_key_pem"]
+        loaded = serialization.load_pem_private_key(pem.encode(), None)
+        assert isinstance(loaded, rsa.RSAPrivateKey)
+        key, oaep = loaded, bytes.fromhex(old["encrypted_premaster"])
+    else:
+        key = rsa.generate_private_key(65537, 2048)
+        oaep = key.public_key().encrypt(INPUTS["premaster"], OAEP)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+    signature = sign_share(
+        key, share_of(b"").private, SHARE_EXPIRY, CLIENT_CLOCK
+    ).signature
     vector = {
         "inputs": {k: v.hex() for k, v in INPUTS.items()},
+        "share_expiry": SHARE_EXPIRY,
+        "client_clock": CLIENT_CLOCK,
         "server_private_key_pem": pem,
         "encrypted_premaster": oaep.hex(),
-        "expected": run(key, oaep),
+        "share_signature": signature.hex(),
+        "expected": run(key, oaep, signature),
     }
-    (HERE / "handshake_kat.json").write_text(json.dumps(vector, indent=2) + "\n")
+    path.write_text(json.dumps(vector, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import time
 from collections import deque
 from hmac import compare_digest as hmac_compare
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
@@ -75,6 +76,7 @@ from .events import (
 from .keys import fingerprint_der, load_public_der, public_der
 from .records import DEFAULT_KEY_UPDATE_INTERVAL, RecordReceiver, RecordSender
 from .schedule import HandshakeSecrets, derive_handshake_secrets
+from .shares import SignedShare, check_share, sign_share
 from .wire import (
     HEADER,
     HEADER_SIZE,
@@ -116,9 +118,14 @@ OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256()
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 CLIENT_AUTH_CONTEXT = b"callcp/2 client auth\x00"
 PREMASTER_SIZE = 32
+#: A ServerProtocol given no share signs one of its own, valid this long.
+STANDALONE_SHARE_SECONDS = 60
 
-#: Verifies the server's key: called with (fingerprint, DER); raises to refuse.
-ServerKeyVerifier = Callable[[str, bytes], None]
+#: Verifies the server's key: called with (fingerprint, DER) at the
+#: ServerHello; raises to refuse.  It may return an action to run once the
+#: server has proved that it holds the key (its Finished verified): that is
+#: when a trust-on-first-use policy records the key.
+ServerKeyVerifier = Callable[[str, bytes], Optional[Callable[[], None]]]
 #: Decides whether a client key (by fingerprint) may connect.
 ClientAuthorizer = Callable[[str], bool]
 
@@ -932,6 +939,7 @@ class ClientProtocol(_Protocol):
         key_update_interval: int = DEFAULT_KEY_UPDATE_INTERVAL,
         versions: Tuple[int, ...] = SUPPORTED_VERSIONS,
         entropy: Optional[Entropy] = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(
             max_message_size=max_message_size,
@@ -939,9 +947,13 @@ class ClientProtocol(_Protocol):
             entropy=entropy,
         )
         self._verify = verify_server_key
+        self._on_proved: Optional[Callable[[], None]] = None
         self._client_key = client_key
         self._versions = versions
+        self._clock = clock
         self.state = State.WAIT_SERVER_HELLO
+        #: The key the server presented (its share's signature verified);
+        #: ``peer_fingerprint`` is set only once the server's Finished proved it.
         self.server_fingerprint: Optional[str] = None
 
     def _on_server_hello(self, header: bytes, body: bytes) -> Optional[Event]:
@@ -954,16 +966,18 @@ class ClientProtocol(_Protocol):
             )
         self.version = common[0]
         server_key = load_public_der(hello.rsa_public_der, what="server")
+        now = self._clock()
+        check_share(server_key, hello.x25519_public, hello.share_expiry, hello.share_signature, now)
         fp = fingerprint_der(hello.rsa_public_der)
-        try:
-            self._verify(fp, hello.rsa_public_der)  # raises ServerKeyError to refuse
+        try:  # raises ServerKeyError to refuse
+            self._on_proved = self._verify(fp, hello.rsa_public_der)
         except CallcpError:
             raise
         except Exception as exc:  # a failing verifier refuses the key, loudly
             raise ServerKeyError(
                 f"the server key check failed: {type(exc).__name__}: {exc}"
             ) from exc
-        self.server_fingerprint = self.peer_fingerprint = fp
+        self.server_fingerprint = fp
         if hello.require_client_auth and self._client_key is None:
             raise ClientAuthError(
                 "the server requires client authentication; pass a client key (client_key=...)"
@@ -1012,6 +1026,19 @@ class ClientProtocol(_Protocol):
         if not _verify_finished(self._secrets.server_finished, self._transcript.digest(), body):
             raise HandshakeError("the server's Finished MAC does not verify")
         self._secrets = None  # the finished keys are no longer needed
+        # The server has now proved it holds the key: only now is it the
+        # peer's, and only now does a trust-on-first-use policy record it.
+        self.peer_fingerprint = self.server_fingerprint
+        proved, self._on_proved = self._on_proved, None
+        if proved is not None:
+            try:
+                proved()
+            except CallcpError:
+                raise
+            except Exception as exc:
+                raise ServerKeyError(
+                    f"recording the server key failed: {type(exc).__name__}: {exc}"
+                ) from exc
         self.state = _OPEN
         return HandshakeCompleted(self.version, self.peer_fingerprint)
 
@@ -1052,6 +1079,7 @@ class ServerProtocol(_Protocol):
         entropy: Optional[Entropy] = None,
         server_public_der: Optional[bytes] = None,
         defer_decryption: bool = False,
+        share: Optional[SignedShare] = None,
     ) -> None:
         super().__init__(
             max_message_size=max_message_size,
@@ -1065,6 +1093,7 @@ class ServerProtocol(_Protocol):
         self._eph: Optional[x25519.X25519PrivateKey] = None
         self._peer_share: Optional[x25519.X25519PublicKey] = None
         self._defer_decryption = defer_decryption
+        self._share = share
         self.state = State.WAIT_CLIENT_HELLO
         self._started = False
 
@@ -1073,12 +1102,20 @@ class ServerProtocol(_Protocol):
         if self._started:
             raise LocalProtocolError("start() called twice")
         self._started = True
-        self._eph = self._entropy.x25519_key()
+        share, self._share = self._share, None
+        if share is None:  # (standalone use: a share of its own, signed now)
+            now = time.time()
+            share = sign_share(
+                self._key, self._entropy.x25519_key(), int(now + STANDALONE_SHARE_SECONDS), now
+            )
+        self._eph = share.private
         hello = ServerHello(
             versions=self._versions,
             random=self._entropy.random(32),
-            x25519_public=self._eph.public_key().public_bytes_raw(),
+            x25519_public=share.public,
+            share_expiry=share.expiry,
             rsa_public_der=self._public_der,
+            share_signature=share.signature,
             require_client_auth=self._authorize is not None,
         )
         sh_frame = hello.encode()

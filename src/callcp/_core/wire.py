@@ -24,7 +24,7 @@ from .errors import HandshakeError, RemoteProtocolError
 
 __all__ = [
     "MAGIC",
-    "VERSION_2",
+    "VERSION_3",
     "SUPPORTED_VERSIONS",
     "HEADER",
     "HEADER_SIZE",
@@ -40,8 +40,10 @@ __all__ = [
 ]
 
 MAGIC = b"CALLCP"
-VERSION_2 = 2
-SUPPORTED_VERSIONS: Tuple[int, ...] = (VERSION_2,)
+#: Wire version 3: the server's X25519 share is signed (version 2, an
+#: unsigned per-connection share, is no longer spoken).
+VERSION_3 = 3
+SUPPORTED_VERSIONS: Tuple[int, ...] = (VERSION_3,)
 
 HEADER = struct.Struct(">BI")
 HEADER_SIZE = HEADER.size  # 5
@@ -148,13 +150,16 @@ class ServerHello:
     """The server's first flight, in clear.
 
     body = MAGIC(6) | n u8 | versions u16*n | server_random(32) |
-           x25519_public(32) | rsa_public_der vec16 | flags u8
+           share(32) | share_expiry u64 | rsa_public_der vec16 |
+           share_signature vec16 | flags u8
     """
 
     versions: Tuple[int, ...]
     random: bytes
     x25519_public: bytes
+    share_expiry: int
     rsa_public_der: bytes
+    share_signature: bytes
     require_client_auth: bool
 
     def encode(self) -> bytes:
@@ -165,8 +170,11 @@ class ServerHello:
                 b"".join(struct.pack(">H", v) for v in self.versions),
                 self.random,
                 self.x25519_public,
+                struct.pack(">Q", self.share_expiry),
                 struct.pack(">H", len(self.rsa_public_der)),
                 self.rsa_public_der,
+                struct.pack(">H", len(self.share_signature)),
+                self.share_signature,
                 bytes([1 if self.require_client_auth else 0]),
             ]
         )
@@ -181,14 +189,18 @@ class ServerHello:
         if n == 0:
             raise HandshakeError("ServerHello offers no protocol version")
         versions = tuple(r.u16() for _ in range(n))
+        if VERSION_3 not in versions:  # (an older layout follows: do not parse it)
+            return cls(versions, b"", b"", 0, b"", b"", False)
         random = r.take(32)
         x_pub = r.take(32)
+        (expiry,) = struct.unpack(">Q", r.take(8))
         der = r.vec16()
+        signature = r.vec16()
         flags = r.u8()
         r.done()
         if flags & ~1:
             raise HandshakeError(f"ServerHello has unknown flags 0x{flags:02x}")
-        return cls(versions, random, x_pub, der, bool(flags & 1))
+        return cls(versions, random, x_pub, expiry, der, signature, bool(flags & 1))
 
 
 @dataclass(frozen=True)
