@@ -54,6 +54,7 @@ from tests.adapters import (
     Talker,
 )
 from tests.helpers import split_frames
+from tests.sock_proxy import FrameProxy
 from tests.sock_support import free_port, read_until_closed, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -728,3 +729,54 @@ def test_server_idle_timeout_closes_a_silent_client(adapter: Adapter) -> None:
     assert srv.log is not None
     assert len(srv.log.about("idle", logging.WARNING)) == 1
     waiter.join(10)
+
+
+# ============================================================== keepalive
+
+
+@pytest.mark.parametrize("detector", ["client", "server"])
+def test_keepalive_keeps_an_idle_connection_and_finds_a_frozen_peer(
+    mixed: Adapter, detector: str
+) -> None:
+    """Both sides ping when the other is quiet; a peer waiting in recv()
+    answers, so an idle connection lives.  Once a proxy stops forwarding
+    (the peer is frozen, or the network cut), the side waiting in recv()
+    reports ConnectionClosedError("peer unresponsive ...") within
+    keepalive_interval + keepalive_timeout (+1 s)."""
+    interval, patience = 0.4, 0.8
+    frozen = threading.Event()
+
+    def hook(relay: Any, index: int, frame: bytes) -> List[bytes]:
+        return [] if frozen.is_set() else [frame]
+
+    # (keepalive on the detecting side only: the other would find the
+    # freeze too, and its close would reach the detector first)
+    keepalive = {"keepalive_interval": interval, "keepalive_timeout": patience}
+    handler = Echo()
+    srv = mixed.serve(handler, **(keepalive if detector == "server" else {}))
+    with FrameProxy((LOOPBACK, srv.port), c2s=hook, s2c=hook, timeout=30) as proxy:
+        conn = mixed.connect(
+            proxy.port,
+            server_fingerprint=srv.fingerprint,
+            **(keepalive if detector == "client" else {}),
+        )
+        assert conn.request(b"x") == b"x"
+        # idle for several intervals: PINGs answered by the side waiting in recv()
+        with pytest.raises(CallcpTimeout):
+            conn.recv(timeout=5 * interval)
+        relay = proxy.relay(0)
+        pings = [f for f in relay.c2s_frames + relay.s2c_frames if len(f) == 5 + 16]
+        assert len(pings) >= 4  # (sealed PING and PONG: empty bodies, a tag each)
+        assert handler.errors.empty()
+
+        frozen.set()
+        start = time.monotonic()
+        if detector == "client":  # the client waits in recv(); the server is gone quiet
+            with pytest.raises(ConnectionClosedError, match="peer unresponsive") as info:
+                conn.recv()
+            assert info.value.code == CloseCode.TIMEOUT
+        else:  # the handler waits in recv(); the client is frozen (it does nothing)
+            error = handler.error(timeout=10)
+            assert isinstance(error, ConnectionClosedError)
+            assert "peer unresponsive" in str(error)
+        assert time.monotonic() - start <= interval + patience + 1.0

@@ -470,3 +470,41 @@ def test_receive_message_fails_the_connection_on_a_forged_record(
     assert p.server.state is State.FAILED
     kinds = [f[0] for f in split_frames(p.server.data_to_send())]
     assert kinds == [FrameType.CLOSE]
+
+
+def test_ping_is_answered_by_one_pong_and_nothing_reaches_the_application(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    assert p.client.ping() and p.client.ping()  # two PINGs, sealed by the next write
+    pings = p.client.data_to_send()
+    assert [f[0] for f in split_frames(pings)] == [FrameType.PING, FrameType.PING]
+    p.client.send(b"between")
+    assert feed(p.server, pings + p.client.data_to_send()) == [MessageReceived(b"between")]
+    assert p.server.owes  # one PONG answers both
+    pong = p.server.data_to_send()
+    assert [f[0] for f in split_frames(pong)] == [FrameType.PONG]
+    assert not p.server.owes
+    p.server.send(b"after")
+    assert feed(p.client, pong + p.server.data_to_send()) == [MessageReceived(b"after")]
+
+
+def test_a_pong_is_ignored_and_a_ping_with_a_body_is_refused(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.client._owed.append((FrameType.PONG, b""))  # an unsolicited PONG: harmless
+    assert p.to_server() == []
+    p.client._owed.append((FrameType.PING, b"x"))
+    with pytest.raises(RemoteProtocolError, match="PING record with a body"):
+        p.to_server()
+
+
+def test_no_ping_before_keys_or_after_close(server_key: rsa.RSAPrivateKey) -> None:
+    p = Pair(server_key)
+    assert not p.client.ping()  # no keys yet
+    p.handshake()
+    p.client.close()
+    assert not p.client.ping()

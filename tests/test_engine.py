@@ -407,3 +407,37 @@ def test_share_lifetime_is_validated() -> None:
     for bad in (0, 0.5, 3601, True, "60", None):
         with pytest.raises(ValueError, match="share_lifetime"):
             ServerOptions(share_lifetime=bad)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ keepalive
+
+
+def test_keepalive_pings_after_interval_and_gives_up_after_timeout(server_key: Any) -> None:
+    from callcp._engine import Keepalive
+    from tests.helpers import Pair
+
+    ka = Keepalive(interval=5.0, timeout=2.0, now=100.0)
+    assert ka.next_wake() == 105.0
+    assert ka.due(104.9) is None
+    assert ka.due(105.0) == "ping" and ka.next_wake() == 107.0
+    assert ka.due(106.0) is None  # waiting for an answer
+    ka.heard(106.5)  # any bytes: alive
+    assert ka.next_wake() == 111.5 and ka.due(111.5) == "ping"
+    assert ka.due(113.5) == "dead"
+    pair = Pair(server_key)
+    pair.handshake()
+    err = ka.unresponsive(pair.client, 113.5)
+    assert "peer unresponsive for 7 s" in str(err) and err.code == CloseCode.TIMEOUT
+    assert pair.client.state.name == "FAILED"
+    assert pair.client.data_to_send()  # a CLOSE(TIMEOUT), should the peer wake up
+
+
+def test_keepalive_options_are_validated() -> None:
+    assert ClientOptions(keepalive_interval=1).keepalive_interval == 1
+    for bad in (0, -1, float("inf"), "5"):
+        with pytest.raises(ValueError, match="keepalive_interval"):
+            ClientOptions(keepalive_interval=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="keepalive_timeout"):
+            ServerOptions(keepalive_timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="keepalive_timeout"):
+        ServerOptions(keepalive_timeout=None)  # type: ignore[arg-type]

@@ -95,8 +95,11 @@ class Link(asyncio.Protocol):
         if self.on_data is not None:
             self.on_data(self, data)
             return
-        core = self.engine.core
+        engine = self.engine
+        core = engine.core
         core.receive_data(data)
+        if engine.keepalive is not None:
+            engine.keepalive.heard(self.loop.time())
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

@@ -109,6 +109,61 @@ def _going_away() -> ConnectionClosedOK:
 # ====================================================================== engine
 
 
+class Keepalive:
+    """One connection's keepalive: after ``interval`` seconds without a
+    byte from the peer, send a PING; if nothing at all arrives within
+    ``timeout`` seconds after it, the peer is unresponsive.  Any bytes count
+    as a sign of life (the PONG, or anything else).  The adapters call
+    :meth:`heard` when they read bytes and :meth:`due` when their wait for
+    :meth:`next_wake` ends; times are their clock's (monotonic)."""
+
+    __slots__ = ("interval", "timeout", "last_heard", "pinged")
+
+    def __init__(self, interval: float, timeout: float, now: float) -> None:
+        self.interval = interval
+        self.timeout = timeout
+        self.last_heard = now
+        self.pinged = 0.0  # when the outstanding PING went out (0: none)
+
+    def heard(self, now: float) -> None:
+        self.last_heard = now
+        self.pinged = 0.0
+
+    def next_wake(self) -> float:
+        """When :meth:`due` has something to say, if nothing is heard before."""
+        if self.pinged:
+            return self.pinged + self.timeout
+        return self.last_heard + self.interval
+
+    def due(self, now: float) -> Optional[str]:
+        """``"ping"`` (send one now), ``"dead"`` (give up), or None."""
+        if self.pinged:
+            return "dead" if now >= self.pinged + self.timeout else None
+        if now >= self.last_heard + self.interval:
+            self.pinged = now
+            return "ping"
+        return None
+
+    def unresponsive(self, core: _Protocol, now: float) -> CallcpError:
+        """The peer did not answer: fail the core (a CLOSE with TIMEOUT is
+        queued, should it wake up) and return the error to raise."""
+        quiet = now - self.last_heard
+        err = ConnectionClosedError(
+            f"peer unresponsive for {quiet:.0f} s (no answer to a keepalive PING "
+            f"within {self.timeout:g} s)",
+            code=CloseCode.TIMEOUT,
+            reason="peer unresponsive",
+        )
+        core.close(CloseCode.TIMEOUT, "peer unresponsive")
+        core.fail(err)
+        return err
+
+
+def keepalive_for(interval: Optional[float], timeout: float) -> Optional[Keepalive]:
+    """A new connection's Keepalive (None: keepalive off)."""
+    return None if interval is None else Keepalive(interval, timeout, time.monotonic())
+
+
 class Engine:
     """One connection's policy above the core (see the module docstring)."""
 
@@ -123,10 +178,19 @@ class Engine:
         "handshake_deadline",
         "handshaken",
         "source",
+        "keepalive",
     )
 
-    def __init__(self, core: _Protocol, *, budget: Optional[MessageBudget] = None) -> None:
+    def __init__(
+        self,
+        core: _Protocol,
+        *,
+        budget: Optional[MessageBudget] = None,
+        keepalive: Optional[Keepalive] = None,
+    ) -> None:
         self.core = core
+        #: When to ping a quiet peer, and when to give up on it (None: never).
+        self.keepalive = keepalive
         #: Called (from any thread) when an interrupt must reach a waiting reader.
         self.wake: Callable[[], None] = _nothing
         #: An event handed back (recv vs recv_stream), or a server's
@@ -1209,6 +1273,9 @@ class ServerCore:
         spare, self._spare = self._spare, None
         share = self.shares.current(time.time())
         engine = spare[0] if spare is not None and spare[1] is share else self._new_engine(share)
+        engine.keepalive = keepalive_for(
+            self.options.keepalive_interval, self.options.keepalive_timeout
+        )
         arrival = Arrival(self, addr, engine)
         return arrival, arrival.engine.core.data_to_send()
 

@@ -85,6 +85,13 @@ def _positive_or_none(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be finite (use None for no limit), not {value!r}")
 
 
+def _keepalive(interval: Any, timeout: Any) -> None:
+    _positive_or_none("keepalive_interval", interval)
+    _positive_or_none("keepalive_timeout", timeout)
+    if timeout is None:
+        raise ValueError("keepalive_timeout must be a number of seconds > 0, not None")
+
+
 def _count(name: str, value: Any, *, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be a whole number >= {low}, not {value!r}")
@@ -119,6 +126,11 @@ class ClientOptions(_Options):
             authentication (KeyPair, RSA private key or PEM path).
         key_password: the passphrase of an encrypted ``client_key`` file.
         max_message_size: the largest message ``recv()`` accepts (bytes).
+        keepalive_interval: after this many seconds without a byte from the
+            peer, while waiting in ``recv()``, send it a sealed PING (None:
+            no keepalive).  The peer answers whenever it next reads.
+        keepalive_timeout: seconds after a PING without any answer before the
+            peer is declared unresponsive (ConnectionClosedError).
         logger: where callcp logs (default: the ``callcp`` logger).
     """
 
@@ -130,11 +142,14 @@ class ClientOptions(_Options):
     client_key: Optional[Any] = None
     key_password: Optional[str] = None
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    keepalive_interval: Optional[float] = None
+    keepalive_timeout: float = 10.0
     logger: Optional[logging.Logger] = None
 
     def __post_init__(self) -> None:
         _positive_or_none("timeout", self.timeout)
         _count("max_message_size", self.max_message_size, low=0)
+        _keepalive(self.keepalive_interval, self.keepalive_timeout)
         if self.insecure and self.server_fingerprint is not None:
             raise ValueError("insecure=True contradicts server_fingerprint=...; choose one")
         _logger(self.logger)
@@ -172,6 +187,11 @@ class ServerOptions(_Options):
             connections; past it the connection with the largest unfinished
             message is closed with MESSAGE_TOO_LARGE.
         shutdown_timeout: seconds ``shutdown()`` lets handlers finish.
+        keepalive_interval: after this many seconds without a byte from the
+            peer, while waiting in a handler's ``recv()``, send it a sealed PING (None:
+            no keepalive).  The peer answers whenever it next reads.
+        keepalive_timeout: seconds after a PING without any answer before the
+            peer is declared unresponsive (ConnectionClosedError).
         backlog: the listening socket's accept queue.
         reuse_port: set SO_REUSEPORT on the listening socket.
         workers: N > 1 forks N processes that accept on the port (Linux).
@@ -191,6 +211,8 @@ class ServerOptions(_Options):
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_buffered_bytes: int = 256 * 1024 * 1024
     shutdown_timeout: float = 5.0
+    keepalive_interval: Optional[float] = None
+    keepalive_timeout: float = 10.0
     backlog: int = 1024
     reuse_port: bool = False
     workers: int = 1
@@ -222,6 +244,7 @@ class ServerOptions(_Options):
             # One message must always fit, or a legitimate one is refused.
             object.__setattr__(self, "max_buffered_bytes", self.max_message_size)
         _positive_or_none("shutdown_timeout", self.shutdown_timeout)
+        _keepalive(self.keepalive_interval, self.keepalive_timeout)
         _count("backlog", self.backlog, low=1)
         _count("workers", self.workers, low=1)
         _logger(self.logger)
@@ -251,6 +274,8 @@ class ClientKwargs(TypedDict, total=False):
     client_key: Optional[Any]
     key_password: Optional[str]
     max_message_size: int
+    keepalive_interval: Optional[float]
+    keepalive_timeout: float
     logger: Optional[logging.Logger]
 
 
@@ -270,6 +295,8 @@ class ServerKwargs(TypedDict, total=False):
     max_message_size: int
     max_buffered_bytes: int
     shutdown_timeout: float
+    keepalive_interval: Optional[float]
+    keepalive_timeout: float
     backlog: int
     reuse_port: bool
     workers: int

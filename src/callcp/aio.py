@@ -53,6 +53,7 @@ from ._engine import (
     ServerBase,
     ServerCore,
     handler_outcome,
+    keepalive_for,
 )
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
 from ._streams import Destination, Progress, StreamInfo, source_size
@@ -258,13 +259,41 @@ class Connection(ConnectionBase):
                     raise
                 if event is not NEED_DATA:
                     return event
+                if core.owes:  # (a PONG)
+                    link.flush()
             if link.paused_reading:  # whatever is buffered is not enough: read
                 link.resume()
             if not deadline:
                 seconds = self._timeout if timeout is DEFAULT else timeout
                 deadline = FOREVER if seconds is None else link.loop.time() + seconds
-            await link.wait(deadline)
+            if engine.keepalive is None:
+                await link.wait(deadline)
+            else:
+                await self._wait_alive(deadline)
             waited = True
+
+    async def _wait_alive(self, deadline: float) -> None:
+        """``link.wait`` with keepalive: wake up to PING a quiet peer, and
+        give up on one that answers nothing (ConnectionClosedError)."""
+        link, keepalive = self._link, self._engine.keepalive
+        assert keepalive is not None
+        while True:
+            wake = keepalive.next_wake()
+            if wake >= deadline:
+                await link.wait(deadline)
+                return
+            try:
+                await link.wait(wake)
+                return
+            except CallcpTimeout:
+                now = link.loop.time()
+                action = keepalive.due(now)
+                if action == "dead":
+                    err = keepalive.unresponsive(self._core, now)
+                    link.abort()
+                    raise err from None
+                if action == "ping" and self._core.ping():
+                    link.flush()
 
 
 # ================================================================== client
@@ -283,7 +312,8 @@ async def open_connection(host: str, port: int, options: ClientOptions) -> Conne
     """:func:`connect` with its options as one :class:`ClientOptions`."""
     check_port(port, allow_zero=False)
     loop = asyncio.get_running_loop()
-    link = Link(loop, Engine(client_protocol(host, port, options)))
+    keepalive = keepalive_for(options.keepalive_interval, options.keepalive_timeout)
+    link = Link(loop, Engine(client_protocol(host, port, options), keepalive=keepalive))
     start = loop.time()
     try:
         await asyncio.wait_for(loop.create_connection(lambda: link, host, port), options.timeout)

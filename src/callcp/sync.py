@@ -25,7 +25,7 @@ from . import _engine
 from . import _workers as workers
 from ._common import check_port, client_protocol
 from ._common import translate_oserror as _translate
-from ._core.errors import CallcpError, CloseCode, ConnectionClosedOK
+from ._core.errors import CallcpError, CallcpTimeout, CloseCode, ConnectionClosedOK
 from ._core.events import NEED_DATA, DecryptionRequested, MessageReceived
 from ._engine import (
     DEFAULT,
@@ -37,6 +37,7 @@ from ._engine import (
     ServerBase,
     ServerCore,
     handler_outcome,
+    keepalive_for,
 )
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
 from ._sockets import FOREVER, Acceptor, SocketLink, ThreadPool, listen, remaining
@@ -164,6 +165,7 @@ class Connection(SocketLink, ConnectionBase):
                 timeout is DEFAULT
                 and engine.pending is None
                 and engine.interruption is None
+                and engine.keepalive is None
                 and core.needs_data
             ):  # the hot path: one read, commonly one whole message
                 seconds = self._timeout
@@ -284,12 +286,54 @@ class Connection(SocketLink, ConnectionBase):
                     raise
                 if event is not NEED_DATA:
                     return event
+                if core.owes:  # (a PONG)
+                    self._flush_owed()
             if not deadline:
                 deadline = FOREVER if seconds is None else time.monotonic() + seconds
             elif seconds is not None:
                 seconds = remaining(deadline)
-            self._read(seconds)
+            if engine.keepalive is None:
+                self._read(seconds)
+            else:
+                self._read_alive(seconds)
             read = True
+
+    def _read_alive(self, seconds: Optional[float]) -> None:
+        """:meth:`_read` with keepalive: wake up to PING a quiet peer, and
+        give up on one that answers nothing (ConnectionClosedError)."""
+        keepalive = self._engine.keepalive
+        assert keepalive is not None
+        end = FOREVER if seconds is None else time.monotonic() + seconds
+        while True:
+            wake = keepalive.next_wake()
+            if wake >= end:
+                self._read(remaining(end))
+            else:
+                try:
+                    self._read(max(0.0, wake - time.monotonic()))
+                except CallcpTimeout:
+                    now = time.monotonic()
+                    action = keepalive.due(now)
+                    if action == "dead":
+                        err = keepalive.unresponsive(self._core, now)
+                        self._abort()
+                        raise err from None
+                    if action == "ping" and self._core.ping():
+                        self._flush_owed()
+                    continue
+            keepalive.heard(time.monotonic())
+            return
+
+    def _flush_owed(self) -> None:
+        """Write what the core owes the peer (a PONG, a PING) now, unless a
+        sender holds the socket: it writes them before its next message."""
+        if self._send_lock.acquire(blocking=False):
+            try:
+                self._write(self._core.data_to_send_parts())
+            except CallcpError:
+                pass  # the transport broke: the next read reports it
+            finally:
+                self._send_lock.release()
 
 
 # ================================================================== client
@@ -321,7 +365,10 @@ def connect(host: str, port: int = DEFAULT_PORT, **options: Unpack[ClientKwargs]
 def open_connection(host: str, port: int, options: ClientOptions) -> Connection:
     """:func:`connect` with its options as one :class:`ClientOptions`."""
     check_port(port, allow_zero=False)
-    engine = Engine(client_protocol(host, port, options))
+    engine = Engine(
+        client_protocol(host, port, options),
+        keepalive=keepalive_for(options.keepalive_interval, options.keepalive_timeout),
+    )
     try:
         sock = socket.create_connection((host, port), timeout=options.timeout)
     except OSError as exc:

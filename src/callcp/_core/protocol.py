@@ -613,6 +613,20 @@ class _Protocol:
         else:
             self._out.append(frame(FrameType.ALERT, encode_alert(code, reason)))
 
+    def ping(self) -> bool:
+        """Queue a keepalive PING (sealed by the next write); the peer answers
+        with a PONG when it next reads.  False if this side cannot send now."""
+        if not self.can_send:
+            return False
+        self._owed.append((FrameType.PING, b""))
+        return True
+
+    @property
+    def owes(self) -> bool:
+        """Records this side owes the peer (a PONG, a CLOSE, the server's
+        FINISHED) are waiting for a write."""
+        return bool(self._owed)
+
     def _seal_owed(self) -> None:
         owed, self._owed = self._owed, []
         for ftype, body in owed:
@@ -868,6 +882,19 @@ class _Protocol:
         self._receiver.update()
         return None
 
+    def _on_ping(self, header: bytes, body: bytes) -> Optional[Event]:
+        if body:
+            raise RemoteProtocolError("PING record with a body")
+        pong = (FrameType.PONG, b"")
+        if not self._close_sent and pong not in self._owed:  # (one answers many)
+            self._owed.append(pong)  # (sealed by the next write)
+        return None
+
+    def _on_pong(self, header: bytes, body: bytes) -> Optional[Event]:
+        if body:
+            raise RemoteProtocolError("PONG record with a body")
+        return None  # (the adapter counts any bytes as a sign of life)
+
     def _on_close(self, header: bytes, body: bytes) -> Optional[Event]:
         code, reason = decode_alert(body)
         if self.state in _HANDSHAKE_STATES:
@@ -915,6 +942,10 @@ _OPEN_TABLE: Dict[Tuple[State, int], str] = {
     (State.STREAMING, FrameType.STREAM_ABORT): "_on_stream_abort",
     (State.STREAMING, FrameType.KEY_UPDATE): "_on_key_update",
     (State.STREAMING, FrameType.CLOSE): "_on_close",
+    (State.OPEN, FrameType.PING): "_on_ping",
+    (State.OPEN, FrameType.PONG): "_on_pong",
+    (State.STREAMING, FrameType.PING): "_on_ping",
+    (State.STREAMING, FrameType.PONG): "_on_pong",
 }
 
 # ======================================================================= client

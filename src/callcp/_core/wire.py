@@ -74,6 +74,8 @@ class FrameType:
     STREAM_ABORT = 0x25  # the sender gave up on the stream
     KEY_UPDATE = 0x30
     CLOSE = 0x31
+    PING = 0x32  # keepalive: "answer me"
+    PONG = 0x33  # the answer
 
     PLAINTEXT = frozenset({SERVER_HELLO, CLIENT_HELLO, ALERT})
     ENCRYPTED = frozenset(
@@ -88,6 +90,8 @@ class FrameType:
             STREAM_ABORT,
             KEY_UPDATE,
             CLOSE,
+            PING,
+            PONG,
         }
     )
     NAMES = {
@@ -104,6 +108,8 @@ class FrameType:
         0x25: "STREAM_ABORT",
         0x30: "KEY_UPDATE",
         0x31: "CLOSE",
+        0x32: "PING",
+        0x33: "PONG",
     }
 
 
