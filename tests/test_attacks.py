@@ -405,3 +405,34 @@ def test_a_malformed_server_key_is_refused_before_trust_and_use(
         feed(c, forged)
     assert not known.exists() or known.read_text() == ""
     assert [f[0] for f in split_frames(c.data_to_send())] == [FrameType.ALERT]
+
+
+def test_trust_on_first_use_records_nothing_the_server_did_not_prove(
+    server_key: rsa.RSAPrivateKey, tmp_path: Any
+) -> None:
+    """A replayed or relayed ServerHello (the real key, validly signed) from
+    someone who cannot finish the handshake: the client refuses at the
+    server's Finished and the known-hosts file stays empty."""
+    from callcp._common import server_key_verifier
+
+    known = tmp_path / "known_hosts"
+    verify = server_key_verifier(
+        "192.0.2.8",
+        8436,
+        server_fingerprint=None,
+        known_hosts=known,
+        trust_on_first_use=True,
+        insecure=False,
+        logger=logging.getLogger("test"),
+    )
+    c = ClientProtocol(verify)
+    s = ServerProtocol(server_key)
+    s.start()
+    feed(c, s.data_to_send())  # genuine ServerHello, replayed by the attacker
+    assert c.awaiting_proof and c.peer_fingerprint is None
+    c.data_to_send()
+    forged_finished = bytes([FrameType.FINISHED]) + (48).to_bytes(4, "big") + os.urandom(48)
+    with pytest.raises(HandshakeError):
+        feed(c, forged_finished)
+    assert not known.exists() or known.read_text() == ""
+    assert c.peer_fingerprint is None

@@ -104,18 +104,14 @@ def test_server_iteration_ends_on_the_clients_clean_close(
     assert [r.getMessage() for r in caplog.records if r.name.startswith("callcp")] == []
 
 
-def test_do_handshake_confirm_waits_for_the_server_to_prove_its_key(
-    adapter: Adapter, tmp_path: Path
-) -> None:
+def test_do_handshake_confirm_waits_for_the_server_to_prove_its_key(adapter: Adapter) -> None:
     """``do_handshake(confirm=True)``: one round trip more, and the client
     knows the server holds its key before it sends anything."""
-    known_hosts = tmp_path / "known_hosts"
     srv = adapter.serve(Echo())
-    with adapter.connect(srv.port, known_hosts=known_hosts) as conn:
+    with srv.connect() as conn:  # (pinned: connect() returns before the proof)
         assert conn.peer_fingerprint is None
         conn.do_handshake(confirm=True)
         assert conn.peer_fingerprint == srv.fingerprint
-        assert srv.fingerprint in known_hosts.read_text()
         conn.do_handshake(confirm=True)  # (again: nothing to do)
         assert conn.request(b"after") == b"after"
 
@@ -245,9 +241,11 @@ def test_known_hosts_trust_on_first_use_then_changed_key(
     first = adapter.serve(handler)
     port, expected = first.port, first.fingerprint
     with adapter.connect(port, known_hosts=str(known_hosts)) as conn:
-        # trust after proof: nothing is recorded before the server's Finished
-        # proved it holds the key (connect() returns before reading it)
-        assert not known_hosts.exists() or known_hosts.read_text() == ""
+        # first contact: connect() waited for the server's Finished (its proof
+        # that it holds the key) and recorded the key then, so a client that
+        # only sends and closes records it too
+        assert known_hosts.read_text().split() == [f"{LOOPBACK}:{port}", expected]
+        assert conn.peer_fingerprint == expected
         assert conn.request(b"tofu") == b"tofu"
     assert known_hosts.read_text().split() == [f"{LOOPBACK}:{port}", expected]
     assert any("permanently added" in r.getMessage() for r in caplog.records)

@@ -508,3 +508,14 @@ def test_no_ping_before_keys_or_after_close(server_key: rsa.RSAPrivateKey) -> No
     p.handshake()
     p.client.close()
     assert not p.client.ping()
+
+
+def test_a_server_speaking_only_an_older_layout_gets_a_clear_version_error(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    from callcp._core.wire import MAGIC, frame
+
+    client = ClientProtocol(lambda fp, der: None, versions=(2, 3))
+    old_layout = frame(FrameType.SERVER_HELLO, MAGIC + b"\x01\x00\x02" + bytes(64) + b"\x00")
+    with pytest.raises(VersionMismatch, match=r"offers protocol versions \[2\]"):
+        feed(client, old_layout)

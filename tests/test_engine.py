@@ -383,7 +383,7 @@ def test_the_share_is_renewed_on_time_and_a_stale_spare_is_not_used(server_key: 
 
     keeper = ShareKeeper(server_key, lifetime=60.0, grace=10.0)
     first = keeper.current(1000.0)
-    assert first.expiry == 1071 and keeper.current(1059.0) is first
+    assert first.expiry == 1070 and keeper.current(1059.0) is first
     keeper.refresh(1057.0)  # not due within AHEAD seconds: kept
     assert keeper.current(1057.5) is first
     keeper.refresh(1058.5)  # due within AHEAD seconds: renewed now
@@ -441,3 +441,48 @@ def test_keepalive_options_are_validated() -> None:
             ServerOptions(keepalive_timeout=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="keepalive_timeout"):
         ServerOptions(keepalive_timeout=None)  # type: ignore[arg-type]
+
+
+def test_short_share_lifetimes_do_not_re_sign_on_every_wake_up(server_key: Any) -> None:
+    from callcp._core.shares import ShareKeeper
+
+    keeper = ShareKeeper(server_key, lifetime=1.0, grace=10.0)
+    made = []
+    for i in range(100):  # an acceptor waking every 10 ms for a second
+        keeper.refresh(1000.0 + i / 100)
+        made.append(keeper.current(1000.0 + i / 100))
+    assert len({id(share) for share in made}) <= 3
+
+
+@pytest.mark.parametrize("how", ["client alert", "bad hello", "low-order share", "released"])
+def test_a_server_lets_go_of_the_share_key_when_a_handshake_ends(
+    server_key: Any, how: str
+) -> None:
+    """A share's private key is held by the connections whose ServerHello
+    carried it only until they are done with it, failed or not."""
+    from callcp._core.errors import CallcpError
+    from callcp._core.wire import MAGIC, FrameType, frame
+
+    core = callcp._engine.ServerCore(ServerOptions(key=server_key, logger=logging.getLogger("t")))
+    arrival, _ = core.arrive(("192.0.2.1", 1000))
+    assert arrival is not None
+    proto = arrival.engine.core
+    assert proto._eph is not None
+    if how == "released":
+        arrival.release()  # (dropped before its key exchange: a timeout, a shutdown)
+    else:
+        body = {
+            "client alert": b"\x00\x04untrusted key",
+            "bad hello": MAGIC + b"\x00",
+            "low-order share": MAGIC + b"\x00\x03" + bytes(32) + bytes(32) + b"\x00\x00",
+        }[how]
+        kind = FrameType.ALERT if how == "client alert" else FrameType.CLIENT_HELLO
+        proto.receive_data(frame(kind, body))
+        with pytest.raises(CallcpError):
+            while True:
+                event = proto.next_event()
+                if type(event).__name__ == "DecryptionRequested":
+                    proto.premaster_decrypted(None)
+    assert proto._eph is None
+    core.stopped()
+    assert core._spare is None and core.shares._share is None

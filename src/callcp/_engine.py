@@ -271,6 +271,8 @@ class Engine:
                 return NEED_DATA
             if isinstance(event, CloseReceived):
                 raise core.closed_error()
+        if core.state is not State.OPEN and core.state is not State.STREAMING:
+            raise core.closed_error()
         return None
 
     def poll_hello(self) -> bool:
@@ -298,6 +300,8 @@ class Engine:
         and return the error to raise."""
         if self.is_server:
             err = HandshakeTimeout(f"handshake timed out after {seconds} s")
+        elif self.handshaken:
+            err = HandshakeTimeout(f"{peer} did not finish the handshake within {seconds} s")
         else:
             err = HandshakeTimeout(f"no ServerHello from {peer} within {seconds} s")
         self.core.fail(err)
@@ -544,8 +548,8 @@ def handshake(
     try:
         while True:
             step = engine.handshake_step()
-            if step is None and confirm:
-                step = engine.confirm_step()
+            if step is None and (confirm or getattr(engine.core, "awaiting_proof", False)):
+                step = engine.confirm_step()  # (first contact: the key is recorded then)
             yield _WRITE_NOW
             if step is None:
                 return
@@ -1116,6 +1120,8 @@ class Arrival:
         if not self.released:
             self.released = True
             self.server.release(self.addr, self.engine)
+        if self.state != "started":  # (a started key exchange lets go of them itself)
+            self.engine.core.discard_keys()  # the share's private key, for one
 
     def _drop(self, exc: BaseException) -> None:
         self.state = "dropped"
@@ -1291,6 +1297,8 @@ class ServerCore:
         )
 
     def stopped(self) -> None:
+        self._spare = None
+        self.shares.forget()
         self.notices.flush(float("inf"))
         self.log.info("callcp server stopped")
 

@@ -453,6 +453,7 @@ class ThreadPool:
     def _work(self, fn: Callable[..., None], args: Tuple[Any, ...]) -> None:
         while True:
             fn(*args)  # the server's job catches and logs everything
+            args = ()  # (an idle thread keeps nothing of its last connection)
             with self._lock:
                 self._idle += 1
             try:

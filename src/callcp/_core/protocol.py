@@ -608,6 +608,8 @@ class _Protocol:
         if self._close_sent or self.state is _FAILED:
             return
         self._close_sent = True
+        if self.state in _HANDSHAKE_STATES:
+            self.discard_keys()
         if self._sender is not None:
             self._owed.append((FrameType.CLOSE, encode_alert(code, reason)))
         else:
@@ -803,7 +805,15 @@ class _Protocol:
         self._fragments.clear()
         self._fragments_size = 0
         self._in_stream_hash = None
+        self.discard_keys()
         return exc
+
+    def discard_keys(self) -> None:
+        """Let go of the handshake's key material now that the connection
+        will not complete a handshake (failed, or closed before it): the
+        record keys stay, for the close still to be sent and read."""
+        if self.state is _FAILED:
+            self._secrets = None
 
     # ------------------------------------------------------- shared handlers
 
@@ -987,6 +997,12 @@ class ClientProtocol(_Protocol):
         #: ``peer_fingerprint`` is set only once the server's Finished proved it.
         self.server_fingerprint: Optional[str] = None
 
+    @property
+    def awaiting_proof(self) -> bool:
+        """A trust-on-first-use policy waits for the server's Finished to
+        record its key: the client should read it before it may go away."""
+        return self._on_proved is not None
+
     def _on_server_hello(self, header: bytes, body: bytes) -> Optional[Event]:
         hello = ServerHello.decode(body)
         common = split_versions(hello.versions, self._versions)
@@ -994,6 +1010,11 @@ class ClientProtocol(_Protocol):
             raise VersionMismatch(
                 f"the server offers protocol versions {list(hello.versions)}; "
                 f"this client supports {list(self._versions)}"
+            )
+        if not hello.rsa_public_der:  # (the server offered no version of this layout)
+            raise VersionMismatch(
+                f"the server offers protocol versions {list(hello.versions)}, whose "
+                f"ServerHello this client cannot read; it speaks {list(SUPPORTED_VERSIONS)}"
             )
         self.version = common[0]
         server_key = load_public_der(hello.rsa_public_der, what="server")
@@ -1059,7 +1080,6 @@ class ClientProtocol(_Protocol):
         self._secrets = None  # the finished keys are no longer needed
         # The server has now proved it holds the key: only now is it the
         # peer's, and only now does a trust-on-first-use policy record it.
-        self.peer_fingerprint = self.server_fingerprint
         proved, self._on_proved = self._on_proved, None
         if proved is not None:
             try:
@@ -1070,6 +1090,7 @@ class ClientProtocol(_Protocol):
                 raise ServerKeyError(
                     f"recording the server key failed: {type(exc).__name__}: {exc}"
                 ) from exc
+        self.peer_fingerprint = self.server_fingerprint
         self.state = _OPEN
         return HandshakeCompleted(self.version, self.peer_fingerprint)
 
@@ -1127,6 +1148,10 @@ class ServerProtocol(_Protocol):
         self._share = share
         self.state = State.WAIT_CLIENT_HELLO
         self._started = False
+
+    def discard_keys(self) -> None:
+        super().discard_keys()
+        self._eph = self._peer_share = None
 
     def start(self) -> None:
         """Queue the ServerHello (the server speaks first)."""
@@ -1194,7 +1219,8 @@ class ServerProtocol(_Protocol):
             raise err from exc
 
     def _finish_key_exchange(self, premaster: Optional[bytes]) -> None:
-        assert self._eph is not None and self._peer_share is not None
+        if self._eph is None or self._peer_share is None:  # (closed meanwhile: keys let go)
+            raise ConnectionClosedError("the connection was closed during the key exchange")
         # Implicit rejection: a premaster that fails to decrypt is replaced by
         # random bytes, so the failure shows only as a Finished mismatch and
         # the server offers no decryption oracle.
@@ -1204,7 +1230,8 @@ class ServerProtocol(_Protocol):
             dh = self._eph.exchange(self._peer_share)
         except ValueError as exc:
             raise HandshakeError("the client's X25519 share is invalid") from exc
-        self._eph = self._peer_share = None
+        finally:
+            self._eph = self._peer_share = None  # (the share's key: used once, then let go)
         self._secrets = derive_handshake_secrets(dh, premaster, self._transcript.digest())
         self._sender = RecordSender(self._secrets.server_traffic)
         self._receiver = RecordReceiver(self._secrets.client_traffic)

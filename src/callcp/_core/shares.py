@@ -18,6 +18,7 @@ Pure: no clock is read here; callers pass ``now`` (Unix time, seconds).
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Optional
@@ -109,11 +110,16 @@ class ShareKeeper:
     def refresh(self, now: float) -> None:
         """(when idle) Replace the share if it is due within AHEAD seconds."""
         share = self._share
-        if share is None or now >= share.created + self.lifetime - self.AHEAD:
+        ahead = min(self.AHEAD, self.lifetime / 2)  # (short lifetimes: not every call)
+        if share is None or now >= share.created + self.lifetime - ahead:
             self._renew(now)
 
+    def forget(self) -> None:
+        """(the server stopped) Let go of the current share's private key."""
+        self._share = None
+
     def _renew(self, now: float) -> SignedShare:
-        expiry = int(now + self.lifetime + self.grace) + 1
+        expiry = math.ceil(now + self.lifetime + self.grace)
         share = sign_share(self._rsa_key, x25519.X25519PrivateKey.generate(), expiry, now)
         self._share = share
         return share
