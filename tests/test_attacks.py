@@ -27,7 +27,7 @@ from callcp._core.protocol import OAEP, ClientProtocol, ServerProtocol
 from callcp._core.records import RecordReceiver
 from callcp._core.schedule import derive_handshake_secrets
 from callcp._core.shares import CLOCK_SKEW, MAX_SHARE_VALIDITY, SignedShare, sign_share
-from callcp._core.wire import FrameType, ServerHello
+from callcp._core.wire import ClientHello, FrameType, ServerHello
 from tests.helpers import FixedEntropy, Pair, drain, feed, pin, split_frames
 
 REQUEST = b"transfer 100 to alice"
@@ -336,7 +336,7 @@ def test_rsa_key_leak_does_not_open_recorded_session(session: Session) -> None:
     recovers the premaster, but without an X25519 private key it cannot
     derive the traffic keys of a recorded session."""
     sh, ch = split_frames(session.s2c)[0], split_frames(session.c2s)[0]
-    enc = ch[5 + 6 + 2 + 32 + 32 + 2 :]
+    enc = ClientHello.decode(ch[5:]).encrypted_premaster
     premaster = session.server_key.decrypt(enc, OAEP)
     assert premaster == b"P" * 32
     import hashlib

@@ -102,8 +102,9 @@ def test_independent_derivation_matches(key: rsa.RSAPrivateKey) -> None:
     assert cb[:6] == b"CALLCP" and cb[6:8] == b"\x00\x03"
     assert cb[8:40] == IN["client_random"]
     client_pub = cb[40:72]
-    enc = cb[74:]
-    assert int.from_bytes(cb[72:74], "big") == len(enc) == 256
+    assert int.from_bytes(cb[72:74], "big") == 256
+    enc = cb[74:330]
+    assert cb[330:] == b"\x00\x00\x00\x00"  # no session ticket, no premaster box
     oaep = padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None)
     assert key.decrypt(enc, oaep) == IN["premaster"]
 

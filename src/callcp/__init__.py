@@ -41,6 +41,7 @@ from ._options import ClientOptions, ServerOptions
 from ._streams import StreamInfo
 from .compat import SecureTCPClient, SecureTCPServer
 from .keys import KeyPair
+from .sessions import SessionStore
 from .sync import Connection, Server, connect, serve
 from .trust import AuthorizedKeys, KnownHosts, ServerKeyPolicy
 
@@ -59,6 +60,7 @@ __all__ = [
     "aio",
     # keys and trust
     "KeyPair",
+    "SessionStore",
     "KnownHosts",
     "AuthorizedKeys",
     "ServerKeyPolicy",

@@ -18,6 +18,7 @@ from ._core.errors import (
     TransportError,
 )
 from ._core.protocol import ClientProtocol
+from ._core.tickets import Session
 from ._options import DEFAULT_PORT, ClientOptions
 from .keys import KeyPair
 from .trust import AuthorizedKeys, ServerKeyPolicy
@@ -136,11 +137,51 @@ def client_protocol(host: str, port: int, options: ClientOptions) -> ClientProto
         logger=logger_for(options.logger),
     )
     keypair = load_client_key(options.client_key, password=options.key_password)
+    store, identity = options.session_store, keypair.fingerprint if keypair else ""
+    session = on_ticket = None
+    if store is not None:
+        session = store.take(host, port, identity)
+
+        def on_ticket(ticket: Session) -> None:
+            store.put(host, port, identity, ticket)
+
     return ClientProtocol(
         verifier,
         client_key=keypair.private_key if keypair is not None else None,
         max_message_size=options.max_message_size,
+        session=session,
+        on_ticket=on_ticket,
     )
+
+
+def load_ticket_key(source: Union[bytes, PathLike, None]) -> Optional[bytes]:
+    """A server's ``ticket_key`` option as bytes (None: a random key).
+
+    Raises:
+        KeyManagementError: the file is missing, unreadable, readable by
+            group or others, or shorter than 32 bytes.
+    """
+    if source is None or isinstance(source, (bytes, bytearray)):
+        return None if source is None else bytes(source)
+    path = Path(os.path.expanduser(source))
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyManagementError(
+            f"cannot read the ticket key file {path}: {exc.strerror}"
+        ) from None
+    if mode & 0o077:
+        raise KeyManagementError(
+            f"the ticket key file {path} is readable by others (mode {mode & 0o777:o}); "
+            f"make it private: chmod 600 {path}"
+        )
+    if len(data) < 32:
+        raise KeyManagementError(
+            f"the ticket key file {path} holds {len(data)} bytes; it needs at least 32 "
+            f"random bytes (e.g. head -c 32 /dev/urandom > {path})"
+        )
+    return data
 
 
 def load_server_key(key: Optional[KeySource], *, password: Optional[str] = None) -> KeyPair:

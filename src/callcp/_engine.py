@@ -46,7 +46,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Generator, Optional, Set, Tuple, Union
 
-from ._common import client_authorizer, load_server_key, logger_for
+from ._common import client_authorizer, load_server_key, load_ticket_key, logger_for
 from ._core.errors import (
     CallcpError,
     CallcpTimeout,
@@ -72,6 +72,7 @@ from ._core.events import (
 )
 from ._core.protocol import ServerProtocol, State, _Protocol
 from ._core.shares import ShareKeeper, SignedShare
+from ._core.tickets import TicketKeys
 from ._core.wire import alert_frame
 from ._options import ServerOptions
 from ._streams import Destination, Progress, StreamInfo, StreamReception
@@ -1022,6 +1023,9 @@ class Arrival:
         if self.state != "hello":
             return
         self.state = "waiting"
+        if getattr(self.engine.pending, "resumed", False):  # a ticket: no RSA work, no slot
+            self._start(start, drop)()
+            return
 
         def dead() -> None:
             self.state = "dropped"
@@ -1187,6 +1191,14 @@ class ConnectionBase:
         client; the client's on a server with client authentication, else None."""
         return self._core.peer_fingerprint
 
+    @property
+    def resumed(self) -> bool:
+        """A session ticket was used: on a server, the client's ticket was
+        accepted (no RSA key exchange); on a client, one was offered (the
+        server may still have done a full key exchange, unseen)."""
+        core = self._core
+        return bool(getattr(core, "resumed", False) or getattr(core, "offered_ticket", False))
+
     def _seconds(self, timeout: Any) -> Optional[float]:
         """A call's ``timeout`` argument, DEFAULT being the connection's."""
         return self._timeout if isinstance(timeout, _Default) else timeout
@@ -1235,6 +1247,11 @@ class ServerCore:
         self.shares = ShareKeeper(
             self.keypair.private_key, options.share_lifetime, options.handshake_timeout
         )
+        self.tickets = (
+            TicketKeys(options.ticket_lifetime, load_ticket_key(options.ticket_key))
+            if options.ticket_lifetime
+            else None
+        )
         self._spare: Optional[Tuple[Engine, SignedShare]] = None
 
     @property
@@ -1265,6 +1282,7 @@ class ServerCore:
             server_public_der=self._public_der,
             defer_decryption=True,
             share=share,
+            tickets=self.tickets,
         )
         core.start()
         return Engine(core, budget=self.budget)

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 else:
     from typing import TypedDict
 
-from ._core.protocol import DEFAULT_MAX_MESSAGE_SIZE
+from ._core.protocol import DEFAULT_MAX_MESSAGE_SIZE, MAX_TICKET_LIFETIME
 from ._core.shares import MAX_SHARE_VALIDITY
+from .sessions import PROCESS_SESSIONS, SessionStore
 
 __all__ = [
     "ClientOptions",
@@ -131,6 +132,9 @@ class ClientOptions(_Options):
             no keepalive).  The peer answers whenever it next reads.
         keepalive_timeout: seconds after a PING without any answer before the
             peer is declared unresponsive (ConnectionClosedError).
+        session_store: where session tickets are kept and taken from, to
+            resume (``callcp.SessionStore``; default: this process's, in
+            memory; None: no tickets).
         logger: where callcp logs (default: the ``callcp`` logger).
     """
 
@@ -144,10 +148,16 @@ class ClientOptions(_Options):
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     keepalive_interval: Optional[float] = None
     keepalive_timeout: float = 10.0
+    session_store: Optional[SessionStore] = PROCESS_SESSIONS
     logger: Optional[logging.Logger] = None
 
     def __post_init__(self) -> None:
         _positive_or_none("timeout", self.timeout)
+        if self.session_store is not None and not isinstance(self.session_store, SessionStore):
+            raise ValueError(
+                "session_store must be a callcp.SessionStore or None, "
+                f"not {type(self.session_store).__name__}"
+            )
         _count("max_message_size", self.max_message_size, low=0)
         _keepalive(self.keepalive_interval, self.keepalive_timeout)
         if self.insecure and self.server_fingerprint is not None:
@@ -177,6 +187,14 @@ class ServerOptions(_Options):
         max_handshakes_per_source: handshakes (waiting or running) from one
             source address; 0 turns it off.
         handshake_timeout: seconds from accept to a completed handshake.
+        ticket_lifetime: seconds a session ticket is valid, and how often
+            the ticket key changes (0: issue and accept no tickets; at most
+            7 days).
+        ticket_key: what the ticket keys derive from: 32 or more secret
+            bytes, or the path of a file holding them (mode 0600), shared by
+            every server that should resume each other's sessions (None: a
+            random key, this server's alone; with ``workers=N``, shared by
+            its N processes).
         share_lifetime: seconds the server uses one signed X25519 share for
             its ServerHellos (one RSA signature each; 1 to 3,600).  A share
             is valid for ``share_lifetime + handshake_timeout`` seconds.
@@ -207,6 +225,8 @@ class ServerOptions(_Options):
     max_handshakes_per_source: int = 64
     handshake_timeout: float = 10.0
     share_lifetime: float = 60.0
+    ticket_lifetime: float = 3600.0
+    ticket_key: Optional[Union[bytes, PathLike]] = None
     idle_timeout: Optional[float] = 300.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_buffered_bytes: int = 256 * 1024 * 1024
@@ -237,6 +257,16 @@ class ServerOptions(_Options):
             raise ValueError(
                 f"share_lifetime must be from 1 to {MAX_SHARE_LIFETIME} seconds, not {lifetime!r}"
             )
+        ticket = self.ticket_lifetime
+        if isinstance(ticket, bool) or not isinstance(ticket, (int, float)):
+            raise ValueError(f"ticket_lifetime must be a number of seconds, not {ticket!r}")
+        if not (ticket == 0 or 1 <= ticket <= MAX_TICKET_LIFETIME):
+            raise ValueError(
+                f"ticket_lifetime must be 0 (no tickets) or from 1 to {MAX_TICKET_LIFETIME} "
+                f"seconds, not {ticket!r}"
+            )
+        if isinstance(self.ticket_key, (bytes, bytearray)) and len(self.ticket_key) < 32:
+            raise ValueError("ticket_key must be at least 32 bytes (or a file path)")
         _positive_or_none("idle_timeout", self.idle_timeout)
         _count("max_message_size", self.max_message_size, low=0)
         _count("max_buffered_bytes", self.max_buffered_bytes, low=1)
@@ -276,6 +306,7 @@ class ClientKwargs(TypedDict, total=False):
     max_message_size: int
     keepalive_interval: Optional[float]
     keepalive_timeout: float
+    session_store: Optional[SessionStore]
     logger: Optional[logging.Logger]
 
 
@@ -291,6 +322,8 @@ class ServerKwargs(TypedDict, total=False):
     max_handshakes_per_source: int
     handshake_timeout: float
     share_lifetime: float
+    ticket_lifetime: float
+    ticket_key: Optional[Union[bytes, PathLike]]
     idle_timeout: Optional[float]
     max_message_size: int
     max_buffered_bytes: int

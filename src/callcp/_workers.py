@@ -71,6 +71,8 @@ def for_server(
     except OSError as exc:
         raise translate_oserror(exc, f"listening on {host}:{port}") from exc
     worker_options = options.replace(key=keypair, workers=1, reuse_port=True)
+    if worker_options.ticket_key is None:  # the workers resume each other's sessions
+        worker_options = worker_options.replace(ticket_key=os.urandom(32))
     pool = WorkerPool(options.workers, target, (handler, host, address[1], worker_options))
     pool.reserved, pool.address = sock, address
     return pool

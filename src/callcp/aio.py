@@ -393,6 +393,8 @@ class Server(ServerBase):
 
         async def decrypt(request: DecryptionRequested) -> Optional[bytes]:
             try:  # the RSA work off the loop; the queue's bookkeeping on it
+                if request.resumed:  # (a session ticket: no RSA work)
+                    return arrival.run_key_exchange(request)
                 return await link.loop.run_in_executor(rsa, arrival.run_key_exchange, request)
             finally:
                 arrival.key_exchange_done()

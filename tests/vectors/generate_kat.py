@@ -12,6 +12,7 @@ match.
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -114,6 +115,79 @@ def main() -> None:
         "expected": run(key, oaep, signature),
     }
     path.write_text(json.dumps(vector, indent=2) + "\n")
+    write_spec_section(vector)
+
+
+def _wrap(hex_text: str) -> str:
+    return "\n".join(textwrap.wrap(hex_text, 64))
+
+
+def write_spec_section(d: dict) -> None:
+    """Rewrite docs/PROTOCOL.md §12 (to the end of the file) from the vector."""
+    spec = HERE.parent.parent / "docs" / "PROTOCOL.md"
+    text = spec.read_text()
+    inp, e = d["inputs"], d["expected"]
+    section = f"""## 12. Known-answer handshake
+
+A handshake without client authentication and without a session ticket,
+with fixed randomness, in which the client's first request is `hello
+callcp/2` and the server's reply is `hello client`.
+`tests/vectors/handshake_kat.json` holds the same values (it is made by
+`tests/vectors/generate_kat.py`, which also writes this section);
+`tests/test_kat.py` checks them against the library and against an
+independent re-derivation from this document.
+
+Inputs (hex):
+
+```
+server_random            {inp["server_random"]}
+server_share_private     {inp["server_share_private"]}
+client_random            {inp["client_random"]}
+client_x25519_private    {inp["client_x25519_private"]}
+premaster                {inp["premaster"]}
+request                  {inp["request"]}
+reply                    {inp["reply"]}
+share_expiry             {d["share_expiry"]} (u64; 2027-01-15T08:00:00Z)
+client clock             {int(d["client_clock"])} (30 s before the expiry)
+```
+
+The server's RSA-2048 key is the PKCS#8 PEM `server_private_key_pem` of
+`tests/vectors/handshake_kat.json` (fingerprint `{e["fingerprint"]}`).
+RSA-OAEP and RSA-PSS are randomized, so the vector fixes the ciphertext the
+client sends (it decrypts to `premaster` under that key) and the share's
+signature (it verifies under that key):
+
+```
+encrypted_premaster
+{_wrap(d["encrypted_premaster"])}
+
+share_signature
+{_wrap(d["share_signature"])}
+```
+
+Expected bytes on the wire:
+
+```
+ServerHello frame
+{_wrap(e["server_hello"])}
+
+client flight: ClientHello | FINISHED (seq 0) | DATA_END(request) (seq 1)
+{_wrap(e["client_flight"])}
+
+server flight: FINISHED (seq 0) | DATA_END(reply) (seq 1)
+{_wrap(e["server_flight"])}
+```
+
+Expected secrets:
+
+```
+client_traffic_0   {e["client_traffic_secret"]}
+server_traffic_0   {e["server_traffic_secret"]}
+client_finished    {e["client_finished_key"]}
+server_finished    {e["server_finished_key"]}
+```
+"""
+    spec.write_text(text[: text.index("## 12. Known-answer handshake")] + section)
 
 
 if __name__ == "__main__":

@@ -113,14 +113,23 @@ class DecryptionRequested:
     it touches nothing but the key -- and hand the result to
     ``ServerProtocol.premaster_decrypted()`` before asking for more events."""
 
-    __slots__ = ("key", "ciphertext")
+    __slots__ = ("key", "ciphertext", "premaster")
     key: Any
     ciphertext: bytes
+    #: Known already (a resumed session: the ticket unlocked it): run() is free.
+    premaster: Optional[bytes]
+
+    @property
+    def resumed(self) -> bool:
+        """No RSA work: the client's ticket gave the premaster."""
+        return self.premaster is not None
 
     def run(self) -> Optional[bytes]:
         """The decrypted premaster, or None if decryption failed."""
         from .protocol import OAEP
 
+        if self.premaster is not None:
+            return self.premaster
         try:
             plaintext: bytes = self.key.decrypt(self.ciphertext, OAEP)
         except ValueError:

@@ -77,6 +77,7 @@ from .keys import fingerprint_der, load_public_der, public_der
 from .records import DEFAULT_KEY_UPDATE_INTERVAL, RecordReceiver, RecordSender
 from .schedule import HandshakeSecrets, derive_handshake_secrets
 from .shares import SignedShare, check_share, sign_share
+from .tickets import Session, TicketKeys, box_premaster, key_hash, open_premaster
 from .wire import (
     HEADER,
     HEADER_SIZE,
@@ -90,10 +91,12 @@ from .wire import (
     ServerHello,
     decode_alert,
     decode_client_auth,
+    decode_new_ticket,
     decode_stream_end,
     decode_stream_start,
     encode_alert,
     encode_client_auth,
+    encode_new_ticket,
     encode_stream_end,
     encode_stream_start,
     frame,
@@ -120,6 +123,8 @@ CLIENT_AUTH_CONTEXT = b"callcp/2 client auth\x00"
 PREMASTER_SIZE = 32
 #: A ServerProtocol given no share signs one of its own, valid this long.
 STANDALONE_SHARE_SECONDS = 60
+#: A client keeps a session ticket at most this long, whatever the server says.
+MAX_TICKET_LIFETIME = 7 * 86400
 
 #: Verifies the server's key: called with (fingerprint, DER) at the
 #: ServerHello; raises to refuse.  It may return an action to run once the
@@ -981,12 +986,20 @@ class ClientProtocol(_Protocol):
         versions: Tuple[int, ...] = SUPPORTED_VERSIONS,
         entropy: Optional[Entropy] = None,
         clock: Callable[[], float] = time.time,
+        session: Optional[Session] = None,
+        on_ticket: Optional[Callable[[Session], None]] = None,
     ) -> None:
         super().__init__(
             max_message_size=max_message_size,
             key_update_interval=key_update_interval,
             entropy=entropy,
         )
+        self._session = session  # a ticket to offer (used once)
+        self._on_ticket = on_ticket  # where tickets the server issues go
+        self._resumption: Optional[bytes] = None  # this connection's resumption secret
+        #: The ClientHello offered a session ticket (the server may still
+        #: have done a full key exchange: a client cannot tell, nor need to).
+        self.offered_ticket = False
         self._verify = verify_server_key
         self._on_proved: Optional[Callable[[], None]] = None
         self._client_key = client_key
@@ -1046,17 +1059,27 @@ class ClientProtocol(_Protocol):
             encrypted_premaster = entropy.oaep_encrypt(server_key, premaster)
         except ValueError as exc:  # (load_public_der refuses the keys known to do this)
             raise HandshakeError(f"the server's RSA key cannot encrypt: {exc}") from exc
+        client_random = entropy.random(32)
+        ticket = box = b""
+        session, self._session = self._session, None  # (a ticket is offered once)
+        if session is not None and session.server_fingerprint == fp and session.expiry > now:
+            ticket = session.ticket
+            box = box_premaster(session.secret, client_random, ticket, premaster)
+            self.offered_ticket = True
         client_hello = ClientHello(
             version=self.version,
-            random=entropy.random(32),
+            random=client_random,
             x25519_public=eph.public_key().public_bytes_raw(),
             encrypted_premaster=encrypted_premaster,
+            ticket=ticket,
+            premaster_box=box,
         )
         ch_frame = client_hello.encode()
         self._transcript_add(FrameType.SERVER_HELLO, body)
         self._transcript.update(ch_frame)
         th = self._transcript.digest()
         secrets = self._secrets = derive_handshake_secrets(dh, premaster, th)
+        self._resumption = secrets.resumption if self._on_ticket is not None else None
         self._sender = RecordSender(secrets.client_traffic)
         self._receiver = RecordReceiver(secrets.server_traffic)
         self._out.append(ch_frame)
@@ -1072,6 +1095,17 @@ class ClientProtocol(_Protocol):
         self._seal(FrameType.FINISHED, verify_data)
         self.state = State.WAIT_SERVER_FINISHED
         return ServerKeyAccepted(fp)
+
+    def _on_new_ticket(self, header: bytes, body: bytes) -> Optional[Event]:
+        try:
+            lifetime, ticket = decode_new_ticket(body)
+        except HandshakeError as exc:
+            raise RemoteProtocolError(str(exc)) from None
+        if self._on_ticket is not None and self._resumption is not None:
+            assert self.server_fingerprint is not None
+            expiry = self._clock() + min(lifetime, MAX_TICKET_LIFETIME)
+            self._on_ticket(Session(ticket, self._resumption, self.server_fingerprint, expiry))
+        return None
 
     def _on_server_finished(self, header: bytes, body: bytes) -> Optional[Event]:
         assert self._secrets is not None and self.version is not None
@@ -1100,6 +1134,8 @@ class ClientProtocol(_Protocol):
         (State.WAIT_SERVER_FINISHED, FrameType.FINISHED): "_on_server_finished",
         (State.WAIT_SERVER_FINISHED, FrameType.ALERT): "_on_alert",
         (State.WAIT_SERVER_FINISHED, FrameType.CLOSE): "_on_close",
+        (State.OPEN, FrameType.NEW_TICKET): "_on_new_ticket",
+        (State.STREAMING, FrameType.NEW_TICKET): "_on_new_ticket",
         **_OPEN_TABLE,
     }
 
@@ -1132,6 +1168,8 @@ class ServerProtocol(_Protocol):
         server_public_der: Optional[bytes] = None,
         defer_decryption: bool = False,
         share: Optional[SignedShare] = None,
+        tickets: Optional[TicketKeys] = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(
             max_message_size=max_message_size,
@@ -1146,6 +1184,12 @@ class ServerProtocol(_Protocol):
         self._peer_share: Optional[x25519.X25519PublicKey] = None
         self._defer_decryption = defer_decryption
         self._share = share
+        self._tickets = tickets  # (None: no session tickets issued or accepted)
+        self._clock = clock
+        self._ticket_client: Optional[bytes] = None  # whom an accepted ticket was issued to
+        self._client_key_hash: Optional[bytes] = None  # who authenticated, if anyone
+        #: The client's session ticket was accepted: no RSA decryption.
+        self.resumed = False
         self.state = State.WAIT_CLIENT_HELLO
         self._started = False
 
@@ -1194,12 +1238,32 @@ class ServerProtocol(_Protocol):
             raise HandshakeError("the client's X25519 share is invalid") from exc
         self._transcript_add(FrameType.CLIENT_HELLO, body)
         self._peer_share = peer_share
-        request = DecryptionRequested(self._key, hello.encrypted_premaster)
+        premaster = self._resume(hello)
+        request = DecryptionRequested(self._key, hello.encrypted_premaster, premaster)
         if self._defer_decryption:
             self.state = _WAIT_DECRYPTION
             return request
         self._finish_key_exchange(request.run())
         return None
+
+    def _resume(self, hello: ClientHello) -> Optional[bytes]:
+        """The premaster from the client's session ticket, or None (no
+        ticket, or one this server cannot use: stale, forged, another
+        server's, another version's).  None falls back to the RSA-OAEP copy:
+        a full handshake in the same connection, without an error."""
+        if not hello.ticket or self._tickets is None:
+            return None
+        contents = self._tickets.open(hello.ticket, self._clock(), key_hash(self._public_der))
+        if contents is None or contents.version != hello.version:
+            return None
+        premaster = open_premaster(
+            contents.secret, hello.random, hello.ticket, hello.premaster_box
+        )
+        if premaster is None or len(premaster) != PREMASTER_SIZE:
+            return None
+        self.resumed = True
+        self._ticket_client = contents.client_key_hash
+        return premaster
 
     def premaster_decrypted(self, premaster: Optional[bytes]) -> None:
         """Resume the handshake with ``DecryptionRequested.run()``'s result.
@@ -1255,6 +1319,9 @@ class ServerProtocol(_Protocol):
         fp = fingerprint_der(der)
         if not self._authorize(fp):
             raise ClientAuthError(f"client key {fp} is not authorized")
+        self._client_key_hash = key_hash(der)
+        if self.resumed and self._ticket_client not in (None, self._client_key_hash):
+            raise ClientAuthError("the session ticket was issued to another client key")
         self.peer_fingerprint = fp
         self._transcript_add(FrameType.CLIENT_AUTH, body)
         self.state = State.WAIT_CLIENT_FINISHED
@@ -1266,9 +1333,17 @@ class ServerProtocol(_Protocol):
             raise HandshakeError("the client's Finished MAC does not verify")
         self._transcript_add(FrameType.FINISHED, body)
         verify_data = _finished_mac(self._secrets.server_finished, self._transcript.digest())
+        resumption = self._secrets.resumption
         self._secrets = None
         self.state = _OPEN
         self._owed.append((FrameType.FINISHED, verify_data))
+        if self._tickets is not None:  # a ticket for the next connection (single use)
+            ticket = self._tickets.seal(
+                self._clock(), self.version, key_hash(self._public_der),
+                self._client_key_hash, resumption,
+            )  # fmt: skip
+            lifetime = int(self._tickets.lifetime)
+            self._owed.append((FrameType.NEW_TICKET, encode_new_ticket(lifetime, ticket)))
         return HandshakeCompleted(self.version, self.peer_fingerprint)
 
     _TABLE = {

@@ -10,6 +10,7 @@ Inputs, after the two hellos:
 
     client_traffic_0 = secret("c traffic")     server_traffic_0 = secret("s traffic")
     client_finished  = secret("c finished")    server_finished  = secret("s finished")
+    resumption       = secret("resumption")    (sealed into the session ticket)
 
 Per traffic secret S (one per direction):
     key = HKDF-Expand(S, "callcp/2 key", 32)       AES-256-GCM key
@@ -44,6 +45,7 @@ class HandshakeSecrets:
     server_traffic: bytes
     client_finished: bytes
     server_finished: bytes
+    resumption: bytes  # what a session ticket carries (§4.8)
 
 
 def derive_handshake_secrets(
@@ -59,6 +61,7 @@ def derive_handshake_secrets(
         server_traffic=secret(b"s traffic"),
         client_finished=secret(b"c finished"),
         server_finished=secret(b"s finished"),
+        resumption=secret(b"resumption"),
     )
 
 

@@ -76,6 +76,7 @@ class FrameType:
     CLOSE = 0x31
     PING = 0x32  # keepalive: "answer me"
     PONG = 0x33  # the answer
+    NEW_TICKET = 0x34  # server -> client: a session ticket for resumption
 
     PLAINTEXT = frozenset({SERVER_HELLO, CLIENT_HELLO, ALERT})
     ENCRYPTED = frozenset(
@@ -92,6 +93,7 @@ class FrameType:
             CLOSE,
             PING,
             PONG,
+            NEW_TICKET,
         }
     )
     NAMES = {
@@ -110,6 +112,7 @@ class FrameType:
         0x31: "CLOSE",
         0x32: "PING",
         0x33: "PONG",
+        0x34: "NEW_TICKET",
     }
 
 
@@ -214,13 +217,17 @@ class ClientHello:
     """The client's key exchange, in clear.
 
     body = MAGIC(6) | version u16 | client_random(32) | x25519_public(32) |
-           encrypted_premaster vec16   (RSA-OAEP-SHA256 of 32 bytes)
+           encrypted_premaster vec16 | ticket vec16 | premaster_box vec16
+    (the RSA-OAEP-SHA256 of the 32-byte premaster; a session ticket, and the
+    premaster sealed under its secret: both empty without a ticket)
     """
 
     version: int
     random: bytes
     x25519_public: bytes
     encrypted_premaster: bytes
+    ticket: bytes = b""
+    premaster_box: bytes = b""
 
     def encode(self) -> bytes:
         body = b"".join(
@@ -231,6 +238,10 @@ class ClientHello:
                 self.x25519_public,
                 struct.pack(">H", len(self.encrypted_premaster)),
                 self.encrypted_premaster,
+                struct.pack(">H", len(self.ticket)),
+                self.ticket,
+                struct.pack(">H", len(self.premaster_box)),
+                self.premaster_box,
             ]
         )
         return frame(FrameType.CLIENT_HELLO, body)
@@ -244,8 +255,25 @@ class ClientHello:
         random = r.take(32)
         x_pub = r.take(32)
         enc = r.vec16()
+        ticket = r.vec16()
+        box = r.vec16()
         r.done()
-        return cls(version, random, x_pub, enc)
+        return cls(version, random, x_pub, enc, ticket, box)
+
+
+def encode_new_ticket(lifetime: int, ticket: bytes) -> bytes:
+    """NEW_TICKET plaintext: lifetime u32 (seconds) | ticket vec16."""
+    return struct.pack(">IH", lifetime, len(ticket)) + ticket
+
+
+def decode_new_ticket(body: bytes) -> Tuple[int, bytes]:
+    r = _Reader(body, "NEW_TICKET")
+    (lifetime,) = struct.unpack(">I", r.take(4))
+    ticket = r.vec16()
+    r.done()
+    if not ticket:
+        raise HandshakeError("NEW_TICKET carries no ticket")
+    return lifetime, ticket
 
 
 def encode_alert(code: int, reason: str) -> bytes:

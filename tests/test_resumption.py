@@ -1,0 +1,282 @@
+"""Session tickets and resumed handshakes (docs/PROTOCOL.md §4.8): the
+core on its own, the client's SessionStore, and both adapters over sockets."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa, x25519
+
+import callcp
+from callcp import ClientAuthError, SessionStore, fingerprint
+from callcp._core.events import DecryptionRequested, HandshakeCompleted, MessageReceived
+from callcp._core.protocol import ClientProtocol, ServerProtocol
+from callcp._core.shares import sign_share
+from callcp._core.tickets import Session, TicketKeys
+from callcp._core.wire import FrameType
+from tests.adapters import Adapter, Echo
+from tests.helpers import accept_any, feed
+
+NOW = 1_800_000_000.0
+
+
+def _handshake(
+    key: rsa.RSAPrivateKey,
+    tickets: Optional[TicketKeys],
+    session: Optional[Session] = None,
+    *,
+    now: float = NOW,
+    client_key: Optional[rsa.RSAPrivateKey] = None,
+    authorize: Any = None,
+) -> Tuple[ServerProtocol, ClientProtocol, List[Session]]:
+    """One connection, in memory: (server, client, tickets the client got)."""
+    got: List[Session] = []
+    client = ClientProtocol(
+        accept_any, session=session, on_ticket=got.append, clock=lambda: now,
+        client_key=client_key,
+    )  # fmt: skip
+    share = sign_share(key, x25519.X25519PrivateKey.generate(), int(now) + 60, now)
+    server = ServerProtocol(
+        key, tickets=tickets, clock=lambda: now, authorize_client=authorize, share=share
+    )
+    server.start()
+    feed(client, server.data_to_send())
+    client.send(b"request")
+    events = feed(server, client.data_to_send())
+    assert events[-1] == MessageReceived(b"request")
+    server.send(b"reply")
+    assert feed(client, server.data_to_send()) == [
+        HandshakeCompleted(3, fingerprint(key)),
+        MessageReceived(b"reply"),
+    ]
+    return server, client, got
+
+
+def test_a_ticket_spares_the_server_its_rsa_decryption(
+    server_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rsa_work: List[bytes] = []
+    real = DecryptionRequested.run
+
+    def counting(self: DecryptionRequested) -> Optional[bytes]:
+        if self.premaster is None:  # an RSA private-key operation
+            rsa_work.append(self.ciphertext)
+        return real(self)
+
+    monkeypatch.setattr(DecryptionRequested, "run", counting)
+    keys = TicketKeys(3600)
+    server, _, got = _handshake(server_key, keys)
+    assert not server.resumed and len(got) == 1 and len(rsa_work) == 1
+    assert got[0].server_fingerprint == fingerprint(server_key)
+    assert got[0].expiry == NOW + 3600
+
+    server, client, again = _handshake(server_key, keys, got[0])
+    assert server.resumed and client.offered_ticket
+    assert len(rsa_work) == 1  # no RSA private-key operation this time
+    assert len(again) == 1 and again[0].ticket != got[0].ticket  # a fresh ticket each time
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    ["forged", "tampered", "expired", "another server's key", "previous epoch", "old epoch"],
+)
+def test_an_unusable_ticket_falls_back_to_a_full_handshake(
+    server_key: rsa.RSAPrivateKey, spoil: str
+) -> None:
+    """A stale, forged or foreign ticket costs the server its RSA
+    decryption, in the same connection, and nothing else: no error."""
+    keys = TicketKeys(3600)
+    _, _, got = _handshake(server_key, keys)
+    session, now = got[0], NOW
+    if spoil == "forged":
+        session = Session(os.urandom(len(session.ticket)), session.secret,
+                          session.server_fingerprint, session.expiry)  # fmt: skip
+    elif spoil == "tampered":
+        ticket = bytearray(session.ticket)
+        ticket[-1] ^= 1
+        session = Session(bytes(ticket), session.secret, session.server_fingerprint,
+                          session.expiry)  # fmt: skip
+    elif spoil == "expired":
+        now = NOW + 3601
+        session = Session(session.ticket, session.secret, session.server_fingerprint,
+                          now + 10)  # (the client still believes in it)  # fmt: skip
+    elif spoil == "another server's key":
+        keys = TicketKeys(3600)  # a server with its own ticket key
+    elif spoil == "previous epoch":  # still accepted: rotation keeps one epoch back
+        now = NOW + 3600 * 0.99
+    elif spoil == "old epoch":
+        now = NOW + 2 * 3600
+        session = Session(session.ticket, session.secret, session.server_fingerprint,
+                          now + 10)  # fmt: skip
+    server, client, again = _handshake(server_key, keys, session, now=now)
+    assert client.offered_ticket
+    assert server.resumed is (spoil == "previous epoch")
+    assert len(again) == 1
+
+
+def test_a_ticket_from_another_server_key_is_not_even_offered(
+    server_key: rsa.RSAPrivateKey, other_key: rsa.RSAPrivateKey
+) -> None:
+    keys = TicketKeys(3600)
+    _, _, got = _handshake(server_key, keys)
+    server, client, _ = _handshake(other_key, keys, got[0])
+    assert not client.offered_ticket and not server.resumed
+
+
+def test_servers_sharing_a_ticket_key_resume_each_others_sessions(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    master = os.urandom(32)
+    _, _, got = _handshake(server_key, TicketKeys(600, master))
+    server, _, _ = _handshake(server_key, TicketKeys(600, master), got[0])
+    assert server.resumed
+
+
+def test_a_ticket_is_bound_to_the_client_key_that_authenticated(
+    server_key: rsa.RSAPrivateKey, other_key: rsa.RSAPrivateKey, client_key: rsa.RSAPrivateKey
+) -> None:
+    keys = TicketKeys(3600)
+    allowed = {fingerprint(client_key), fingerprint(other_key)}
+    _, _, got = _handshake(
+        server_key, keys, client_key=client_key, authorize=allowed.__contains__
+    )
+    server, _, _ = _handshake(
+        server_key, keys, got[0], client_key=client_key, authorize=allowed.__contains__
+    )
+    assert server.resumed and server.peer_fingerprint == fingerprint(client_key)
+    with pytest.raises(ClientAuthError, match="issued to another client key"):
+        _handshake(server_key, keys, got[0], client_key=other_key,
+                   authorize=allowed.__contains__)  # fmt: skip
+
+
+def test_no_tickets_when_the_server_issues_none(server_key: rsa.RSAPrivateKey) -> None:
+    server, client, got = _handshake(server_key, None)
+    assert got == []
+    del server, client
+
+
+def test_new_ticket_is_a_client_only_record(server_key: rsa.RSAPrivateKey) -> None:
+    from callcp._core.errors import RemoteProtocolError
+    from tests.helpers import Pair
+
+    p = Pair(server_key)
+    p.handshake()
+    p.client._owed.append((FrameType.NEW_TICKET, b"\x00\x00\x00\x01\x00\x01x"))
+    with pytest.raises(RemoteProtocolError, match="unexpected NEW_TICKET"):
+        p.to_server()
+
+
+# ------------------------------------------------------------ SessionStore
+
+
+def _session(server: str = "SHA256:x", expiry: float = 4e9) -> Session:
+    return Session(os.urandom(143), os.urandom(32), server, expiry)
+
+
+def test_session_store_tickets_are_single_use_and_bounded() -> None:
+    store = SessionStore(per_server=2, max_servers=2)
+    a, b, c = _session(), _session(), _session()
+    for s in (a, b, c):
+        store.put("Host", 1, "", s)
+    assert len(store) == 2  # the newest two
+    assert store.take("host", 1) is c and store.take("host", 1) is b
+    assert store.take("host", 1) is None
+    store.put("h", 1, "", _session(expiry=1.0))  # expired: never handed out
+    assert store.take("h", 1) is None
+    store.put("h1", 1, "id", a)
+    assert store.take("h1", 1) is None and store.take("h1", 1, "id") is a
+    for i in range(3):
+        store.put(f"h{i}", 1, "", _session())
+    assert store.take("h0", 1) is None  # least recently used server forgotten
+
+
+def test_session_store_file_is_private_and_shared_between_processes(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "sessions.json"
+    first = SessionStore(path)
+    session = _session()
+    first.put("h", 9, "", session)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    second = SessionStore(path)  # (another process)
+    assert second.take("h", 9) == session
+    assert first.take("h", 9) is None  # the file is the truth: taken once
+    path.write_text("not json")
+    assert SessionStore(path).take("h", 9) is None  # a damaged file costs a full handshake
+
+
+def test_ticket_key_option(tmp_path: Path) -> None:
+    from callcp._common import load_ticket_key
+    from callcp._core.errors import KeyManagementError
+
+    with pytest.raises(ValueError, match="ticket_key"):
+        callcp.ServerOptions(ticket_key=b"short")
+    with pytest.raises(ValueError, match="ticket_lifetime"):
+        callcp.ServerOptions(ticket_lifetime=0.5)
+    path = tmp_path / "ticket.key"
+    path.write_bytes(os.urandom(32))
+    path.chmod(0o644)
+    with pytest.raises(KeyManagementError, match="readable by others"):
+        load_ticket_key(path)
+    path.chmod(0o600)
+    assert load_ticket_key(str(path)) == path.read_bytes()
+    path.write_bytes(b"x" * 8)
+    with pytest.raises(KeyManagementError, match="at least 32"):
+        load_ticket_key(path)
+
+
+# ------------------------------------------------------------ over sockets
+
+
+class Resumed(Echo):
+    """Replies to each message with whether the connection was resumed."""
+
+    def __init__(self) -> None:
+        super().__init__(reply=lambda message: message)
+        self.conns: List[Any] = []
+
+    def _start(self, conn: Any) -> None:
+        super()._start(conn)
+        self.conns.append(conn.resumed)
+
+
+def test_the_second_connection_resumes(adapter: Adapter, tmp_path: Path) -> None:
+    """Default clients keep the ticket the server gave them (this process's
+    store) and resume the next connection; a store of None never does."""
+    handler = Resumed()
+    srv = adapter.serve(handler)
+    store = SessionStore(tmp_path / "sessions.json")
+    for _ in range(3):
+        with srv.connect(session_store=store) as conn:
+            assert conn.request(b"x") == b"x"
+    with srv.connect(session_store=None) as conn:
+        assert conn.request(b"y") == b"y"
+    assert handler.conns == [False, True, True, False]
+
+
+def test_workers_resume_each_others_sessions(server_key: rsa.RSAPrivateKey) -> None:
+    """With workers=N the parent gives every worker the same ticket key."""
+    import threading
+
+    def handler(conn: callcp.Connection) -> None:
+        for _ in conn:
+            conn.send(b"resumed" if conn.resumed else b"full")
+
+    server = callcp.serve(handler, "127.0.0.1", 0, key=server_key, workers=2)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        store = SessionStore()
+        answers = []
+        for _ in range(12):
+            with callcp.connect(
+                "127.0.0.1", server.port, server_fingerprint=server.fingerprint,
+                session_store=store,
+            ) as conn:  # fmt: skip
+                answers.append(conn.request(b"?"))
+        assert answers[0] == b"full" and set(answers[1:]) == {b"resumed"}
+    finally:
+        server.shutdown()
+        thread.join(10)
