@@ -146,6 +146,7 @@ DEFAULT_PNG = LOCAL_RESULTS_DIR / "latest.png"
 #: Scenario names, in the order they run (``--only`` takes these).
 SCENARIOS = (
     "handshake",
+    "resume",
     "handshake_2proc",
     "workers",
     "rtt_sync",
@@ -224,6 +225,9 @@ class Target:
     kind: str
     port: int
     material: Material
+    #: callcp: offer session tickets (a resumed handshake); else every
+    #: connection is a full handshake
+    resume: bool = False
 
 
 def make_material(directory: Path) -> Material:
@@ -413,6 +417,22 @@ class _ASession(Protocol):
     async def close(self) -> None: ...
 
 
+#: The session tickets of this process's resuming callcp clients.
+_RESUME_STORE: Any = None
+
+
+def _sessions(target: Target) -> Dict[str, Any]:
+    """callcp's ``session_store`` option for this target (builds without
+    session tickets take none)."""
+    store_type = getattr(callcp, "SessionStore", None)
+    if store_type is None:
+        return {}
+    global _RESUME_STORE
+    if _RESUME_STORE is None:
+        _RESUME_STORE = store_type()
+    return {"session_store": _RESUME_STORE if target.resume else None}
+
+
 def _open_sync(target: Target) -> _Session:
     """A blocking client connection, handshake done (callcp: key exchange sent)."""
     material = target.material
@@ -422,6 +442,7 @@ def _open_sync(target: Target) -> _Session:
             target.port,
             server_fingerprint=material.callcp_fingerprint,
             timeout=SOCKET_TIMEOUT,
+            **_sessions(target),
         )
     sock = socket.create_connection((HOST, target.port), timeout=SOCKET_TIMEOUT)
     _tune(sock)
@@ -1487,6 +1508,50 @@ class _Runner:
         self.rate_scenario(result, metric, "sync", measure)
         _note_errors(result, errors)
 
+    def resume(self, result: ScenarioResult) -> None:
+        metric = result.metric(
+            "rate", "resumed handshake+64 B req/resp, 1 client", "conn/s", True
+        )
+        full_cpu = result.metric("server_cpu_full", "callcp server CPU per full handshake",
+                                 "us", False)  # fmt: skip
+        resumed_cpu = result.metric(
+            "server_cpu_resumed", "callcp server CPU per resumed handshake", "us", False
+        )
+        if not _sessions(Target("callcp", 0, self.material)):
+            result.notes.append("resume: this build has no session tickets")
+            return
+        errors: Dict[str, int] = dict.fromkeys(KINDS, 0)
+        with _Servers(KINDS, "sync", self.material) as servers:
+            callcp_server = servers.children["callcp"]
+
+            def loop(target: Target, seconds: float) -> Tuple[float, float]:
+                """(connections/s, server CPU µs per connection when callcp)"""
+                if target.kind == "callcp":
+                    handshake_loop(target, time.monotonic(), 0.05)  # a ticket in hand
+                    callcp_server.send("cpu")
+                    before = callcp_server.expect("cpu")
+                r = handshake_loop(target, time.monotonic(), seconds)
+                errors[target.kind] += r.errors
+                cpu = 0.0
+                if target.kind == "callcp":
+                    callcp_server.send("cpu")
+                    after = callcp_server.expect("cpu")
+                    cpu = (after[0] - before[0] + after[1] - before[1]) / max(r.count, 1) * 1e6
+                return r.count / (r.ended - r.started), cpu
+
+            resuming = replace(servers.targets["callcp"], resume=True)
+            for kind in KINDS:
+                loop(resuming if kind == "callcp" else servers.targets[kind], self.sizes.warmup)
+            for rep in range(self.sizes.reps):
+                for kind in self.interleaved(KINDS, rep):
+                    target = resuming if kind == "callcp" else servers.targets[kind]
+                    rate, cpu = loop(target, self.sizes.seconds)
+                    metric.add(kind, rate)
+                    if kind == "callcp":
+                        resumed_cpu.add(kind, cpu)
+                        full_cpu.add(kind, loop(servers.targets[kind], self.sizes.seconds)[1])
+        _note_errors(result, errors)
+
     def handshake_2proc(self, result: ScenarioResult) -> None:
         metric = result.metric("rate", "handshake+64 B req/resp, 2 client procs", "conn/s", True)
         pool = self.client_pool()
@@ -1761,6 +1826,9 @@ def _size_text(n: int) -> str:
 
 _TITLES = {
     "handshake": "new connection + handshake + one 64-byte request/response, sequential client",
+    "resume": "new connection + resumed handshake (session ticket) + one 64-byte "
+    "request/response, sequential client, against ssl's and raw TCP's full connections; "
+    "and the callcp server's CPU time per connection, full vs resumed",
     "handshake_2proc": "new connection + handshake + one 64-byte request/response, "
     "2 client processes",
     "workers": "handshakes/s with 2 client processes, callcp workers=1 vs workers=2",
