@@ -178,13 +178,13 @@ server flight: FINISHED (seq 0) | DATA_END(reply) (seq 1)
 {_wrap(e["server_flight"])}
 ```
 
-Expected secrets:
+Expected secrets (named as in the JSON file; §5's names in brackets):
 
 ```
-client_traffic_0   {e["client_traffic_secret"]}
-server_traffic_0   {e["server_traffic_secret"]}
-client_finished    {e["client_finished_key"]}
-server_finished    {e["server_finished_key"]}
+client_traffic_secret   [client_traffic_0]  {e["client_traffic_secret"]}
+server_traffic_secret   [server_traffic_0]  {e["server_traffic_secret"]}
+client_finished_key     [client_finished]   {e["client_finished_key"]}
+server_finished_key     [server_finished]   {e["server_finished_key"]}
 ```
 """
     spec.write_text(text[: text.index("## 12. Known-answer handshake")] + section)
