@@ -145,6 +145,7 @@ def test_the_spec_prints_this_vector() -> None:
     joined = "".join(section.split())  # hex blocks are wrapped at 64 columns
     values = [
         *VECTOR["inputs"].values(),
+        *VECTOR["resumed_inputs"].values(),
         VECTOR["encrypted_premaster"],
         VECTOR["share_signature"],
         str(VECTOR["share_expiry"]),
@@ -152,3 +153,106 @@ def test_the_spec_prints_this_vector() -> None:
     ]
     missing = [v[:16] for v in values if v not in joined]
     assert missing == []
+
+
+def test_independent_session_records() -> None:
+    """§12.1: the records after the handshake, opened with the spec's
+    formulas, key update included."""
+    import struct
+
+    secret = bytes.fromhex(EXP["client_traffic_secret"])
+    message = bytes(i % 251 for i in range(70000))
+    stream = bytes.fromhex(VECTOR["session_inputs"]["stream"])
+    expected = [
+        (0x20, message[:65536]),
+        (0x21, message[65536:]),
+        (0x30, b""),
+        (0x22, struct.pack(">QBH", 100, 1, 7) + b"kat.bin"),
+        (0x23, stream),
+        (0x24, struct.pack(">Q", 100) + hashlib.sha256(stream).digest()),
+        (0x31, b"\x00\x00"),
+    ]
+    seq = 2  # (FINISHED was 0, the first request 1)
+    for record, (kind, plaintext) in zip(
+        split_frames(bytes.fromhex(EXP["session_client_records"])), expected, strict=True
+    ):
+        assert record[0] == kind
+        assert _open(secret, seq, record) == plaintext
+        seq += 1
+        if kind == 0x30:  # KEY_UPDATE: the next secret, seq from 0
+            secret, seq = _expand(secret, b"key update", 32), 0
+
+
+def test_independent_resumed_handshake(key: rsa.RSAPrivateKey) -> None:
+    """§12.2: the ticket opens with the documented format, the premaster box
+    and the resumed keys follow the formulas of §4.8 and §5."""
+    import struct
+
+    r = {k: bytes.fromhex(v) for k, v in VECTOR["resumed_inputs"].items()}
+    clock, lifetime = VECTOR["client_clock"], VECTOR["ticket_lifetime"]
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    # the first session's resumption secret, from its handshake
+    sh = bytes.fromhex(EXP["server_hello"])
+    ch = split_frames(bytes.fromhex(EXP["client_flight"]))[0]
+    dh = x25519.X25519PrivateKey.from_private_bytes(IN["server_share_private"]).exchange(
+        x25519.X25519PublicKey.from_public_bytes(ch[5 + 6 + 2 + 32 : 5 + 6 + 2 + 64])
+    )
+    resumption = _hkdf(dh + IN["premaster"], hashlib.sha256(sh + ch).digest(), b"resumption")
+    assert resumption.hex() == EXP["resumption_secret"]
+
+    def ticket_key(epoch: int) -> AESGCM:
+        master = HKDF(hashes.SHA256(), 32, None, b"callcp/2 ticket master").derive(
+            r["ticket_master"]
+        )
+        raw = HKDFExpand(hashes.SHA256(), 32, b"callcp/2 ticket key" + struct.pack(">Q", epoch))
+        return AESGCM(raw.derive(master))
+
+    def open_ticket(ticket: bytes, nonce: bytes) -> tuple:
+        epoch = int(clock // lifetime)
+        assert ticket[:8] == struct.pack(">Q", epoch) and ticket[8:20] == nonce
+        plain = ticket_key(epoch).decrypt(nonce, ticket[20:], ticket[:8])
+        return struct.unpack(">HQ32sB32s32s", plain)
+
+    ticket = bytes.fromhex(EXP["ticket"])
+    assert open_ticket(ticket, r["ticket_nonce"]) == (
+        3, int(clock + lifetime), hashlib.sha256(der).digest(), 0, bytes(32), resumption,
+    )  # fmt: skip
+
+    rsh = bytes.fromhex(EXP["resumed_server_hello"])
+    rch, r_fin, r_data = split_frames(bytes.fromhex(EXP["resumed_client_flight"]))
+    body = rch[5:]
+    assert body[6:8] == b"\x00\x03" and body[8:40] == r["client_random"]
+    client_pub = body[40:72]
+    at = 72 + 2 + int.from_bytes(body[72:74], "big")  # past encrypted_premaster
+    got_ticket = body[at + 2 : at + 2 + int.from_bytes(body[at : at + 2], "big")]
+    assert got_ticket == ticket
+    at += 2 + len(got_ticket)
+    box = body[at + 2 :]
+    assert int.from_bytes(body[at : at + 2], "big") == len(box) == 48
+    box_key = HKDFExpand(
+        hashes.SHA256(), 32, b"callcp/2 ticket premaster" + r["client_random"]
+    ).derive(resumption)
+    assert box == AESGCM(box_key).encrypt(bytes(12), r["premaster"], ticket)
+
+    dh2 = x25519.X25519PrivateKey.from_private_bytes(IN["server_share_private"]).exchange(
+        x25519.X25519PublicKey.from_public_bytes(client_pub)
+    )
+    th2 = hashlib.sha256(rsh + rch).digest()
+    ikm2 = dh2 + r["premaster"]
+    c_traffic = _hkdf(ikm2, th2, b"c traffic")
+    s_traffic = _hkdf(ikm2, th2, b"s traffic")
+    assert c_traffic.hex() == EXP["resumed_client_traffic_secret"]
+    assert s_traffic.hex() == EXP["resumed_server_traffic_secret"]
+    c_verify = _open(c_traffic, 0, r_fin)
+    assert c_verify == hmac.new(_hkdf(ikm2, th2, b"c finished"), th2, hashlib.sha256).digest()
+    assert _open(c_traffic, 1, r_data) == r["request"]
+    s_fin, s_ticket, s_data = split_frames(bytes.fromhex(EXP["resumed_server_flight"]))
+    assert [s_fin[0], s_ticket[0], s_data[0]] == [0x10, 0x34, 0x21]
+    new_ticket = _open(s_traffic, 1, s_ticket)
+    assert struct.unpack(">IH", new_ticket[:6]) == (lifetime, len(new_ticket) - 6)
+    next_plain = open_ticket(new_ticket[6:], r["next_ticket_nonce"])
+    resumed_resumption = _hkdf(ikm2, th2, b"resumption")
+    assert next_plain[5] == resumed_resumption  # a ticket for the next connection
+    assert _open(s_traffic, 2, s_data) == r["reply"]

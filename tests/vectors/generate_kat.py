@@ -18,9 +18,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
-from callcp._core.keys import fingerprint
+from callcp._core.events import MessageReceived
+from callcp._core.keys import fingerprint, public_der
 from callcp._core.protocol import OAEP, ClientProtocol, ServerProtocol
 from callcp._core.shares import SignedShare, sign_share
+from callcp._core.tickets import Session, TicketKeys, key_hash
 from tests.helpers import FixedEntropy
 
 HERE = Path(__file__).parent
@@ -34,6 +36,27 @@ INPUTS = {
     "request": b"hello callcp/2",
     "reply": b"hello client",
 }
+#: The session vector: what the client sends after the handshake, with its
+#: key update interval set to 4 records so that a KEY_UPDATE shows.
+SESSION = {
+    "message": bytes(i % 251 for i in range(70000)),  # two records: DATA, DATA_END
+    "stream_name": "kat.bin",
+    "stream": bytes(range(100)),
+    "key_update_interval": 4,
+}
+#: The resumed-handshake vector's own randomness, and the ticket key.
+RESUMED = {
+    "server_random": bytes(range(0xA0, 0xC0)),
+    "client_random": bytes(range(0xC0, 0xE0)),
+    "client_x25519_private": bytes(range(0xE0, 0x100)),
+    "premaster": bytes(range(0x10, 0x30)),
+    "ticket_master": bytes(range(0x30, 0x50)),
+    "ticket_nonce": bytes(range(0x50, 0x5C)),  # the first ticket's
+    "next_ticket_nonce": bytes(range(0x60, 0x6C)),  # the one the resumed server issues
+    "request": b"hello again",
+    "reply": b"welcome back",
+}
+TICKET_LIFETIME = 3600
 #: The share's expiry (u64 Unix time: 2027-01-15T08:00:00Z) and the client's
 #: clock during the handshake (30 s earlier).
 SHARE_EXPIRY = 1_800_000_000
@@ -74,6 +97,54 @@ def run(key: rsa.RSAPrivateKey, oaep: bytes, signature: bytes) -> dict:
     s.send(i["reply"])
     server_flight = s.data_to_send()
     assert secrets is not None
+    c.receive_data(server_flight)
+    c.next_event()
+    # -- the session: a two-record message, a key update, a stream, CLOSE
+    c.key_update_interval = SESSION["key_update_interval"]
+    c.send(SESSION["message"])
+    c.start_stream(len(SESSION["stream"]), SESSION["stream_name"], checksum=True)
+    c.send_stream_data(SESSION["stream"])
+    c.end_stream()
+    c.close()
+    session_c2s = c.data_to_send()
+    s.receive_data(session_c2s)
+    got = [s.next_event() for _ in range(5)]  # message, start, chunk, end, close
+    assert got[0] == MessageReceived(SESSION["message"]), "the session vector"
+    # -- a resumed handshake with a ticket for this session
+    r = RESUMED
+    nonces = [r["ticket_nonce"], r["next_ticket_nonce"]]
+    keys = TicketKeys(TICKET_LIFETIME, r["ticket_master"], random=lambda n: nonces.pop(0))
+    ticket = keys.seal(CLIENT_CLOCK, 3, key_hash(public_der(key)), None, secrets.resumption)
+    fp_session = Session(ticket, secrets.resumption, fp, CLIENT_CLOCK + TICKET_LIFETIME)
+    c2 = ClientProtocol(
+        lambda f, der: None,
+        entropy=FixedEntropy(
+            [r["premaster"], r["client_random"]], r["client_x25519_private"], oaep
+        ),
+        clock=lambda: CLIENT_CLOCK,
+        session=fp_session,
+    )
+    s2 = ServerProtocol(
+        key,
+        entropy=FixedEntropy([r["server_random"]], b""),
+        share=share_of(signature),
+        tickets=keys,
+        clock=lambda: CLIENT_CLOCK,
+    )
+    s2.start()
+    resumed_hello = s2.data_to_send()
+    c2.receive_data(resumed_hello)
+    c2.next_event()
+    resumed_secrets = c2._secrets
+    c2.send(r["request"])
+    resumed_client_flight = c2.data_to_send()
+    s2.receive_data(resumed_client_flight)
+    s2.next_event()
+    s2.next_event()
+    assert s2.resumed, "the resumed vector must resume"
+    s2.send(r["reply"])
+    resumed_server_flight = s2.data_to_send()
+    assert resumed_secrets is not None
     return {
         "fingerprint": fp,
         "server_hello": server_hello.hex(),
@@ -83,6 +154,14 @@ def run(key: rsa.RSAPrivateKey, oaep: bytes, signature: bytes) -> dict:
         "server_traffic_secret": secrets.server_traffic.hex(),
         "client_finished_key": secrets.client_finished.hex(),
         "server_finished_key": secrets.server_finished.hex(),
+        "resumption_secret": secrets.resumption.hex(),
+        "session_client_records": session_c2s.hex(),
+        "ticket": ticket.hex(),
+        "resumed_server_hello": resumed_hello.hex(),
+        "resumed_client_flight": resumed_client_flight.hex(),
+        "resumed_server_flight": resumed_server_flight.hex(),
+        "resumed_client_traffic_secret": resumed_secrets.client_traffic.hex(),
+        "resumed_server_traffic_secret": resumed_secrets.server_traffic.hex(),
     }
 
 
@@ -107,6 +186,14 @@ def main() -> None:
     ).signature
     vector = {
         "inputs": {k: v.hex() for k, v in INPUTS.items()},
+        "session_inputs": {
+            "message": "bytes(i % 251 for i in range(70000))",
+            "stream_name": SESSION["stream_name"],
+            "stream": SESSION["stream"].hex(),
+            "key_update_interval": SESSION["key_update_interval"],
+        },
+        "resumed_inputs": {k: v.hex() for k, v in RESUMED.items()},
+        "ticket_lifetime": TICKET_LIFETIME,
         "share_expiry": SHARE_EXPIRY,
         "client_clock": CLIENT_CLOCK,
         "server_private_key_pem": pem,
@@ -126,7 +213,7 @@ def write_spec_section(d: dict) -> None:
     """Rewrite docs/PROTOCOL.md §12 (to the end of the file) from the vector."""
     spec = HERE.parent.parent / "docs" / "PROTOCOL.md"
     text = spec.read_text()
-    inp, e = d["inputs"], d["expected"]
+    inp, e, r = d["inputs"], d["expected"], d["resumed_inputs"]
     section = f"""## 12. Known-answer handshake
 
 A handshake without client authentication and without a session ticket,
@@ -185,6 +272,59 @@ client_traffic_secret   [client_traffic_0]  {e["client_traffic_secret"]}
 server_traffic_secret   [server_traffic_0]  {e["server_traffic_secret"]}
 client_finished_key     [client_finished]   {e["client_finished_key"]}
 server_finished_key     [server_finished]   {e["server_finished_key"]}
+resumption_secret       [resumption]        {e["resumption_secret"]}
+```
+
+### 12.1 The rest of the session
+
+After the reply, the client (its key update interval set to
+{d["session_inputs"]["key_update_interval"]} records) sends a 70,000-byte message whose byte `i` is
+`i mod 251`, a stream named `{d["session_inputs"]["stream_name"]}` of the 100 bytes `00 01 .. 63`
+with the checksum flag, and a CLOSE (code `NORMAL`, no reason).  Its records,
+seq 2 on: DATA, DATA_END, KEY_UPDATE (seq 4, the last under
+`client_traffic_0`), then under `client_traffic_1` = HKDF-Expand(
+`client_traffic_0`, "callcp/2 key update", 32) from seq 0: STREAM_START,
+STREAM_DATA, STREAM_END, CLOSE:
+
+```
+{_wrap(e["session_client_records"])}
+```
+
+### 12.2 A resumed handshake
+
+The server's ticket key (ticket key file contents) is `ticket_master`; the
+first ticket was sealed with the nonce `ticket_nonce` at the client clock
+above (epoch = floor(clock / {d["ticket_lifetime"]})), carrying the session's `resumption`
+secret and no client key; the resumed server seals its new ticket with the
+nonce `next_ticket_nonce`.  The server's share, its signature and the
+OAEP ciphertext are the ones above (the server never decrypts it: the
+ticket gives it the premaster).
+
+```
+server_random            {r["server_random"]}
+client_random            {r["client_random"]}
+client_x25519_private    {r["client_x25519_private"]}
+premaster                {r["premaster"]}
+ticket_master            {r["ticket_master"]}
+ticket_nonce             {r["ticket_nonce"]}
+next_ticket_nonce        {r["next_ticket_nonce"]}
+request                  {r["request"]}
+reply                    {r["reply"]}
+
+ticket
+{_wrap(e["ticket"])}
+
+ServerHello frame
+{_wrap(e["resumed_server_hello"])}
+
+client flight: ClientHello (with ticket and premaster_box) | FINISHED | DATA_END(request)
+{_wrap(e["resumed_client_flight"])}
+
+server flight: FINISHED | NEW_TICKET | DATA_END(reply)
+{_wrap(e["resumed_server_flight"])}
+
+client_traffic_secret   {e["resumed_client_traffic_secret"]}
+server_traffic_secret   {e["resumed_server_traffic_secret"]}
 ```
 """
     spec.write_text(text[: text.index("## 12. Known-answer handshake")] + section)
