@@ -436,3 +436,50 @@ def test_trust_on_first_use_records_nothing_the_server_did_not_prove(
         feed(c, forged_finished)
     assert not known.exists() or known.read_text() == ""
     assert c.peer_fingerprint is None
+
+
+def test_an_announced_next_key_must_be_proved_for_this_session(
+    server_key: rsa.RSAPrivateKey, other_key: rsa.RSAPrivateKey
+) -> None:
+    """NEXT_KEY is signed by the next key over this session's transcript: an
+    announcement relayed from another session fails the connection and
+    reaches no trust store."""
+    from cryptography.hazmat.primitives import hashes
+
+    from callcp._core.errors import RemoteProtocolError
+    from callcp._core.keys import public_der
+    from callcp._core.protocol import NEXT_KEY_CONTEXT, PSS
+    from callcp._core.wire import encode_client_auth
+
+    announced: List[str] = []
+
+    def session(next_key: Any) -> Tuple[ClientProtocol, ServerProtocol]:
+        c = ClientProtocol(
+            pin(fingerprint(server_key)), on_next_key=lambda fp, der: announced.append(fp)
+        )
+        s = ServerProtocol(server_key, next_key=next_key)
+        s.start()
+        feed(c, s.data_to_send())
+        feed(s, c.data_to_send())
+        return c, s
+
+    c, s = session(other_key)
+    flight = s.data_to_send()
+    assert [f[0] for f in split_frames(flight)] == [FrameType.FINISHED, FrameType.NEXT_KEY]
+    feed(c, flight)
+    assert announced == [fingerprint(other_key)]
+    assert c.next_server_fingerprint == fingerprint(other_key)
+
+    # the first session's proof, relayed into a second one by a server that
+    # holds the current key but not the next
+    assert c._th_full is not None
+    relayed = encode_client_auth(
+        public_der(other_key),
+        other_key.sign(NEXT_KEY_CONTEXT + c._th_full, PSS, hashes.SHA256()),
+    )
+    c2, s2 = session(None)
+    finished = s2.data_to_send()
+    s2._seal(FrameType.NEXT_KEY, relayed)
+    with pytest.raises(RemoteProtocolError, match="not proved"):
+        feed(c2, finished + s2.data_to_send())
+    assert announced == [fingerprint(other_key)]

@@ -984,3 +984,20 @@ def test_reserve_path_never_reuses_a_name(tmp_path: Path) -> None:
     assert reserve_path(tmp_path, "b.txt").name == "b (1).txt"
     assert reserve_path(tmp_path, "noext").name == "noext"
     assert reserve_path(tmp_path, "noext").name == "noext (1)"
+
+
+def test_keygen_next_and_serve_next_key_announce_the_next_key(
+    home: Path, run: Callable[..., Result], serve: Callable[..., Any], tmp_path: Path
+) -> None:
+    """`callcp keygen --next` makes the next key beside the current one;
+    `callcp serve --next-key` announces it, and a TOFU client records it."""
+    made = run("keygen", "--next")
+    assert made.returncode == 0, err(made)
+    next_key = home / ".callcp" / "server_key.next.pem"
+    next_fp = FINGERPRINT.findall(out(made))[-1]
+    assert callcp.KeyPair.load(next_key).fingerprint == next_fp
+    server = serve("--next-key", str(next_key))
+    known = tmp_path / "known_hosts"
+    with callcp.connect("127.0.0.1", server.port, known_hosts=known) as conn:
+        assert conn.request(b"hi") == b"hi"
+    assert next_fp in known.read_text().split()

@@ -37,6 +37,7 @@ from callcp import (
     LocalProtocolError,
     MessageTooLarge,
     ServerKeyChanged,
+    ServerKeyRevoked,
     TransportError,
     UnknownServerKey,
     fingerprint,
@@ -778,3 +779,57 @@ def test_keepalive_keeps_an_idle_connection_and_finds_a_frozen_peer(
             assert isinstance(error, ConnectionClosedError)
             assert "peer unresponsive" in str(error)
         assert time.monotonic() - start <= interval + patience + 1.0
+
+
+# ======================================================== server key rotation
+
+
+def test_server_key_rotation_with_an_announced_next_key(
+    adapter: Adapter,
+    tmp_path: Path,
+    other_key: rsa.RSAPrivateKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A trust-on-first-use client that saw the server announce its next key
+    (with proof) accepts the switch without a warning and forgets the old
+    key once the new one proved itself; a client that never saw the
+    announcement gets the hard CHANGED error."""
+    caplog.set_level(logging.INFO, logger="callcp")
+    known = tmp_path / "known_hosts"
+    port = free_port()
+    first = adapter.serve(Echo(), port=port)
+    old_fp, new_fp = first.fingerprint, fingerprint(other_key)
+    with adapter.connect(port, known_hosts=known) as conn:  # first contact: recorded
+        assert conn.request(b"1") == b"1"
+    never_saw_it = tmp_path / "known_hosts.copy"
+    never_saw_it.write_text(known.read_text())
+    first.shutdown()
+
+    announcing = adapter.serve(Echo(), port=port, next_key=KeyPair(other_key))
+    caplog.clear()
+    with adapter.connect(port, known_hosts=known) as conn:
+        assert conn.request(b"2") == b"2"
+    lines = [line.split() for line in known.read_text().splitlines()]
+    assert lines == [[f"{LOOPBACK}:{port}", old_fp], [f"{LOOPBACK}:{port}", new_fp]]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    announcing.shutdown()
+
+    adapter.serve(Echo(), port=port, key=other_key)  # the switch
+    caplog.clear()
+    with adapter.connect(port, known_hosts=known) as conn:
+        assert conn.request(b"3") == b"3"
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert known.read_text().split() == [f"{LOOPBACK}:{port}", new_fp]  # the old key forgotten
+    with adapter.connect(port, server_fingerprint=[old_fp, new_fp]) as conn:  # pins, plural
+        assert conn.request(b"4") == b"4"
+    with pytest.raises(ServerKeyChanged):
+        adapter.connect(port, known_hosts=never_saw_it)
+
+
+def test_a_revoked_key_is_refused_loudly(adapter: Adapter, tmp_path: Path) -> None:
+    srv = adapter.serve(Echo())
+    known = tmp_path / "known_hosts"
+    known.write_text(f"{LOOPBACK}:{srv.port} {srv.fingerprint}\n@revoked * {srv.fingerprint}\n")
+    with pytest.raises(ServerKeyRevoked, match="REVOKED SERVER KEY") as info:
+        adapter.connect(srv.port, known_hosts=known)
+    assert info.value.presented == srv.fingerprint

@@ -18,6 +18,7 @@ from callcp._core.errors import (
     KeyManagementError,
     ServerKeyChanged,
     ServerKeyError,
+    ServerKeyRevoked,
     UnknownServerKey,
 )
 from callcp._core.keys import fingerprint
@@ -285,9 +286,35 @@ def test_several_entries_for_one_host(tmp_path: Path) -> None:
     path.write_text(f"server:1 {FP_A}\nserver:1 {FP_B}\n")
     policy = ServerKeyPolicy.known_hosts(path)
     assert policy.verify("server", 1, FP_A) == "known"
-    assert policy.verify("server", 1, FP_B) == "known"
+    # a key recorded after another (an announced next key) is accepted too;
+    # "rotated": once it proves itself the client forgets the earlier ones
+    assert policy.verify("server", 1, FP_B) == "rotated"
     with pytest.raises(ServerKeyChanged, match="lines 1, 2"):
         policy.verify("server", 1, FP_C)
+    kh = KnownHosts(path)
+    assert kh.forget_older("server", 1, FP_B) == 1
+    assert path.read_text() == f"server:1 {FP_B}\n"
+    assert kh.add_also("server", 1, FP_C) and not kh.add_also("server", 1, FP_C)
+    assert policy.verify("server", 1, FP_C) == "rotated"
+    assert kh.forget_older("server", 1, FP_A) == 0  # (not recorded: nothing to go by)
+
+
+def test_revoked_lines(tmp_path: Path) -> None:
+    path = tmp_path / "known_hosts"
+    path.write_text(
+        f"server:1 {FP_A}\n@revoked server:1 {FP_B}\n@revoked * {FP_C}\n@cert-authority x y\n"
+    )
+    policy = ServerKeyPolicy.known_hosts(path)
+    assert policy.verify("server", 1, FP_A) == "known"
+    for fp in (FP_B, FP_C):
+        with pytest.raises(ServerKeyRevoked, match="@revoked") as info:
+            policy.verify("server", 1, fp)
+        assert info.value.presented == fp
+    with pytest.raises(ServerKeyRevoked):
+        policy.verify("elsewhere", 2, FP_C)  # "*": every server
+    assert KnownHosts(path).lookup("server", 1) == FP_A
+    bad = [e for e in KnownHosts(path).entries() if not isinstance(e, KnownHostsEntry)]
+    assert [b.reason for b in bad] == ["unknown marker @cert-authority"]
 
 
 def test_malformed_entry_for_this_host_is_not_overwritten(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -70,53 +70,122 @@ def logger_for(logger: Optional[logging.Logger]) -> logging.Logger:
     return logger if logger is not None else LOG
 
 
+class ServerTrust:
+    """The client's trust decisions about one server address: the core's
+    ``verify_server_key`` (:meth:`verify`) and ``on_next_key``
+    (:meth:`next_key`) callbacks, from the user's options.
+
+    Precedence: ``insecure`` (explicit, logged loudly) > pinned
+    ``server_fingerprint`` (one or several) > the known-hosts file (trust on
+    first use unless turned off).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        server_fingerprint: Union[str, Sequence[str], None],
+        known_hosts: Optional[PathLike],
+        trust_on_first_use: bool,
+        insecure: bool,
+        logger: logging.Logger,
+    ) -> None:
+        self.host, self.port, self.log = host, port, logger
+        if insecure:
+            if server_fingerprint is not None:
+                raise ValueError("insecure=True contradicts server_fingerprint=...; choose one")
+            self.policy = ServerKeyPolicy.insecure()
+            logger.warning(
+                "SERVER KEY CHECKING IS OFF for %s:%s: anyone on the network path can "
+                "impersonate the server (insecure=True)",
+                host,
+                port,
+            )
+        elif server_fingerprint is not None:
+            self.policy = ServerKeyPolicy.pinned(server_fingerprint)
+        else:
+            self.policy = ServerKeyPolicy.known_hosts(
+                known_hosts, trust_on_first_use=trust_on_first_use
+            )
+
+    def verify(self, fingerprint: str, der: bytes) -> Optional[Callable[[], None]]:
+        """At the ServerHello: decide (raises to refuse); what to do once the
+        server has proved the key (record a new one; forget the keys an
+        announced one replaced), or None."""
+        outcome = self.policy.verify(self.host, self.port, fingerprint, record=False)
+        if outcome == "new":
+            return lambda: self._record(fingerprint)
+        if outcome == "rotated":
+            return lambda: self._rotated(fingerprint)
+        return None
+
+    def _record(self, fingerprint: str) -> None:
+        if self.policy.verify(self.host, self.port, fingerprint) == "new":
+            self.log.warning(
+                "permanently added %s:%s (%s) to the known hosts (trust on first use)",
+                self.host,
+                self.port,
+                fingerprint,
+            )
+
+    def _rotated(self, fingerprint: str) -> None:
+        kh = self.policy.known_hosts_file
+        assert kh is not None
+        try:
+            forgot = kh.forget_older(self.host, self.port, fingerprint)
+        except KeyManagementError as exc:
+            self.log.warning("could not update the known hosts file: %s", exc)
+            return
+        if forgot:
+            self.log.info(
+                "%s:%s now uses its announced key %s; forgot the key(s) it replaced",
+                self.host,
+                self.port,
+                fingerprint,
+            )
+
+    def next_key(self, fingerprint: str, der: bytes) -> None:
+        """The server proved, in a verified session, that it holds the key it
+        will use next: a trust-on-first-use known-hosts client records it
+        as one more accepted key (pins and managed files are left alone)."""
+        kh = self.policy.known_hosts_file
+        if kh is None or not self.policy.trust_on_first_use:
+            return
+        try:
+            added = kh.add_also(self.host, self.port, fingerprint)
+        except (KeyManagementError, ValueError, OSError) as exc:  # (never fails the session)
+            self.log.warning("could not record the announced next key: %s", exc)
+            return
+        if added:
+            self.log.info(
+                "%s:%s announced its next key %s: recorded as accepted",
+                self.host,
+                self.port,
+                fingerprint,
+            )
+
+
 def server_key_verifier(
     host: str,
     port: int,
     *,
-    server_fingerprint: Optional[str],
+    server_fingerprint: Union[str, Sequence[str], None],
     known_hosts: Optional[PathLike],
     trust_on_first_use: bool,
     insecure: bool,
     logger: logging.Logger,
 ) -> Callable[[str, bytes], Optional[Callable[[], None]]]:
-    """Build the core's ``verify_server_key`` callback from the user's options.
-
-    Precedence: ``insecure`` (explicit, logged loudly) > a pinned
-    ``server_fingerprint`` > the known-hosts file (trust on first use unless
-    turned off).
-    """
-    if insecure:
-        if server_fingerprint is not None:
-            raise ValueError("insecure=True contradicts server_fingerprint=...; choose one")
-        policy = ServerKeyPolicy.insecure()
-        logger.warning(
-            "SERVER KEY CHECKING IS OFF for %s:%s: anyone on the network path can "
-            "impersonate the server (insecure=True)",
-            host,
-            port,
-        )
-    elif server_fingerprint is not None:
-        policy = ServerKeyPolicy.pinned(server_fingerprint)
-    else:
-        policy = ServerKeyPolicy.known_hosts(known_hosts, trust_on_first_use=trust_on_first_use)
-
-    def verify(fingerprint: str, der: bytes) -> Optional[Callable[[], None]]:
-        if policy.verify(host, port, fingerprint, record=False) != "new":
-            return None
-
-        def record() -> None:  # once the server proved it holds the key
-            if policy.verify(host, port, fingerprint) == "new":
-                logger.warning(
-                    "permanently added %s:%s (%s) to the known hosts (trust on first use)",
-                    host,
-                    port,
-                    fingerprint,
-                )
-
-        return record
-
-    return verify
+    """The core's ``verify_server_key`` callback (see :class:`ServerTrust`)."""
+    return ServerTrust(
+        host,
+        port,
+        server_fingerprint=server_fingerprint,
+        known_hosts=known_hosts,
+        trust_on_first_use=trust_on_first_use,
+        insecure=insecure,
+        logger=logger,
+    ).verify
 
 
 def client_protocol(host: str, port: int, options: ClientOptions) -> ClientProtocol:
@@ -127,7 +196,7 @@ def client_protocol(host: str, port: int, options: ClientOptions) -> ClientProto
         KeyManagementError: ``client_key`` could not be loaded.
         ValueError: a malformed pin.
     """
-    verifier = server_key_verifier(
+    trust = ServerTrust(
         host,
         port,
         server_fingerprint=options.server_fingerprint,
@@ -146,7 +215,8 @@ def client_protocol(host: str, port: int, options: ClientOptions) -> ClientProto
             store.put(host, port, identity, ticket)
 
     return ClientProtocol(
-        verifier,
+        trust.verify,
+        on_next_key=trust.next_key,
         client_key=keypair.private_key if keypair is not None else None,
         max_message_size=options.max_message_size,
         session=session,

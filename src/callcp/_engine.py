@@ -46,7 +46,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Generator, Optional, Set, Tuple, Union
 
-from ._common import client_authorizer, load_server_key, load_ticket_key, logger_for
+from ._common import (
+    client_authorizer,
+    load_client_key,
+    load_server_key,
+    load_ticket_key,
+    logger_for,
+)
 from ._core.errors import (
     CallcpError,
     CallcpTimeout,
@@ -1232,6 +1238,9 @@ class ServerCore:
         self.log = logger_for(options.logger)
         self.keypair = load_server_key(options.key, password=options.key_password)
         self._public_der = self.keypair.public_der
+        self.next_keypair = load_client_key(options.next_key, password=options.key_password)
+        if self.next_keypair is not None and self.next_keypair.fingerprint == self.fingerprint:
+            raise ValueError("next_key is the server's current key: give the key it will use next")
         self._authorize = client_authorizer(options.authorized_keys)
         assert options.max_connections is not None
         self.admission = Admission(options.max_connections, options.max_connections_per_source)
@@ -1283,6 +1292,7 @@ class ServerCore:
             defer_decryption=True,
             share=share,
             tickets=self.tickets,
+            next_key=self.next_keypair.private_key if self.next_keypair else None,
         )
         core.start()
         return Engine(core, budget=self.budget)

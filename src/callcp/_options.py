@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, TypeVar, Union
 
 if TYPE_CHECKING:
     from typing_extensions import TypedDict
@@ -118,7 +118,9 @@ class ClientOptions(_Options):
     Attributes:
         timeout: seconds for connecting, the handshake, and each later
             blocking call (None: wait forever).
-        server_fingerprint: pin the server's key (``SHA256:...``); else the
+        server_fingerprint: pin the server's key (``SHA256:...``), or
+            several (a list: the current key and the next, across a key
+            rotation); else the
             known-hosts file decides.
         known_hosts: the known-hosts file (default ``~/.callcp/known_hosts``).
         trust_on_first_use: record an unknown server's key (else refuse it).
@@ -139,7 +141,7 @@ class ClientOptions(_Options):
     """
 
     timeout: Optional[float] = 30.0
-    server_fingerprint: Optional[str] = None
+    server_fingerprint: Union[str, Sequence[str], None] = None
     known_hosts: Optional[PathLike] = None
     trust_on_first_use: bool = True
     insecure: bool = False
@@ -187,6 +189,10 @@ class ServerOptions(_Options):
         max_handshakes_per_source: handshakes (waiting or running) from one
             source address; 0 turns it off.
         handshake_timeout: seconds from accept to a completed handshake.
+        next_key: the key this server will use next (KeyPair, RSA private
+            key or PEM path, which must exist): announced to every client
+            inside the session with proof of possession, so trust-on-first-
+            use clients accept it silently after the switch.
         ticket_lifetime: seconds a session ticket is valid, and how often
             the ticket key changes (0: issue and accept no tickets; at most
             7 days).
@@ -224,6 +230,7 @@ class ServerOptions(_Options):
     max_handshakes: int = 16
     max_handshakes_per_source: int = 64
     handshake_timeout: float = 10.0
+    next_key: Optional[Any] = None
     share_lifetime: float = 60.0
     ticket_lifetime: float = 3600.0
     ticket_key: Optional[Union[bytes, PathLike]] = None
@@ -297,7 +304,7 @@ class ClientKwargs(TypedDict, total=False):
     """:func:`callcp.connect`'s options (see :class:`ClientOptions`)."""
 
     timeout: Optional[float]
-    server_fingerprint: Optional[str]
+    server_fingerprint: Union[str, Sequence[str], None]
     known_hosts: Optional[PathLike]
     trust_on_first_use: bool
     insecure: bool
@@ -321,6 +328,7 @@ class ServerKwargs(TypedDict, total=False):
     max_handshakes: int
     max_handshakes_per_source: int
     handshake_timeout: float
+    next_key: Optional[Any]
     share_lifetime: float
     ticket_lifetime: float
     ticket_key: Optional[Union[bytes, PathLike]]

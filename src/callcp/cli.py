@@ -125,6 +125,8 @@ keys:
   environment variable {PASSPHRASE_ENV} when it is set.
 """
 
+#: Where ``callcp keygen --next`` puts the key a server will use next.
+DEFAULT_NEXT_KEY = Path("~/.callcp/server_key.next.pem")
 #: The server's reply to a stored file: ``stored <name> <length> <sha256hex>``.
 STORED_PREFIX = "stored "
 REFUSE_FILES_REASON = "this server does not accept files (start it with --receive-dir)"
@@ -367,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"server private key, generated there on first run (default: {DEFAULT_SERVER_KEY})",
     )
+    p.add_argument(
+        "--next-key",
+        metavar="PATH",
+        help="the private key this server will use next (see keygen --next): announced to "
+        "every client, with proof, so trust-on-first-use clients accept the switch silently",
+    )
     p.add_argument("--upper", action="store_true", help="reply in upper case instead of echoing")
     p.add_argument(
         "--receive-dir", metavar="DIR", help="accept files and store them here (created if needed)"
@@ -473,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="RSA key size (default: 2048)",
     )
     p.add_argument("--force", action="store_true", help="replace existing key files")
+    p.add_argument(
+        "--next",
+        action="store_true",
+        help=f"make the key the server will use next: {DEFAULT_NEXT_KEY} unless -o is "
+        "given (announce it with serve --next-key; switch to it later with --key)",
+    )
     p.set_defaults(func=cmd_keygen)
 
     # -- fingerprint
@@ -766,6 +780,8 @@ def _public_path_for(private: Path) -> Path:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    if args.next and args.output == str(DEFAULT_SERVER_KEY):
+        args.output = str(DEFAULT_NEXT_KEY)
     private = Path(os.path.expanduser(args.output))
     public = Path(os.path.expanduser(args.public)) if args.public else _public_path_for(private)
     if private == public:
@@ -969,6 +985,7 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
         receive_dir.mkdir(parents=True, exist_ok=True)
     options: Dict[str, Any] = {
         "key": os.path.expanduser(args.key) if args.key else None,
+        "next_key": os.path.expanduser(args.next_key) if args.next_key else None,
         "authorized_keys": os.path.expanduser(args.authorized_keys)
         if args.authorized_keys
         else None,

@@ -53,6 +53,7 @@ from ._core.errors import (
     KeyManagementError,
     ServerKeyChanged,
     ServerKeyError,
+    ServerKeyRevoked,
     UnknownServerKey,
 )
 from ._core.keys import fingerprint as _key_fingerprint
@@ -79,7 +80,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_KNOWN_HOSTS = Path("~/.callcp/known_hosts")
 
 #: What :meth:`ServerKeyPolicy.verify` reports on success.
-VerifyResult = Literal["pinned", "known", "new", "insecure"]
+VerifyResult = Literal["pinned", "known", "rotated", "new", "insecure"]
 
 # Known-hosts and authorized-keys files can be longer than key files.
 _MAX_LIST_FILE_SIZE = 16 << 20
@@ -197,11 +198,14 @@ class KnownHostsEntry:
     host: str
     port: int
     fingerprint: str
+    #: an ``@revoked`` line: this key is refused (host ``*``: for every server)
+    revoked: bool = False
 
     @property
     def address(self) -> str:
-        """``host:port`` as written in the file (IPv6 bracketed)."""
-        return format_address(self.host, self.port)
+        """``host:port`` as written in the file (IPv6 bracketed; ``*`` for
+        an ``@revoked`` line that names every server)."""
+        return "*" if self.host == "*" else format_address(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -231,11 +235,23 @@ def _parse_known_hosts(text: str) -> list[KnownHostsLine]:
         if not line or line.startswith("#"):
             continue
         fields = line.split()
-        try:
-            address = _parse_address(fields[0])
-        except (ValueError, TypeError) as exc:
-            result.append(MalformedLine(lineno, raw, f"bad host:port field: {exc}"))
-            continue
+        revoked = fields[0] == "@revoked"
+        if fields[0].startswith("@"):
+            if not revoked:
+                result.append(MalformedLine(lineno, raw, f"unknown marker {fields[0]}"))
+                continue
+            fields = fields[1:]
+            if not fields:
+                result.append(MalformedLine(lineno, raw, "@revoked without a host"))
+                continue
+        if revoked and fields[0] == "*":
+            address = "*"
+        else:
+            try:
+                address = _parse_address(fields[0])
+            except (ValueError, TypeError) as exc:
+                result.append(MalformedLine(lineno, raw, f"bad host:port field: {exc}"))
+                continue
         if len(fields) < 2:
             result.append(MalformedLine(lineno, raw, "no fingerprint", address))
             continue
@@ -244,8 +260,11 @@ def _parse_known_hosts(text: str) -> list[KnownHostsLine]:
         except ValueError:
             result.append(MalformedLine(lineno, raw, "bad fingerprint", address))
             continue
+        if address == "*":
+            result.append(KnownHostsEntry(lineno, "*", 0, fp, revoked=True))
+            continue
         host, _, port = address.rpartition(":")
-        result.append(KnownHostsEntry(lineno, host.strip("[]"), int(port), fp))
+        result.append(KnownHostsEntry(lineno, host.strip("[]"), int(port), fp, revoked))
     return result
 
 
@@ -311,7 +330,8 @@ class KnownHosts:
             ValueError, TypeError: ``host`` or ``port`` is not valid.
         """
         found, _ = self._find(format_address(host, port))
-        return found[0].fingerprint if found else None
+        keys = [entry for entry in found if not entry.revoked]
+        return keys[0].fingerprint if keys else None
 
     # -- writing ------------------------------------------------------------
 
@@ -398,6 +418,53 @@ class KnownHosts:
             kept = [line for n, line in enumerate(text.splitlines(), start=1) if n not in drop]
             self._rewrite([*kept, new_line])
 
+    def add_also(self, host: str, port: int, fingerprint: str) -> bool:
+        """Record ``fingerprint`` as one more accepted key of ``host:port``
+        (an announced next key), keeping the others; False if it was there.
+
+        Raises: as :meth:`add`.
+        """
+        address = format_address(host, port)
+        fp = normalize_fingerprint(fingerprint)
+        with self._locked():
+            text = self._read()
+            for item in _parse_known_hosts(text):
+                if (
+                    isinstance(item, KnownHostsEntry)
+                    and item.address == address
+                    and item.fingerprint == fp
+                ):
+                    return False
+            self._append(text, f"{address} {fp}")
+            return True
+
+    def forget_older(self, host: str, port: int, fingerprint: str) -> int:
+        """The server proved ``fingerprint``: drop the keys of ``host:port``
+        recorded before it (the keys it replaced); return how many.
+
+        Raises: as :meth:`add`.
+        """
+        address = format_address(host, port)
+        fp = normalize_fingerprint(fingerprint)
+        with self._locked():
+            text = self._read()
+            older: set[int] = set()
+            for item in _parse_known_hosts(text):
+                if not isinstance(item, KnownHostsEntry) or item.address != address:
+                    continue
+                if item.revoked:
+                    continue
+                if item.fingerprint == fp:
+                    break
+                older.add(item.lineno)
+            else:
+                return 0  # (not recorded: nothing to go by)
+            if older:
+                self._rewrite(
+                    line for n, line in enumerate(text.splitlines(), start=1) if n not in older
+                )
+            return len(older)
+
     def remove(self, host: str, port: int) -> int:
         """Delete every line for ``host:port`` (malformed ones too); return how many.
 
@@ -428,6 +495,12 @@ _CHANGED_BANNER = (
     "IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\n"
     "Someone could be eavesdropping on you right now (man-in-the-middle attack)!\n"
     "It is also possible that the server's key has just been changed.\n"
+)
+
+_REVOKED_BANNER = (
+    f"{_BANNER}\n"
+    "@          WARNING: REVOKED SERVER KEY PRESENTED!         @\n"
+    f"{_BANNER}\n"
 )
 
 _INSECURE_WARNING = (
@@ -467,15 +540,20 @@ class ServerKeyPolicy:
         self._tofu = _tofu
 
     @classmethod
-    def pinned(cls, fingerprint: str) -> ServerKeyPolicy:
-        """Trust exactly the key with this fingerprint.
+    def pinned(cls, fingerprint: Union[str, Iterable[str]]) -> ServerKeyPolicy:
+        """Trust exactly the key with this fingerprint, or any of several
+        (the current key and the next one, across a key rotation).
 
         Raises:
-            ValueError: ``fingerprint`` is not a SHA-256 fingerprint (see
-                :func:`normalize_fingerprint`).
-            TypeError: ``fingerprint`` is not a str.
+            ValueError: a fingerprint is not a SHA-256 fingerprint (see
+                :func:`normalize_fingerprint`), or none is given.
+            TypeError: a fingerprint is not a str.
         """
-        return cls(_mode="pinned", _pin=normalize_fingerprint(fingerprint))
+        given = [fingerprint] if isinstance(fingerprint, str) else list(fingerprint)
+        if not given:
+            raise ValueError("pin at least one fingerprint")
+        pins = tuple(dict.fromkeys(normalize_fingerprint(fp) for fp in given))
+        return cls(_mode="pinned", _pin=" ".join(pins))
 
     @classmethod
     def known_hosts(
@@ -505,7 +583,8 @@ class ServerKeyPolicy:
 
     @property
     def pin(self) -> Optional[str]:
-        """The pinned fingerprint (canonical form), for a pinned policy."""
+        """The pinned fingerprint (canonical form; several separated by
+        spaces), for a pinned policy."""
         return self._pin
 
     @property
@@ -563,7 +642,10 @@ class ServerKeyPolicy:
             return "insecure"
         if self._mode == "pinned":
             assert self._pin is not None
-            if _same(presented, self._pin):
+            matched = False
+            for pin in self._pin.split():  # no early exit: constant work per pin
+                matched |= _same(presented, pin)
+            if matched:
                 return "pinned"
             try:
                 address = format_address(host, port)
@@ -593,18 +675,38 @@ class ServerKeyPolicy:
             text = kh._read()
             found: list[KnownHostsEntry] = []
             bad: list[MalformedLine] = []
+            revoked: Optional[KnownHostsEntry] = None
             for item in _parse_known_hosts(text):
+                if isinstance(item, KnownHostsEntry) and item.revoked:
+                    if item.address in (address, "*") and _same(item.fingerprint, presented):
+                        revoked = item
+                    continue
                 if item.address != address:
                     continue
                 if isinstance(item, KnownHostsEntry):
                     found.append(item)
                 else:
                     bad.append(item)
-            matched = False
-            for entry in found:  # no early exit: constant work per entry
-                matched |= _same(entry.fingerprint, presented)
+            if revoked is not None:
+                raise ServerKeyRevoked(
+                    f"{_REVOKED_BANNER}"
+                    f"The callcp server at {address} presented the key\n"
+                    f"    {presented}\n"
+                    f"which {path}:{revoked.lineno} marks as @revoked. Someone may be "
+                    "using a stolen or retired key. Connection refused.",
+                    presented=presented,
+                )
+            matched = rotated = False
+            for n, entry in enumerate(found):  # no early exit: constant work per entry
+                same = _same(entry.fingerprint, presented)
+                matched |= same
+                rotated |= same and n > 0 and not any(
+                    _same(e.fingerprint, presented) for e in found[:n]
+                )
             if matched:
-                return "known"
+                # A key recorded after others (an announced next key) that now
+                # proves itself replaces them: "rotated" (see forget_older).
+                return "rotated" if rotated else "known"
             if found:
                 expected = found[0].fingerprint
                 lines = ", ".join(str(e.lineno) for e in found)

@@ -14,7 +14,8 @@ so here every concrete error derives from *both* roots through
     │   │   ├── VersionMismatch       no protocol version in common
     │   │   ├── ServerKeyError        the server's key is not trusted
     │   │   │   ├── UnknownServerKey  no pin, no known-hosts entry, no TOFU
-    │   │   │   └── ServerKeyChanged  the key differs from the pin/known host
+    │   │   │   ├── ServerKeyChanged  the key differs from the pin/known host
+    │   │   │   └── ServerKeyRevoked  the key is marked @revoked
     │   │   ├── ClientAuthError       client authentication failed/refused
     │   │   └── HandshakeTimeout
     │   ├── CryptoError               a record failed authentication
@@ -49,6 +50,7 @@ __all__ = [
     "ServerKeyError",
     "UnknownServerKey",
     "ServerKeyChanged",
+    "ServerKeyRevoked",
     "ClientAuthError",
     "HandshakeTimeout",
     "CryptoError",
@@ -155,6 +157,15 @@ class ServerKeyChanged(ServerKeyError):
     def __init__(self, message: str, *, expected: str, presented: str) -> None:
         super().__init__(message)
         self.expected = expected
+        self.presented = presented
+
+
+class ServerKeyRevoked(ServerKeyError):
+    """The server presented a key that the known-hosts file marks
+    ``@revoked``.  ``presented`` holds its ``SHA256:`` fingerprint."""
+
+    def __init__(self, message: str, *, presented: str) -> None:
+        super().__init__(message)
         self.presented = presented
 
 

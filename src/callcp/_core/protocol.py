@@ -120,6 +120,7 @@ COALESCE_BELOW = 16 * 1024
 OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 CLIENT_AUTH_CONTEXT = b"callcp/2 client auth\x00"
+NEXT_KEY_CONTEXT = b"callcp/2 next key\x00"
 PREMASTER_SIZE = 32
 #: A ServerProtocol given no share signs one of its own, valid this long.
 STANDALONE_SHARE_SECONDS = 60
@@ -988,6 +989,7 @@ class ClientProtocol(_Protocol):
         clock: Callable[[], float] = time.time,
         session: Optional[Session] = None,
         on_ticket: Optional[Callable[[Session], None]] = None,
+        on_next_key: Optional[Callable[[str, bytes], None]] = None,
     ) -> None:
         super().__init__(
             max_message_size=max_message_size,
@@ -997,6 +999,10 @@ class ClientProtocol(_Protocol):
         self._session = session  # a ticket to offer (used once)
         self._on_ticket = on_ticket  # where tickets the server issues go
         self._resumption: Optional[bytes] = None  # this connection's resumption secret
+        self._next_key_sink = on_next_key  # where a proved next server key goes
+        self._th_full: Optional[bytes] = None  # transcript hash through our FINISHED
+        #: The next key the server announced and proved (its fingerprint).
+        self.next_server_fingerprint: Optional[str] = None
         #: The ClientHello offered a session ticket (the server may still
         #: have done a full key exchange: a client cannot tell, nor need to).
         self.offered_ticket = False
@@ -1092,6 +1098,7 @@ class ClientProtocol(_Protocol):
             self._seal(FrameType.CLIENT_AUTH, auth)
         verify_data = _finished_mac(secrets.client_finished, self._transcript.digest())
         self._transcript_add(FrameType.FINISHED, verify_data)
+        self._th_full = self._transcript.digest()
         self._seal(FrameType.FINISHED, verify_data)
         self.state = State.WAIT_SERVER_FINISHED
         return ServerKeyAccepted(fp)
@@ -1105,6 +1112,29 @@ class ClientProtocol(_Protocol):
             assert self.server_fingerprint is not None
             expiry = self._clock() + min(lifetime, MAX_TICKET_LIFETIME)
             self._on_ticket(Session(ticket, self._resumption, self.server_fingerprint, expiry))
+        return None
+
+    def _on_next_key(self, header: bytes, body: bytes) -> Optional[Event]:
+        """The server announces the key it will use next and proves it holds
+        it: a signature by that key over the context and this session's
+        transcript hash (through the client's FINISHED)."""
+        try:
+            der, signature = decode_client_auth(body)  # (the same layout)
+            next_key = load_public_der(der, what="the announced next")
+        except HandshakeError as exc:
+            raise RemoteProtocolError(f"NEXT_KEY: {exc}") from None
+        assert self._th_full is not None
+        try:
+            next_key.verify(signature, NEXT_KEY_CONTEXT + self._th_full, PSS, hashes.SHA256())
+        except InvalidSignature:
+            raise RemoteProtocolError(
+                "the server's announced next key is not proved (its signature does not verify)"
+            ) from None
+        fp = fingerprint_der(der)
+        if fp != self.server_fingerprint:
+            self.next_server_fingerprint = fp
+            if self._next_key_sink is not None:
+                self._next_key_sink(fp, der)
         return None
 
     def _on_server_finished(self, header: bytes, body: bytes) -> Optional[Event]:
@@ -1136,6 +1166,8 @@ class ClientProtocol(_Protocol):
         (State.WAIT_SERVER_FINISHED, FrameType.CLOSE): "_on_close",
         (State.OPEN, FrameType.NEW_TICKET): "_on_new_ticket",
         (State.STREAMING, FrameType.NEW_TICKET): "_on_new_ticket",
+        (State.OPEN, FrameType.NEXT_KEY): "_on_next_key",
+        (State.STREAMING, FrameType.NEXT_KEY): "_on_next_key",
         **_OPEN_TABLE,
     }
 
@@ -1170,6 +1202,7 @@ class ServerProtocol(_Protocol):
         share: Optional[SignedShare] = None,
         tickets: Optional[TicketKeys] = None,
         clock: Callable[[], float] = time.time,
+        next_key: Optional[rsa.RSAPrivateKey] = None,
     ) -> None:
         super().__init__(
             max_message_size=max_message_size,
@@ -1185,6 +1218,7 @@ class ServerProtocol(_Protocol):
         self._defer_decryption = defer_decryption
         self._share = share
         self._tickets = tickets  # (None: no session tickets issued or accepted)
+        self._next_key = next_key  # (announced to every client, proved)
         self._clock = clock
         self._ticket_client: Optional[bytes] = None  # whom an accepted ticket was issued to
         self._client_key_hash: Optional[bytes] = None  # who authenticated, if anyone
@@ -1332,7 +1366,8 @@ class ServerProtocol(_Protocol):
         if not _verify_finished(self._secrets.client_finished, self._transcript.digest(), body):
             raise HandshakeError("the client's Finished MAC does not verify")
         self._transcript_add(FrameType.FINISHED, body)
-        verify_data = _finished_mac(self._secrets.server_finished, self._transcript.digest())
+        th_full = self._transcript.digest()
+        verify_data = _finished_mac(self._secrets.server_finished, th_full)
         resumption = self._secrets.resumption
         self._secrets = None
         self.state = _OPEN
@@ -1344,6 +1379,10 @@ class ServerProtocol(_Protocol):
             )  # fmt: skip
             lifetime = int(self._tickets.lifetime)
             self._owed.append((FrameType.NEW_TICKET, encode_new_ticket(lifetime, ticket)))
+        if self._next_key is not None:  # one RSA signature per connection, while announcing
+            proof = self._next_key.sign(NEXT_KEY_CONTEXT + th_full, PSS, hashes.SHA256())
+            announce = encode_client_auth(public_der(self._next_key), proof)
+            self._owed.append((FrameType.NEXT_KEY, announce))
         return HandshakeCompleted(self.version, self.peer_fingerprint)
 
     _TABLE = {

@@ -77,6 +77,7 @@ class FrameType:
     PING = 0x32  # keepalive: "answer me"
     PONG = 0x33  # the answer
     NEW_TICKET = 0x34  # server -> client: a session ticket for resumption
+    NEXT_KEY = 0x35  # server -> client: the key it will use next, proved
 
     PLAINTEXT = frozenset({SERVER_HELLO, CLIENT_HELLO, ALERT})
     ENCRYPTED = frozenset(
@@ -94,6 +95,7 @@ class FrameType:
             PING,
             PONG,
             NEW_TICKET,
+            NEXT_KEY,
         }
     )
     NAMES = {
@@ -113,6 +115,7 @@ class FrameType:
         0x32: "PING",
         0x33: "PONG",
         0x34: "NEW_TICKET",
+        0x35: "NEXT_KEY",
     }
 
 
