@@ -81,10 +81,17 @@ class Pair:
 class FixedEntropy(Entropy):
     """Deterministic entropy for known-answer tests."""
 
-    def __init__(self, randoms: List[bytes], x25519_private: bytes, oaep_ciphertext: bytes = b""):
+    def __init__(
+        self,
+        randoms: List[bytes],
+        x25519_private: bytes,
+        oaep_ciphertext: bytes = b"",
+        signature: bytes = b"",
+    ):
         self._randoms = list(randoms)
         self._x = x25519_private
         self._oaep = oaep_ciphertext
+        self._signature = signature
 
     def random(self, n: int) -> bytes:
         value = self._randoms.pop(0)
@@ -96,6 +103,9 @@ class FixedEntropy(Entropy):
 
     def oaep_encrypt(self, key: rsa.RSAPublicKey, premaster: bytes) -> bytes:
         return self._oaep
+
+    def pss_sign(self, key: rsa.RSAPrivateKey, data: bytes) -> bytes:
+        return self._signature or super().pss_sign(key, data)
 
 
 def split_frames(data: bytes) -> List[bytes]:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from tests.helpers import split_frames
-from tests.vectors.generate_kat import run
+from tests.vectors.generate_kat import run, run_client_auth
 
 VECTOR: Dict[str, Any] = json.loads(
     (Path(__file__).parent / "vectors" / "handshake_kat.json").read_text()
@@ -38,9 +38,18 @@ def key() -> rsa.RSAPrivateKey:
 
 
 def test_library_reproduces_the_vector(key: rsa.RSAPrivateKey) -> None:
-    got = run(
-        key, bytes.fromhex(VECTOR["encrypted_premaster"]), bytes.fromhex(VECTOR["share_signature"])
+    oaep, share_signature = (
+        bytes.fromhex(VECTOR["encrypted_premaster"]),
+        bytes.fromhex(VECTOR["share_signature"]),
     )
+    client = serialization.load_pem_private_key(VECTOR["client_private_key_pem"].encode(), None)
+    assert isinstance(client, rsa.RSAPrivateKey)
+    got = {
+        **run(key, oaep, share_signature),
+        **run_client_auth(
+            key, client, oaep, share_signature, bytes.fromhex(VECTOR["client_auth_signature"])
+        ),
+    }
     for name in EXP:
         assert got[name] == EXP[name], name
 
@@ -148,6 +157,7 @@ def test_the_spec_prints_this_vector() -> None:
         *VECTOR["resumed_inputs"].values(),
         VECTOR["encrypted_premaster"],
         VECTOR["share_signature"],
+        VECTOR["client_auth_signature"],
         str(VECTOR["share_expiry"]),
         *EXP.values(),
     ]
@@ -256,3 +266,40 @@ def test_independent_resumed_handshake(key: rsa.RSAPrivateKey) -> None:
     resumed_resumption = _hkdf(ikm2, th2, b"resumption")
     assert next_plain[5] == resumed_resumption  # a ticket for the next connection
     assert _open(s_traffic, 2, s_data) == r["reply"]
+
+
+def test_independent_client_authentication(key: rsa.RSAPrivateKey) -> None:
+    """§12.3 and §4.4: the CLIENT_AUTH record and the FINISHED after it."""
+    client = serialization.load_pem_private_key(VECTOR["client_private_key_pem"].encode(), None)
+    assert isinstance(client, rsa.RSAPrivateKey)
+    sh = bytes.fromhex(EXP["auth_server_hello"])
+    assert sh[-1] == 0x01  # flags: client authentication required
+    ch, auth, fin, data = split_frames(bytes.fromhex(EXP["auth_client_flight"]))
+    assert [auth[0], fin[0], data[0]] == [0x11, 0x10, 0x21]
+    client_pub = ch[5 + 6 + 2 + 32 : 5 + 6 + 2 + 64]
+    dh = x25519.X25519PrivateKey.from_private_bytes(IN["server_share_private"]).exchange(
+        x25519.X25519PublicKey.from_public_bytes(client_pub)
+    )
+    th = hashlib.sha256(sh + ch).digest()
+    ikm = dh + IN["premaster"]
+    c_traffic = _hkdf(ikm, th, b"c traffic")
+    body = _open(c_traffic, 0, auth)  # client_rsa vec16 | signature vec16
+    n = int.from_bytes(body[:2], "big")
+    der, rest = body[2 : 2 + n], body[2 + n :]
+    signature = rest[2:]
+    assert int.from_bytes(rest[:2], "big") == len(signature)
+    assert signature.hex() == VECTOR["client_auth_signature"]
+    assert der == client.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    client.public_key().verify(
+        signature,
+        b"callcp/2 client auth\x00" + th,
+        padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+        hashes.SHA256(),
+    )
+    auth_frame = bytes([0x11]) + len(body).to_bytes(4, "big") + body
+    th_auth = hashlib.sha256(sh + ch + auth_frame).digest()
+    c_fin_key = _hkdf(ikm, th, b"c finished")
+    assert _open(c_traffic, 1, fin) == hmac.new(c_fin_key, th_auth, hashlib.sha256).digest()
+    assert _open(c_traffic, 2, data) == IN["request"]

@@ -69,6 +69,53 @@ def share_of(signature: bytes) -> SignedShare:
     return SignedShare(private, public, SHARE_EXPIRY, signature, CLIENT_CLOCK)
 
 
+def run_client_auth(
+    key: rsa.RSAPrivateKey, client_key: rsa.RSAPrivateKey, oaep: bytes, signature: bytes,
+    auth_signature: bytes,
+) -> dict:  # fmt: skip
+    """The main handshake's inputs, with client authentication required."""
+    i = INPUTS
+    c = ClientProtocol(
+        lambda f, der: None,
+        entropy=FixedEntropy(
+            [i["premaster"], i["client_random"]], i["client_x25519_private"], oaep, auth_signature
+        ),
+        clock=lambda: CLIENT_CLOCK,
+        client_key=client_key,
+    )
+    s = ServerProtocol(
+        key,
+        entropy=FixedEntropy([i["server_random"]], b""),
+        share=share_of(signature),
+        authorize_client=lambda fp: True,
+    )
+    s.start()
+    server_hello = s.data_to_send()
+    c.receive_data(server_hello)
+    c.next_event()
+    c.send(i["request"])
+    client_flight = c.data_to_send()
+    s.receive_data(client_flight)
+    s.next_event()
+    s.next_event()
+    s.send(i["reply"])
+    return {
+        "auth_server_hello": server_hello.hex(),
+        "auth_client_flight": client_flight.hex(),
+        "auth_server_flight": s.data_to_send().hex(),
+    }
+
+
+class _Capture(FixedEntropy):
+    """The main inputs, signing for real and keeping the signature."""
+
+    signature = b""
+
+    def pss_sign(self, key: rsa.RSAPrivateKey, data: bytes) -> bytes:
+        _Capture.signature = super().pss_sign(key, data)
+        return _Capture.signature
+
+
 def run(key: rsa.RSAPrivateKey, oaep: bytes, signature: bytes) -> dict:
     i = INPUTS
     fp = fingerprint(key)
@@ -181,9 +228,35 @@ def main() -> None:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         ).decode()
-    signature = sign_share(
-        key, share_of(b"").private, SHARE_EXPIRY, CLIENT_CLOCK
-    ).signature
+    signature = sign_share(key, share_of(b"").private, SHARE_EXPIRY, CLIENT_CLOCK).signature
+    if path.exists() and "client_private_key_pem" in old:
+        client_pem = old["client_private_key_pem"]
+        loaded = serialization.load_pem_private_key(client_pem.encode(), None)
+        assert isinstance(loaded, rsa.RSAPrivateKey)
+        client_key = loaded
+    else:
+        client_key = rsa.generate_private_key(65537, 2048)
+        client_pem = client_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+    # the client's RSA-PSS signature is randomized: sign once, then pin it
+    i = INPUTS
+    capture = _Capture([i["premaster"], i["client_random"]], i["client_x25519_private"], oaep)
+    c = ClientProtocol(
+        lambda f, der: None, entropy=capture, clock=lambda: CLIENT_CLOCK, client_key=client_key
+    )
+    s = ServerProtocol(
+        key,
+        entropy=FixedEntropy([i["server_random"]], b""),
+        share=share_of(signature),
+        authorize_client=lambda fp: True,
+    )
+    s.start()
+    c.receive_data(s.data_to_send())
+    c.next_event()
+    auth_signature = _Capture.signature
     vector = {
         "inputs": {k: v.hex() for k, v in INPUTS.items()},
         "session_inputs": {
@@ -199,7 +272,12 @@ def main() -> None:
         "server_private_key_pem": pem,
         "encrypted_premaster": oaep.hex(),
         "share_signature": signature.hex(),
-        "expected": run(key, oaep, signature),
+        "client_private_key_pem": client_pem,
+        "client_auth_signature": auth_signature.hex(),
+        "expected": {
+            **run(key, oaep, signature),
+            **run_client_auth(key, client_key, oaep, signature, auth_signature),
+        },
     }
     path.write_text(json.dumps(vector, indent=2) + "\n")
     write_spec_section(vector)
@@ -325,6 +403,26 @@ server flight: FINISHED | NEW_TICKET | DATA_END(reply)
 
 client_traffic_secret   {e["resumed_client_traffic_secret"]}
 server_traffic_secret   {e["resumed_server_traffic_secret"]}
+```
+
+### 12.3 A handshake with client authentication
+
+The inputs of §12, but the server requires client authentication (flags
+bit 0).  The client's RSA-2048 key is the PEM `client_private_key_pem` of
+the JSON file; its RSA-PSS signature is randomized, so the vector fixes it:
+
+```
+client_auth_signature
+{_wrap(d["client_auth_signature"])}
+
+ServerHello frame
+{_wrap(e["auth_server_hello"])}
+
+client flight: ClientHello | CLIENT_AUTH (seq 0) | FINISHED (seq 1) | DATA_END(request) (seq 2)
+{_wrap(e["auth_client_flight"])}
+
+server flight: FINISHED (seq 0) | DATA_END(reply) (seq 1)
+{_wrap(e["auth_server_flight"])}
 ```
 """
     spec.write_text(text[: text.index("## 12. Known-answer handshake")] + section)

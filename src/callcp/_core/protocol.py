@@ -188,6 +188,10 @@ class Entropy:
     def oaep_encrypt(self, key: rsa.RSAPublicKey, premaster: bytes) -> bytes:
         return key.encrypt(premaster, OAEP)
 
+    def pss_sign(self, key: rsa.RSAPrivateKey, data: bytes) -> bytes:
+        """An RSA-PSS signature (its salt is random)."""
+        return key.sign(data, PSS, hashes.SHA256())
+
 
 def _finished_mac(key: bytes, transcript_hash: bytes) -> bytes:
     h = hmac.HMAC(key, hashes.SHA256())
@@ -1092,7 +1096,7 @@ class ClientProtocol(_Protocol):
 
         if hello.require_client_auth:
             assert self._client_key is not None
-            signature = self._client_key.sign(CLIENT_AUTH_CONTEXT + th, PSS, hashes.SHA256())
+            signature = self._entropy.pss_sign(self._client_key, CLIENT_AUTH_CONTEXT + th)
             auth = encode_client_auth(public_der(self._client_key), signature)
             self._transcript_add(FrameType.CLIENT_AUTH, auth)
             self._seal(FrameType.CLIENT_AUTH, auth)
