@@ -24,6 +24,7 @@ from typing import Any, List
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+import callcp
 from callcp import (
     CallcpTimeout,
     ClientAuthError,
@@ -833,3 +834,43 @@ def test_a_revoked_key_is_refused_loudly(adapter: Adapter, tmp_path: Path) -> No
     with pytest.raises(ServerKeyRevoked, match="REVOKED SERVER KEY") as info:
         adapter.connect(srv.port, known_hosts=known)
     assert info.value.presented == srv.fingerprint
+
+
+def test_keepalive_does_not_give_up_on_a_peer_reading_our_long_upload(adapter: Adapter) -> None:
+    """One thread sends a large stream to a server that reads it slowly,
+    another waits in recv() with keepalive on: our bytes going out, and our
+    send queue draining, are signs of life while the PING waits behind
+    them, so no false alarm.  (The timeout must still exceed the time the
+    peer needs to read what the network buffers hold after our last write.)"""
+    import hashlib
+    import io
+
+    payload = os.urandom(16 * 1024 * 1024)  # (more than the network buffers hold)
+
+    def slow(done: int, total: Any) -> None:
+        time.sleep(0.01)  # about 2.5 s for the whole stream
+
+    def sync_handler(conn: Any) -> None:
+        sink = io.BytesIO()
+        info = conn.recv_stream(sink, progress=slow)
+        conn.send(info.sha256.encode())
+
+    async def aio_handler(conn: Any) -> None:
+        sink = io.BytesIO()
+        info = await conn.recv_stream(sink, progress=slow)
+        await conn.send(info.sha256.encode())
+
+    srv = adapter.serve(Handlers(sync_handler, aio_handler))
+    conn = callcp.connect(
+        LOOPBACK, srv.port, server_fingerprint=srv.fingerprint,
+        keepalive_interval=0.3, keepalive_timeout=1.5, timeout=30,
+    )  # fmt: skip
+    try:
+        sender = threading.Thread(
+            target=conn.send_stream, args=(payload,), kwargs={"checksum": True}
+        )
+        sender.start()
+        assert conn.recv(timeout=30) == hashlib.sha256(payload).hexdigest().encode()
+        sender.join(10)
+    finally:
+        conn.close()

@@ -280,3 +280,57 @@ def test_workers_resume_each_others_sessions(server_key: rsa.RSAPrivateKey) -> N
     finally:
         server.shutdown()
         thread.join(10)
+
+
+def test_session_store_file_ignores_what_is_not_its_own(tmp_path: Path) -> None:
+    """The file is written through a fresh temporary file and a rename (a
+    planted symlink is replaced, never followed), and a file others may
+    write, or that is not a regular file, reads as empty."""
+    target = tmp_path / "victim"
+    target.write_text("precious")
+    path = tmp_path / "sessions.json"
+    path.symlink_to(target)
+    store = SessionStore(path)
+    assert store.take("h", 1) is None  # (a symlink is not read)
+    store.put("h", 1, "", _session())
+    assert target.read_text() == "precious" and not path.is_symlink()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.chmod(0o666)
+    assert SessionStore(path).take("h", 1) is None  # writable by others: not trusted
+    path.unlink()
+    os.mkfifo(path)
+    assert SessionStore(path).take("h", 1) is None  # (no hang on a FIFO)
+    path.unlink()
+    path.write_text('{"h:1 ": [{"ticket": "00", "secret": "00", "server": "x", "expiry": 1e999}]}')
+    path.chmod(0o600)
+    assert SessionStore(path).take("h", 1) is None  # a damaged entry costs nothing more
+
+
+def test_oversized_and_extra_tickets_are_not_kept(server_key: rsa.RSAPrivateKey) -> None:
+    from callcp._core.tickets import MAX_TICKET_BYTES
+    from callcp._core.wire import encode_new_ticket
+    from tests.helpers import Pair
+
+    got: List[Session] = []
+    p = Pair(server_key, client_kwargs={"on_ticket": got.append})
+    p.handshake()
+    too_big = encode_new_ticket(60, b"x" * (MAX_TICKET_BYTES + 1))
+    p.server._owed.append((FrameType.NEW_TICKET, too_big))
+    p.server._owed.append((FrameType.NEW_TICKET, encode_new_ticket(60, b"a" * 100)))
+    p.server._owed.append((FrameType.NEW_TICKET, encode_new_ticket(60, b"b" * 100)))
+    p.to_client()
+    assert [s.ticket for s in got] == [b"a" * 100]  # the first usable one, only
+    assert SessionStore().put("h", 1, "", _session()) is None
+
+
+def test_a_forked_child_does_not_reuse_the_parents_tickets() -> None:
+    store = SessionStore()
+    store.put("h", 1, "", _session())
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, b"1" if store.take("h", 1) is None else b"0")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"
+    assert store.take("h", 1) is not None  # the parent keeps its own

@@ -30,7 +30,7 @@ from ._common import translate_oserror
 from ._core.errors import CallcpTimeout
 from ._core.events import DecryptionRequested
 from ._engine import Arrival, Engine, ServerCore
-from ._sockets import peer_alive
+from ._sockets import peer_alive, unsent
 from ._streams import iter_chunks
 
 __all__ = ["Link", "Turn", "DONE", "PAUSE_READING_AT", "FOREVER", "achunks", "next_chunk"]
@@ -205,6 +205,9 @@ class Link(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused_writing = False
+        engine = self.engine
+        if engine is not None and engine.keepalive is not None:
+            engine.keepalive.heard(self.loop.time())  # the peer takes our bytes again
         for waiter in self._drain:
             if not waiter.done():
                 waiter.set_result(None)
@@ -219,6 +222,13 @@ class Link(asyncio.Protocol):
         self.paused_reading = False
         if not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def unsent(self) -> int:
+        """Our bytes the peer has not taken yet: the transport's buffer and
+        the socket's send queue."""
+        sock = self.transport.get_extra_info("socket")
+        queued = unsent(sock) if sock is not None else 0
+        return int(self.transport.get_write_buffer_size()) + queued
 
     def flush(self) -> None:
         """Write what the core has queued."""

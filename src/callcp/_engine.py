@@ -124,17 +124,19 @@ class Keepalive:
     :meth:`heard` when they read bytes and :meth:`due` when their wait for
     :meth:`next_wake` ends; times are their clock's (monotonic)."""
 
-    __slots__ = ("interval", "timeout", "last_heard", "pinged")
+    __slots__ = ("interval", "timeout", "last_heard", "pinged", "_unsent")
 
     def __init__(self, interval: float, timeout: float, now: float) -> None:
         self.interval = interval
         self.timeout = timeout
         self.last_heard = now
         self.pinged = 0.0  # when the outstanding PING went out (0: none)
+        self._unsent = -1  # our bytes not yet taken by the peer, when last looked at
 
     def heard(self, now: float) -> None:
         self.last_heard = now
         self.pinged = 0.0
+        self._unsent = -1
 
     def next_wake(self) -> float:
         """When :meth:`due` has something to say, if nothing is heard before."""
@@ -142,10 +144,19 @@ class Keepalive:
             return self.pinged + self.timeout
         return self.last_heard + self.interval
 
-    def due(self, now: float) -> Optional[str]:
-        """``"ping"`` (send one now), ``"dead"`` (give up), or None."""
+    def due(self, now: float, unsent: int = 0) -> Optional[str]:
+        """``"ping"`` (send one now), ``"dead"`` (give up), or None.
+        ``unsent``: our bytes the peer has not taken yet (the socket's send
+        queue): while it shrinks, the peer is working through what we sent
+        before the PING, so it is alive and its answer is on the way."""
         if self.pinged:
-            return "dead" if now >= self.pinged + self.timeout else None
+            if now < self.pinged + self.timeout:
+                return None
+            if 0 < unsent < self._unsent or (unsent > 0 and self._unsent < 0):
+                self._unsent = unsent
+                self.pinged = now  # (the same PING: it waits behind our bytes)
+                return None
+            return "dead"
         if now >= self.last_heard + self.interval:
             self.pinged = now
             return "ping"

@@ -6,10 +6,12 @@ threads."""
 
 from __future__ import annotations
 
+import fcntl
 import queue
 import selectors
 import socket
 import struct
+import termios
 import threading
 import time
 import weakref
@@ -30,6 +32,7 @@ __all__ = [
     "send_and_close",
     "peer_alive",
     "remaining",
+    "unsent",
     "FOREVER",
 ]
 
@@ -205,6 +208,17 @@ class SocketLink:
             self._sock.shutdown(socket.SHUT_RD)
         except OSError:
             pass
+
+
+def unsent(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue that the peer has not acknowledged
+    yet (Linux SIOCOUTQ; 0 where it cannot be read)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, AttributeError, ValueError):
+        return 0
+    count: int = struct.unpack("i", raw)[0]
+    return count
 
 
 def remaining(deadline: float) -> Optional[float]:

@@ -134,6 +134,9 @@ class Connection(ConnectionBase):
             transport.write(data)
         else:
             transport.writelines(data)
+        keepalive = self._engine.keepalive
+        if keepalive is not None and not self._link.paused_writing:
+            keepalive.heard(self._link.loop.time())  # our bytes go out: a sign of life
 
     async def send_stream(
         self,
@@ -259,8 +262,8 @@ class Connection(ConnectionBase):
                     raise
                 if event is not NEED_DATA:
                     return event
-                if core.owes:  # (a PONG)
-                    link.flush()
+                if core.owes and not link.paused_writing:  # (a PONG; a peer that
+                    link.flush()  # does not read gets it once it does: no growing buffer)
             if link.paused_reading:  # whatever is buffered is not enough: read
                 link.resume()
             if not deadline:
@@ -287,7 +290,7 @@ class Connection(ConnectionBase):
                 return
             except CallcpTimeout:
                 now = link.loop.time()
-                action = keepalive.due(now)
+                action = keepalive.due(now, link.unsent())
                 if action == "dead":
                     err = keepalive.unresponsive(self._core, now)
                     link.abort()

@@ -40,7 +40,7 @@ from ._engine import (
     keepalive_for,
 )
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
-from ._sockets import FOREVER, Acceptor, SocketLink, ThreadPool, listen, remaining
+from ._sockets import FOREVER, Acceptor, SocketLink, ThreadPool, listen, remaining, unsent
 from ._streams import Destination, Progress, Source, StreamInfo, iter_chunks, source_size
 from ._workers import WorkerPool
 
@@ -101,11 +101,16 @@ class Connection(SocketLink, ConnectionBase):
         with self._send_lock:
             data = self._core.send_bytes(message)
             if type(data) is not bytes:  # several records: gathering writes
-                return self._write(data)
+                self._write(data)
+                if self._engine.keepalive is not None:
+                    self._wrote()
+                return
             try:
                 self._sock.sendall(data)
             except OSError as exc:
                 raise self._write_failed(exc) from exc
+            if self._engine.keepalive is not None:
+                self._wrote()
 
     def send_stream(
         self,
@@ -138,9 +143,10 @@ class Connection(SocketLink, ConnectionBase):
         """
         size = source_size(source) if size is None else size
         chunks = iter_chunks(source)
-        with self._send_lock:
-            steps = _engine.send_stream(self._core, chunks, size, name, checksum, progress)
-            info: StreamInfo = self._drive(steps)
+        steps = _engine.send_stream(self._core, chunks, size, name, checksum, progress)
+        # The send lock is held for each step, not while the source is read:
+        # a reader may then write a PONG (keepalive) between two chunks.
+        info: StreamInfo = self._drive(steps, self._send_lock)
         return info
 
     def recv(self, timeout: Any = DEFAULT) -> bytes:
@@ -240,10 +246,21 @@ class Connection(SocketLink, ConnectionBase):
 
     # ------------------------------------------------------------ waiting
 
-    def _drive(self, steps: _engine.Procedure) -> Any:
-        """Run an engine procedure, doing what it asks the blocking way."""
+    def _drive(self, steps: _engine.Procedure, lock: Optional[threading.RLock] = None) -> Any:
+        """Run an engine procedure, doing what it asks the blocking way;
+        with ``lock``, each step of the procedure holds it (its core work),
+        but not the wait for a CHUNK of the source."""
         run = _engine.Run(self._engine, steps, self._abort)
-        for op, arg in run:
+        while True:
+            if lock is not None:
+                lock.acquire()
+            try:
+                op, arg = next(run)
+            except StopIteration:
+                break
+            finally:
+                if lock is not None:
+                    lock.release()
             try:
                 if op is _engine.WRITE:
                     with self._send_lock:
@@ -252,6 +269,9 @@ class Connection(SocketLink, ConnectionBase):
                         except CallcpError:
                             if arg is not _engine.NOW:
                                 raise
+                        else:
+                            if lock is not None and self._engine.keepalive is not None:
+                                self._wrote()  # (a stream's chunk went out)
                 elif op is _engine.EVENT:
                     run.reply = self._next(DEFAULT)
                 elif op is _engine.CHUNK:
@@ -313,7 +333,7 @@ class Connection(SocketLink, ConnectionBase):
                     self._read(max(0.0, wake - time.monotonic()))
                 except CallcpTimeout:
                     now = time.monotonic()
-                    action = keepalive.due(now)
+                    action = keepalive.due(now, unsent(self._sock))
                     if action == "dead":
                         err = keepalive.unresponsive(self._core, now)
                         self._abort()
@@ -326,7 +346,7 @@ class Connection(SocketLink, ConnectionBase):
 
     def _flush_owed(self) -> None:
         """Write what the core owes the peer (a PONG, a PING) now, unless a
-        sender holds the socket: it writes them before its next message."""
+        sender holds the socket: it writes them as soon as its write is done."""
         if self._send_lock.acquire(blocking=False):
             try:
                 self._write(self._core.data_to_send_parts())
@@ -334,6 +354,17 @@ class Connection(SocketLink, ConnectionBase):
                 pass  # the transport broke: the next read reports it
             finally:
                 self._send_lock.release()
+
+    def _wrote(self) -> None:
+        """(keepalive, under the send lock) Application bytes went out: the
+        network and the peer take them, a sign of life (not so for our own
+        PINGs and PONGs); and what the core owes the peer meanwhile (a PONG,
+        a PING) goes out now, not with the next message."""
+        keepalive = self._engine.keepalive
+        assert keepalive is not None
+        keepalive.heard(time.monotonic())
+        if self._core.owes:
+            self._write(self._core.data_to_send_parts())
 
 
 # ================================================================== client

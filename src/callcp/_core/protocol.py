@@ -77,7 +77,14 @@ from .keys import fingerprint_der, load_public_der, public_der
 from .records import DEFAULT_KEY_UPDATE_INTERVAL, RecordReceiver, RecordSender
 from .schedule import HandshakeSecrets, derive_handshake_secrets
 from .shares import SignedShare, check_share, sign_share
-from .tickets import Session, TicketKeys, box_premaster, key_hash, open_premaster
+from .tickets import (
+    MAX_TICKET_BYTES,
+    Session,
+    TicketKeys,
+    box_premaster,
+    key_hash,
+    open_premaster,
+)
 from .wire import (
     HEADER,
     HEADER_SIZE,
@@ -1112,10 +1119,17 @@ class ClientProtocol(_Protocol):
             lifetime, ticket = decode_new_ticket(body)
         except HandshakeError as exc:
             raise RemoteProtocolError(str(exc)) from None
-        if self._on_ticket is not None and self._resumption is not None:
+        on_ticket = self._on_ticket
+        if on_ticket is not None and self._resumption is not None:
+            if len(ticket) > MAX_TICKET_BYTES:
+                return None  # (too large to offer: ignored, not kept)
+            self._on_ticket = None  # (one ticket per connection is kept)
             assert self.server_fingerprint is not None
             expiry = self._clock() + min(lifetime, MAX_TICKET_LIFETIME)
-            self._on_ticket(Session(ticket, self._resumption, self.server_fingerprint, expiry))
+            try:
+                on_ticket(Session(ticket, self._resumption, self.server_fingerprint, expiry))
+            except Exception:  # noqa: S110 - a store that fails costs a later full handshake,
+                pass  # never this connection
         return None
 
     def _on_next_key(self, header: bytes, body: bytes) -> Optional[Event]:

@@ -22,6 +22,7 @@ Pure: callers pass ``now`` (Unix time, seconds).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -51,6 +52,11 @@ _TAG_SIZE = 16
 TICKET_SIZE = _EPOCH.size + _NONCE_SIZE + _TICKET_PLAINTEXT.size + _TAG_SIZE
 #: The premaster sealed under the ticket's secret: 32 bytes and a tag.
 PREMASTER_BOX_SIZE = 32 + _TAG_SIZE
+#: The largest ticket a client keeps (a ClientHello must stay small).
+MAX_TICKET_BYTES = 1024
+#: Ticket keys change at least this often (seconds), whatever the lifetime:
+#: a bounded number of tickets is sealed under one key (random nonces).
+MAX_KEY_PERIOD = 3600.0
 
 
 @dataclass(frozen=True)
@@ -90,13 +96,15 @@ class TicketKeys:
         if len(master) < 32:
             raise ValueError("a ticket key must be at least 32 bytes")
         self.lifetime = lifetime
+        self.period = min(lifetime, MAX_KEY_PERIOD)
+        self._back = math.ceil(lifetime / self.period)  # epochs a valid ticket may be old
         self._master = HKDF(hashes.SHA256(), 32, None, b"callcp/2 ticket master").derive(master)
         self._keys: Dict[int, AESGCM] = {}
 
     def _key(self, epoch: int) -> AESGCM:
         key = self._keys.get(epoch)
         if key is None:
-            if len(self._keys) > 4:  # (only the current and previous epochs are used)
+            if len(self._keys) > 8:  # (derived again when needed: cheap)
                 self._keys.clear()
             raw = HKDFExpand(
                 hashes.SHA256(), 32, b"callcp/2 ticket key" + _EPOCH.pack(epoch)
@@ -105,7 +113,7 @@ class TicketKeys:
         return key
 
     def _epoch(self, now: float) -> int:
-        return int(now // self.lifetime)
+        return int(now // self.period)
 
     def seal(
         self,
@@ -136,7 +144,7 @@ class TicketKeys:
             return None
         (epoch,) = _EPOCH.unpack_from(ticket)
         current = self._epoch(now)
-        if epoch not in (current, current - 1):
+        if not 0 <= current - epoch <= self._back:
             return None
         nonce = ticket[_EPOCH.size : _EPOCH.size + _NONCE_SIZE]
         try:
