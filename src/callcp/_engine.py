@@ -162,6 +162,19 @@ class Keepalive:
             return "ping"
         return None
 
+    def woke(self, core: _Protocol, now: float, unsent: int) -> bool:
+        """The adapter's wait for :meth:`next_wake` ended with nothing
+        heard: True if a PING was queued (write it now).
+
+        Raises:
+            ConnectionClosedError: the peer is unresponsive (the core is
+                failed, its CLOSE queued: abort the transport).
+        """
+        action = self.due(now, unsent)
+        if action == "dead":
+            raise self.unresponsive(core, now)
+        return action == "ping" and core.ping()
+
     def unresponsive(self, core: _Protocol, now: float) -> CallcpError:
         """The peer did not answer: fail the core (a CLOSE with TIMEOUT is
         queued, should it wake up) and return the error to raise."""

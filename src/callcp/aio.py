@@ -289,13 +289,12 @@ class Connection(ConnectionBase):
                 await link.wait(wake)
                 return
             except CallcpTimeout:
-                now = link.loop.time()
-                action = keepalive.due(now, link.unsent())
-                if action == "dead":
-                    err = keepalive.unresponsive(self._core, now)
+                try:
+                    ping = keepalive.woke(self._core, link.loop.time(), link.unsent())
+                except CallcpError:
                     link.abort()
-                    raise err from None
-                if action == "ping" and self._core.ping():
+                    raise
+                if ping:
                     link.flush()
 
 

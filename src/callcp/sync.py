@@ -332,13 +332,12 @@ class Connection(SocketLink, ConnectionBase):
                 try:
                     self._read(max(0.0, wake - time.monotonic()))
                 except CallcpTimeout:
-                    now = time.monotonic()
-                    action = keepalive.due(now, unsent(self._sock))
-                    if action == "dead":
-                        err = keepalive.unresponsive(self._core, now)
+                    try:
+                        ping = keepalive.woke(self._core, time.monotonic(), unsent(self._sock))
+                    except CallcpError:
                         self._abort()
-                        raise err from None
-                    if action == "ping" and self._core.ping():
+                        raise
+                    if ping:
                         self._flush_owed()
                     continue
             keepalive.heard(time.monotonic())
