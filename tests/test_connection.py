@@ -874,3 +874,41 @@ def test_keepalive_does_not_give_up_on_a_peer_reading_our_long_upload(adapter: A
         sender.join(10)
     finally:
         conn.close()
+
+
+def test_a_send_waits_for_another_threads_stream(adapter: Adapter) -> None:
+    """Blocking client: a send() from another thread while a stream is
+    being sent waits for the stream's end, then goes out (it is neither
+    refused nor slipped in between the stream's chunks)."""
+    import io
+
+    def sync_handler(conn: Any) -> None:
+        info = conn.recv_stream(io.BytesIO())
+        conn.send(b"%d then %s" % (info.length, conn.recv()))
+
+    async def aio_handler(conn: Any) -> None:
+        info = await conn.recv_stream(io.BytesIO())
+        conn_message = await conn.recv()
+        await conn.send(b"%d then %s" % (info.length, conn_message))
+
+    srv = adapter.serve(Handlers(sync_handler, aio_handler))
+    first_chunk_out, go_on = threading.Event(), threading.Event()
+
+    def source() -> Any:
+        yield b"a" * 1000
+        first_chunk_out.set()
+        assert go_on.wait(10)
+        yield b"b" * 1000
+
+    with callcp.connect(LOOPBACK, srv.port, server_fingerprint=srv.fingerprint) as conn:
+        streamer = threading.Thread(target=conn.send_stream, args=(source(),))
+        streamer.start()
+        assert first_chunk_out.wait(10)
+        sender = threading.Thread(target=conn.send, args=(b"after",))
+        sender.start()
+        sender.join(0.3)
+        assert sender.is_alive()  # waiting for the stream
+        go_on.set()
+        streamer.join(10)
+        sender.join(10)
+        assert conn.recv(timeout=10) == b"2000 then after"

@@ -25,7 +25,13 @@ from . import _engine
 from . import _workers as workers
 from ._common import check_port, client_protocol
 from ._common import translate_oserror as _translate
-from ._core.errors import CallcpError, CallcpTimeout, CloseCode, ConnectionClosedOK
+from ._core.errors import (
+    CallcpError,
+    CallcpTimeout,
+    CloseCode,
+    ConnectionClosedOK,
+    LocalProtocolError,
+)
 from ._core.events import NEED_DATA, DecryptionRequested, MessageReceived
 from ._engine import (
     DEFAULT,
@@ -69,6 +75,8 @@ class Connection(SocketLink, ConnectionBase):
     ) -> None:
         super().__init__(sock, engine, timeout)
         self._decrypt = decrypt  # (server) the key exchange's RSA work
+        self._stream_lock = threading.Lock()  # held while a stream is being sent
+        self._streaming = 0  # the thread sending a stream (0: none)
 
     def do_handshake(self, timeout: Any = DEFAULT, *, confirm: bool = False) -> None:
         """Run the handshake until data may flow: a client returns once its
@@ -99,7 +107,12 @@ class Connection(SocketLink, ConnectionBase):
                 is then closed).
         """
         with self._send_lock:
-            data = self._core.send_bytes(message)
+            try:
+                data = self._core.send_bytes(message)
+            except LocalProtocolError:
+                if not self._waited_for_stream():
+                    raise
+                return self.send(message)  # (another thread's stream ended meanwhile)
             if type(data) is not bytes:  # several records: gathering writes
                 self._write(data)
                 if self._engine.keepalive is not None:
@@ -143,11 +156,29 @@ class Connection(SocketLink, ConnectionBase):
         """
         size = source_size(source) if size is None else size
         chunks = iter_chunks(source)
-        steps = _engine.send_stream(self._core, chunks, size, name, checksum, progress)
-        # The send lock is held for each step, not while the source is read:
-        # a reader may then write a PONG (keepalive) between two chunks.
-        info: StreamInfo = self._drive(steps, self._send_lock)
+        with self._stream_lock:  # (another thread's send() waits for the stream's end)
+            self._streaming = threading.get_ident()
+            try:
+                steps = _engine.send_stream(self._core, chunks, size, name, checksum, progress)
+                # The send lock is held for each step, not while the source is
+                # read: a reader may then write a PONG (keepalive) between chunks.
+                info: StreamInfo = self._drive(steps, self._send_lock)
+            finally:
+                self._streaming = 0
         return info
+
+    def _waited_for_stream(self) -> bool:
+        """(send() refused) If another thread is sending a stream, wait for
+        its end and say so (send() then tries again)."""
+        streaming = self._streaming
+        if not streaming or streaming == threading.get_ident():
+            return False
+        self._send_lock.release()  # (held once by send(): let the stream go on)
+        try:
+            with self._stream_lock:
+                return True
+        finally:
+            self._send_lock.acquire()
 
     def recv(self, timeout: Any = DEFAULT) -> bytes:
         """Receive the next whole message.
