@@ -486,3 +486,16 @@ def test_a_server_lets_go_of_the_share_key_when_a_handshake_ends(
     assert proto._eph is None
     core.stopped()
     assert core._spare is None and core.shares._share is None
+
+
+def test_keepalive_waits_longer_only_while_our_send_queue_drains() -> None:
+    from callcp._engine import Keepalive
+
+    ka = Keepalive(interval=1.0, timeout=2.0, now=0.0)
+    assert ka.due(1.0, unsent=5000) == "ping"  # the PING queues behind 5000 bytes
+    assert ka.due(3.0, unsent=3000) is None  # the peer took 2000: alive, wait on
+    assert ka.next_wake() == 5.0
+    assert ka.due(5.0, unsent=3000) == "dead"  # nothing taken since: gone
+    frozen = Keepalive(interval=1.0, timeout=2.0, now=0.0)
+    assert frozen.due(1.0, unsent=5000) == "ping"
+    assert frozen.due(3.0, unsent=5000) == "dead"  # within interval + timeout

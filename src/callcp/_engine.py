@@ -152,13 +152,14 @@ class Keepalive:
         if self.pinged:
             if now < self.pinged + self.timeout:
                 return None
-            if 0 < unsent < self._unsent or (unsent > 0 and self._unsent < 0):
+            if 0 < unsent < self._unsent:  # (shrunk since the PING or the last look)
                 self._unsent = unsent
                 self.pinged = now  # (the same PING: it waits behind our bytes)
                 return None
             return "dead"
         if now >= self.last_heard + self.interval:
             self.pinged = now
+            self._unsent = unsent  # (what the PING queues behind)
             return "ping"
         return None
 
