@@ -543,7 +543,7 @@ class ServerHandle:
         if self.flavour == SYNC:
 
             def stop() -> None:
-                self.server.shutdown(timeout=self.shutdown_timeout)
+                self.server.shutdown(grace=self.shutdown_timeout)
 
             stopper = threading.Thread(target=stop, name="test-shutdown", daemon=True)
             stopper.start()
@@ -558,7 +558,7 @@ class ServerHandle:
         else:
             loop = self.adapter.loop
             loop.run(self.server.close)
-            closing = loop.submit(self.server.wait_closed())
+            closing = loop.submit(self.server.wait_closed(self.shutdown_timeout))
 
             def wait_aio(timeout: float) -> bool:
                 try:

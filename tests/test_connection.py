@@ -912,3 +912,22 @@ def test_a_send_waits_for_another_threads_stream(adapter: Adapter) -> None:
         streamer.join(10)
         sender.join(10)
         assert conn.recv(timeout=10) == b"2000 then after"
+
+
+def test_shutdown_grace_lets_a_busy_handler_finish(adapter: Adapter) -> None:
+    """shutdown(grace=...): idle connections are closed at once
+    (GOING_AWAY); a handler in the middle of a message finishes it."""
+    handler = Gated(trigger=b"slow")
+    srv = adapter.serve(handler)
+    busy, idle = srv.connect(), srv.connect()
+    assert idle.request(b"hi") == b"done:hi"
+    busy.send(b"slow")
+    assert handler.started.wait(10)
+    srv.shutdown_timeout = 10.0  # (the grace given to shutdown(grace=...) / wait_closed(grace))
+    stopped = srv.start_shutdown()
+    with pytest.raises(ConnectionClosedOK) as info:
+        idle.recv(timeout=10)  # closed at once, while the busy one works on
+    assert info.value.code == CloseCode.GOING_AWAY
+    handler.gate.set()
+    assert busy.recv(timeout=10) == b"done:slow"  # its message finished
+    assert stopped(15)

@@ -362,6 +362,7 @@ class Server(ServerBase):
         self._port = 0
         self._pool: Optional[WorkerPool] = None  # workers > 1
         self._pool_stopped: Optional[asyncio.Future[None]] = None
+        self._closed_down = False  # wait_closed() finished
 
     @property
     def sockets(self) -> Tuple[socket.socket, ...]:
@@ -447,8 +448,24 @@ class Server(ServerBase):
         self._port = address[1]
         self._core.listening(address, options.workers)
 
-    async def serve_forever(self) -> None:
-        """Serve until :meth:`close` (or cancellation)."""
+    async def serve_forever(self, *, handle_signals: bool = False) -> None:
+        """Serve until :meth:`close` (or cancellation).
+
+        ``handle_signals=True``: Ctrl-C (SIGINT) and SIGTERM close the server
+        gracefully (as :meth:`shutdown` does, which this then awaits) and
+        ``serve_forever()`` returns normally.  (Unix: loop signal handlers.)
+        """
+        if handle_signals:
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, self.close)
+            try:
+                await self.serve_forever()
+            finally:
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(signum)
+            await self.wait_closed()
+            return
         pool = self._pool
         if pool is not None:
             while pool.alive and not self._core.stopping:
@@ -486,9 +503,13 @@ class Server(ServerBase):
             else:
                 link.abort()
 
-    async def wait_closed(self) -> None:
-        """Wait for handlers to finish, up to ``shutdown_timeout`` seconds;
-        then cancel what remains and close every connection."""
+    async def wait_closed(self, grace: Optional[float] = None) -> None:
+        """Wait for handlers to finish, up to ``grace`` seconds (default
+        ``shutdown_timeout``); then cancel what remains and close every
+        connection."""
+        grace = self.options.shutdown_timeout if grace is None else grace
+        if self._closed_down:  # (again: done already)
+            return
         if self._pool_stopped is not None:
             await self._pool_stopped
         if self._server is not None:
@@ -498,7 +519,7 @@ class Server(ServerBase):
                 pass
         tasks = list(self._tasks)
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.options.shutdown_timeout)
+            _, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
                 task.cancel()
             if pending:
@@ -508,12 +529,14 @@ class Server(ServerBase):
         if self._clock is not None:
             self._clock.cancel()
         self._rsa.shutdown(wait=False, cancel_futures=True)
+        self._closed_down = True
         self._core.stopped()
 
-    async def shutdown(self) -> None:
-        """``close()`` then ``wait_closed()``."""
+    async def shutdown(self, *, grace: Optional[float] = None) -> None:
+        """Graceful drain: ``close()`` (stop accepting, GOING_AWAY to idle
+        connections at once), then ``wait_closed(grace)``."""
         self.close()
-        await self.wait_closed()
+        await self.wait_closed(grace)
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop()

@@ -46,7 +46,6 @@ import io
 import logging
 import os
 import re
-import signal
 import socket
 import stat
 import sys
@@ -54,7 +53,6 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from types import FrameType
 from typing import (
     Any,
     Callable,
@@ -965,10 +963,6 @@ def _make_handler(upper: bool, receive_dir: Optional[Path]) -> Callable[[Connect
     return handle
 
 
-def _sigterm(signum: int, frame: Optional[FrameType]) -> None:
-    raise KeyboardInterrupt
-
-
 def make_server(args: argparse.Namespace) -> callcp.Server:
     """The server ``callcp serve`` runs for these parsed arguments, listening
     already (``serve_forever()`` serves).
@@ -1002,26 +996,19 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     server = make_server(args)
-    # SIGTERM stops the server as Ctrl-C does; signal handlers can only be set
-    # from the main thread (main() may run in another one).
-    on_sigterm = (
-        hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread()
-    )
-    previous: Any = None
-    if on_sigterm:
-        previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         host, port = server.server_address[:2]
         _say(f"listening on {_addr(host, port)} (server key {server.fingerprint})")
         if args.receive_dir is not None:
             log.info("storing received files in %s", os.path.expanduser(args.receive_dir))
-        server.serve_forever()
+        # Ctrl-C and SIGTERM: a graceful shutdown (signal handlers can only be
+        # set from the main thread; main() may run in another one).
+        server.serve_forever(handle_signals=threading.current_thread() is threading.main_thread())
+        log.info("shutting down")  # (a signal stopped it)
     except KeyboardInterrupt:
         log.info("shutting down")
     finally:
         server.shutdown()
-        if on_sigterm:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return EXIT_OK
 
 

@@ -470,6 +470,7 @@ class Server(ServerBase):
         self._acceptor: Optional[Acceptor] = None
         self._stopped = threading.Event()
         self._stopped.set()
+        self._shut_down = False
         self._pool: Optional[WorkerPool] = None
         self.workers = options.workers
         if options.workers == 1:
@@ -492,9 +493,23 @@ class Server(ServerBase):
         port: int = self._address[1]
         return port
 
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
+    def serve_forever(self, poll_interval: float = 0.5, *, handle_signals: bool = False) -> None:
         """Accept and serve connections until :meth:`shutdown` (returns at
-        once if shutdown was already requested)."""
+        once if shutdown was already requested).
+
+        ``handle_signals=True`` (from the main thread): Ctrl-C (SIGINT) and
+        SIGTERM shut the server down gracefully, as :meth:`shutdown` does,
+        and ``serve_forever()`` then returns normally: no traceback.  The
+        previous handlers are put back.
+        """
+        if handle_signals:
+            with _stopping_on_signals():
+                try:
+                    self.serve_forever(poll_interval)
+                except KeyboardInterrupt:
+                    self._log.info("callcp server: shutting down (signal)")
+            self.shutdown()
+            return
         with self._lock:
             if self._core.stopping:
                 return
@@ -543,10 +558,17 @@ class Server(ServerBase):
                 self._busy -= 1
                 self._idle.notify_all()
 
-    def shutdown(self, timeout: Optional[float] = None) -> None:
-        """Stop accepting, let in-flight requests finish (up to ``timeout``
-        seconds, default ``shutdown_timeout``), then close every connection
-        with an authenticated close."""
+    def shutdown(self, timeout: Optional[float] = None, *, grace: Optional[float] = None) -> None:
+        """Graceful drain: stop accepting, close idle connections at once
+        (an authenticated close, GOING_AWAY), let in-flight handler calls
+        finish the message they work on for up to ``grace`` seconds (default
+        ``shutdown_timeout``; ``timeout`` is its older name), then close
+        every connection left."""
+        if grace is not None and timeout is not None:
+            raise ValueError("give grace= (or its older name timeout=), not both")
+        if self._shut_down:  # (again: done already)
+            return
+        timeout = grace if grace is not None else timeout
         timeout = self.options.shutdown_timeout if timeout is None else timeout
         with self._lock:
             self._core.stopping = True
@@ -572,6 +594,7 @@ class Server(ServerBase):
             self._idle.wait_for(lambda: self._busy == 0, 1.0)
         if self._acceptor is not None:
             self._acceptor.close()
+        self._shut_down = True
         self._core.stopped()
 
     close = shutdown
@@ -604,6 +627,23 @@ def serve(
         TransportError: the address could not be bound.
     """
     return Server(handler, host, port, ServerOptions(**options))
+
+
+class _stopping_on_signals:  # noqa: N801 - a context manager, used like a function
+    """While active, SIGTERM raises KeyboardInterrupt in the main thread, as
+    Ctrl-C does (signal handlers can only be set from the main thread)."""
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("handle_signals=True needs the main thread (signal handlers)")
+        self._previous = signal.signal(signal.SIGTERM, _interrupt)
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _worker(
