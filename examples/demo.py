@@ -35,6 +35,7 @@ def main() -> None:
             with callcp.connect(
                 "127.0.0.1", server.port, server_fingerprint=key.fingerprint
             ) as conn:
+                conn.do_handshake(confirm=True)  # wait for the server to prove its key
                 print(f"client connected; server key verified: {conn.peer_fingerprint}")
                 for text in (b"hello, callcp", b"messages keep their boundaries", b""):
                     reply = conn.request(text)

@@ -1001,3 +1001,16 @@ def test_keygen_next_and_serve_next_key_announce_the_next_key(
     with callcp.connect("127.0.0.1", server.port, known_hosts=known) as conn:
         assert conn.request(b"hi") == b"hi"
     assert next_fp in known.read_text().split()
+
+
+def test_the_quick_start_demo_runs(tmp_path: Path) -> None:
+    """`make demo` runs examples/demo.py: it must work as the README says."""
+    demo = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
+    env = dict(os.environ, HOME=str(tmp_path), PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run(
+        [sys.executable, str(demo)], capture_output=True, timeout=120, env=env, check=False
+    )
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert re.search(r"server key verified: SHA256:\S+", out), out
+    assert "got b'HELLO, CALLCP'" in out and "server shut down cleanly" in out
