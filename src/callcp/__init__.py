@@ -42,6 +42,7 @@ from ._options import ClientOptions, ServerOptions
 from ._streams import StreamInfo
 from .compat import SecureTCPClient, SecureTCPServer
 from .keys import KeyPair
+from .pool import Pool, PoolStats
 from .sessions import SessionStore
 from .sync import Connection, Server, connect, serve
 from .trust import AuthorizedKeys, KnownHosts, ServerKeyPolicy
@@ -61,6 +62,8 @@ __all__ = [
     "aio",
     # keys and trust
     "KeyPair",
+    "Pool",
+    "PoolStats",
     "SessionStore",
     "KnownHosts",
     "AuthorizedKeys",

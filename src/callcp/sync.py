@@ -253,6 +253,30 @@ class Connection(SocketLink, ConnectionBase):
         self.send(message)
         return self.recv(timeout)
 
+    def poll(self) -> bool:
+        """Is this idle connection still usable?  Reads, without waiting,
+        whatever has arrived: a PING is answered, the peer's CLOSE (a server
+        going away) or the end of TCP is seen.  False (and the connection
+        closed) if it is over, or if a message arrived that nobody asked
+        for.  Not while another thread uses the connection."""
+        if self._closed:
+            return False
+        try:
+            waiting = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True  # (nothing arrived: the common case)
+        except OSError:
+            waiting = b""
+        if waiting:
+            try:
+                self.recv(timeout=0.0)
+            except CallcpTimeout:
+                return True  # (only PINGs and the like: answered)
+            except CallcpError:
+                pass
+        self.close()
+        return False
+
     def __iter__(self) -> Iterator[bytes]:
         """Incoming messages until the peer closes cleanly (a broken
         connection raises instead of ending the loop).  Each wait is bounded
