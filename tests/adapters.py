@@ -279,6 +279,19 @@ class Talker(Behaviour):
             await conn.send(first + b" %d" % i)
 
 
+class Resumed(Echo):
+    """An echo that records, per connection, whether it was resumed (the
+    client's session ticket spared the RSA key exchange)."""
+
+    def __init__(self) -> None:
+        super().__init__(reply=lambda message: message)
+        self.resumed: List[bool] = []
+
+    def _start(self, conn: Any) -> None:
+        super()._start(conn)
+        self.resumed.append(conn.resumed)
+
+
 class Collect(Behaviour):
     """Iterates until the client closes, then hands over the list."""
 

@@ -11,7 +11,7 @@ import pytest
 
 import callcp
 from callcp import CallcpTimeout, LocalProtocolError, Pool
-from tests.adapters import Adapter, Echo
+from tests.adapters import Adapter, Echo, Resumed
 from tests.sock_support import free_port
 
 LOOPBACK = "127.0.0.1"
@@ -21,16 +21,6 @@ def _pool(srv: Any, **kwargs: Any) -> Pool:
     kwargs.setdefault("server_fingerprint", srv.fingerprint)
     kwargs.setdefault("timeout", 10.0)
     return Pool(LOOPBACK, srv.port, **kwargs)
-
-
-class Resumed(Echo):
-    def __init__(self) -> None:
-        super().__init__(reply=lambda message: message)
-        self.resumed: List[bool] = []
-
-    def _start(self, conn: Any) -> None:
-        super()._start(conn)
-        self.resumed.append(conn.resumed)
 
 
 def test_requests_reuse_one_connection_and_new_ones_resume(adapter: Adapter) -> None:

@@ -18,7 +18,7 @@ from callcp._core.protocol import ClientProtocol, ServerProtocol
 from callcp._core.shares import sign_share
 from callcp._core.tickets import Session, TicketKeys
 from callcp._core.wire import FrameType
-from tests.adapters import Adapter, Echo
+from tests.adapters import Adapter, Resumed
 from tests.helpers import accept_any, feed
 
 NOW = 1_800_000_000.0
@@ -230,18 +230,6 @@ def test_ticket_key_option(tmp_path: Path) -> None:
 # ------------------------------------------------------------ over sockets
 
 
-class Resumed(Echo):
-    """Replies to each message with whether the connection was resumed."""
-
-    def __init__(self) -> None:
-        super().__init__(reply=lambda message: message)
-        self.conns: List[Any] = []
-
-    def _start(self, conn: Any) -> None:
-        super()._start(conn)
-        self.conns.append(conn.resumed)
-
-
 def test_the_second_connection_resumes(adapter: Adapter, tmp_path: Path) -> None:
     """Default clients keep the ticket the server gave them (this process's
     store) and resume the next connection; a store of None never does."""
@@ -253,7 +241,7 @@ def test_the_second_connection_resumes(adapter: Adapter, tmp_path: Path) -> None
             assert conn.request(b"x") == b"x"
     with srv.connect(session_store=None) as conn:
         assert conn.request(b"y") == b"y"
-    assert handler.conns == [False, True, True, False]
+    assert handler.resumed == [False, True, True, False]
 
 
 def test_workers_resume_each_others_sessions(server_key: rsa.RSAPrivateKey) -> None:
