@@ -100,7 +100,8 @@ def test_default_max_connections_stays_below_the_descriptor_limit() -> None:
 
 
 def test_mypy_rejects_a_misspelt_option(tmp_path: Path) -> None:
-    """``serve(..., max_conections=3)`` is a type error under mypy --strict."""
+    """``serve(..., max_conections=3)`` is a type error under mypy --strict
+    (and a misspelt option of a pool too)."""
     snippet = tmp_path / "snippet.py"
     snippet.write_text(
         textwrap.dedent(
@@ -112,6 +113,8 @@ def test_mypy_rejects_a_misspelt_option(tmp_path: Path) -> None:
 
             callcp.serve(handler, "127.0.0.1", 0, max_connections=3)
             callcp.serve(handler, "127.0.0.1", 0, max_conections=3)
+            callcp.Pool("127.0.0.1", 1, size=2, keepalive_interval=5.0)
+            callcp.aio.Pool("127.0.0.1", 1, size=2, keepalive_intreval=5.0)
             """
         )
     )
@@ -122,8 +125,9 @@ def test_mypy_rejects_a_misspelt_option(tmp_path: Path) -> None:
         check=False,
     )
     errors = [line for line in result.stdout.splitlines() if ": error:" in line]
-    assert len(errors) == 1, result.stdout
+    assert len(errors) == 2, result.stdout
     assert "snippet.py:8:" in errors[0] and "max_conections" in errors[0], errors
+    assert "snippet.py:10:" in errors[1] and "keepalive_intreval" in errors[1], errors
 
 
 # ---------------------------------------------------------------- admission

@@ -128,3 +128,65 @@ def test_an_idle_connection_answers_the_servers_pings_at_checkout(adapter: Adapt
         time.sleep(0.4)  # (the server pings meanwhile)
         assert pool.request(b"2") == b"2"
         assert pool.stats().created == 1
+
+
+# ------------------------------------------------------------ callcp.aio.Pool
+
+
+def test_asyncio_pool(adapter: Adapter) -> None:
+    """callcp.aio.Pool: reuse and resumption, tasks sharing a bounded pool,
+    retirement after an error, a server restart seen at checkout,
+    exhaustion, close."""
+    import asyncio
+
+    import callcp.aio
+
+    handler = Resumed()
+    port = free_port()
+    first = adapter.serve(handler, port=port)
+
+    async def main() -> None:
+        pool = callcp.aio.Pool(
+            LOOPBACK, port, size=3, timeout=10.0, server_fingerprint=first.fingerprint,
+            session_store=callcp.SessionStore(),
+        )  # fmt: skip
+        for i in range(5):
+            assert await pool.request(b"m%d" % i) == b"m%d" % i
+        assert pool.stats().created == 1
+
+        async def work(n: int) -> None:
+            for i in range(30):
+                message = b"%d-%d" % (n, i)
+                assert await pool.request(message) == message
+
+        await asyncio.gather(*(work(n) for n in range(8)))
+        assert 1 < pool.stats().created <= 3 and pool.stats().in_use == 0
+        # (connections opened at once share the tickets there are: one here)
+        assert handler.resumed[0] is False and any(handler.resumed[1:])
+
+        failed = pool.stats().failed
+        with pytest.raises(ValueError):
+            async with pool.connection() as conn:
+                raise ValueError("the application failed")
+        assert conn.closed and pool.stats().failed == failed + 1
+
+        first.shutdown()  # idle connections get GOING_AWAY
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: adapter.serve(Resumed(), port=port)
+        )
+        assert await pool.request(b"after") == b"after"
+
+        small = callcp.aio.Pool(
+            LOOPBACK, port, size=1, timeout=0.3, server_fingerprint=first.fingerprint
+        )
+        async with small.connection() as held:
+            with pytest.raises(CallcpTimeout, match="all 1 in use"):
+                await small.request(b"y")
+        await small.close()
+        assert held.closed
+        with pytest.raises(LocalProtocolError, match="closed"):
+            await small.request(b"z")
+        await pool.close()
+        assert pool.stats().open == 0
+
+    asyncio.run(main())

@@ -62,7 +62,7 @@ from ._workers import WorkerPool
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["Connection", "Server", "connect", "serve"]
+__all__ = ["Connection", "Server", "connect", "serve", "Pool", "PoolStats"]
 
 AsyncSource = Union[Any, AsyncIterable[Buffer]]
 
@@ -193,6 +193,25 @@ class Connection(ConnectionBase):
         """Send one message and return the next message received."""
         await self.send(message)
         return await self.recv(timeout)
+
+    async def poll(self) -> bool:
+        """Is this idle connection still usable?  (See
+        :meth:`callcp.sync.Connection.poll`.)  Handles, without waiting,
+        what has arrived; False, and the connection closed, if it is over
+        or an unasked-for message came."""
+        if self.closed:
+            return False
+        core = self._core
+        if not core.buffered and not core.owes and core.needs_data:
+            return True  # (nothing arrived: the common case)
+        try:
+            await self.recv(timeout=0.0)
+        except CallcpTimeout:
+            return not self.closed  # (only PINGs and the like: answered)
+        except CallcpError:
+            pass
+        await self.close()
+        return False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
@@ -595,3 +614,8 @@ def _worker(
     # A forked child does not see its parent's running loop (asyncio checks
     # the process id), so asyncio.run() starts afresh here.
     asyncio.run(main())
+
+
+# The asyncio pool lives with the blocking one (their bookkeeping is shared).
+from .pool import AsyncPool as Pool  # noqa: E402
+from .pool import PoolStats  # noqa: E402

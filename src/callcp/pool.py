@@ -2,26 +2,43 @@
 
 ``pool = callcp.Pool(host, port, size=8, **client options)``;
 ``pool.request(message)`` borrows a connection for one request/response, and
-``with pool.connection() as conn:`` for several.  Thread-safe.  New
-connections resume with the session tickets the server gave earlier ones
-(the client's session store), so most cost no RSA work on the server.
+``with pool.connection() as conn:`` for several.  Thread-safe
+(``callcp.aio.Pool``: the same, awaited, task-safe).  New connections resume
+with the session tickets the server gave earlier ones (the client's session
+store), so most cost no RSA work on the server.
 
-An idle connection is checked before it is handed out (:meth:`Connection.poll`
+An idle connection is checked before it is handed out (``Connection.poll()``
 reads what arrived meanwhile: a server going away, a PING) and retired after
 ``max_idle`` seconds unused or ``max_lifetime`` seconds old.  A connection that
 saw an error (an exception left the ``with`` block) is closed, never handed
 out again.  ``close()`` closes every connection with the authenticated CLOSE.
+
+The bookkeeping (:class:`_Slots`) is written once; the two pools differ only
+in how they wait and do I/O.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Deque, Iterator, List, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Deque,
+    Generic,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    TypeVar,
+)
 
+from . import aio
 from ._core.errors import CallcpTimeout, LocalProtocolError
 from ._engine import DEFAULT, Buffer
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions
@@ -30,7 +47,9 @@ from .sync import Connection, open_connection
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["Pool", "PoolStats"]
+__all__ = ["Pool", "AsyncPool", "PoolStats"]
+
+C = TypeVar("C")
 
 
 @dataclass(frozen=True)
@@ -44,8 +63,83 @@ class PoolStats:
     failed: int  # connections that failed to open, or were retired after an error
 
 
-class Pool:
-    """Up to ``size`` connections to ``host:port``, reused (see the module)."""
+class _Slots(Generic[C]):
+    """A pool's state, without waiting or I/O (the caller holds its lock)."""
+
+    def __init__(self, host: str, port: int, size: int, max_idle: float, max_lifetime: float):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a whole number >= 1, not {size!r}")
+        for name, value in (("max_idle", max_idle), ("max_lifetime", max_lifetime)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
+        self.host, self.port = host, port
+        self.size, self.max_idle, self.max_lifetime = size, max_idle, max_lifetime
+        self.idle: Deque[Tuple[C, float, float]] = deque()  # (conn, made, last used)
+        self.open = self.in_use = self.created = self.failed = 0
+        self.closed = False
+
+    def stats(self) -> PoolStats:
+        return PoolStats(self.open, len(self.idle), self.in_use, self.created, self.failed)
+
+    def take(self, retired: List[C]) -> Tuple[Optional[Tuple[C, float]], bool]:
+        """(an idle connection to check, or None; whether a new one may be
+        opened).  Both None/False: wait.  Expired idle ones go to ``retired``."""
+        if self.closed:
+            raise LocalProtocolError("the pool is closed")
+        now = time.monotonic()
+        while self.idle:
+            conn, made, used = self.idle.pop()  # the most recently used
+            if now - used > self.max_idle or now - made > self.max_lifetime:
+                retired.append(conn)
+                self.open -= 1
+                continue
+            self.in_use += 1
+            return (conn, made), False
+        if self.open < self.size:
+            self.open += 1  # (a place for the new connection)
+            self.in_use += 1
+            return None, True
+        return None, False
+
+    def lost(self, *, failed: bool) -> None:
+        """A taken place is given up: its connection failed to open, or was
+        found gone at checkout."""
+        self.in_use -= 1
+        self.open -= 1
+        if failed:
+            self.failed += 1
+
+    def give_back(self, conn: C, made: float, broken: bool) -> bool:
+        """True if the connection is kept (else the caller closes it)."""
+        self.in_use -= 1
+        keep = not broken and not self.closed
+        if keep:
+            self.idle.append((conn, made, time.monotonic()))
+        else:
+            self.open -= 1
+            if broken:
+                self.failed += 1
+        return keep
+
+    def shut(self) -> List[C]:
+        """Close the pool: the idle connections, to close."""
+        self.closed = True
+        idle = [conn for conn, _, _ in self.idle]
+        self.idle.clear()
+        self.open -= len(idle)
+        return idle
+
+    def exhausted(self, timeout: Optional[float]) -> CallcpTimeout:
+        return CallcpTimeout(
+            f"no pooled connection to {self.host}:{self.port} was free within {timeout} s "
+            f"(all {self.size} in use)"
+        )
+
+
+class _PoolBase(Generic[C]):
+    """What both pools are made of: the options and the slots."""
+
+    _name = "callcp.Pool"
 
     def __init__(
         self,
@@ -57,27 +151,32 @@ class Pool:
         max_lifetime: float = 600.0,
         **options: Unpack[ClientKwargs],
     ) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a whole number >= 1, not {size!r}")
-        for name, value in (("max_idle", max_idle), ("max_lifetime", max_lifetime)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
-        self.host, self.port = host, port
-        self.size, self.max_idle, self.max_lifetime = size, max_idle, max_lifetime
+        self._slots: _Slots[C] = _Slots(host, port, size, max_idle, max_lifetime)
         self.options = ClientOptions(**options)
-        self._cond = threading.Condition()
-        self._idle: Deque[Tuple[Connection, float, float]] = deque()  # (conn, made, last used)
-        self._open = self._in_use = self._created = self._failed = 0
-        self._closed = False
+        self._cond = self._new_condition()
+
+    def _new_condition(self) -> Any:
+        raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"callcp.Pool({self.host!r}, {self.port}, size={self.size}) {self.stats()}"
+        s = self._slots
+        return f"{self._name}({s.host!r}, {s.port}, size={s.size}) {s.stats()}"
+
+
+class Pool(_PoolBase[Connection]):
+    """Up to ``size`` connections to ``host:port``, reused (see the module).
+    ``size``: connections open at once at most; ``max_idle``, ``max_lifetime``:
+    seconds after which an unused, or any, connection is retired; the other
+    options are :func:`callcp.connect`'s."""
+
+    _cond: threading.Condition
+
+    def _new_condition(self) -> threading.Condition:
+        return threading.Condition()
 
     def stats(self) -> PoolStats:
         with self._cond:
-            return PoolStats(
-                self._open, len(self._idle), self._in_use, self._created, self._failed
-            )
+            return self._slots.stats()
 
     def request(self, message: Buffer, timeout: Any = DEFAULT) -> bytes:
         """Send one message on a pooled connection and return the reply."""
@@ -107,10 +206,7 @@ class Pool:
         """Close the idle connections now (authenticated CLOSE) and the ones
         in use when they come back; later borrowing raises."""
         with self._cond:
-            self._closed = True
-            idle = [conn for conn, _, _ in self._idle]
-            self._idle.clear()
-            self._open -= len(idle)
+            idle = self._slots.shut()
             self._cond.notify_all()
         for conn in idle:
             conn.close()
@@ -121,77 +217,139 @@ class Pool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- borrowing
-
     def _acquire(self) -> Tuple[Connection, float]:
-        timeout = self.options.timeout
+        slots, timeout = self._slots, self.options.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             retired: List[Connection] = []
             with self._cond:
                 while True:
-                    if self._closed:
-                        raise LocalProtocolError("the pool is closed")
-                    now = time.monotonic()
-                    found = None
-                    while self._idle:
-                        conn, made, used = self._idle.pop()  # the most recently used
-                        if now - used > self.max_idle or now - made > self.max_lifetime:
-                            retired.append(conn)
-                            self._open -= 1
-                            continue
-                        found = (conn, made)
+                    found, new = slots.take(retired)
+                    if found is not None or new:
                         break
-                    if found is not None:
-                        self._in_use += 1
-                        break
-                    if self._open < self.size:
-                        self._open += 1  # (a place for the new connection)
-                        self._in_use += 1
-                        break
-                    left = None if deadline is None else deadline - now
+                    left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
-                        raise CallcpTimeout(
-                            f"no pooled connection to {self.host}:{self.port} was free "
-                            f"within {timeout} s (all {self.size} in use)"
-                        )
+                        raise slots.exhausted(timeout)
                     self._cond.wait(left)
-            for conn in retired:
-                conn.close()
+            for old in retired:
+                old.close()
             if found is None:
                 return self._new()
             conn, made = found
             if conn.poll():  # (outside the lock: it may read and answer a PING)
                 return conn, made
             with self._cond:  # gone while idle: retire it, try again
-                self._in_use -= 1
-                self._open -= 1
+                slots.lost(failed=False)
                 self._cond.notify()
 
     def _new(self) -> Tuple[Connection, float]:
         try:
-            conn = open_connection(self.host, self.port, self.options)
+            conn = open_connection(self._slots.host, self._slots.port, self.options)
         except BaseException:
             with self._cond:
-                self._open -= 1
-                self._in_use -= 1
-                self._failed += 1
+                self._slots.lost(failed=True)
                 self._cond.notify()
             raise
         with self._cond:
-            self._created += 1
+            self._slots.created += 1
         return conn, time.monotonic()
 
     def _release(self, conn: Connection, made: float, *, broken: bool) -> None:
         with self._cond:
-            self._in_use -= 1
-            keep = not broken and not self._closed
-            if keep:
-                self._idle.append((conn, made, time.monotonic()))
-            else:
-                self._open -= 1
-                if broken:
-                    self._failed += 1
+            keep = self._slots.give_back(conn, made, broken)
             self._cond.notify()
         if not keep:
             conn.close()
+
+
+class AsyncPool(_PoolBase["aio.Connection"]):
+    """:class:`Pool` for asyncio (``callcp.aio.Pool``): the same, awaited,
+    task-safe; one event loop."""
+
+    _name = "callcp.aio.Pool"
+
+    _cond: asyncio.Condition
+
+    def _new_condition(self) -> asyncio.Condition:
+        return asyncio.Condition()  # (bound to the loop that first uses it)
+
+    def stats(self) -> PoolStats:
+        return self._slots.stats()
+
+    async def request(self, message: Buffer, timeout: Any = DEFAULT) -> bytes:
+        """Send one message on a pooled connection and return the reply."""
+        async with self.connection() as conn:
+            return await conn.request(message, timeout)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[aio.Connection]:
+        """A connection for the ``async with`` block (see :meth:`Pool.connection`)."""
+        conn, made = await self._acquire()
+        try:
+            yield conn
+        except BaseException:
+            await self._release(conn, made, broken=True)
+            raise
+        await self._release(conn, made, broken=conn.closed)
+
+    async def close(self) -> None:
+        """Close the idle connections now and the ones in use when they come back."""
+        cond = self._cond
+        async with cond:
+            idle = self._slots.shut()
+            cond.notify_all()
+        for conn in idle:
+            await conn.close()
+
+    async def __aenter__(self) -> AsyncPool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _acquire(self) -> Tuple[aio.Connection, float]:
+        slots, cond, timeout = self._slots, self._cond, self.options.timeout
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            retired: List[aio.Connection] = []
+            async with cond:
+                while True:
+                    found, new = slots.take(retired)
+                    if found is not None or new:
+                        break
+                    left = None if deadline is None else deadline - loop.time()
+                    if left is not None and left <= 0:
+                        raise slots.exhausted(timeout)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(cond.wait(), left)
+            for old in retired:
+                await old.close()
+            if found is None:
+                return await self._new()
+            conn, made = found
+            if await conn.poll():
+                return conn, made
+            async with cond:
+                slots.lost(failed=False)
+                cond.notify()
+
+    async def _new(self) -> Tuple[aio.Connection, float]:
+        cond = self._cond
+        try:
+            conn = await aio.open_connection(self._slots.host, self._slots.port, self.options)
+        except BaseException:
+            async with cond:
+                self._slots.lost(failed=True)
+                cond.notify()
+            raise
+        self._slots.created += 1
+        return conn, time.monotonic()
+
+    async def _release(self, conn: aio.Connection, made: float, *, broken: bool) -> None:
+        cond = self._cond
+        async with cond:
+            keep = self._slots.give_back(conn, made, broken)
+            cond.notify()
+        if not keep:
+            await conn.close()
