@@ -360,6 +360,22 @@ def test_eof_before_close_after_data_is_truncation(session: Session) -> None:
     assert "truncat" in str(err)
 
 
+def _tofu(known: Any, host: str) -> Any:
+    """A trust-on-first-use client's key check, with its own known-hosts file."""
+    from callcp._common import ServerTrust
+
+    trust = ServerTrust(
+        host,
+        8436,
+        server_fingerprint=None,
+        known_hosts=known,
+        trust_on_first_use=True,
+        insecure=False,
+        logger=logging.getLogger("test"),
+    )
+    return trust.verify
+
+
 def _malformed_der(n: int, e: int) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
@@ -384,18 +400,8 @@ def test_a_malformed_server_key_is_refused_before_trust_and_use(
     """A first-contact attacker presenting a key that cannot work (or costs
     far more than it should) gets a HandshakeError naming the problem, not a
     bare ValueError; nothing is recorded in known_hosts, nothing is sealed."""
-    from callcp._common import server_key_verifier
-
     known = tmp_path / "known_hosts"
-    verify = server_key_verifier(
-        "192.0.2.7",
-        8436,
-        server_fingerprint=None,
-        known_hosts=known,
-        trust_on_first_use=True,
-        insecure=False,
-        logger=logging.getLogger("test"),
-    )
+    verify = _tofu(known, "192.0.2.7")
     c = ClientProtocol(verify)
     s = ServerProtocol(server_key)
     s.start()
@@ -413,18 +419,8 @@ def test_trust_on_first_use_records_nothing_the_server_did_not_prove(
     """A replayed or relayed ServerHello (the real key, validly signed) from
     someone who cannot finish the handshake: the client refuses at the
     server's Finished and the known-hosts file stays empty."""
-    from callcp._common import server_key_verifier
-
     known = tmp_path / "known_hosts"
-    verify = server_key_verifier(
-        "192.0.2.8",
-        8436,
-        server_fingerprint=None,
-        known_hosts=known,
-        trust_on_first_use=True,
-        insecure=False,
-        logger=logging.getLogger("test"),
-    )
+    verify = _tofu(known, "192.0.2.8")
     c = ClientProtocol(verify)
     s = ServerProtocol(server_key)
     s.start()

@@ -31,7 +31,7 @@ __all__ = [
     "check_port",
     "translate_oserror",
     "logger_for",
-    "server_key_verifier",
+    "ServerTrust",
     "client_protocol",
     "load_server_key",
     "load_client_key",
@@ -164,28 +164,6 @@ class ServerTrust:
                 self.port,
                 fingerprint,
             )
-
-
-def server_key_verifier(
-    host: str,
-    port: int,
-    *,
-    server_fingerprint: Union[str, Sequence[str], None],
-    known_hosts: Optional[PathLike],
-    trust_on_first_use: bool,
-    insecure: bool,
-    logger: logging.Logger,
-) -> Callable[[str, bytes], Optional[Callable[[], None]]]:
-    """The core's ``verify_server_key`` callback (see :class:`ServerTrust`)."""
-    return ServerTrust(
-        host,
-        port,
-        server_fingerprint=server_fingerprint,
-        known_hosts=known_hosts,
-        trust_on_first_use=trust_on_first_use,
-        insecure=insecure,
-        logger=logger,
-    ).verify
 
 
 def client_protocol(host: str, port: int, options: ClientOptions) -> ClientProtocol:
