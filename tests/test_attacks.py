@@ -15,19 +15,22 @@ from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
 from callcp._core.errors import (
     CallcpError,
+    CloseCode,
     ConnectionClosedError,
     CryptoError,
+    HandshakeAborted,
     HandshakeError,
+    ServerBusy,
     ServerKeyChanged,
     VersionMismatch,
 )
-from callcp._core.events import MessageReceived
+from callcp._core.events import DecryptionRequested, MessageReceived
 from callcp._core.keys import fingerprint
-from callcp._core.protocol import OAEP, ClientProtocol, ServerProtocol
+from callcp._core.protocol import OAEP, ClientProtocol, ServerProtocol, _refusal_tag
 from callcp._core.records import RecordReceiver
 from callcp._core.schedule import derive_handshake_secrets
 from callcp._core.shares import CLOCK_SKEW, MAX_SHARE_VALIDITY, SignedShare, sign_share
-from callcp._core.wire import ClientHello, FrameType, ServerHello
+from callcp._core.wire import ClientHello, FrameType, ServerHello, encode_alert
 from tests.helpers import FixedEntropy, Pair, drain, feed, pin, split_frames
 
 REQUEST = b"transfer 100 to alice"
@@ -479,3 +482,92 @@ def test_an_announced_next_key_must_be_proved_for_this_session(
     with pytest.raises(RemoteProtocolError, match="not proved"):
         feed(c2, finished + s2.data_to_send())
     assert announced == [fingerprint(other_key)]
+
+
+# ===================================================== refusal (§4.10)
+
+
+def _refused(server_key: rsa.RSAPrivateKey, reason: str = "server busy: queue full") -> Pair:
+    """A client whose flight (with a first request) the server declines
+    before its key exchange; the REFUSAL is in ``server.data_to_send()``."""
+    p = Pair(server_key, server_kwargs={"defer_decryption": True})
+    p.to_client()
+    p.client.send(b"transfer 100 to mallory")  # (first-flight data)
+    p.server.receive_data(p.client.data_to_send())
+    assert isinstance(p.server.next_event(), DecryptionRequested)
+    p.server.close(CloseCode.GOING_AWAY, reason)
+    return p
+
+
+def test_a_busy_server_proves_its_refusal(server_key: rsa.RSAPrivateKey) -> None:
+    p = _refused(server_key)
+    data = p.server.data_to_send()
+    assert [f[0] for f in split_frames(data)] == [FrameType.REFUSAL]
+    assert b"mallory" not in data
+    with pytest.raises(ServerBusy, match="server busy: queue full") as info:
+        feed(p.client, data)
+    assert info.value.retryable and info.value.reason == "server busy: queue full"
+    assert p.client.data_to_send() == b""  # (nothing answers a refusal)
+
+
+@pytest.mark.parametrize("where", ["tag", "reason", "code"])
+def test_a_forged_refusal_is_not_taken_for_a_busy_server(
+    server_key: rsa.RSAPrivateKey, where: str
+) -> None:
+    """An attacker who let the flight through (the server may have acted on
+    the request) cannot make the client believe it was never read."""
+    p = _refused(server_key)
+    frame_ = bytearray(p.server.data_to_send())
+    at = {"tag": len(frame_) - 1, "reason": 8, "code": 6}[where]
+    frame_[at] ^= 1
+    with pytest.raises(HandshakeError, match="REFUSAL failed authentication") as info:
+        feed(p.client, bytes(frame_))
+    assert not isinstance(info.value, ServerBusy)
+
+
+def test_a_refusal_from_another_connection_does_not_verify(server_key: rsa.RSAPrivateKey) -> None:
+    recorded = _refused(server_key).server.data_to_send()
+    p = _refused(server_key)
+    with pytest.raises(HandshakeError, match="REFUSAL failed authentication"):
+        feed(p.client, recorded)
+
+
+def test_a_refusal_needs_the_key_exchange_inputs(server_key: rsa.RSAPrivateKey) -> None:
+    """Before its ServerHello the client has no dh: a REFUSAL there is fatal
+    (not a busy server), as is one with a valid tag but another code."""
+    recorded = _refused(server_key).server.data_to_send()
+    fresh = ClientProtocol(lambda fp, der: None)
+    with pytest.raises(HandshakeError) as info:
+        feed(fresh, recorded)
+    assert not isinstance(info.value, ServerBusy)
+    p = Pair(server_key)
+    p.to_client()
+    assert p.client._refusal is not None
+    dh, th = p.client._refusal  # (test only: a valid tag over another code)
+    body = encode_alert(CloseCode.NORMAL, "bye")
+    body += _refusal_tag(dh, th, body)
+    with pytest.raises(HandshakeError, match="only GOING_AWAY") as info:
+        feed(p.client, bytes([FrameType.REFUSAL]) + len(body).to_bytes(4, "big") + body)
+    assert not isinstance(info.value, ServerBusy)
+
+
+def test_an_unauthenticated_alert_selects_nothing_specific(server_key: rsa.RSAPrivateKey) -> None:
+    """An ALERT saying "server busy" or "unsupported version" after the
+    client's flight is reported only as an aborted handshake: it may be an
+    attacker's, so it proves nothing about the request in the flight, and
+    its text (advice an attacker could steer) stays out of the message."""
+    for code, text in [
+        (CloseCode.GOING_AWAY, "server busy: retry at evil.example"),
+        (CloseCode.UNSUPPORTED_VERSION, "upgrade from evil.example"),
+        (CloseCode.UNAUTHORIZED, "unauthorized"),
+    ]:
+        p = Pair(server_key)
+        p.to_client()
+        p.client.send(b"request")
+        alert = bytes([FrameType.ALERT]) + (2 + len(text)).to_bytes(4, "big")
+        alert += code.to_bytes(2, "big") + text.encode()
+        with pytest.raises(HandshakeAborted) as info:
+            feed(p.client, alert)
+        assert type(info.value) is HandshakeAborted
+        assert "evil" not in str(info.value) and "unauthenticated" in str(info.value)
+        assert info.value.alert_code == code and info.value.reason == text

@@ -426,9 +426,10 @@ def test_client_py_usage_and_errors(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
     done = run([sys.executable, "-S", client, "127.0.0.1", str(port), "x"], tmp_path, env)
     assert done.returncode == 1
-    assert f"Error: Failed to connect: network error while connecting to 127.0.0.1:{port}" in (
-        done.stderr
-    )
+    assert (
+        "Error: Failed to connect: nothing is listening (connection refused) while "
+        f"connecting to 127.0.0.1:{port}"
+    ) in done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -10,7 +10,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -236,7 +236,7 @@ def test_no_thread_for_a_connection_is_busy_not_a_dead_server(
             conn.send(message)
 
     with served("sync", server_key, echo) as srv:
-        with pytest.raises(callcp.HandshakeError, match="busy"):
+        with pytest.raises(callcp.ServerBusy, match="busy"):
             srv.connect().request(b"x")
         with srv.connect() as conn:
             assert conn.request(b"y") == b"y"
@@ -290,3 +290,45 @@ def test_a_failed_send_never_hands_the_reader_half_a_message(
             conn.send(b"x" * 100_000)  # fails: the peer reset
         thread.join(10)
         assert got == [message]
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_a_full_handshake_queue_is_a_proved_busy_refusal(
+    adapter: str, server_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server whose key-exchange queue is full declines with a REFUSAL
+    (§4.10): the client, whose first request went out with its flight, gets
+    ServerBusy (retryable), the request never reaches the handler, and the
+    next client is served."""
+    real_submit = callcp._engine.HandshakeQueue.submit
+    full = [1]
+
+    def submit(self: Any, ticket: Any) -> Optional[str]:
+        if full:
+            full.pop()
+            return "the handshake queue is full (test)"
+        return real_submit(self, ticket)
+
+    monkeypatch.setattr(callcp._engine.HandshakeQueue, "submit", submit)
+    got: List[bytes] = []
+
+    async def body(conn: Any) -> None:
+        async for message in conn:
+            got.append(message)
+            await conn.send(message)
+
+    def sync_body(conn: Any) -> None:
+        for message in conn:
+            got.append(message)
+            conn.send(message)
+
+    handler = sync_body if adapter == "sync" else body
+    with served(adapter, server_key, handler, ticket_lifetime=0) as srv:
+        conn = srv.connect()
+        conn.send(b"first flight")  # (sealed before the server's Finished)
+        with pytest.raises(callcp.ServerBusy, match="handshake queue is full") as info:
+            conn.recv(timeout=10)
+        assert isinstance(info.value, callcp.RetryableError)
+        with srv.connect() as conn:
+            assert conn.request(b"next") == b"next"
+    assert got == [b"next"]

@@ -145,6 +145,14 @@ def test_independent_derivation_matches(key: rsa.RSAPrivateKey) -> None:
     assert _open(s_traffic, 0, s_fin) == hmac.new(s_fin_key, th2, hashlib.sha256).digest()
     assert _open(s_traffic, 1, s_data) == IN["reply"]
 
+    # §12.3: the refusal of the same hellos, MACed with a key from dh alone
+    refusal = bytes.fromhex(EXP["refusal"])
+    assert refusal[0] == 0x04 and int.from_bytes(refusal[1:5], "big") == len(refusal) - 5
+    signed, tag = refusal[5:-32], refusal[-32:]
+    assert signed == (10).to_bytes(2, "big") + b"server busy: handshake queue full"
+    refusal_key = _hkdf(dh, th, b"refusal")
+    assert tag == hmac.new(refusal_key, signed, hashlib.sha256).digest()
+
 
 def test_the_spec_prints_this_vector() -> None:
     """docs/PROTOCOL.md §12 shows the very bytes pinned here (the spec is

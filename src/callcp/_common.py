@@ -3,6 +3,7 @@ turning user options into a trust policy and a server key, and logging."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -13,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ._core.errors import (
     CallcpTimeout,
-    ConnectionClosedError,
+    ConnectionLost,
+    ConnectionRefused,
     KeyManagementError,
     TransportError,
 )
@@ -55,8 +57,17 @@ def translate_oserror(exc: OSError, doing: str) -> TransportError:
     if isinstance(exc, (socket.timeout, BlockingIOError)):
         return CallcpTimeout(f"timed out while {doing}")
     if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-        return ConnectionClosedError(f"the connection was reset while {doing}: {exc.strerror}")
+        return ConnectionLost(f"the connection was reset while {doing}: {exc.strerror}")
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectionRefused(f"nothing is listening (connection refused) while {doing}")
+    if exc.errno in _UNREACHABLE:
+        return ConnectionRefused(f"no route while {doing}: {exc.strerror}")
+    if exc.errno == errno.ETIMEDOUT:
+        return CallcpTimeout(f"timed out while {doing}: {exc.strerror}")
     return TransportError(f"network error while {doing}: {exc}")
+
+
+_UNREACHABLE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN})
 
 
 def check_port(port: int, *, allow_zero: bool) -> None:

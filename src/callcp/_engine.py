@@ -64,6 +64,7 @@ from ._core.errors import (
     HandshakeTimeout,
     MessagePending,
     MessageTooLarge,
+    PeerUnresponsive,
     StreamPending,
 )
 from ._core.events import (
@@ -180,7 +181,7 @@ class Keepalive:
         """The peer did not answer: fail the core (a CLOSE with TIMEOUT is
         queued, should it wake up) and return the error to raise."""
         quiet = now - self.last_heard
-        err = ConnectionClosedError(
+        err = PeerUnresponsive(
             f"peer unresponsive for {quiet:.0f} s (no answer to a keepalive PING "
             f"within {self.timeout:g} s)",
             code=CloseCode.TIMEOUT,

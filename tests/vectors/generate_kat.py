@@ -18,6 +18,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
+from callcp._core.errors import CloseCode
 from callcp._core.events import MessageReceived
 from callcp._core.keys import fingerprint, public_der
 from callcp._core.protocol import OAEP, ClientProtocol, ServerProtocol
@@ -57,6 +58,7 @@ RESUMED = {
     "reply": b"welcome back",
 }
 TICKET_LIFETIME = 3600
+REFUSAL_REASON = "server busy: handshake queue full"
 #: The share's expiry (u64 Unix time: 2027-01-15T08:00:00Z) and the client's
 #: clock during the handshake (30 s earlier).
 SHARE_EXPIRY = 1_800_000_000
@@ -144,6 +146,19 @@ def run(key: rsa.RSAPrivateKey, oaep: bytes, signature: bytes) -> dict:
     s.send(i["reply"])
     server_flight = s.data_to_send()
     assert secrets is not None
+    # -- the same hellos, declined before the key exchange (§4.10)
+    busy = ServerProtocol(
+        key,
+        entropy=FixedEntropy([i["server_random"]], b""),
+        share=share_of(signature),
+        defer_decryption=True,
+    )
+    busy.start()
+    assert busy.data_to_send() == server_hello
+    busy.receive_data(client_flight)
+    busy.next_event()  # (the DecryptionRequested it will not run)
+    busy.close(CloseCode.GOING_AWAY, REFUSAL_REASON)
+    refusal = busy.data_to_send()
     c.receive_data(server_flight)
     c.next_event()
     # -- the session: a two-record message, a key update, a stream, CLOSE
@@ -197,6 +212,7 @@ def run(key: rsa.RSAPrivateKey, oaep: bytes, signature: bytes) -> dict:
         "server_hello": server_hello.hex(),
         "client_flight": client_flight.hex(),
         "server_flight": server_flight.hex(),
+        "refusal": refusal.hex(),
         "client_traffic_secret": secrets.client_traffic.hex(),
         "server_traffic_secret": secrets.server_traffic.hex(),
         "client_finished_key": secrets.client_finished.hex(),
@@ -228,7 +244,10 @@ def main() -> None:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         ).decode()
-    signature = sign_share(key, share_of(b"").private, SHARE_EXPIRY, CLIENT_CLOCK).signature
+    if path.exists():  # (RSA-PSS is randomized: keep the pinned signature)
+        signature = bytes.fromhex(old["share_signature"])
+    else:
+        signature = sign_share(key, share_of(b"").private, SHARE_EXPIRY, CLIENT_CLOCK).signature
     if path.exists() and "client_private_key_pem" in old:
         client_pem = old["client_private_key_pem"]
         loaded = serialization.load_pem_private_key(client_pem.encode(), None)
@@ -257,6 +276,8 @@ def main() -> None:
     c.receive_data(s.data_to_send())
     c.next_event()
     auth_signature = _Capture.signature
+    if path.exists() and "client_auth_signature" in old:  # (pinned, as the share's)
+        auth_signature = bytes.fromhex(old["client_auth_signature"])
     vector = {
         "inputs": {k: v.hex() for k, v in INPUTS.items()},
         "session_inputs": {
@@ -405,7 +426,18 @@ client_traffic_secret   {e["resumed_client_traffic_secret"]}
 server_traffic_secret   {e["resumed_server_traffic_secret"]}
 ```
 
-### 12.3 A handshake with client authentication
+### 12.3 A refusal
+
+The hellos of §12, but the server declines before its key exchange (§4.10)
+with the reason `{REFUSAL_REASON}`:
+
+```
+refusal_key  = HKDF(salt = TH_hello, IKM = dh, info = "callcp/2 refusal", L = 32)
+REFUSAL frame: code GOING_AWAY | reason | HMAC-SHA256(refusal_key, code || reason)
+{_wrap(e["refusal"])}
+```
+
+### 12.4 A handshake with client authentication
 
 The inputs of §12, but the server requires client authentication (flags
 bit 0).  The client's RSA-2048 key is the PEM `client_private_key_pem` of

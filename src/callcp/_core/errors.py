@@ -17,19 +17,30 @@ so here every concrete error derives from *both* roots through
     │   │   │   ├── ServerKeyChanged  the key differs from the pin/known host
     │   │   │   └── ServerKeyRevoked  the key is marked @revoked
     │   │   ├── ClientAuthError       client authentication failed/refused
-    │   │   └── HandshakeTimeout
+    │   │   ├── HandshakeTimeout   R
+    │   │   ├── HandshakeAborted   R  an unauthenticated alert, or TCP ended
+    │   │   └── ServerBusy         R  the server declined (authenticated)
     │   ├── CryptoError               a record failed authentication
     │   ├── RemoteProtocolError       the peer sent bytes that break the rules
     │   │   └── MessageTooLarge       a message over the configured maximum
     │   ├── StreamAbortedError        the sender abandoned a stream
     │   ├── TransportError            the connection itself
+    │   │   ├── ConnectionRefused  R  nothing listening, no route to the host
     │   │   ├── ConnectionClosed      the connection is closed (see .code)
     │   │   │   ├── ConnectionClosedOK     with an authenticated close
+    │   │   │   │   └── ServerGoingAway R  the server's close: GOING_AWAY
     │   │   │   └── ConnectionClosedError  broken, truncated, or failed
-    │   │   └── CallcpTimeout         an I/O deadline passed
+    │   │   │       └── ConnectionLost  R  TCP ended without a close (reset, FIN)
+    │   │   │           └── PeerUnresponsive R  no answer to a keepalive PING
+    │   │   └── CallcpTimeout      R  an I/O deadline passed
     │   └── LocalProtocolError        the caller misused the API
     │       ├── StreamPending         recv() met a stream: use recv_stream()
     │       └── MessagePending        recv_stream() met a message: use recv()
+
+The classes marked R are also :class:`RetryableError` (``.retryable`` is
+True): the same operation, tried again later (on a new connection), may
+succeed.  Whether a *request* may be sent again is another question: only
+when the server cannot have received it (see ``docs/reliability.md``).
 
 Errors say whose fault it was (the h11 split): ``RemoteProtocolError`` and
 ``CryptoError`` mean the peer (or an attacker on the path) sent bad bytes;
@@ -53,6 +64,13 @@ __all__ = [
     "ServerKeyRevoked",
     "ClientAuthError",
     "HandshakeTimeout",
+    "HandshakeAborted",
+    "ServerBusy",
+    "RetryableError",
+    "ConnectionRefused",
+    "ServerGoingAway",
+    "ConnectionLost",
+    "PeerUnresponsive",
     "CryptoError",
     "RemoteProtocolError",
     "MessageTooLarge",
@@ -107,6 +125,20 @@ class CloseCode:
 
 class CallcpError(Exception):
     """Base class of every error callcp raises."""
+
+    #: Trying the same operation again later may succeed (see RetryableError).
+    retryable = False
+
+
+class RetryableError(CallcpError):
+    """A transient failure: the network, a restarting or busy server, a
+    deadline.  ``except callcp.RetryableError`` catches all of them; trying
+    again later (on a new connection) may succeed.  Not a promise that the
+    server did not act on a request in flight: :class:`callcp.Retry` and the
+    pools re-send a request only when it cannot have been received, or when
+    the caller says it is idempotent."""
+
+    retryable = True
 
 
 class SecureTCPServerError(CallcpError):
@@ -175,10 +207,36 @@ class ClientAuthError(HandshakeError):
     code = CloseCode.UNAUTHORIZED
 
 
-class HandshakeTimeout(HandshakeError):
+class HandshakeTimeout(HandshakeError, RetryableError):
     """The handshake did not finish within its deadline."""
 
     code = CloseCode.TIMEOUT
+
+
+class HandshakeAborted(HandshakeError, RetryableError):
+    """The handshake was cut off by something unauthenticated: a plaintext
+    ALERT (``code`` and ``reason`` are what it said, ``reason`` escaped), or
+    the end of TCP (``code`` None).  Either could come from an attacker on
+    the path, so it never selects a more specific error, and its text never
+    repeats the peer's advice."""
+
+    def __init__(self, message: str, *, code: Optional[int] = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.alert_code = code
+        self.reason = reason
+
+
+class ServerBusy(HandshakeError, RetryableError):
+    """The server declined this connection before its key exchange (at
+    capacity, or shutting down), in a refusal it authenticated (§4.10 of
+    the protocol): it received nothing from this connection, not even a
+    first request sent with the handshake.  ``reason`` is its text."""
+
+    code = CloseCode.GOING_AWAY
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class RemoteProtocolError(_Error):
@@ -226,8 +284,21 @@ class ConnectionClosed(TransportError):
         self.reason = reason
 
 
+class ConnectionRefused(TransportError, RetryableError):
+    """The connection could not be opened: nothing listens on that port
+    (refused), or there is no route to the host right now."""
+
+
 class ConnectionClosedOK(ConnectionClosed):
     """The connection was closed cleanly with an authenticated close."""
+
+
+class ServerGoingAway(ConnectionClosedOK, RetryableError):
+    """The server closed the connection with GOING_AWAY (authenticated): it
+    is shutting down or shedding load.  It closes so only between two
+    messages, and delivers nothing it receives after: a message sent after
+    its close never reached its application (a request sent before it
+    might have)."""
 
 
 class ConnectionClosedError(ConnectionClosed):
@@ -235,7 +306,17 @@ class ConnectionClosedError(ConnectionClosed):
     authenticated close (possible truncation), or closed with an error code."""
 
 
-class CallcpTimeout(TransportError, TimeoutError):
+class ConnectionLost(ConnectionClosedError, RetryableError):
+    """TCP ended without the authenticated close: a reset, a FIN, a peer
+    process that died.  A request in flight may or may not have been acted on."""
+
+
+class PeerUnresponsive(ConnectionLost):
+    """The peer did not answer a keepalive PING in time (a partition, a
+    frozen host): the connection was given up."""
+
+
+class CallcpTimeout(TransportError, TimeoutError, RetryableError):
     """A socket operation did not finish before its deadline."""
 
 

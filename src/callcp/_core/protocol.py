@@ -51,11 +51,15 @@ from .errors import (
     ConnectionClosed,
     ConnectionClosedError,
     ConnectionClosedOK,
+    ConnectionLost,
     CryptoError,
+    HandshakeAborted,
     HandshakeError,
     LocalProtocolError,
     MessageTooLarge,
     RemoteProtocolError,
+    ServerBusy,
+    ServerGoingAway,
     ServerKeyError,
     VersionMismatch,
 )
@@ -75,7 +79,7 @@ from .events import (
 )
 from .keys import fingerprint_der, load_public_der, public_der
 from .records import DEFAULT_KEY_UPDATE_INTERVAL, RecordReceiver, RecordSender
-from .schedule import HandshakeSecrets, derive_handshake_secrets
+from .schedule import HandshakeSecrets, derive_handshake_secrets, refusal_key
 from .shares import SignedShare, check_share, sign_share
 from .tickets import (
     MAX_TICKET_BYTES,
@@ -217,11 +221,20 @@ def _verify_finished(key: bytes, transcript_hash: bytes, received: bytes) -> boo
 
 
 # An exception class chosen by the close code a peer sent during the handshake.
+# Only for a sealed CLOSE (authenticated); an ALERT is always HandshakeAborted.
 _HANDSHAKE_ERROR_BY_CODE: Dict[int, type] = {
     CloseCode.UNSUPPORTED_VERSION: VersionMismatch,
     CloseCode.UNAUTHORIZED: ClientAuthError,
     CloseCode.UNTRUSTED_KEY: HandshakeError,
+    CloseCode.GOING_AWAY: ServerBusy,  # (before its FINISHED: nothing was delivered)
 }
+
+
+def _refusal_tag(dh: bytes, transcript_hash: bytes, code_and_reason: bytes) -> bytes:
+    """The MAC that ends a REFUSAL body (§4.10)."""
+    mac = hmac.HMAC(refusal_key(dh, transcript_hash), hashes.SHA256())
+    mac.update(code_and_reason)
+    return mac.finalize()
 
 # Close codes that end a connection cleanly (the peer's choice, not a failure).
 _CLEAN_CODES = frozenset({CloseCode.NORMAL, CloseCode.GOING_AWAY})
@@ -660,6 +673,13 @@ class _Protocol:
         """The exception for using this connection after it closed or failed."""
         if self._close_received is not None:
             code, reason = self._close_received
+            if code == CloseCode.GOING_AWAY:
+                return ServerGoingAway(
+                    "the peer closed the connection: going away"
+                    + (f" ({reason})" if reason else ""),
+                    code=code,
+                    reason=reason,
+                )
             if code in _CLEAN_CODES:
                 return ConnectionClosedOK(
                     "the peer closed the connection", code=code, reason=reason
@@ -788,13 +808,13 @@ class _Protocol:
         partial = len(self._buf) - self._pos
         detail = f" ({partial} bytes of an incomplete frame buffered)" if partial else ""
         if self.state in _HANDSHAKE_STATES:
-            raise HandshakeError(f"the peer closed the connection during the handshake{detail}")
+            raise HandshakeAborted(f"the peer closed the connection during the handshake{detail}")
         if self._close_sent and not self._fragments and self.state is _OPEN:
             # Our own close ended it (the peer's answer may not come): clean.
             raise ConnectionClosedOK("the connection was closed locally", code=CloseCode.NORMAL)
         if self.state is _STREAMING:
             detail = f" in the middle of a stream ({self._in_stream_length} bytes received){detail}"
-        raise ConnectionClosedError(
+        raise ConnectionLost(
             "the peer closed TCP without an authenticated close: the stream may have "
             f"been truncated{detail}"
         )
@@ -948,12 +968,13 @@ class _Protocol:
 
     def _on_alert(self, header: bytes, body: bytes) -> Optional[Event]:
         code, reason = decode_alert(body)
-        cls = _HANDSHAKE_ERROR_BY_CODE.get(code, HandshakeError)
         self._close_sent = True  # never answer an alert
-        raise cls(
-            f"the peer aborted the handshake: {CloseCode.name(code)}"
-            + (f": {reason}" if reason else "")
-            + " (unauthenticated alert)"
+        # Anyone on the path can send one: it selects nothing more specific,
+        # and its text (kept in .reason) is not part of the message.
+        raise HandshakeAborted(
+            f"the handshake was aborted by an unauthenticated alert ({CloseCode.name(code)})",
+            code=code,
+            reason=reason,
         )
 
 
@@ -1012,6 +1033,7 @@ class ClientProtocol(_Protocol):
         self._resumption: Optional[bytes] = None  # this connection's resumption secret
         self._next_key_sink = on_next_key  # where a proved next server key goes
         self._th_full: Optional[bytes] = None  # transcript hash through our FINISHED
+        self._refusal: Optional[Tuple[bytes, bytes]] = None  # (dh, TH_hello): checks a REFUSAL
         #: The next key the server announced and proved (its fingerprint).
         self.next_server_fingerprint: Optional[str] = None
         #: The ClientHello offered a session ticket (the server may still
@@ -1096,6 +1118,7 @@ class ClientProtocol(_Protocol):
         self._transcript.update(ch_frame)
         th = self._transcript.digest()
         secrets = self._secrets = derive_handshake_secrets(dh, premaster, th)
+        self._refusal = (dh, th)
         self._resumption = secrets.resumption if self._on_ticket is not None else None
         self._sender = RecordSender(secrets.client_traffic)
         self._receiver = RecordReceiver(secrets.server_traffic)
@@ -1113,6 +1136,28 @@ class ClientProtocol(_Protocol):
         self._seal(FrameType.FINISHED, verify_data)
         self.state = State.WAIT_SERVER_FINISHED
         return ServerKeyAccepted(fp)
+
+    def discard_keys(self) -> None:
+        super().discard_keys()
+        self._refusal = None
+
+    def _on_refusal(self, header: bytes, body: bytes) -> Optional[Event]:
+        """The server declined before its key exchange, and proved it (§4.10)."""
+        self._close_sent = True  # never answer a refusal
+        if self._refusal is None or len(body) < 2 + 32:
+            raise HandshakeError("malformed REFUSAL")
+        dh, th = self._refusal
+        signed, tag = bytes(body[:-32]), bytes(body[-32:])
+        if not hmac_compare(_refusal_tag(dh, th, signed), tag):
+            raise HandshakeError("the server's REFUSAL failed authentication")
+        code, reason = decode_alert(signed)
+        if code != CloseCode.GOING_AWAY:
+            raise HandshakeError(f"a REFUSAL with code {code} (only GOING_AWAY is defined)")
+        raise ServerBusy(
+            "the server declined the connection before its key exchange: "
+            + (reason or "going away"),
+            reason=reason,
+        )
 
     def _on_new_ticket(self, header: bytes, body: bytes) -> Optional[Event]:
         try:
@@ -1160,6 +1205,7 @@ class ClientProtocol(_Protocol):
         if not _verify_finished(self._secrets.server_finished, self._transcript.digest(), body):
             raise HandshakeError("the server's Finished MAC does not verify")
         self._secrets = None  # the finished keys are no longer needed
+        self._refusal = None
         # The server has now proved it holds the key: only now is it the
         # peer's, and only now does a trust-on-first-use policy record it.
         proved, self._on_proved = self._on_proved, None
@@ -1181,6 +1227,7 @@ class ClientProtocol(_Protocol):
         (State.WAIT_SERVER_HELLO, FrameType.ALERT): "_on_alert",
         (State.WAIT_SERVER_FINISHED, FrameType.FINISHED): "_on_server_finished",
         (State.WAIT_SERVER_FINISHED, FrameType.ALERT): "_on_alert",
+        (State.WAIT_SERVER_FINISHED, FrameType.REFUSAL): "_on_refusal",
         (State.WAIT_SERVER_FINISHED, FrameType.CLOSE): "_on_close",
         (State.OPEN, FrameType.NEW_TICKET): "_on_new_ticket",
         (State.STREAMING, FrameType.NEW_TICKET): "_on_new_ticket",
@@ -1248,6 +1295,32 @@ class ServerProtocol(_Protocol):
     def discard_keys(self) -> None:
         super().discard_keys()
         self._eph = self._peer_share = None
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """As for both sides; but GOING_AWAY after the ClientHello and before
+        the key exchange (a busy or stopping server declining a connection
+        waiting for its RSA work) is a REFUSAL the client can authenticate:
+        one X25519 exchange, no RSA (§4.10)."""
+        eph, share = self._eph, self._peer_share
+        if (
+            code == CloseCode.GOING_AWAY
+            and self.state is _WAIT_DECRYPTION
+            and eph is not None
+            and share is not None
+            and not self._close_sent
+        ):
+            try:
+                dh = eph.exchange(share)
+            except ValueError:  # (a low-order share: refuse without the proof)
+                pass
+            else:
+                signed = encode_alert(code, reason)
+                tag = _refusal_tag(dh, self._transcript.digest(), signed)
+                self._close_sent = True
+                self.discard_keys()
+                self._out.append(frame(FrameType.REFUSAL, signed + tag))
+                return
+        super().close(code, reason)
 
     def start(self) -> None:
         """Queue the ServerHello (the server speaks first)."""

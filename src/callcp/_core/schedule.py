@@ -12,6 +12,10 @@ Inputs, after the two hellos:
     client_finished  = secret("c finished")    server_finished  = secret("s finished")
     resumption       = secret("resumption")    (sealed into the session ticket)
 
+A server that declines a connection after the hellos, before its key
+exchange (§4.10), proves it with a key from ``dh`` alone:
+    refusal_key = HKDF-SHA256(salt = th, dh, info = "callcp/2 refusal", L = 32)
+
 Per traffic secret S (one per direction):
     key = HKDF-Expand(S, "callcp/2 key", 32)       AES-256-GCM key
     iv  = HKDF-Expand(S, "callcp/2 iv", 12)        nonce = iv XOR (0^4 || seq u64)
@@ -30,7 +34,13 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-__all__ = ["HandshakeSecrets", "derive_handshake_secrets", "traffic_key_iv", "next_secret"]
+__all__ = [
+    "HandshakeSecrets",
+    "derive_handshake_secrets",
+    "refusal_key",
+    "traffic_key_iv",
+    "next_secret",
+]
 
 LABEL_PREFIX = b"callcp/2 "
 
@@ -63,6 +73,11 @@ def derive_handshake_secrets(
         server_finished=secret(b"s finished"),
         resumption=secret(b"resumption"),
     )
+
+
+def refusal_key(dh: bytes, transcript_hash: bytes) -> bytes:
+    """The key of a REFUSAL's MAC: only the two holders of ``dh`` have it."""
+    return HKDF(hashes.SHA256(), 32, transcript_hash, LABEL_PREFIX + b"refusal").derive(dh)
 
 
 def traffic_key_iv(secret: bytes) -> tuple[bytes, bytes]:

@@ -63,6 +63,7 @@ class FrameType:
     SERVER_HELLO = 0x01
     CLIENT_HELLO = 0x02
     ALERT = 0x03
+    REFUSAL = 0x04  # server -> client: declined before the key exchange, MACed (§4.10)
     # encrypted records
     FINISHED = 0x10
     CLIENT_AUTH = 0x11
@@ -79,7 +80,7 @@ class FrameType:
     NEW_TICKET = 0x34  # server -> client: a session ticket for resumption
     NEXT_KEY = 0x35  # server -> client: the key it will use next, proved
 
-    PLAINTEXT = frozenset({SERVER_HELLO, CLIENT_HELLO, ALERT})
+    PLAINTEXT = frozenset({SERVER_HELLO, CLIENT_HELLO, ALERT, REFUSAL})
     ENCRYPTED = frozenset(
         {
             FINISHED,
@@ -102,6 +103,7 @@ class FrameType:
         0x01: "SERVER_HELLO",
         0x02: "CLIENT_HELLO",
         0x03: "ALERT",
+        0x04: "REFUSAL",
         0x10: "FINISHED",
         0x11: "CLIENT_AUTH",
         0x20: "DATA",
