@@ -19,6 +19,7 @@ from callcp._core.errors import (
     LocalProtocolError,
     MessageTooLarge,
     RemoteProtocolError,
+    ServerGoingAway,
     ServerKeyError,
     VersionMismatch,
 )
@@ -524,3 +525,65 @@ def test_a_server_speaking_only_an_older_layout_gets_a_clear_version_error(
     old_layout = frame(FrameType.SERVER_HELLO, MAGIC + b"\x01\x00\x02" + bytes(64) + b"\x00")
     with pytest.raises(VersionMismatch, match=r"offers protocol versions \[2\]"):
         feed(client, old_layout)
+
+
+# ------------------------------------------- GOING_AWAY counts what it took (§8)
+
+
+def test_going_away_tells_the_client_which_messages_went_unread(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    """The server closes after taking two messages; the third, already on
+    its way, is never delivered, and the client learns it went unread."""
+    p = Pair(server_key)
+    p.handshake()
+    p.client.send(b"one")
+    p.client.send(b"two")
+    assert [e.data for e in p.to_server()] == [b"one", b"two"]  # type: ignore[attr-defined]
+    p.client.send(b"three")  # (crosses the server's close)
+    p.server.close(CloseCode.GOING_AWAY, "server shutting down")
+    assert p.to_server() == []  # "three" arrives after the CLOSE: not delivered
+    assert p.server.delivered == 2
+    events = p.to_client()
+    assert isinstance(events[-1], CloseReceived)
+    err = p.client.closed_error()
+    assert isinstance(err, ServerGoingAway) and err.retryable and err.unread == 1
+    assert "did not read the last 1 message" in str(err)
+
+
+def test_going_away_after_reading_everything_leaves_nothing_unread(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    for counted in (True, False):
+        p = Pair(server_key)
+        p.handshake()
+        p.client.send(b"one")
+        p.to_server()
+        p.client.send(b"two")  # (unread, but an uncounted close cannot say so)
+        p.server.close(CloseCode.GOING_AWAY, "", counted=counted)
+        p.to_client()
+        err = p.client.closed_error()
+        assert isinstance(err, ServerGoingAway)
+        assert err.unread == (1 if counted else 0)
+
+
+def test_a_going_away_claiming_more_than_was_sent_is_a_protocol_error(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.server.delivered = 5  # (a lying server: the client sent nothing)
+    p.server.close(CloseCode.GOING_AWAY, "")
+    with pytest.raises(RemoteProtocolError, match="counts 5 messages delivered; 0 were sent"):
+        p.to_client()
+
+
+def test_a_short_going_away_body_is_malformed() -> None:
+    from callcp._core.wire import decode_close, encode_close
+
+    assert decode_close(encode_close(CloseCode.GOING_AWAY, "bye", 7)) == (
+        CloseCode.GOING_AWAY, "bye", 7,
+    )  # fmt: skip
+    assert decode_close(encode_close(CloseCode.NORMAL, "bye", 7)) == (CloseCode.NORMAL, "bye", None)
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        decode_close(b"\x00\x0a\x00\x00")

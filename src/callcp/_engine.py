@@ -484,9 +484,10 @@ class Engine:
 
     # ------------------------------------------------------------ closing
 
-    def close(self, code: int, reason: str) -> None:
-        """Queue the authenticated close (idempotent)."""
-        self.core.close(code, reason)
+    def close(self, code: int, reason: str, *, counted: bool = True) -> None:
+        """Queue the authenticated close (idempotent); ``counted=False`` from
+        a thread other than the reader's (see the core's ``close``)."""
+        self.core.close(code, reason, counted=counted)
 
     def closed_error(self) -> ConnectionClosed:
         return self.core.closed_error()

@@ -295,10 +295,17 @@ class ConnectionClosedOK(ConnectionClosed):
 
 class ServerGoingAway(ConnectionClosedOK, RetryableError):
     """The server closed the connection with GOING_AWAY (authenticated): it
-    is shutting down or shedding load.  It closes so only between two
-    messages, and delivers nothing it receives after: a message sent after
-    its close never reached its application (a request sent before it
-    might have)."""
+    is shutting down or shedding load.  Its close says how many of this
+    connection's messages it delivered to its application, and it delivers
+    none after: ``unread`` is how many of the last messages sent it never
+    read (0 if it read them all, or cannot say), so these may be sent again
+    elsewhere without a duplicate."""
+
+    def __init__(
+        self, message: str, *, code: Optional[int] = None, reason: str = "", unread: int = 0
+    ) -> None:
+        super().__init__(message, code=code, reason=reason)
+        self.unread = unread
 
 
 class ConnectionClosedError(ConnectionClosed):

@@ -90,6 +90,7 @@ from .tickets import (
     open_premaster,
 )
 from .wire import (
+    DELIVERED_UNKNOWN,
     HEADER,
     HEADER_SIZE,
     MAX_FRAGMENT,
@@ -102,11 +103,13 @@ from .wire import (
     ServerHello,
     decode_alert,
     decode_client_auth,
+    decode_close,
     decode_new_ticket,
     decode_stream_end,
     decode_stream_start,
     encode_alert,
     encode_client_auth,
+    encode_close,
     encode_new_ticket,
     encode_stream_end,
     encode_stream_start,
@@ -278,6 +281,12 @@ class _Protocol:
         self.error: Optional[CallcpError] = None
         self._close_received: Optional[Tuple[int, str]] = None
         self._close_sent = False
+        #: Messages (and streams) handed to this side's application so far,
+        #: and sealed for the peer: a GOING_AWAY close tells the peer the
+        #: first, so it knows which of its messages went unread (§8).
+        self.delivered = 0
+        self.sent = 0
+        self._peer_delivered: Optional[int] = None  # (from the peer's GOING_AWAY)
         # Received bytes: ``_buf[_pos:]`` then the ``_chunks`` not yet joined
         # (joined only once a whole frame is there: no copy in the common
         # case, and no quadratic re-copying when bytes trickle in).
@@ -365,6 +374,7 @@ class _Protocol:
             and self._pos >= len(self._buf)
             and not self._chunks
             and not self._fragments
+            and not self._close_sent
             and len(data) > HEADER_SIZE
         ):
             ftype, length = HEADER.unpack_from(data)
@@ -377,10 +387,12 @@ class _Protocol:
                 assert self._receiver is not None
                 view = memoryview(data)
                 try:
-                    return self._receiver.open(view[:HEADER_SIZE], view[HEADER_SIZE:])
+                    message = self._receiver.open(view[:HEADER_SIZE], view[HEADER_SIZE:])
                 except CallcpError as exc:
                     self._fail(exc)
                     raise
+                self.delivered += 1
+                return message
         self.receive_data(data)
         return None
 
@@ -457,7 +469,7 @@ class _Protocol:
         if state is _WAIT_DECRYPTION:
             raise LocalProtocolError("call premaster_decrypted() before asking for more events")
         try:
-            if state is _OPEN and not self._fragments:
+            if state is _OPEN and not self._fragments and not self._close_sent:
                 # Fast path for the commonest frame: a whole one-record message.
                 # Same checks and outcome as the table's (OPEN, DATA_END) entry.
                 buf, pos = self._buf, self._pos
@@ -478,6 +490,7 @@ class _Protocol:
                             self._pos = 0
                         else:
                             self._pos = end
+                        self.delivered += 1
                         return MessageReceived(data)
             while True:
                 frame_ = self._next_frame()
@@ -536,6 +549,7 @@ class _Protocol:
             and not self._owed
             and sender.seq < self.key_update_interval
         ):
+            self.sent += 1
             return sender.seal_one(FrameType.DATA_END, message)
         self._seal_message(message)
         return self.data_to_send_parts()
@@ -561,6 +575,7 @@ class _Protocol:
             raise LocalProtocolError("send() while a stream is being sent: end it first")
         view = memoryview(message).cast("B")
         total = len(view)
+        self.sent += 1
         if total <= MAX_FRAGMENT:
             self._seal(FrameType.DATA_END, view)
             return
@@ -596,6 +611,7 @@ class _Protocol:
         self._out_stream_active = True
         self._out_stream_hash = hashlib.sha256() if checksum else None
         self._out_stream_length = 0
+        self.sent += 1
         self._seal(FrameType.STREAM_START, body)
 
     def send_stream_data(self, data: Union[bytes, bytearray, memoryview]) -> None:
@@ -632,16 +648,22 @@ class _Protocol:
         self._out_stream_hash = None
         self._seal(FrameType.STREAM_ABORT, encode_alert(CloseCode.NORMAL, reason))
 
-    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+    def close(
+        self, code: int = CloseCode.NORMAL, reason: str = "", *, counted: bool = True
+    ) -> None:
         """Queue the authenticated CLOSE (idempotent).  Before keys exist it
-        is a plaintext ALERT.  After it, ``send`` is refused."""
+        is a plaintext ALERT.  After it, ``send`` is refused and nothing more
+        is delivered.  A GOING_AWAY close tells the peer how many of its
+        messages were delivered (``counted=False``: "unknown", for a close
+        made while another thread may be delivering one)."""
         if self._close_sent or self.state is _FAILED:
             return
         self._close_sent = True
         if self.state in _HANDSHAKE_STATES:
             self.discard_keys()
         if self._sender is not None:
-            self._owed.append((FrameType.CLOSE, encode_alert(code, reason)))
+            delivered = self.delivered if counted else DELIVERED_UNKNOWN
+            self._owed.append((FrameType.CLOSE, encode_close(code, reason, delivered)))
         else:
             self._out.append(frame(FrameType.ALERT, encode_alert(code, reason)))
 
@@ -674,11 +696,15 @@ class _Protocol:
         if self._close_received is not None:
             code, reason = self._close_received
             if code == CloseCode.GOING_AWAY:
+                delivered = self._peer_delivered
+                unread = 0 if delivered is None else self.sent - delivered
                 return ServerGoingAway(
                     "the peer closed the connection: going away"
-                    + (f" ({reason})" if reason else ""),
+                    + (f" ({reason})" if reason else "")
+                    + (f"; it did not read the last {unread} message(s) sent" if unread else ""),
                     code=code,
                     reason=reason,
+                    unread=unread,
                 )
             if code in _CLEAN_CODES:
                 return ConnectionClosedOK(
@@ -869,6 +895,9 @@ class _Protocol:
         data = self._fragments[0] if len(self._fragments) == 1 else b"".join(self._fragments)
         self._fragments.clear()
         self._fragments_size = 0
+        if self._close_sent:  # (our CLOSE said how many we took: no more)
+            return None
+        self.delivered += 1
         return MessageReceived(data)
 
     def _add_fragment(self, body: bytes) -> None:
@@ -887,6 +916,10 @@ class _Protocol:
         self._in_stream_hash = hashlib.sha256() if checksum else None
         self._in_stream_length = 0
         self.state = _STREAMING
+        if self._close_sent:  # (not delivered: its chunks are dropped too)
+            self._in_stream_hash = None
+            return None
+        self.delivered += 1
         return StreamStarted(size, name, checksum)
 
     def _on_stream_data(self, header: bytes, body: bytes) -> Optional[Event]:
@@ -895,9 +928,11 @@ class _Protocol:
         if self._in_stream_hash is not None:
             self._in_stream_hash.update(body)
         self._in_stream_length += len(body)
-        return StreamChunk(body)
+        return StreamChunk(body) if not self._close_sent else None
 
     def _on_stream_end(self, header: bytes, body: bytes) -> Optional[Event]:
+        if self._close_sent:  # (after our CLOSE: never reported complete)
+            return None
         length, digest = decode_stream_end(body, self._in_stream_checksum)
         ours = self._in_stream_hash.digest() if self._in_stream_hash is not None else None
         if length != self._in_stream_length or (
@@ -912,6 +947,8 @@ class _Protocol:
         return StreamEnded(length, ours)
 
     def _on_stream_abort(self, header: bytes, body: bytes) -> Optional[Event]:
+        if self._close_sent:
+            return None
         _, reason = decode_alert(body)
         self._in_stream_hash = None
         self.state = _OPEN
@@ -943,7 +980,14 @@ class _Protocol:
         return None  # (the adapter counts any bytes as a sign of life)
 
     def _on_close(self, header: bytes, body: bytes) -> Optional[Event]:
-        code, reason = decode_alert(body)
+        code, reason, delivered = decode_close(body)
+        if delivered is not None and delivered != DELIVERED_UNKNOWN:
+            if delivered > self.sent:
+                raise RemoteProtocolError(
+                    f"the peer's GOING_AWAY counts {delivered} messages delivered; "
+                    f"{self.sent} were sent"
+                )
+            self._peer_delivered = delivered
         if self.state in _HANDSHAKE_STATES:
             cls = _HANDSHAKE_ERROR_BY_CODE.get(code, HandshakeError)
             err = cls(f"the peer refused the handshake: {CloseCode.name(code)}: {reason}")
@@ -1296,7 +1340,9 @@ class ServerProtocol(_Protocol):
         super().discard_keys()
         self._eph = self._peer_share = None
 
-    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+    def close(
+        self, code: int = CloseCode.NORMAL, reason: str = "", *, counted: bool = True
+    ) -> None:
         """As for both sides; but GOING_AWAY after the ClientHello and before
         the key exchange (a busy or stopping server declining a connection
         waiting for its RSA work) is a REFUSAL the client can authenticate:
@@ -1320,7 +1366,7 @@ class ServerProtocol(_Protocol):
                 self.discard_keys()
                 self._out.append(frame(FrameType.REFUSAL, signed + tag))
                 return
-        super().close(code, reason)
+        super().close(code, reason, counted=counted)
 
     def start(self) -> None:
         """Queue the ServerHello (the server speaks first)."""

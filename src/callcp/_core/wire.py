@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from .errors import HandshakeError, RemoteProtocolError
+from .errors import CloseCode, HandshakeError, RemoteProtocolError
 
 __all__ = [
     "MAGIC",
@@ -292,6 +292,30 @@ def decode_alert(body: bytes) -> Tuple[int, str]:
         raise RemoteProtocolError(f"close/alert body of {len(body)} bytes is malformed")
     (code,) = struct.unpack(">H", body[:2])
     return code, printable(body[2:].decode("utf-8", "replace"))
+
+
+#: ``delivered`` in a GOING_AWAY CLOSE when the sender cannot say (§8).
+DELIVERED_UNKNOWN = (1 << 64) - 1
+
+
+def encode_close(code: int, reason: str, delivered: int) -> bytes:
+    """Body of a CLOSE record: an alert's, but GOING_AWAY also carries how
+    many of the peer's messages were delivered (u64, after the code)."""
+    if code != CloseCode.GOING_AWAY:
+        return encode_alert(code, reason)
+    raw = reason.encode("utf-8", "replace")[:MAX_REASON]
+    return struct.pack(">HQ", code, delivered) + raw
+
+
+def decode_close(body: bytes) -> Tuple[int, str, Optional[int]]:
+    """(code, reason, delivered: None unless GOING_AWAY)."""
+    if len(body) >= 2 and struct.unpack(">H", body[:2])[0] == CloseCode.GOING_AWAY:
+        if len(body) < 10 or len(body) > 10 + MAX_REASON:
+            raise RemoteProtocolError(f"GOING_AWAY close body of {len(body)} bytes is malformed")
+        code, delivered = struct.unpack(">HQ", body[:10])
+        return code, printable(body[10:].decode("utf-8", "replace")), delivered
+    code, reason = decode_alert(body)
+    return code, reason, None
 
 
 def printable(text: str) -> str:
