@@ -46,6 +46,7 @@ from ._core.errors import (
 )
 from ._core.keys import fingerprint
 from ._options import ClientOptions, ServerOptions
+from ._retry import Retry
 from ._streams import StreamInfo
 from .compat import SecureTCPClient, SecureTCPServer
 from .keys import KeyPair
@@ -71,6 +72,7 @@ __all__ = [
     "KeyPair",
     "Pool",
     "PoolStats",
+    "Retry",
     "SessionStore",
     "KnownHosts",
     "AuthorizedKeys",

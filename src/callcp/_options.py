@@ -22,6 +22,7 @@ else:
 
 from ._core.protocol import DEFAULT_MAX_MESSAGE_SIZE, MAX_TICKET_LIFETIME
 from ._core.shares import MAX_SHARE_VALIDITY
+from ._retry import Retry
 from .sessions import PROCESS_SESSIONS, SessionStore
 
 __all__ = [
@@ -137,6 +138,9 @@ class ClientOptions(_Options):
         session_store: where session tickets are kept and taken from, to
             resume (``callcp.SessionStore``; default: this process's, in
             memory; None: no tickets).
+        retry: try again after a transient failure (``callcp.Retry``): a
+            failed connect or handshake, and in a pool a request the server
+            cannot have received (None: fail at once).
         logger: where callcp logs (default: the ``callcp`` logger).
     """
 
@@ -151,10 +155,14 @@ class ClientOptions(_Options):
     keepalive_interval: Optional[float] = None
     keepalive_timeout: float = 10.0
     session_store: Optional[SessionStore] = PROCESS_SESSIONS
+    retry: Optional[Retry] = None
     logger: Optional[logging.Logger] = None
 
     def __post_init__(self) -> None:
         _positive_or_none("timeout", self.timeout)
+        if self.retry is not None and not isinstance(self.retry, Retry):
+            kind = type(self.retry).__name__
+            raise ValueError(f"retry must be a callcp.Retry or None, not {kind}")
         if self.session_store is not None and not isinstance(self.session_store, SessionStore):
             raise ValueError(
                 "session_store must be a callcp.SessionStore or None, "
@@ -314,6 +322,7 @@ class ClientKwargs(TypedDict, total=False):
     keepalive_interval: Optional[float]
     keepalive_timeout: float
     session_store: Optional[SessionStore]
+    retry: Optional[Retry]
     logger: Optional[logging.Logger]
 
 

@@ -34,7 +34,7 @@ from typing import (
 from . import _engine
 from . import _workers as workers
 from ._aiolink import FOREVER, Link, Turn, achunks, decrypt_here, next_chunk
-from ._common import check_port, client_protocol
+from ._common import check_port, client_protocol, logger_for
 from ._common import translate_oserror as _translate
 from ._core.errors import (
     CallcpError,
@@ -56,6 +56,7 @@ from ._engine import (
     keepalive_for,
 )
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
+from ._retry import Attempts
 from ._streams import Destination, Progress, StreamInfo, source_size
 from ._workers import WorkerPool
 
@@ -331,6 +332,24 @@ async def connect(
 
 async def open_connection(host: str, port: int, options: ClientOptions) -> Connection:
     """:func:`connect` with its options as one :class:`ClientOptions`."""
+    if options.retry is None:
+        return await connect_once(host, port, options)
+    attempts = Attempts(options.retry, logger_for(options.logger), f"connecting to {host}:{port}")
+    while True:
+        try:
+            return await connect_once(host, port, options, confirm=True)
+        except CallcpError as exc:
+            wait = attempts.again(exc)
+            if wait is None:
+                raise
+        await asyncio.sleep(wait)
+
+
+async def connect_once(
+    host: str, port: int, options: ClientOptions, *, confirm: bool = False
+) -> Connection:
+    """One try of :func:`open_connection` (``confirm``: wait for the
+    server's Finished)."""
     check_port(port, allow_zero=False)
     loop = asyncio.get_running_loop()
     keepalive = keepalive_for(options.keepalive_interval, options.keepalive_timeout)
@@ -346,7 +365,7 @@ async def open_connection(host: str, port: int, options: ClientOptions) -> Conne
     conn.remote_address = conn.remote_address or (host, port)
     try:
         left = None if options.timeout is None else options.timeout - (loop.time() - start)
-        await conn.do_handshake(left)
+        await conn.do_handshake(left, confirm=confirm)
     except BaseException:
         link.abort()
         raise

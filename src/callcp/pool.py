@@ -13,6 +13,13 @@ reads what arrived meanwhile: a server going away, a PING) and retired after
 saw an error (an exception left the ``with`` block) is closed, never handed
 out again.  ``close()`` closes every connection with the authenticated CLOSE.
 
+``request()`` tries again where that cannot duplicate the request
+(src/callcp/_retry.py): at once on another connection when a reused one
+turns out dead before the request left (a server that went away while it
+sat idle), and under the ``retry`` option (a :class:`callcp.Retry`) after a
+failed connect or handshake, a ServerBusy refusal, or, with
+``idempotent=True``, any transient failure.
+
 The bookkeeping (:class:`_Slots`) is written once; the two pools differ only
 in how they wait and do I/O.
 """
@@ -39,10 +46,12 @@ from typing import (
 )
 
 from . import aio
-from ._core.errors import CallcpTimeout, LocalProtocolError
+from ._common import logger_for
+from ._core.errors import CallcpError, CallcpTimeout, LocalProtocolError
 from ._engine import DEFAULT, Buffer
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions
-from .sync import Connection, open_connection
+from ._retry import Attempts
+from .sync import Connection, connect_once
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -61,6 +70,7 @@ class PoolStats:
     in_use: int
     created: int  # connections opened so far
     failed: int  # connections that failed to open, or were retired after an error
+    retried: int  # request tries after the first (on another connection)
 
 
 class _Slots(Generic[C]):
@@ -75,11 +85,13 @@ class _Slots(Generic[C]):
         self.host, self.port = host, port
         self.size, self.max_idle, self.max_lifetime = size, max_idle, max_lifetime
         self.idle: Deque[Tuple[C, float, float]] = deque()  # (conn, made, last used)
-        self.open = self.in_use = self.created = self.failed = 0
+        self.open = self.in_use = self.created = self.failed = self.retried = 0
         self.closed = False
 
     def stats(self) -> PoolStats:
-        return PoolStats(self.open, len(self.idle), self.in_use, self.created, self.failed)
+        return PoolStats(
+            self.open, len(self.idle), self.in_use, self.created, self.failed, self.retried
+        )
 
     def take(self, retired: List[C]) -> Tuple[Optional[Tuple[C, float]], bool]:
         """(an idle connection to check, or None; whether a new one may be
@@ -154,6 +166,11 @@ class _PoolBase(Generic[C]):
         self._slots: _Slots[C] = _Slots(host, port, size, max_idle, max_lifetime)
         self.options = ClientOptions(**options)
         self._cond = self._new_condition()
+        self._log = logger_for(self.options.logger)
+
+    def _attempts(self) -> Attempts:
+        s = self._slots
+        return Attempts(self.options.retry, self._log, f"a request to {s.host}:{s.port}")
 
     def _new_condition(self) -> Any:
         raise NotImplementedError
@@ -178,10 +195,45 @@ class Pool(_PoolBase[Connection]):
         with self._cond:
             return self._slots.stats()
 
-    def request(self, message: Buffer, timeout: Any = DEFAULT) -> bytes:
-        """Send one message on a pooled connection and return the reply."""
-        with self.connection() as conn:
-            return conn.request(message, timeout)
+    def request(
+        self, message: Buffer, timeout: Any = DEFAULT, *, idempotent: bool = False
+    ) -> bytes:
+        """Send one message on a pooled connection and return the reply.
+
+        Tried again, on another connection, only where the server cannot
+        have received the message (see the module), or after any
+        RetryableError with ``idempotent=True`` (the caller says a
+        duplicate is harmless).  The ``retry`` option bounds the tries.
+
+        Raises:
+            RetryableError: a transient failure, after the tries allowed.
+            As :meth:`Connection.request` and :func:`callcp.connect`.
+        """
+        attempts = self._attempts()
+        while True:
+            sent = reused = False
+            try:
+                conn, made, reused = self._acquire()
+                try:
+                    conn.send(message)
+                    sent = True
+                    reply = conn.recv(timeout)
+                except BaseException:
+                    self._release(conn, made, broken=True)
+                    raise
+                self._release(conn, made, broken=conn.closed)
+                return reply
+            except CallcpError as exc:
+                if reused and not sent and exc.retryable:
+                    wait = 0.0  # (it died while idle: another, at once)
+                else:
+                    again = attempts.again(exc, sent=sent, idempotent=idempotent)
+                    if again is None:
+                        raise
+                    wait = again
+                with self._cond:
+                    self._slots.retried += 1
+            time.sleep(wait)
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[Connection]:
@@ -194,7 +246,16 @@ class Pool(_PoolBase[Connection]):
             LocalProtocolError: the pool is closed.
             As :func:`callcp.connect` when a new connection is needed.
         """
-        conn, made = self._acquire()
+        attempts = self._attempts()
+        while True:
+            try:
+                conn, made, _ = self._acquire()
+                break
+            except CallcpError as exc:
+                wait = attempts.again(exc)
+                if wait is None:
+                    raise
+            time.sleep(wait)
         try:
             yield conn
         except BaseException:
@@ -217,7 +278,8 @@ class Pool(_PoolBase[Connection]):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _acquire(self) -> Tuple[Connection, float]:
+    def _acquire(self) -> Tuple[Connection, float, bool]:
+        """(a connection, when it was made, whether it was reused)."""
         slots, timeout = self._slots, self.options.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -234,17 +296,17 @@ class Pool(_PoolBase[Connection]):
             for old in retired:
                 old.close()
             if found is None:
-                return self._new()
+                return (*self._new(), False)
             conn, made = found
             if conn.poll():  # (outside the lock: it may read and answer a PING)
-                return conn, made
+                return conn, made, True
             with self._cond:  # gone while idle: retire it, try again
                 slots.lost(failed=False)
                 self._cond.notify()
 
     def _new(self) -> Tuple[Connection, float]:
         try:
-            conn = open_connection(self._slots.host, self._slots.port, self.options)
+            conn = connect_once(self._slots.host, self._slots.port, self.options)
         except BaseException:
             with self._cond:
                 self._slots.lost(failed=True)
@@ -276,15 +338,49 @@ class AsyncPool(_PoolBase["aio.Connection"]):
     def stats(self) -> PoolStats:
         return self._slots.stats()
 
-    async def request(self, message: Buffer, timeout: Any = DEFAULT) -> bytes:
-        """Send one message on a pooled connection and return the reply."""
-        async with self.connection() as conn:
-            return await conn.request(message, timeout)
+    async def request(
+        self, message: Buffer, timeout: Any = DEFAULT, *, idempotent: bool = False
+    ) -> bytes:
+        """Send one message on a pooled connection and return the reply
+        (tried again as :meth:`Pool.request` says)."""
+        attempts = self._attempts()
+        while True:
+            sent = reused = False
+            try:
+                conn, made, reused = await self._acquire()
+                try:
+                    await conn.send(message)
+                    sent = True
+                    reply = await conn.recv(timeout)
+                except BaseException:
+                    await self._release(conn, made, broken=True)
+                    raise
+                await self._release(conn, made, broken=conn.closed)
+                return reply
+            except CallcpError as exc:
+                if reused and not sent and exc.retryable:
+                    wait = 0.0  # (it died while idle: another, at once)
+                else:
+                    again = attempts.again(exc, sent=sent, idempotent=idempotent)
+                    if again is None:
+                        raise
+                    wait = again
+                self._slots.retried += 1
+            await asyncio.sleep(wait)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[aio.Connection]:
         """A connection for the ``async with`` block (see :meth:`Pool.connection`)."""
-        conn, made = await self._acquire()
+        attempts = self._attempts()
+        while True:
+            try:
+                conn, made, _ = await self._acquire()
+                break
+            except CallcpError as exc:
+                wait = attempts.again(exc)
+                if wait is None:
+                    raise
+            await asyncio.sleep(wait)
         try:
             yield conn
         except BaseException:
@@ -307,7 +403,7 @@ class AsyncPool(_PoolBase["aio.Connection"]):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _acquire(self) -> Tuple[aio.Connection, float]:
+    async def _acquire(self) -> Tuple[aio.Connection, float, bool]:
         slots, cond, timeout = self._slots, self._cond, self.options.timeout
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -326,10 +422,10 @@ class AsyncPool(_PoolBase["aio.Connection"]):
             for old in retired:
                 await old.close()
             if found is None:
-                return await self._new()
+                return (*await self._new(), False)
             conn, made = found
             if await conn.poll():
-                return conn, made
+                return conn, made, True
             async with cond:
                 slots.lost(failed=False)
                 cond.notify()
@@ -337,7 +433,7 @@ class AsyncPool(_PoolBase["aio.Connection"]):
     async def _new(self) -> Tuple[aio.Connection, float]:
         cond = self._cond
         try:
-            conn = await aio.open_connection(self._slots.host, self._slots.port, self.options)
+            conn = await aio.connect_once(self._slots.host, self._slots.port, self.options)
         except BaseException:
             async with cond:
                 self._slots.lost(failed=True)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Set
 
 from . import _engine
 from . import _workers as workers
-from ._common import check_port, client_protocol
+from ._common import check_port, client_protocol, logger_for
 from ._common import translate_oserror as _translate
 from ._core.errors import (
     CallcpError,
@@ -46,6 +46,7 @@ from ._engine import (
     keepalive_for,
 )
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
+from ._retry import Attempts
 from ._sockets import FOREVER, Acceptor, SocketLink, ThreadPool, listen, remaining, unsent
 from ._streams import Destination, Progress, Source, StreamInfo, iter_chunks, source_size
 from ._workers import WorkerPool
@@ -434,7 +435,9 @@ def connect(host: str, port: int = DEFAULT_PORT, **options: Unpack[ClientKwargs]
     ``trust_on_first_use=False``).  ``insecure=True`` turns checking off,
     loudly.  Returns once the client's key exchange is sent, so the first
     request shares its flight (1-RTT); the server's Finished is checked
-    before any reply is returned.
+    before any reply is returned.  With ``retry=callcp.Retry(...)`` it also
+    waits for the server's Finished, and tries again (with backoff) after a
+    RetryableError: nothing listening, a reset, a timeout, a busy server.
 
     Raises:
         ServerKeyChanged, UnknownServerKey: the server's key is not trusted.
@@ -449,6 +452,24 @@ def connect(host: str, port: int = DEFAULT_PORT, **options: Unpack[ClientKwargs]
 
 def open_connection(host: str, port: int, options: ClientOptions) -> Connection:
     """:func:`connect` with its options as one :class:`ClientOptions`."""
+    if options.retry is None:
+        return connect_once(host, port, options)
+    attempts = Attempts(options.retry, logger_for(options.logger), f"connecting to {host}:{port}")
+    while True:
+        try:
+            return connect_once(host, port, options, confirm=True)
+        except CallcpError as exc:
+            wait = attempts.again(exc)
+            if wait is None:
+                raise
+        time.sleep(wait)
+
+
+def connect_once(
+    host: str, port: int, options: ClientOptions, *, confirm: bool = False
+) -> Connection:
+    """One try of :func:`open_connection` (``confirm``: wait for the
+    server's Finished)."""
     check_port(port, allow_zero=False)
     engine = Engine(
         client_protocol(host, port, options),
@@ -462,7 +483,7 @@ def open_connection(host: str, port: int, options: ClientOptions) -> Connection:
     conn = Connection(sock, engine, timeout=options.timeout)
     conn.remote_address = conn.remote_address or (host, port)
     try:
-        conn.do_handshake()
+        conn.do_handshake(confirm=confirm)
     except BaseException:
         conn._close_socket()
         raise
@@ -610,7 +631,8 @@ class Server(ServerBase):
             done = self._idle.wait_for(lambda: self._busy == 0, timeout)
             conns = [] if done else list(self._active)
         for conn in conns:  # past the deadline: close what is left, all at once
-            conn._engine.close(CloseCode.GOING_AWAY, _engine.SHUTTING_DOWN)
+            # (from this thread, while a handler may be reading: "delivered" unknown)
+            conn._engine.close(CloseCode.GOING_AWAY, _engine.SHUTTING_DOWN, counted=False)
             conn._unblock()
         for conn in conns:
             conn._abort(send_timeout=0.1)
