@@ -66,6 +66,7 @@ class SocketLink:
         self._recv_lock = threading.Lock()
         self._closed = False
         self._rcv_timeout: Optional[float] = None  # SO_RCVTIMEO as set
+        self._snd_timeout = timeout  # SO_SNDTIMEO as set
         engine.wake = self._wake
         sock.settimeout(None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(timeout))
@@ -82,6 +83,7 @@ class SocketLink:
     def settimeout(self, timeout: Optional[float]) -> None:
         """Deadline in seconds for each later blocking operation (None: wait forever)."""
         self._timeout = timeout
+        self._snd_timeout = timeout
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(timeout))
 
     def _read(self, timeout: Optional[float]) -> None:
@@ -126,13 +128,57 @@ class SocketLink:
             return
         try:
             if isinstance(data, bytes):
-                self._sock.sendall(data)
+                self._send_all(data)
             elif len(data) <= 2 and sum(map(len, data)) <= GATHER_MIN:
-                self._sock.sendall(b"".join(data))
+                self._send_all(b"".join(data))
             else:
-                sendmsg_all(self._sock, data)
+                self._send_all(data)
         except OSError as exc:
             raise self._write_failed(exc) from exc
+
+    def _send_all(self, data: Union[bytes, List[bytes]]) -> None:
+        """sendall() (a list: gathering writes, no joining copy) within ONE
+        deadline, ``timeout`` from now: the kernel's SO_SNDTIMEO restarts
+        with every call that moves a byte, so a peer that reads a trickle
+        would otherwise hold a send for ever.  The common case is one call."""
+        sock = self._sock
+        timeout = self._timeout
+        started = time.monotonic()
+        if isinstance(data, bytes):
+            sent = sock.send(data)
+            if sent == len(data):
+                return
+            views: List[Any] = [memoryview(data)[sent:]]
+        else:
+            views = list(data)
+        try:
+            while views:
+                if timeout is not None:
+                    left = timeout - (time.monotonic() - started)
+                    if left <= 0:
+                        raise socket.timeout("the send deadline passed")
+                    if left < self._snd_timeout_or_inf():
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(left))
+                        self._snd_timeout = left
+                sent = sock.sendmsg(views[:IOV_MAX])
+                while sent:
+                    first = len(views[0])
+                    if sent >= first:
+                        sent -= first
+                        del views[0]
+                    else:
+                        views[0] = memoryview(views[0])[sent:]
+                        sent = 0
+        finally:
+            if self._snd_timeout != timeout:  # (the next call gets its whole timeout)
+                self._snd_timeout = timeout
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(timeout))
+                except OSError:
+                    pass  # (closed meanwhile)
+
+    def _snd_timeout_or_inf(self) -> float:
+        return FOREVER if self._snd_timeout is None else self._snd_timeout
 
     def _write_failed(self, exc: OSError) -> CallcpError:
         """A write failed: the connection is dead; the error to raise.  If the
@@ -282,21 +328,6 @@ def peer_alive(sock: socket.socket) -> bool:
         return True
     except OSError:
         return False
-
-
-def sendmsg_all(sock: socket.socket, parts: List[bytes]) -> None:
-    """sendall() for a list of buffers, with sendmsg (writev): no joining copy."""
-    views: List[Any] = list(parts)
-    while views:
-        sent = sock.sendmsg(views[:IOV_MAX])
-        while sent:
-            first = len(views[0])
-            if sent >= first:
-                sent -= first
-                del views[0]
-            else:
-                views[0] = memoryview(views[0])[sent:]
-                sent = 0
 
 
 def timeval(timeout: Optional[float]) -> bytes:

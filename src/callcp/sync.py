@@ -120,7 +120,7 @@ class Connection(SocketLink, ConnectionBase):
                     self._wrote()
                 return
             try:
-                self._sock.sendall(data)
+                self._send_all(data)
             except OSError as exc:
                 raise self._write_failed(exc) from exc
             if self._engine.keepalive is not None:
