@@ -60,6 +60,7 @@ from ._core.errors import (
     ConnectionClosed,
     ConnectionClosedError,
     ConnectionClosedOK,
+    ConnectionLost,
     HandshakeError,
     HandshakeTimeout,
     MessagePending,
@@ -405,8 +406,10 @@ class Engine:
         """What a sender gets once the transport is gone (nothing buffered for
         a receiver is consumed to find out)."""
         core = self.core
-        if core.state is State.FAILED or core.state is State.CLOSED or self._lost is None:
+        if core.state is State.FAILED or core.state is State.CLOSED or core._close_sent:
             return core.closed_error()
+        if self._lost is None:  # (an end of TCP: the peer closed, or its process died)
+            return ConnectionLost("the peer ended the connection without an authenticated close")
         return self._lost
 
     def peer_close_or(self, err: CallcpError) -> CallcpError:
