@@ -134,7 +134,7 @@ class ClientOptions(_Options):
             peer, while waiting in ``recv()``, send it a sealed PING (None:
             no keepalive).  The peer answers whenever it next reads.
         keepalive_timeout: seconds after a PING without any answer before the
-            peer is declared unresponsive (ConnectionClosedError).
+            peer is declared unresponsive (PeerUnresponsive, a ConnectionClosedError).
         session_store: where session tickets are kept and taken from, to
             resume (``callcp.SessionStore``; default: this process's, in
             memory; None: no tickets).
@@ -223,7 +223,7 @@ class ServerOptions(_Options):
             peer, while waiting in a handler's ``recv()``, send it a sealed PING (None:
             no keepalive).  The peer answers whenever it next reads.
         keepalive_timeout: seconds after a PING without any answer before the
-            peer is declared unresponsive (ConnectionClosedError).
+            peer is declared unresponsive (PeerUnresponsive, a ConnectionClosedError).
         backlog: the listening socket's accept queue.
         reuse_port: set SO_REUSEPORT on the listening socket.
         workers: N > 1 forks N processes that accept on the port (Linux).
