@@ -26,16 +26,23 @@ Every scenario runs the same message sizes and patterns over three
 payload, so all three deliver whole messages.  Servers run in their own
 processes (multiprocessing, ``spawn``); clients run in this process, or in
 two client processes for the parallel handshake case, or in one client
-process for the concurrency and the rtt_cpu scenarios.  Everything is on 127.0.0.1, with
-TCP_NODELAY on every socket.  Blocking sockets have no Python-level timeout
-(which would cost a ``poll()`` per call); kernel timeouts (SO_RCVTIMEO)
-keep a broken run from hanging.
+process for the concurrency, rtt_cpu and pool scenarios.  Everything is on
+127.0.0.1, with TCP_NODELAY on every socket.  Blocking sockets have no
+Python-level timeout (which would cost a ``poll()`` per call); kernel
+timeouts (SO_RCVTIMEO) keep a broken run from hanging.
 
 Each scenario runs ``reps`` repetitions, after a warm-up; the repetitions of
 the three implementations are interleaved (callcp, ssl, raw; then ssl, raw,
 callcp; ...) so that a noisy neighbour hurts them alike.  The table shows
 the median and the min-max of the repetitions, and the ratios callcp/ssl and
 callcp/raw of the medians.  The JSON keeps every sample.
+
+Two scenarios compare callcp with itself, not with ssl and raw TCP
+(:data:`CALLCP_ONLY`): ``workers`` (a server with workers=1 vs workers=2) and
+``pool`` (``pool.request`` on a warm ``callcp.Pool`` vs ``Connection.request``
+on one bare connection, against the same server process).  Their samples are
+keyed by those two variants, their one ratio is the second's median over the
+first's, and the table shows each of their metrics on one line.
 
 Child processes talk to this one over a ``multiprocessing`` pipe, with
 tuples ``(tag, value)``; a child that fails sends ``("error", text)``.
@@ -101,6 +108,9 @@ except ImportError:  # pragma: no cover - not on Windows
     resource = None  # type: ignore[assignment]
 
 __all__ = [
+    "CALLCP_ONLY",
+    "POOL_BLOCKS",
+    "POOL_TOLERANCE",
     "SCENARIOS",
     "SIZES",
     "BenchError",
@@ -152,12 +162,29 @@ SCENARIOS = (
     "rtt_sync",
     "rtt_aio",
     "rtt_cpu",
+    "pool",
     "echo_64k",
     "stream",
     "concurrency",
 )
 
 WORKERS_UNSUPPORTED = "workers: not supported by this build"
+
+#: Scenarios that compare two variants of callcp, not callcp with ssl and raw
+#: TCP: scenario -> (the baseline, the variant).  Their metrics' samples are
+#: keyed by these two names, and their one ratio is variant / baseline.
+CALLCP_ONLY: Dict[str, Tuple[str, str]] = {
+    "workers": ("workers=1", "workers=2"),
+    "pool": ("bare", "pool"),
+}
+#: The pool scenario's target: ``pool.request`` on a warm pool within 10 % of
+#: a bare ``Connection.request`` in the same run (round trips/s at least 0.90x
+#: bare; the notes also say whether the client CPU per request is within
+#: 1.10x).
+POOL_TOLERANCE = 0.10
+#: The pool scenario alternates the bare connection and the pool in blocks:
+#: each repetition's round trips on each are split into this many blocks.
+POOL_BLOCKS = 20
 
 
 class BenchError(Exception):
@@ -449,6 +476,16 @@ def _open_sync(target: Target) -> _Session:
     if target.kind == "ssl":
         sock = _client_context(material).wrap_socket(sock, server_hostname=TLS_HOSTNAME)
     return _Framed(sock)
+
+
+def _pool_options(target: Target) -> Dict[str, Any]:
+    """The client options of a callcp pool to ``target``: those of
+    :func:`_open_sync`'s connections (pinned key, timeout, session store)."""
+    return {
+        "server_fingerprint": target.material.callcp_fingerprint,
+        "timeout": SOCKET_TIMEOUT,
+        **_sessions(target),
+    }
 
 
 async def _open_aio(target: Target) -> _ASession:
@@ -993,6 +1030,125 @@ async def _timed_arequests(target: Target, n: int, pipe: PipeEnd) -> None:
         await session.close()
 
 
+# ---------------------------------------------------------------- pool
+
+
+def _pool_client_main(pipe: PipeEnd) -> None:
+    """The client process of the pool scenario:
+    ``("pool", target, flavour, n, first)`` -> ``("result", {...})``: see
+    :func:`_pool_vs_bare`; then the next ``"pool"``."""
+    _child_setup()
+    try:
+        pipe.send(("ready", os.getpid()))
+        while True:
+            command = pipe.recv()
+            if command[0] != "pool":
+                return
+            _, target, flavour, n, first = command
+            if flavour == "aio":
+                result = asyncio.run(_apool_vs_bare(target, n, first))
+            else:
+                result = _pool_vs_bare(target, n, first)
+            pipe.send(("result", result))
+    except EOFError:
+        return
+    except BaseException as exc:
+        _report_failure(pipe, exc)
+        raise
+
+
+def _pool_blocks(n: int, first: str) -> List[Tuple[str, int]]:
+    """The timed blocks of one repetition of the pool scenario: ``n`` round
+    trips for each variant in :data:`POOL_BLOCKS` blocks, in pairs of one
+    block of each, ``first`` first in the even pairs and second in the odd
+    ones (ABBA: a steady drift of the machine's speed weighs on both alike)."""
+    base, variant = CALLCP_ONLY["pool"]
+    other = variant if first == base else base
+    blocks: List[Tuple[str, int]] = []
+    for i in range(POOL_BLOCKS):
+        size = n // POOL_BLOCKS + (1 if i < n % POOL_BLOCKS else 0)
+        if size:
+            pair = (first, other) if i % 2 == 0 else (other, first)
+            blocks += [(pair[0], size), (pair[1], size)]
+    return blocks
+
+
+def _new_pool_timing() -> Dict[str, Any]:
+    return {"n": 0, "seconds": 0.0, "user": 0.0, "sys": 0.0, "blocks": 0}
+
+
+def _add_block(
+    timing: Dict[str, Any], size: int, seconds: float, before: Tuple[float, float]
+) -> None:
+    user, system = cpu_seconds()
+    timing["n"] += size
+    timing["seconds"] += seconds
+    timing["user"] += user - before[0]
+    timing["sys"] += system - before[1]
+    timing["blocks"] += 1
+
+
+def _pool_result(timings: Dict[str, Dict[str, Any]], pool: Any) -> Dict[str, Any]:
+    stats = pool.stats()
+    if stats.created != 1 or stats.failed:
+        raise BenchError(f"the pool should have reused one connection; {stats}")
+    return {**timings, "pool_stats": dataclasses.asdict(stats)}
+
+
+def _pool_vs_bare(target: Target, n: int, first: str) -> Dict[str, Any]:
+    """One repetition, blocking: a bare connection (``callcp.connect()``) and
+    a ``callcp.Pool`` to the same server, both warmed up (the pool's
+    warm-up opens its one connection), then ``n`` round trips on each in
+    alternating blocks, each block timed (wall and this process's CPU)."""
+    payload = os.urandom(MESSAGE_SIZE)
+    conn = _open_sync(target)
+    pool = callcp.Pool(HOST, target.port, **_pool_options(target))
+    try:
+        requests = {"bare": conn.request, "pool": pool.request}
+        for _ in range(_rtt_warmup(n)):
+            for request in requests.values():
+                if request(payload) != payload:
+                    raise BenchError("callcp: the server did not echo the request")
+        timings = {v: _new_pool_timing() for v in requests}
+        for v, size in _pool_blocks(n, first):
+            request = requests[v]
+            before = cpu_seconds()
+            start = time.perf_counter()
+            for _ in range(size):
+                request(payload)
+            _add_block(timings[v], size, time.perf_counter() - start, before)
+        return _pool_result(timings, pool)
+    finally:
+        conn.close()
+        pool.close()
+
+
+async def _apool_vs_bare(target: Target, n: int, first: str) -> Dict[str, Any]:
+    """:func:`_pool_vs_bare` with asyncio: a ``callcp.aio`` connection and a
+    ``callcp.aio.Pool``."""
+    payload = os.urandom(MESSAGE_SIZE)
+    conn = await _open_aio(target)
+    pool = callcp_aio.Pool(HOST, target.port, **_pool_options(target))
+    try:
+        requests = {"bare": conn.request, "pool": pool.request}
+        for _ in range(_rtt_warmup(n)):
+            for request in requests.values():
+                if await request(payload) != payload:
+                    raise BenchError("callcp: the server did not echo the request")
+        timings = {v: _new_pool_timing() for v in requests}
+        for v, size in _pool_blocks(n, first):
+            request = requests[v]
+            before = cpu_seconds()
+            start = time.perf_counter()
+            for _ in range(size):
+                await request(payload)
+            _add_block(timings[v], size, time.perf_counter() - start, before)
+        return _pool_result(timings, pool)
+    finally:
+        await conn.close()
+        await pool.close()
+
+
 # ---------------------------------------------------------------- streams
 
 
@@ -1394,10 +1550,10 @@ def format_table(report: Report) -> str:
     rows: List[List[str]] = []
     spans: List[Tuple[int, str]] = []  # rows that are one line of text
     for scenario in report.scenarios:
-        if not scenario.supported or scenario.name == "workers":
-            text = _workers_line(scenario)
-            spans.append((len(rows), text))
-            rows.append([])
+        if not scenario.supported or scenario.name in CALLCP_ONLY:
+            for text in _callcp_only_lines(scenario):
+                spans.append((len(rows), text))
+                rows.append([])
             continue
         for m in scenario.metrics:
             rows.append(
@@ -1422,8 +1578,10 @@ def format_table(report: Report) -> str:
         ]
         return "  ".join(out).rstrip()
 
-    lines = [line(headers), "  ".join("-" * w for w in widths)]
     span_at = dict(spans)
+    lines: List[str] = []
+    if len(span_at) < len(rows) or not rows:  # (no header over callcp-only lines alone)
+        lines += [line(headers), "  ".join("-" * w for w in widths)]
     for i, row in enumerate(rows):
         lines.append(span_at[i] if i in span_at else line(row))
     sizes = report.sizes
@@ -1432,21 +1590,32 @@ def format_table(report: Report) -> str:
         f"medians of {sizes.reps} repetition(s) [min-max]; ratios are callcp's median over the "
         "other's (for 'better: lower' rows, below 1 means callcp uses less)."
     )
+    if any(s.name in CALLCP_ONLY and s.metrics for s in report.scenarios):
+        lines.append(
+            "callcp-only lines (workers, pool: no ssl or raw TCP): the ratio is the variant's "
+            "median over the baseline's, both measured in this run."
+        )
     for scenario in report.scenarios:
         lines.extend(f"note ({scenario.name}): {note}" for note in scenario.notes)
     return "\n".join(lines)
 
 
-def _workers_line(scenario: ScenarioResult) -> str:
+def _callcp_only_lines(scenario: ScenarioResult) -> List[str]:
+    """The table's lines for a scenario of :data:`CALLCP_ONLY` (or one that
+    did not run): one per metric, both variants and their ratio."""
     if not scenario.supported or not scenario.metrics:
         note = scenario.extra.get("note", WORKERS_UNSUPPORTED)
-        return f"{scenario.title}: {note}"
-    m = scenario.metrics[0]
-    ratio = m.ratio("workers=2", "workers=1")
-    return (
-        f"{m.label}: workers=1 {_cell(m, 'workers=1')}, workers=2 {_cell(m, 'workers=2')} "
-        f"{m.unit}; workers=2/workers=1 {_ratio_text(ratio)}"
-    )
+        return [f"{scenario.title}: {note}"]
+    base, variant = CALLCP_ONLY[scenario.name]
+    lines = []
+    for m in scenario.metrics:
+        ratio = _ratio_text(m.ratio(variant, base))
+        lower = "" if m.higher_is_better else " (lower is better)"
+        lines.append(
+            f"{m.label}: {base} {_cell(m, base)}, {variant} {_cell(m, variant)} "
+            f"{m.unit}; {variant}/{base} {ratio}{lower}"
+        )
+    return lines
 
 
 # ====================================================================== scenarios
@@ -1460,7 +1629,7 @@ class _Runner:
         self.sizes = sizes
         self.material = material
         self.say = say
-        self.pool: Optional[_ClientPool] = None
+        self.clients: Optional[_ClientPool] = None
 
     # -- helpers
 
@@ -1485,14 +1654,14 @@ class _Runner:
                     metric.add(kind, measure(servers.targets[kind], self.sizes.seconds) * scale)
 
     def client_pool(self) -> _ClientPool:
-        if self.pool is None:
-            self.pool = _ClientPool(2)
-        return self.pool
+        if self.clients is None:
+            self.clients = _ClientPool(2)
+        return self.clients
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.stop()
-            self.pool = None
+        if self.clients is not None:
+            self.clients.stop()
+            self.clients = None
 
     # -- scenarios
 
@@ -1667,6 +1836,66 @@ class _Runner:
         result.extra["runs"] = runs
         result.extra["round_trips"] = n
 
+    def pool(self, result: ScenarioResult) -> None:
+        """callcp only: ``rtt_count`` round trips per repetition with
+        ``pool.request`` on a warm ``callcp.Pool`` and with
+        ``Connection.request`` on one bare connection, from one client process
+        that holds both and alternates them in blocks, against one server
+        process; blocking, then asyncio."""
+        n = self.sizes.rtt_count
+        base, variant = CALLCP_ONLY["pool"]
+        result.title = (
+            f"callcp: {n:,} x 64-byte round trips with pool.request on a warm pool and "
+            "with Connection.request on one bare connection, alternating in blocks, "
+            "against the same server process"
+        )
+        runs: Dict[str, List[Dict[str, Any]]] = {}
+        ratios = ((variant, base),)
+        client = _Child("pool client", _pool_client_main)
+        try:
+            client.expect("ready")
+            for flavour, how, api in (
+                ("sync", "blocking", "callcp.Pool"),
+                ("aio", "asyncio", "callcp.aio.Pool"),
+            ):
+                rate = result.metric(
+                    f"{flavour}_rate",
+                    f"{api} vs bare conn: {n:,} x 64 B round trips",
+                    "rt/s",
+                    True,
+                    ratios=ratios,
+                )
+                on_client = result.metric(
+                    f"{flavour}_client_cpu",
+                    f"{api} vs bare conn: client CPU per round trip",
+                    "us",
+                    False,
+                    ratios=ratios,
+                )
+                runs[flavour] = []
+                with _Servers(("callcp",), flavour, self.material) as servers:
+                    target = servers.targets["callcp"]
+                    client.send("pool", target, flavour, _rtt_warmup(n), base)  # (not counted)
+                    client.expect("result")
+                    for rep in range(self.sizes.reps):
+                        first = self.interleaved((base, variant), rep)[0]
+                        client.send("pool", target, flavour, n, first)
+                        got = client.expect("result")
+                        runs[flavour].append(got)
+                        for v in (base, variant):
+                            c = got[v]
+                            rate.add(v, c["n"] / c["seconds"])
+                            on_client.add(v, (c["user"] + c["sys"]) / c["n"] * 1e6)
+                pairs = _paired_ratios(runs[flavour])
+                result.extra.setdefault("paired_ratios", {})[flavour] = pairs
+                result.notes.append(_pool_verdict(api, how, rate, on_client, pairs))
+        finally:
+            client.stop()
+        result.extra["runs"] = runs
+        result.extra["round_trips"] = n
+        result.extra["blocks"] = POOL_BLOCKS
+        result.extra["tolerance"] = POOL_TOLERANCE
+
     @staticmethod
     def rtt_cpu_once(
         client: _Child, server: _Child, target: Target, flavour: str, n: int
@@ -1813,6 +2042,53 @@ class _Runner:
             server.stop()
 
 
+def _paired_ratios(runs: Sequence[Dict[str, Any]]) -> Dict[str, List[float]]:
+    """pool/bare within each repetition of the pool scenario, for the round
+    trips/s and the client CPU per round trip: less exposed to a machine
+    whose speed drifts between repetitions than the ratio of medians."""
+
+    def rate(timing: Dict[str, Any]) -> float:
+        return float(timing["n"] / timing["seconds"])
+
+    def cpu(timing: Dict[str, Any]) -> float:
+        return float((timing["user"] + timing["sys"]) / timing["n"])
+
+    return {
+        "rate": [rate(r["pool"]) / rate(r["bare"]) for r in runs],
+        "client_cpu": [cpu(r["pool"]) / cpu(r["bare"]) for r in runs if cpu(r["bare"]) > 0],
+    }
+
+
+def _pool_verdict(
+    api: str, how: str, rate: Metric, cpu: Metric, pairs: Dict[str, List[float]]
+) -> str:
+    """The pool scenario's note for one flavour: the ratios of the medians
+    (and the range of the per-repetition pairs), the client CPU a pooled
+    request adds, and whether both are within :data:`POOL_TOLERANCE`."""
+    base, variant = CALLCP_ONLY["pool"]
+    speed, spent = rate.ratio(variant, base), cpu.ratio(variant, base)
+    if speed is None or spent is None:  # pragma: no cover - only with a zero median
+        return f"{how} {api}: no ratio (a zero median)"
+    added_us = (cpu.median(variant) or 0.0) - (cpu.median(base) or 0.0)
+    tolerance = f"{POOL_TOLERANCE:.0%}"
+
+    def within(ok: bool) -> str:
+        return f"{'within' if ok else 'NOT within'} {tolerance}"
+
+    def spread(values: List[float]) -> str:
+        if len(values) < 2:
+            return ""
+        return f" [reps {min(values):.2f}-{max(values):.2f}]"
+
+    return (
+        f"{how} {api}.request on a warm pool / bare Connection.request, same run: "
+        f"round trips/s {speed:.2f}x{spread(pairs['rate'])} "
+        f"({within(speed >= 1 - POOL_TOLERANCE)}), "
+        f"client CPU per request {spent:.2f}x{spread(pairs['client_cpu'])}, "
+        f"{added_us:+.1f} us ({within(spent <= 1 + POOL_TOLERANCE)})"
+    )
+
+
 def _note_errors(result: ScenarioResult, errors: Dict[str, int]) -> None:
     result.extra["errors"] = errors
     for kind, count in errors.items():
@@ -1839,6 +2115,9 @@ _TITLES = {
     "rtt_aio": "64-byte request/response round trips on one connection, asyncio",
     "rtt_cpu": "a fixed number of 64-byte round trips on one connection: rate, and CPU "
     "time per round trip in the client and in the server process",
+    "pool": "callcp: 64-byte round trips with pool.request on a warm pool and with "
+    "Connection.request on one bare connection, alternating in blocks: rate and client "
+    "CPU time per round trip",
     "echo_64k": "64 KiB echo throughput on one connection, both directions counted",
     "stream": "one-way stream",
 }
@@ -1976,6 +2255,10 @@ def write_chart(report: Report, path: Path) -> str:
                     (_WORKERS_CHART_LABEL, {"workers": m.ratio("workers=2", "workers=1")})
                 )
                 continue
+            if scenario.name == "pool":
+                rows = faster if m.higher_is_better else leaner
+                rows.append((f"{m.label} ({m.unit})", {"pool": m.ratio("pool", "bare")}))
+                continue
             ratios = {"ssl": m.ratio("callcp", "ssl"), "raw": m.ratio("callcp", "raw")}
             (faster if m.higher_is_better else leaner).append((f"{m.label} ({m.unit})", ratios))
     panels = [
@@ -1994,18 +2277,19 @@ def write_chart(report: Report, path: Path) -> str:
         squeeze=False,
         layout="constrained",
     )
-    colors = {"ssl": "#1f77b4", "raw": "#ff7f0e", "workers": "#2ca02c"}
+    colors = {"ssl": "#1f77b4", "raw": "#ff7f0e", "workers": "#2ca02c", "pool": "#9467bd"}
     labels = {
         "ssl": "callcp / ssl (TLS 1.3)",
         "raw": "callcp / raw TCP",
         "workers": "workers=2 / workers=1",
+        "pool": "callcp warm pool.request / bare Connection.request",
     }
     used: Dict[str, Any] = {}
     for ax, (rows, title) in zip(axes[:, 0], panels):
         bar_h = 0.38
         values: List[float] = []
         for i, (name, ratios) in enumerate(rows):
-            series = [s for s in ("ssl", "raw", "workers") if s in ratios]
+            series = [s for s in ("ssl", "raw", "workers", "pool") if s in ratios]
             for j, s in enumerate(series):
                 value = ratios[s]
                 y = i + (j - (len(series) - 1) / 2) * bar_h
@@ -2194,12 +2478,15 @@ def build_parser(prog: str = "benchmarks/run.py") -> argparse.ArgumentParser:
         "their own processes: handshakes/s (1 and 2 client processes, and workers=1\n"
         "vs 2 where supported), 64-byte round trips/s (blocking and asyncio), CPU\n"
         "time per 64-byte round trip in the client and the server process\n"
-        "(rtt_cpu), 64 KiB echo MB/s, one-way stream MB/s with each side's peak RSS,\n"
-        "and N asyncio connections (requests/s, p50/p99 latency, server RSS per\n"
-        "connection). Prints a table of medians [min-max] over the repetitions with\n"
-        "the ratios callcp/ssl and callcp/raw, and writes the results as JSON (every\n"
-        "sample), a PNG chart (needs matplotlib: pip install 'callcp[bench]') and\n"
-        "machine.md next to the JSON: into the results directory's local/\n"
+        "(rtt_cpu), callcp's pool.request on a warm pool vs a bare connection's\n"
+        "request (pool: rate and CPU per round trip, pool/bare), 64 KiB echo MB/s,\n"
+        "one-way stream MB/s with each side's peak RSS, and N asyncio connections\n"
+        "(requests/s, p50/p99 latency, server RSS per connection). Prints a table\n"
+        "of medians [min-max] over the repetitions with the ratios callcp/ssl and\n"
+        "callcp/raw (pool/bare, workers=2/workers=1 for those two), and writes the\n"
+        "results as JSON (every sample), a PNG chart (needs matplotlib: pip install\n"
+        "'callcp[bench]') and machine.md next to the JSON: into the results\n"
+        "directory's local/\n"
         f"({_shown(LOCAL_RESULTS_DIR)}/, ignored by git), or with --save into\n"
         f"{_shown(SAVED_RESULTS_DIR)}/ itself, replacing the committed results.\n"
         "A full run takes several minutes; --quick about one.",
@@ -2240,7 +2527,8 @@ def build_parser(prog: str = "benchmarks/run.py") -> argparse.ArgumentParser:
         "--rtt-count",
         metavar="N",
         type=_count,
-        help="round trips per repetition of rtt_cpu (default: 20,000; --quick: 10,000; tiny: 200)",
+        help="round trips per repetition of rtt_cpu and pool "
+        "(default: 20,000; --quick: 10,000; tiny: 200)",
     )
     where = p.add_argument_group("where the results go")
     where.add_argument(

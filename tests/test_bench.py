@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import pytest
 
@@ -32,13 +32,16 @@ sys.path.insert(0, str(BENCHMARKS))  # as benchmarks/run.py has it
 import callcp_bench as bench  # noqa: E402
 
 IMPLEMENTATIONS = ("callcp", "ssl", "raw")
+#: Scenarios that compare callcp with itself (no ssl or raw TCP), and their
+#: two variants: baseline, variant.
+CALLCP_ONLY = {"workers": ("workers=1", "workers=2"), "pool": ("bare", "pool")}
 
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_metric(name: str, metric: Dict[str, Any], impls: List[str]) -> None:
+def _check_metric(name: str, metric: Dict[str, Any], impls: Sequence[str]) -> None:
     assert metric["unit"] and metric["label"], name
     assert metric["better"] in ("higher", "lower"), name
     for impl in impls:
@@ -98,8 +101,9 @@ def test_bench_smoke_tiny(tmp_path: Path) -> None:
     expected = [s for s in bench.SCENARIOS if s != "concurrency"]
     expected += [f"concurrency_{n}" for n in data["sizes"]["concurrency"]]
     assert sorted(data["scenarios"]) == sorted(expected)
+    assert bench.CALLCP_ONLY == CALLCP_ONLY
     for name, scenario in data["scenarios"].items():
-        if name == "workers":
+        if name in CALLCP_ONLY:  # checked below
             continue
         assert scenario["supported"] is True, name
         assert scenario["metrics"], name
@@ -128,6 +132,33 @@ def test_bench_smoke_tiny(tmp_path: Path) -> None:
             assert run["client"]["n"] == 200, (flavour, impl)
             for side in ("client", "server"):
                 assert all(_finite(run[side][k]) for k in ("user", "sys")), (flavour, impl, side)
+    # pool: a warm callcp pool vs one bare connection, callcp only, both flavours.
+    pool = data["scenarios"]["pool"]
+    assert pool["supported"] is True
+    assert set(pool["metrics"]) == {
+        f"{flavour}_{what}" for flavour in ("sync", "aio") for what in ("rate", "client_cpu")
+    }
+    for metric_name, metric in pool["metrics"].items():
+        _check_metric(f"pool.{metric_name}", metric, CALLCP_ONLY["pool"])
+        assert set(metric["samples"]) == {"bare", "pool"}, metric_name
+        assert set(metric["ratios"]) == {"pool/bare"}, metric_name
+        assert f"{metric['label']}: bare " in stdout, metric_name
+    assert pool["extra"]["round_trips"] == 200
+    assert set(pool["extra"]["runs"]) == {"sync", "aio"}
+    for flavour, runs in pool["extra"]["runs"].items():
+        (run,) = runs
+        for variant in ("bare", "pool"):
+            timing = run[variant]
+            assert timing["n"] == 200 and timing["blocks"] == bench.POOL_BLOCKS, (flavour, run)
+            assert all(_finite(timing[k]) for k in ("seconds", "user", "sys")), (flavour, run)
+        # Warm: the pool's one connection served every request (and the warm-up).
+        assert run["pool_stats"]["created"] == 1, (flavour, run)
+        assert run["pool_stats"]["failed"] == 0, (flavour, run)
+        pairs = pool["extra"]["paired_ratios"][flavour]
+        assert len(pairs["rate"]) == 1 and all(_finite(v) for v in pairs["rate"])
+    notes = [line for line in stdout.splitlines() if line.startswith("note (pool):")]
+    assert len(notes) == 2 and all("Pool.request on a warm pool" in n for n in notes), notes
+    assert "pool/bare" in stdout
     assert set(data["scenarios"]["stream"]["metrics"]) == {
         "throughput",
         "sender_peak_rss",
@@ -141,7 +172,7 @@ def test_bench_smoke_tiny(tmp_path: Path) -> None:
         assert bench.WORKERS_UNSUPPORTED in stdout
     else:
         assert workers["supported"] is True
-        _check_metric("workers.rate", workers["metrics"]["rate"], ["workers=1", "workers=2"])
+        _check_metric("workers.rate", workers["metrics"]["rate"], CALLCP_ONLY["workers"])
 
     machine = (out / "machine.md").read_text(encoding="utf-8")
     for field in ("cpu", "cores", "memory", "kernel", "python", "cryptography", "date"):
@@ -202,6 +233,65 @@ def test_table_shows_medians_ranges_and_ratios() -> None:
     assert "1,000 [900-1,100]" in row
     assert "0.50x" in row and row.rstrip().endswith("-")
     assert f"workers=1 vs 2: {bench.WORKERS_UNSUPPORTED}" in table
+
+
+def test_callcp_only_scenarios_are_one_line_per_metric_with_their_ratio() -> None:
+    report = bench.Report(bench.SIZES["tiny"], [], {}, "2026-01-01T00:00:00+00:00")
+    pool = bench.ScenarioResult("pool", "pool vs bare")
+    ratios = (("pool", "bare"),)
+    rate = pool.metric("sync_rate", "callcp.Pool vs bare conn: rt", "rt/s", True, ratios=ratios)
+    cpu = pool.metric(
+        "sync_client_cpu", "callcp.Pool vs bare conn: cpu", "us", False, ratios=ratios
+    )
+    for v in (9000.0, 10000.0, 11000.0):
+        rate.add("bare", v)
+        rate.add("pool", v * 0.95)
+    for v in (40.0, 41.0, 42.0):
+        cpu.add("bare", v)
+        cpu.add("pool", v + 2.0)
+    report.scenarios = [pool]
+    assert rate.to_json()["ratios"] == {"pool/bare": pytest.approx(0.95)}
+    lines = report.table().splitlines()
+    assert lines[0].startswith("callcp.Pool vs bare conn")  # (no ssl/raw header over them)
+    assert (
+        "callcp.Pool vs bare conn: rt: bare 10,000 [9,000-11,000], pool 9,500 [8,550-10,450] "
+        "rt/s; pool/bare 0.95x" in lines
+    )
+    assert (
+        "callcp.Pool vs bare conn: cpu: bare 41.0 [40.0-42.0], pool 43.0 [42.0-44.0] us; "
+        "pool/bare 1.05x (lower is better)" in lines
+    )
+    assert any(line.startswith("callcp-only lines") for line in lines)
+
+    # The note: ratios of the medians, the range of the per-repetition
+    # ratios, and the verdicts.
+    run = {
+        "bare": {"n": 100, "seconds": 0.010, "user": 0.004, "sys": 0.0},
+        "pool": {"n": 100, "seconds": 0.012, "user": 0.004, "sys": 0.001},
+    }
+    pairs = bench._paired_ratios([run, run])
+    assert pairs["rate"] == [pytest.approx(10 / 12)] * 2
+    assert pairs["client_cpu"] == [pytest.approx(1.25)] * 2
+    note = bench._pool_verdict("callcp.Pool", "blocking", rate, cpu, pairs)
+    assert "round trips/s 0.95x [reps 0.83-0.83] (within 10%)" in note
+    assert "client CPU per request 1.05x [reps 1.25-1.25], +2.0 us (within 10%)" in note
+    slow = bench.Metric("r", "r", "rt/s", True, ratios=ratios)
+    slow.add("bare", 100.0)
+    slow.add("pool", 80.0)
+    note = bench._pool_verdict("p", "blocking", slow, cpu, pairs)
+    assert "round trips/s 0.80x [reps 0.83-0.83] (NOT within 10%)" in note
+
+
+def test_the_pool_scenario_alternates_its_blocks() -> None:
+    blocks = bench._pool_blocks(205, "bare")
+    assert len(blocks) == 2 * bench.POOL_BLOCKS
+    for variant in ("bare", "pool"):
+        assert sum(size for v, size in blocks if v == variant) == 205
+    firsts = [blocks[i][0] for i in range(0, len(blocks), 2)]
+    assert firsts[:4] == ["bare", "pool", "bare", "pool"]  # ABBA
+    assert [blocks[i] for i in (0, 1)] == [("bare", 11), ("pool", 11)]
+    assert bench._pool_blocks(205, "pool")[0] == ("pool", 11)
+    assert len(bench._pool_blocks(3, "bare")) == 6  # (no empty blocks)
 
 
 def test_workers_support_follows_the_signatures() -> None:
