@@ -73,8 +73,13 @@ class PoolStats:
     retried: int  # request tries after the first (on another connection)
 
 
+#: :meth:`_Slots.take`'s answer when a new connection may be opened.
+NEW: Any = object()
+
+
 class _Slots(Generic[C]):
-    """A pool's state, without waiting or I/O (the caller holds its lock)."""
+    """A pool's state, without waiting or I/O (the caller holds its lock;
+    the asyncio pool needs none: nothing here awaits)."""
 
     def __init__(self, host: str, port: int, size: int, max_idle: float, max_lifetime: float):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -86,6 +91,8 @@ class _Slots(Generic[C]):
         self.size, self.max_idle, self.max_lifetime = size, max_idle, max_lifetime
         self.idle: Deque[Tuple[C, float, float]] = deque()  # (conn, made, last used)
         self.open = self.in_use = self.created = self.failed = self.retried = 0
+        self.waiting = 0  # callers waiting for a place (notify only then)
+        self.retired: List[C] = []  # expired idle connections, for the caller to close
         self.closed = False
 
     def stats(self) -> PoolStats:
@@ -93,25 +100,31 @@ class _Slots(Generic[C]):
             self.open, len(self.idle), self.in_use, self.created, self.failed, self.retried
         )
 
-    def take(self, retired: List[C]) -> Tuple[Optional[Tuple[C, float]], bool]:
-        """(an idle connection to check, or None; whether a new one may be
-        opened).  Both None/False: wait.  Expired idle ones go to ``retired``."""
+    def take(self) -> Any:
+        """An idle connection to check, as (conn, made); :data:`NEW` (open
+        one); or None (wait).  Expired idle ones go to ``retired``."""
         if self.closed:
             raise LocalProtocolError("the pool is closed")
-        now = time.monotonic()
-        while self.idle:
-            conn, made, used = self.idle.pop()  # the most recently used
-            if now - used > self.max_idle or now - made > self.max_lifetime:
-                retired.append(conn)
-                self.open -= 1
-                continue
-            self.in_use += 1
-            return (conn, made), False
+        idle = self.idle
+        if idle:
+            now = time.monotonic()
+            while idle:
+                conn, made, used = idle.pop()  # the most recently used
+                if now - used > self.max_idle or now - made > self.max_lifetime:
+                    self.retired.append(conn)
+                    self.open -= 1
+                    continue
+                self.in_use += 1
+                return conn, made
         if self.open < self.size:
             self.open += 1  # (a place for the new connection)
             self.in_use += 1
-            return None, True
-        return None, False
+            return NEW
+        return None
+
+    def drain(self) -> List[C]:
+        retired, self.retired = self.retired, []
+        return retired
 
     def lost(self, *, failed: bool) -> None:
         """A taken place is given up: its connection failed to open, or was
@@ -209,7 +222,7 @@ class Pool(_PoolBase[Connection]):
             RetryableError: a transient failure, after the tries allowed.
             As :meth:`Connection.request` and :func:`callcp.connect`.
         """
-        attempts = self._attempts()
+        attempts: Optional[Attempts] = None  # (made at the first failure)
         while True:
             sent = reused = False
             try:
@@ -227,6 +240,7 @@ class Pool(_PoolBase[Connection]):
                 if reused and not sent and exc.retryable:
                     wait = 0.0  # (it died while idle: another, at once)
                 else:
+                    attempts = attempts or self._attempts()
                     again = attempts.again(exc, sent=sent, idempotent=idempotent)
                     if again is None:
                         raise
@@ -280,29 +294,37 @@ class Pool(_PoolBase[Connection]):
 
     def _acquire(self) -> Tuple[Connection, float, bool]:
         """(a connection, when it was made, whether it was reused)."""
-        slots, timeout = self._slots, self.options.timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        slots, cond = self._slots, self._cond
+        deadline: Optional[float] = None
         while True:
-            retired: List[Connection] = []
-            with self._cond:
-                while True:
-                    found, new = slots.take(retired)
-                    if found is not None or new:
-                        break
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise slots.exhausted(timeout)
-                    self._cond.wait(left)
+            with cond:
+                got = slots.take()
+                if got is None:  # (all in use: wait, until the client timeout)
+                    timeout = self.options.timeout
+                    if deadline is None and timeout is not None:
+                        deadline = time.monotonic() + timeout
+                    slots.waiting += 1
+                    try:
+                        while got is None:
+                            left = None if deadline is None else deadline - time.monotonic()
+                            if left is not None and left <= 0:
+                                raise slots.exhausted(timeout)
+                            cond.wait(left)
+                            got = slots.take()
+                    finally:
+                        slots.waiting -= 1
+                retired = slots.drain() if slots.retired else ()
             for old in retired:
                 old.close()
-            if found is None:
+            if got is NEW:
                 return (*self._new(), False)
-            conn, made = found
+            conn, made = got
             if conn.poll():  # (outside the lock: it may read and answer a PING)
                 return conn, made, True
-            with self._cond:  # gone while idle: retire it, try again
+            with cond:  # gone while idle: retire it, try again
                 slots.lost(failed=False)
-                self._cond.notify()
+                if slots.waiting:
+                    cond.notify()
 
     def _new(self) -> Tuple[Connection, float]:
         try:
@@ -310,7 +332,8 @@ class Pool(_PoolBase[Connection]):
         except BaseException:
             with self._cond:
                 self._slots.lost(failed=True)
-                self._cond.notify()
+                if self._slots.waiting:
+                    self._cond.notify()
             raise
         with self._cond:
             self._slots.created += 1
@@ -319,7 +342,8 @@ class Pool(_PoolBase[Connection]):
     def _release(self, conn: Connection, made: float, *, broken: bool) -> None:
         with self._cond:
             keep = self._slots.give_back(conn, made, broken)
-            self._cond.notify()
+            if self._slots.waiting:
+                self._cond.notify()
         if not keep:
             conn.close()
 
@@ -343,7 +367,7 @@ class AsyncPool(_PoolBase["aio.Connection"]):
     ) -> bytes:
         """Send one message on a pooled connection and return the reply
         (tried again as :meth:`Pool.request` says)."""
-        attempts = self._attempts()
+        attempts: Optional[Attempts] = None  # (made at the first failure)
         while True:
             sent = reused = False
             try:
@@ -361,6 +385,7 @@ class AsyncPool(_PoolBase["aio.Connection"]):
                 if reused and not sent and exc.retryable:
                     wait = 0.0  # (it died while idle: another, at once)
                 else:
+                    attempts = attempts or self._attempts()
                     again = attempts.again(exc, sent=sent, idempotent=idempotent)
                     if again is None:
                         raise
@@ -404,48 +429,60 @@ class AsyncPool(_PoolBase["aio.Connection"]):
         await self.close()
 
     async def _acquire(self) -> Tuple[aio.Connection, float, bool]:
+        slots = self._slots
+        while True:
+            got = slots.take()  # (no lock: one loop, and nothing here awaits)
+            if got is None:
+                got = await self._wait()
+            if slots.retired:
+                for old in slots.drain():
+                    await old.close()
+            if got is NEW:
+                return (*await self._new(), False)
+            conn, made = got
+            if await conn.poll():
+                return conn, made, True
+            slots.lost(failed=False)
+            await self._wake()
+
+    async def _wait(self) -> Any:
+        """All in use: wait for a place, until the client timeout."""
         slots, cond, timeout = self._slots, self._cond, self.options.timeout
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            retired: List[aio.Connection] = []
-            async with cond:
+        async with cond:
+            slots.waiting += 1
+            try:
                 while True:
-                    found, new = slots.take(retired)
-                    if found is not None or new:
-                        break
+                    got = slots.take()
+                    if got is not None:
+                        return got
                     left = None if deadline is None else deadline - loop.time()
                     if left is not None and left <= 0:
                         raise slots.exhausted(timeout)
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(cond.wait(), left)
-            for old in retired:
-                await old.close()
-            if found is None:
-                return (*await self._new(), False)
-            conn, made = found
-            if await conn.poll():
-                return conn, made, True
-            async with cond:
-                slots.lost(failed=False)
-                cond.notify()
+            finally:
+                slots.waiting -= 1
+
+    async def _wake(self) -> None:
+        """A place came free: tell a waiter, if any waits."""
+        if self._slots.waiting:
+            async with self._cond:
+                self._cond.notify()
 
     async def _new(self) -> Tuple[aio.Connection, float]:
-        cond = self._cond
         try:
             conn = await aio.connect_once(self._slots.host, self._slots.port, self.options)
         except BaseException:
-            async with cond:
-                self._slots.lost(failed=True)
-                cond.notify()
+            self._slots.lost(failed=True)
+            await self._wake()
             raise
         self._slots.created += 1
         return conn, time.monotonic()
 
     async def _release(self, conn: aio.Connection, made: float, *, broken: bool) -> None:
-        cond = self._cond
-        async with cond:
-            keep = self._slots.give_back(conn, made, broken)
-            cond.notify()
+        keep = self._slots.give_back(conn, made, broken)
+        await self._wake()
         if not keep:
             await conn.close()

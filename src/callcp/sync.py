@@ -15,6 +15,7 @@ output, under that lock); ``_recv_lock`` serialises receivers.
 
 from __future__ import annotations
 
+import select
 import signal
 import socket
 import threading
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
 __all__ = ["Connection", "Server", "connect", "serve"]
 
 
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # (poll(): no enum arithmetic per call)
+
 class Connection(SocketLink, ConnectionBase):
     """One encrypted, authenticated, message-oriented connection.
 
@@ -78,6 +81,7 @@ class Connection(SocketLink, ConnectionBase):
         self._decrypt = decrypt  # (server) the key exchange's RSA work
         self._stream_lock = threading.Lock()  # held while a stream is being sent
         self._streaming = 0  # the thread sending a stream (0: none)
+        self._poller: Optional[Any] = None  # (poll(): made at its first use)
 
     def do_handshake(self, timeout: Any = DEFAULT, *, confirm: bool = False) -> None:
         """Run the handshake until data may flow: a client returns once its
@@ -262,10 +266,16 @@ class Connection(SocketLink, ConnectionBase):
         for.  Not while another thread uses the connection."""
         if self._closed:
             return False
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+        if not poller.poll(0):
+            return True  # (nothing arrived: the common case, one cheap system call)
         try:
-            waiting = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            waiting = self._sock.recv(1, _PEEK_NOW)
         except BlockingIOError:
-            return True  # (nothing arrived: the common case)
+            return True
         except OSError:
             waiting = b""
         if waiting:
