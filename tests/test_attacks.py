@@ -286,15 +286,15 @@ def test_a_share_outside_its_validity_is_refused(
 
 
 def test_version_downgrade_detected(server_key: rsa.RSAPrivateKey) -> None:
-    """Both sides support versions 3 and 4; the attacker strips 4 from the
-    ServerHello so the client picks 3.  The transcript catches it."""
-    c = ClientProtocol(pin(fingerprint(server_key)), versions=(3, 4))
-    s = ServerProtocol(server_key, versions=(3, 4))
+    """Both sides support versions 4 and 5; the attacker strips 5 from the
+    ServerHello so the client picks 4.  The transcript catches it."""
+    c = ClientProtocol(pin(fingerprint(server_key)), versions=(4, 5))
+    s = ServerProtocol(server_key, versions=(4, 5))
     s.start()
     hello = ServerHello.decode(s.data_to_send()[5:])
-    assert hello.versions == (3, 4)
-    feed(c, dataclasses.replace(hello, versions=(3,)).encode())
-    assert c.version == 3
+    assert hello.versions == (4, 5)
+    feed(c, dataclasses.replace(hello, versions=(4,)).encode())
+    assert c.version == 4
     c.send(b"request")
     delivered, err = _deliver(s, c.data_to_send())
     assert delivered == []
@@ -571,3 +571,97 @@ def test_an_unauthenticated_alert_selects_nothing_specific(server_key: rsa.RSAPr
         assert type(info.value) is HandshakeAborted
         assert "evil" not in str(info.value) and "unauthenticated" in str(info.value)
         assert info.value.alert_code == code and info.value.reason == text
+
+
+def test_a_refusal_is_bound_to_its_connection_even_with_the_same_dh(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    """Two connections on one signed share whose client reuses its X25519
+    key (so the same ``dh``): the first's REFUSAL does not verify on the
+    second, because TH_hello (both randoms) salts its key."""
+    now = time.time()
+    share = sign_share(server_key, x25519.X25519PrivateKey.generate(), int(now) + 60, now)
+    eph = os.urandom(32)
+
+    def refused_connection() -> Tuple[ClientProtocol, bytes]:
+        c = ClientProtocol(
+            lambda fp, der: None,
+            entropy=FixedEntropy([os.urandom(32), os.urandom(32)], eph, b"\x01" * 256),
+        )
+        s = ServerProtocol(server_key, share=share, defer_decryption=True)
+        s.start()
+        feed(c, s.data_to_send())
+        s.receive_data(c.data_to_send())
+        assert isinstance(s.next_event(), DecryptionRequested)
+        s.close(CloseCode.GOING_AWAY, "server busy: full")
+        return c, s.data_to_send()
+
+    first, first_refusal = refused_connection()
+    second, second_refusal = refused_connection()
+    assert first._refusal is not None and second._refusal is not None
+    assert first._refusal[0] == second._refusal[0]  # the same dh
+    with pytest.raises(HandshakeError, match="REFUSAL failed authentication"):
+        feed(second, first_refusal)
+    with pytest.raises(ServerBusy):
+        feed(first, first_refusal)
+
+
+def test_a_refusal_lets_go_of_the_keys_and_a_low_order_share_gets_an_alert(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    p = _refused(server_key)
+    assert p.server._eph is None and p.server._peer_share is None  # (used once, let go)
+    p.server.data_to_send()
+    q = Pair(server_key, server_kwargs={"defer_decryption": True})
+    q.to_client()
+    q.server.receive_data(q.client.data_to_send())
+    assert isinstance(q.server.next_event(), DecryptionRequested)
+    # (test only) a share whose exchange gives all zeros: no proof is possible
+    q.server._peer_share = x25519.X25519PublicKey.from_public_bytes(bytes(32))
+    q.server.close(CloseCode.GOING_AWAY, "server busy")
+    assert [f[0] for f in split_frames(q.server.data_to_send())] == [FrameType.ALERT]
+    # and a server out of proof budget sends an ALERT too
+    r = Pair(server_key, server_kwargs={"defer_decryption": True})
+    r.to_client()
+    r.server.receive_data(r.client.data_to_send())
+    r.server.next_event()
+    r.server.refusal_proof = False
+    r.server.close(CloseCode.GOING_AWAY, "server busy")
+    with pytest.raises(HandshakeAborted):
+        feed(r.client, r.server.data_to_send())
+
+
+def test_the_client_forgets_the_refusal_key_once_the_server_proved_itself(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    p = Pair(server_key)
+    p.to_client()
+    assert p.client._refusal is not None
+    p.to_server()
+    p.to_client()  # (the server's FINISHED)
+    assert p.client._refusal is None
+
+
+@pytest.mark.parametrize("count", [0, 1, 2**64 - 1])
+def test_a_sealed_going_away_before_the_servers_finished(
+    server_key: rsa.RSAPrivateKey, count: int
+) -> None:
+    """A server with keys that declines before its FINISHED: a count of 0
+    proves the flight unread (ServerBusy); "cannot say" proves nothing; any
+    other count is a lie (it delivers nothing before its FINISHED)."""
+    p = Pair(server_key)
+    p.to_client()
+    p.client.send(b"first flight")
+    hello = split_frames(p.client.data_to_send())[0]
+    p.server.receive_data(hello)  # (only the hello: keys, no FINISHED yet)
+    assert drain(p.server) == [] and p.server.state.name == "WAIT_CLIENT_FINISHED"
+    p.server.delivered = count if count != 2**64 - 1 else 0  # (test only: what it claims)
+    p.server.close(CloseCode.GOING_AWAY, "stopping", counted=count != 2**64 - 1)
+    data = p.server.data_to_send()
+    if count == 0:
+        with pytest.raises(ServerBusy):
+            feed(p.client, data)
+    else:
+        with pytest.raises(HandshakeError) as info:
+            feed(p.client, data)
+        assert not isinstance(info.value, ServerBusy)

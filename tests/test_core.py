@@ -45,10 +45,10 @@ def test_handshake_and_first_request_in_one_flight(server_key: rsa.RSAPrivateKey
     kinds = [f[0] for f in split_frames(flight)]
     assert kinds == [FrameType.CLIENT_HELLO, FrameType.FINISHED, FrameType.DATA_END]
     events = feed(p.server, flight)
-    assert events == [HandshakeCompleted(3, None), MessageReceived(b"first request")]
+    assert events == [HandshakeCompleted(4, None), MessageReceived(b"first request")]
     p.server.send(b"reply")
     events = p.to_client()
-    assert events == [HandshakeCompleted(3, fingerprint(server_key)), MessageReceived(b"reply")]
+    assert events == [HandshakeCompleted(4, fingerprint(server_key)), MessageReceived(b"reply")]
     assert p.client.state is State.OPEN and p.server.state is State.OPEN
 
 
@@ -99,7 +99,7 @@ def test_byte_at_a_time_delivery(server_key: rsa.RSAPrivateKey) -> None:
     events = []
     for i in range(len(flight)):
         events += feed(p.server, flight[i : i + 1])
-    assert events == [HandshakeCompleted(3, None), MessageReceived(b"hello")]
+    assert events == [HandshakeCompleted(4, None), MessageReceived(b"hello")]
 
 
 def test_max_message_size_enforced_without_buffering_it(server_key: rsa.RSAPrivateKey) -> None:
@@ -204,7 +204,7 @@ def test_close_mid_message_drops_the_partial_message(server_key: rsa.RSAPrivateK
 
 def test_version_mismatch_is_clear(server_key: rsa.RSAPrivateKey) -> None:
     p = Pair(server_key, server_kwargs={"versions": (7,)})
-    with pytest.raises(VersionMismatch, match=r"\[7\].*\[3\]"):
+    with pytest.raises(VersionMismatch, match=r"\[7\].*\[4\]"):
         p.to_client()
     # the client tells the server, in a plaintext alert: unauthenticated, so
     # the server reports only an aborted handshake, with the code
@@ -216,10 +216,10 @@ def test_version_mismatch_is_clear(server_key: rsa.RSAPrivateKey) -> None:
 
 
 def test_server_rejects_a_version_it_did_not_offer(server_key: rsa.RSAPrivateKey) -> None:
-    p = Pair(server_key, client_kwargs={"versions": (3, 9)})
-    # the client picks the best common version: 3
+    p = Pair(server_key, client_kwargs={"versions": (4, 9)})
+    # the client picks the best common version: 4
     p.handshake()
-    assert p.client.version == 3
+    assert p.client.version == 4
 
 
 def test_client_auth_required_and_authorized(
@@ -233,7 +233,7 @@ def test_client_auth_required_and_authorized(
     )
     p.to_client()
     p.client.send(b"hi")
-    assert p.to_server() == [HandshakeCompleted(3, fp), MessageReceived(b"hi")]
+    assert p.to_server() == [HandshakeCompleted(4, fp), MessageReceived(b"hi")]
 
 
 def test_unlisted_client_refused_before_any_message(
@@ -339,7 +339,7 @@ def test_deferred_decryption(server_key: rsa.RSAPrivateKey) -> None:
     with pytest.raises(LocalProtocolError):
         p.server.next_event()
     p.server.premaster_decrypted(request.run())
-    assert drain(p.server) == [HandshakeCompleted(3, None), MessageReceived(b"early")]
+    assert drain(p.server) == [HandshakeCompleted(4, None), MessageReceived(b"early")]
 
 
 def test_deferred_decryption_failure_is_implicitly_rejected(server_key: rsa.RSAPrivateKey) -> None:
@@ -587,3 +587,41 @@ def test_a_short_going_away_body_is_malformed() -> None:
     assert decode_close(encode_close(CloseCode.NORMAL, "bye", 7)) == (CloseCode.NORMAL, "bye", None)
     with pytest.raises(RemoteProtocolError, match="malformed"):
         decode_close(b"\x00\x0a\x00\x00")
+
+
+def test_the_one_record_fast_path_counts_and_stops_after_close(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    """receive_message() (the blocking adapters' hot path) counts what it
+    delivers, and delivers nothing once this side sent its CLOSE."""
+    p = Pair(server_key)
+    p.handshake()
+    p.client.send(b"one")
+    assert p.server.receive_message(p.client.data_to_send()) == b"one"
+    assert p.server.delivered == 1
+    p.client.send(b"two")
+    p.server.close(CloseCode.GOING_AWAY, "")
+    assert p.server.receive_message(p.client.data_to_send()) is None
+    assert drain(p.server) == [] and p.server.delivered == 1
+    p.to_client()
+    err = p.client.closed_error()
+    assert isinstance(err, ServerGoingAway) and err.unread == 1
+
+
+def test_streams_after_a_close_are_dropped_and_what_follows_is_no_error(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    p = Pair(server_key)
+    p.handshake()
+    p.server.close(CloseCode.GOING_AWAY, "")
+    p.client.start_stream(5, "late.bin")
+    p.client.send_stream_data(b"12345")
+    p.client.end_stream()
+    p.client.send(b"and a message")
+    p.client.start_stream(None, "aborted")
+    p.client.abort_stream("never mind")
+    assert p.to_server() == []  # nothing delivered, nothing fails
+    assert p.server.delivered == 0 and p.server.state is State.OPEN
+    p.to_client()
+    err = p.client.closed_error()
+    assert isinstance(err, ServerGoingAway) and err.unread == 3

@@ -478,7 +478,7 @@ def test_a_server_lets_go_of_the_share_key_when_a_handshake_ends(
         body = {
             "client alert": b"\x00\x04untrusted key",
             "bad hello": MAGIC + b"\x00",
-            "low-order share": MAGIC + b"\x00\x03" + bytes(32) + bytes(32) + b"\x00\x00",
+            "low-order share": MAGIC + b"\x00\x04" + bytes(32) + bytes(32) + b"\x00\x00",
         }[how]
         kind = FrameType.ALERT if how == "client alert" else FrameType.CLIENT_HELLO
         proto.receive_data(frame(kind, body))

@@ -80,7 +80,7 @@ def test_independent_derivation_matches(key: rsa.RSAPrivateKey) -> None:
 
     # ServerHello layout: magic, versions, random, share, expiry, der, signature, flags
     body = sh[5:]
-    assert body[:6] == b"CALLCP" and body[6] == 1 and body[7:9] == b"\x00\x03"
+    assert body[:6] == b"CALLCP" and body[6] == 1 and body[7:9] == b"\x00\x04"
     assert body[9:41] == IN["server_random"]
     server_pub = body[41:73]
     expiry = int.from_bytes(body[73:81], "big")
@@ -108,7 +108,7 @@ def test_independent_derivation_matches(key: rsa.RSAPrivateKey) -> None:
     assert VECTOR["client_clock"] <= expiry + 300  # within the clock tolerance
     # ClientHello layout
     cb = ch[5:]
-    assert cb[:6] == b"CALLCP" and cb[6:8] == b"\x00\x03"
+    assert cb[:6] == b"CALLCP" and cb[6:8] == b"\x00\x04"
     assert cb[8:40] == IN["client_random"]
     client_pub = cb[40:72]
     assert int.from_bytes(cb[72:74], "big") == 256
@@ -235,13 +235,13 @@ def test_independent_resumed_handshake(key: rsa.RSAPrivateKey) -> None:
 
     ticket = bytes.fromhex(EXP["ticket"])
     assert open_ticket(ticket, r["ticket_nonce"]) == (
-        3, int(clock + lifetime), hashlib.sha256(der).digest(), 0, bytes(32), resumption,
+        4, int(clock + lifetime), hashlib.sha256(der).digest(), 0, bytes(32), resumption,
     )  # fmt: skip
 
     rsh = bytes.fromhex(EXP["resumed_server_hello"])
     rch, r_fin, r_data = split_frames(bytes.fromhex(EXP["resumed_client_flight"]))
     body = rch[5:]
-    assert body[6:8] == b"\x00\x03" and body[8:40] == r["client_random"]
+    assert body[6:8] == b"\x00\x04" and body[8:40] == r["client_random"]
     client_pub = body[40:72]
     at = 72 + 2 + int.from_bytes(body[72:74], "big")  # past encrypted_premaster
     got_ticket = body[at + 2 : at + 2 + int.from_bytes(body[at : at + 2], "big")]

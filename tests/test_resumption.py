@@ -50,7 +50,7 @@ def _handshake(
     assert events[-1] == MessageReceived(b"request")
     server.send(b"reply")
     assert feed(client, server.data_to_send()) == [
-        HandshakeCompleted(3, fingerprint(key)),
+        HandshakeCompleted(4, fingerprint(key)),
         MessageReceived(b"reply"),
     ]
     return server, client, got

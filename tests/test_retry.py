@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import threading
 from typing import Any, List, Optional
@@ -290,3 +291,71 @@ def test_pools_ride_out_a_server_restart(adapter: Adapter) -> None:
     results = _request(flavour, port, Script(), **options)
     assert results[:2] == [b"before", b"after"], results
     assert results[2].created == 2
+
+
+class ReadThenGoAway(Behaviour):
+    """Answers ``warm...`` messages; acts on the next one, then closes with
+    GOING_AWAY without replying: its close counts that one as delivered."""
+
+    def __init__(self) -> None:
+        self.acted: List[bytes] = []
+
+    def sync(self, conn: callcp.sync.Connection) -> None:
+        while True:
+            message = conn.recv()
+            self.acted.append(message)
+            if not message.startswith(b"warm"):
+                conn.close(callcp.CloseCode.GOING_AWAY, "maintenance")
+                return
+            conn.send(message)
+
+    async def aio(self, conn: callcp.aio.Connection) -> None:
+        while True:
+            message = await conn.recv()
+            self.acted.append(message)
+            if not message.startswith(b"warm"):
+                await conn.close(callcp.CloseCode.GOING_AWAY, "maintenance")
+                return
+            await conn.send(message)
+
+
+def test_a_going_away_that_counts_the_request_is_not_a_reason_to_resend(
+    adapter: Adapter,
+) -> None:
+    """The server read the request (on a reused connection), then went
+    away: ServerGoingAway with unread 0; a non-idempotent request is not
+    sent again."""
+    behaviour = ReadThenGoAway()
+    srv = adapter.serve(behaviour)
+    warm, got, stats = _request(
+        adapter.client_flavour, srv.port, [(b"warm", False), (b"pay 20", False)],
+        retry=Retry(attempts=5, backoff=0.01), **_pools(srv, adapter.client_flavour),
+    )  # fmt: skip
+    assert warm == b"warm"
+    assert isinstance(got, callcp.ServerGoingAway) and got.unread == 0, got
+    assert behaviour.acted == [b"warm", b"pay 20"] and stats.retried == 0
+
+
+@pytest.mark.parametrize("reading", [False, True], ids=["idle", "another-thread-reading"])
+@pytest.mark.parametrize("adapter", ["sync"], indirect=True)  # (asyncio is one thread)
+def test_a_close_from_another_thread_counts_only_what_it_can_vouch_for(
+    adapter: Adapter, reading: bool
+) -> None:
+    """(blocking) conn.close(GOING_AWAY) from a thread other than the
+    reader's: while a reader holds the connection, the count is "cannot
+    say" (unread 0: nothing may be sent again); otherwise it is exact."""
+    srv = adapter.hold()
+    client, server_side = srv.pair()
+    client.send(b"on its way")  # (the server's application never reads it)
+    assert select.select([server_side._sock], [], [], 10)[0]  # (it arrived)
+    lock = server_side._recv_lock
+    if reading:
+        lock.acquire()  # (as a reader in recv() would hold it)
+    try:
+        server_side.close(callcp.CloseCode.GOING_AWAY, "maintenance")
+    finally:
+        if reading:
+            lock.release()
+    with pytest.raises(callcp.ServerGoingAway) as info:
+        client.recv(timeout=10)
+    assert info.value.unread == (0 if reading else 1)

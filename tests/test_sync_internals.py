@@ -138,36 +138,36 @@ def _with_versions(monkeypatch: pytest.MonkeyPatch, versions: tuple) -> None:
 def test_both_sides_agree_on_the_best_common_version(
     target: Target, make_proxy: Callable[..., FrameProxy], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Control for the downgrade tests: untouched, (3, 4) and (3, 4) pick 4."""
-    _with_versions(monkeypatch, (3, 4))
+    """Control for the downgrade tests: untouched, (4, 5) and (4, 5) pick 5."""
+    _with_versions(monkeypatch, (4, 5))
     proxy = make_proxy()
     with via(proxy, target) as conn:
         assert conn.request(REQUEST) == b"ok:" + REQUEST
-        assert conn._core.version == 4
+        assert conn._core.version == 5
 
 
-def _strip_version_4(relay: Relay, index: int, frame: bytes) -> Sequence[bytes]:
+def _strip_version_5(relay: Relay, index: int, frame: bytes) -> Sequence[bytes]:
     body = frame[5:]
     n = body[len(MAGIC)]
     start = len(MAGIC) + 1
     offered = struct.unpack(f">{n}H", body[start : start + 2 * n])
-    assert offered == (3, 4)
-    forged = body[: len(MAGIC)] + bytes([1]) + struct.pack(">H", 3) + body[start + 2 * n :]
+    assert offered == (4, 5)
+    forged = body[: len(MAGIC)] + bytes([1]) + struct.pack(">H", 4) + body[start + 2 * n :]
     return [make_frame(frame[0], forged)]
 
 
-def _choose_version_3(relay: Relay, index: int, frame: bytes) -> Sequence[bytes]:
+def _choose_version_4(relay: Relay, index: int, frame: bytes) -> Sequence[bytes]:
     body = frame[5:]
     at = len(MAGIC)
-    assert struct.unpack(">H", body[at : at + 2]) == (4,)
-    return [make_frame(frame[0], body[:at] + struct.pack(">H", 3) + body[at + 2 :])]
+    assert struct.unpack(">H", body[at : at + 2]) == (5,)
+    return [make_frame(frame[0], body[:at] + struct.pack(">H", 4) + body[at + 2 :])]
 
 
 @pytest.mark.parametrize(
     "hooks",
     [
-        {"s2c": hook_on(FrameType.SERVER_HELLO, _strip_version_4)},
-        {"c2s": hook_on(FrameType.CLIENT_HELLO, _choose_version_3)},
+        {"s2c": hook_on(FrameType.SERVER_HELLO, _strip_version_5)},
+        {"c2s": hook_on(FrameType.CLIENT_HELLO, _choose_version_4)},
     ],
     ids=["server-offer-stripped", "client-choice-rewritten"],
 )
@@ -178,7 +178,7 @@ def test_version_downgrade(
     log: pytest.LogCaptureFixture,
     hooks: dict,
 ) -> None:
-    _with_versions(monkeypatch, (3, 4))
+    _with_versions(monkeypatch, (4, 5))
     proxy = make_proxy(**hooks)
     conn = via(proxy, target)
     conn.send(REQUEST)

@@ -924,6 +924,33 @@ class MessageBudget:
             victim.interrupt(err)
 
 
+class Proofs:
+    """A token bucket for REFUSAL proofs (one X25519 exchange each, about
+    45 µs): at most ``RATE`` a second on average, ``BURST`` at once.  Beyond
+    it a refusal is a plain ALERT (no proof: the client cannot know its
+    flight went unread), so a flood of hellos at a full queue costs the
+    accept thread no more than an ALERT each.  Thread-safe enough: a lost
+    update only shifts one token."""
+
+    RATE = 1000.0
+    BURST = 100.0
+
+    __slots__ = ("tokens", "stamp")
+
+    def __init__(self) -> None:
+        self.tokens = self.BURST
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.BURST, self.tokens + (now - self.stamp) * self.RATE)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 # ================================================================== logging
 
 
@@ -1072,7 +1099,7 @@ class Arrival:
         why = self.server.handshakes.submit(self.ticket)
         if why is not None:
             self.server.refused(self.addr, why)
-            self.engine.close(CloseCode.GOING_AWAY, f"server busy: {why}")
+            self._refuse(f"server busy: {why}")
             self.state = "dropped"
 
     def _start(self, start: Callable[[], None], drop: Callable[[], None]) -> Callable[[], None]:
@@ -1084,7 +1111,7 @@ class Arrival:
                 self.state = "dropped"
                 self.key_exchange_done()
                 self.server.log.error("could not serve %s: %s", format_peer(self.addr), exc)
-                self.engine.close(CloseCode.GOING_AWAY, "server busy")
+                self._refuse("server busy")
                 drop()
 
         return started
@@ -1145,10 +1172,18 @@ class Arrival:
             and self.ticket is not None
             and self.server.handshakes.cancel(self.ticket)
         ):
-            self.engine.close(CloseCode.GOING_AWAY, SHUTTING_DOWN)
+            self._refuse(SHUTTING_DOWN)
             self.state = "dropped"
             return True
         return False
+
+    def _refuse(self, reason: str) -> None:
+        """Decline before the key exchange: a REFUSAL (proved, §4.10) while
+        the proof budget lasts, else an ALERT."""
+        core = self.engine.core
+        if isinstance(core, ServerProtocol):
+            core.refusal_proof = self.server.proofs.take()
+        self.engine.close(CloseCode.GOING_AWAY, reason)
 
     def lost(self) -> None:
         """The peer went before its key exchange: no RSA work for it."""
@@ -1282,6 +1317,7 @@ class ServerCore:
         )
         self.budget = MessageBudget(options.max_buffered_bytes)
         self.notices = Notices(self.log)
+        self.proofs = Proofs()
         self.stopping = False
         self.shares = ShareKeeper(
             self.keypair.private_key, options.share_lifetime, options.handshake_timeout

@@ -301,7 +301,14 @@ class Connection(SocketLink, ConnectionBase):
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Send the authenticated close and close the socket; never raises."""
         if not self._closed:
-            self._engine.close(code, reason)
+            # A GOING_AWAY close counts the messages delivered: exact only if
+            # no other thread is receiving one now (else "cannot say").
+            counted = self._recv_lock.acquire(blocking=False)
+            try:
+                self._engine.close(code, reason, counted=counted)
+            finally:
+                if counted:
+                    self._recv_lock.release()
             self._abort()
 
     def __enter__(self) -> Connection:
@@ -429,7 +436,10 @@ class Connection(SocketLink, ConnectionBase):
         assert keepalive is not None
         keepalive.heard(time.monotonic())
         if self._core.owes:
-            self._write(self._core.data_to_send_parts())
+            try:
+                self._write(self._core.data_to_send_parts())
+            except CallcpError:
+                pass  # (the message went out whole: the next call reports the failure)
 
 
 # ================================================================== client

@@ -15,15 +15,17 @@ import json
 import textwrap
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
 from callcp._core.errors import CloseCode
 from callcp._core.events import MessageReceived
 from callcp._core.keys import fingerprint, public_der
-from callcp._core.protocol import OAEP, ClientProtocol, ServerProtocol
+from callcp._core.protocol import OAEP, PSS, ClientProtocol, ServerProtocol
 from callcp._core.shares import SignedShare, sign_share
 from callcp._core.tickets import Session, TicketKeys, key_hash
+from callcp._core.wire import VERSION_4
 from tests.helpers import FixedEntropy
 
 HERE = Path(__file__).parent
@@ -112,9 +114,11 @@ class _Capture(FixedEntropy):
     """The main inputs, signing for real and keeping the signature."""
 
     signature = b""
+    signed = b""
 
     def pss_sign(self, key: rsa.RSAPrivateKey, data: bytes) -> bytes:
         _Capture.signature = super().pss_sign(key, data)
+        _Capture.signed = data
         return _Capture.signature
 
 
@@ -176,7 +180,7 @@ def run(key: rsa.RSAPrivateKey, oaep: bytes, signature: bytes) -> dict:
     r = RESUMED
     nonces = [r["ticket_nonce"], r["next_ticket_nonce"]]
     keys = TicketKeys(TICKET_LIFETIME, r["ticket_master"], random=lambda n: nonces.pop(0))
-    ticket = keys.seal(CLIENT_CLOCK, 3, key_hash(public_der(key)), None, secrets.resumption)
+    ticket = keys.seal(CLIENT_CLOCK, VERSION_4, key_hash(public_der(key)), None, secrets.resumption)
     fp_session = Session(ticket, secrets.resumption, fp, CLIENT_CLOCK + TICKET_LIFETIME)
     c2 = ClientProtocol(
         lambda f, der: None,
@@ -276,8 +280,13 @@ def main() -> None:
     c.receive_data(s.data_to_send())
     c.next_event()
     auth_signature = _Capture.signature
-    if path.exists() and "client_auth_signature" in old:  # (pinned, as the share's)
-        auth_signature = bytes.fromhex(old["client_auth_signature"])
+    if path.exists() and "client_auth_signature" in old:  # (pinned, as the share's,
+        pinned = bytes.fromhex(old["client_auth_signature"])  # while it signs these hellos)
+        try:
+            client_key.public_key().verify(pinned, _Capture.signed, PSS, hashes.SHA256())
+            auth_signature = pinned
+        except InvalidSignature:
+            pass
     vector = {
         "inputs": {k: v.hex() for k, v in INPUTS.items()},
         "session_inputs": {

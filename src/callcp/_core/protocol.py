@@ -932,6 +932,8 @@ class _Protocol:
 
     def _on_stream_end(self, header: bytes, body: bytes) -> Optional[Event]:
         if self._close_sent:  # (after our CLOSE: never reported complete)
+            self._in_stream_hash = None
+            self.state = _OPEN  # (what the peer sends next is dropped as well)
             return None
         length, digest = decode_stream_end(body, self._in_stream_checksum)
         ours = self._in_stream_hash.digest() if self._in_stream_hash is not None else None
@@ -948,6 +950,8 @@ class _Protocol:
 
     def _on_stream_abort(self, header: bytes, body: bytes) -> Optional[Event]:
         if self._close_sent:
+            self._in_stream_hash = None
+            self.state = _OPEN
             return None
         _, reason = decode_alert(body)
         self._in_stream_hash = None
@@ -990,6 +994,15 @@ class _Protocol:
             self._peer_delivered = delivered
         if self.state in _HANDSHAKE_STATES:
             cls = _HANDSHAKE_ERROR_BY_CODE.get(code, HandshakeError)
+            if code == CloseCode.GOING_AWAY and delivered != 0:
+                # Only a count of 0 proves the flight unread (a server
+                # delivers nothing before its FINISHED, which comes first).
+                if delivered != DELIVERED_UNKNOWN:
+                    raise RemoteProtocolError(
+                        f"a GOING_AWAY before the server's FINISHED counts {delivered} "
+                        "messages delivered"
+                    )
+                cls = HandshakeError
             err = cls(f"the peer refused the handshake: {CloseCode.name(code)}: {reason}")
             self._close_received = (code, reason)
             self._close_sent = True  # never answer a refusal
@@ -1333,6 +1346,9 @@ class ServerProtocol(_Protocol):
         self._client_key_hash: Optional[bytes] = None  # who authenticated, if anyone
         #: The client's session ticket was accepted: no RSA decryption.
         self.resumed = False
+        #: A GOING_AWAY before the key exchange is a proved REFUSAL (False:
+        #: a plain ALERT; the server's budget for proofs is spent).
+        self.refusal_proof = True
         self.state = State.WAIT_CLIENT_HELLO
         self._started = False
 
@@ -1350,6 +1366,7 @@ class ServerProtocol(_Protocol):
         eph, share = self._eph, self._peer_share
         if (
             code == CloseCode.GOING_AWAY
+            and self.refusal_proof
             and self.state is _WAIT_DECRYPTION
             and eph is not None
             and share is not None

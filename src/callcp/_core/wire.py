@@ -24,7 +24,7 @@ from .errors import CloseCode, HandshakeError, RemoteProtocolError
 
 __all__ = [
     "MAGIC",
-    "VERSION_3",
+    "VERSION_4",
     "SUPPORTED_VERSIONS",
     "HEADER",
     "HEADER_SIZE",
@@ -42,8 +42,8 @@ __all__ = [
 MAGIC = b"CALLCP"
 #: Wire version 3: the server's X25519 share is signed (version 2, an
 #: unsigned per-connection share, is no longer spoken).
-VERSION_3 = 3
-SUPPORTED_VERSIONS: Tuple[int, ...] = (VERSION_3,)
+VERSION_4 = 4
+SUPPORTED_VERSIONS: Tuple[int, ...] = (VERSION_4,)
 
 HEADER = struct.Struct(">BI")
 HEADER_SIZE = HEADER.size  # 5
@@ -203,7 +203,7 @@ class ServerHello:
         if n == 0:
             raise HandshakeError("ServerHello offers no protocol version")
         versions = tuple(r.u16() for _ in range(n))
-        if VERSION_3 not in versions:  # (an older layout follows: do not parse it)
+        if VERSION_4 not in versions:  # (an older layout follows: do not parse it)
             return cls(versions, b"", b"", 0, b"", b"", False)
         random = r.take(32)
         x_pub = r.take(32)
