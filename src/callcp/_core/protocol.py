@@ -1471,7 +1471,8 @@ class ServerProtocol(_Protocol):
             raise err from exc
 
     def _finish_key_exchange(self, premaster: Optional[bytes]) -> None:
-        if self._eph is None or self._peer_share is None:  # (closed meanwhile: keys let go)
+        eph, share = self._eph, self._peer_share  # (another thread may let go of them)
+        if eph is None or share is None or self._close_sent:  # (closed meanwhile)
             raise ConnectionClosedError("the connection was closed during the key exchange")
         # Implicit rejection: a premaster that fails to decrypt is replaced by
         # random bytes, so the failure shows only as a Finished mismatch and
@@ -1479,7 +1480,7 @@ class ServerProtocol(_Protocol):
         if premaster is None or len(premaster) != PREMASTER_SIZE:
             premaster = self._entropy.random(PREMASTER_SIZE)
         try:
-            dh = self._eph.exchange(self._peer_share)
+            dh = eph.exchange(share)
         except ValueError as exc:
             raise HandshakeError("the client's X25519 share is invalid") from exc
         finally:
