@@ -60,6 +60,7 @@ __all__ = ["Connection", "Server", "connect", "serve"]
 
 _PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # (poll(): no enum arithmetic per call)
 
+
 class Connection(SocketLink, ConnectionBase):
     """One encrypted, authenticated, message-oriented connection.
 
