@@ -202,10 +202,13 @@ class Pool(_PoolBase[Connection]):
     _cond: threading.Condition
 
     def _new_condition(self) -> threading.Condition:
-        return threading.Condition()
+        # The hot path takes the plain lock (a C-level ``with``); only waiters
+        # use the condition, which shares it.
+        self._lock = threading.Lock()
+        return threading.Condition(self._lock)
 
     def stats(self) -> PoolStats:
-        with self._cond:
+        with self._lock:
             return self._slots.stats()
 
     def request(
@@ -245,7 +248,7 @@ class Pool(_PoolBase[Connection]):
                     if again is None:
                         raise
                     wait = again
-                with self._cond:
+                with self._lock:
                     self._slots.retried += 1
             time.sleep(wait)
 
@@ -297,7 +300,7 @@ class Pool(_PoolBase[Connection]):
         slots, cond = self._slots, self._cond
         deadline: Optional[float] = None
         while True:
-            with cond:
+            with self._lock:
                 got = slots.take()
                 if got is None:  # (all in use: wait, until the client timeout)
                     timeout = self.options.timeout
@@ -321,7 +324,7 @@ class Pool(_PoolBase[Connection]):
             conn, made = got
             if conn.poll():  # (outside the lock: it may read and answer a PING)
                 return conn, made, True
-            with cond:  # gone while idle: retire it, try again
+            with self._lock:  # gone while idle: retire it, try again
                 slots.lost(failed=False)
                 if slots.waiting:
                     cond.notify()
@@ -330,17 +333,17 @@ class Pool(_PoolBase[Connection]):
         try:
             conn = connect_once(self._slots.host, self._slots.port, self.options)
         except BaseException:
-            with self._cond:
+            with self._lock:
                 self._slots.lost(failed=True)
                 if self._slots.waiting:
                     self._cond.notify()
             raise
-        with self._cond:
+        with self._lock:
             self._slots.created += 1
         return conn, time.monotonic()
 
     def _release(self, conn: Connection, made: float, *, broken: bool) -> None:
-        with self._cond:
+        with self._lock:
             keep = self._slots.give_back(conn, made, broken)
             if self._slots.waiting:
                 self._cond.notify()
