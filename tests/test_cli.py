@@ -340,7 +340,7 @@ def test_help_for_every_command(run: Callable[..., Result]) -> None:
     text = out(main)
     for word in ("serve", "send-file", "keygen", "fingerprint", "bench", "exit codes", "130"):
         assert word in text
-    for command in ("serve", "send", "send-file", "keygen", "fingerprint", "bench"):
+    for command in ("serve", "send", "send-file", "keygen", "fingerprint", "known-hosts", "bench"):
         result = run(command, "--help")
         assert result.returncode == 0, err(result)
         assert f"usage: callcp {command}" in out(result)
@@ -887,11 +887,16 @@ def test_changed_server_key(
     known_hosts = str(home / ".callcp" / "known_hosts")
     assert "CHANGED" in line
     assert old in line and second.fingerprint in line  # both fingerprints
-    assert f"remove the line for 127.0.0.1:{port} from {known_hosts}" in line
+    assert f"run `callcp known-hosts remove 127.0.0.1:{port}` (file: {known_hosts})" in line
     assert f"--fingerprint {second.fingerprint}" in line
-    # pinning the new key is the documented way out
+    # pinning the new key is a documented way out
     pinned = run("send", *second.address, "hi", "--fingerprint", second.fingerprint)
     assert (pinned.returncode, out(pinned)) == (0, "hi\n")
+    # and so is the advice: remove the entry, trust on first use again
+    removed = run("known-hosts", "remove", f"127.0.0.1:{port}")
+    assert out(removed) == f"removed 127.0.0.1:{port} {old}\n"
+    again = run("send", *second.address, "hi")
+    assert (again.returncode, out(again)) == (0, "hi\n")
 
 
 def test_wrong_pin_and_no_tofu(
@@ -1014,3 +1019,44 @@ def test_the_quick_start_demo_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr.decode()
     assert re.search(r"server key verified: SHA256:\S+", out), out
     assert "got b'HELLO, CALLCP'" in out and "server shut down cleanly" in out
+
+
+def test_known_hosts_command(run: Callable[..., Result], home: Path, tmp_path: Path) -> None:
+    """list / add / remove / revoke, with IP addresses in one canonical form
+    (the six spellings of 127.0.0.1 are one entry) and host names as given."""
+    fp_a = callcp.KeyPair.generate().fingerprint
+    fp_b = callcp.KeyPair.generate().fingerprint
+    known = home / ".callcp" / "known_hosts"
+    assert run("known-hosts", "list").stdout == b""
+    assert "no known hosts" in err(run("known-hosts", "list"))
+    assert out(run("known-hosts", "add", "127.1:9000", fp_a)) == f"added 127.0.0.1:9000 {fp_a}\n"
+    for spelling in ("0x7f.0.0.1:9000", "2130706433:9000", "[::ffff:127.0.0.1]:9000"):
+        result = run("known-hosts", "add", spelling, fp_b)
+        assert out(result) == f"added 127.0.0.1:9000 {fp_b} (replacing {fp_a})\n"
+        run("known-hosts", "add", "127.000.000.001:9000", fp_a)
+    assert out(run("known-hosts", "add", "LOCALHOST", fp_b)) == f"added localhost:8436 {fp_b}\n"
+    assert out(run("known-hosts", "add", "[::1]:7", fp_b)) == f"added [::1]:7 {fp_b}\n"
+    listing = out(run("known-hosts", "list")).splitlines()
+    assert listing == [f"127.0.0.1:9000 {fp_a}", f"localhost:8436 {fp_b}", f"[::1]:7 {fp_b}"]
+    # revoke: for every server, once
+    assert out(run("known-hosts", "revoke", fp_b)) == f"revoked {fp_b} for every server\n"
+    assert "(it already was)" in out(run("known-hosts", "revoke", fp_b))
+    assert f"@revoked * {fp_b}" in out(run("known-hosts", "list"))
+    # remove: 127.0.0.1 (any spelling) is not localhost, and says what went
+    assert out(run("known-hosts", "remove", "127.1")) == f"removed 127.0.0.1:9000 {fp_a}\n"
+    assert out(run("known-hosts", "remove", "localhost")) == f"removed localhost:8436 {fp_b}\n"
+    nothing = run("known-hosts", "remove", "localhost")
+    assert nothing.returncode == 0 and "no entry for localhost" in err(nothing)
+    assert out(run("known-hosts", "remove", "::1")) == f"removed [::1]:7 {fp_b}\n"
+    # a malformed line is reported (escaped), never fatal
+    with known.open("a") as f:
+        f.write("bad\x1b[31m line\n")
+    listing_run = run("known-hosts", "list")
+    assert out(listing_run) == f"@revoked * {fp_b}\n"
+    assert "malformed" in err(listing_run) and "\x1b" not in err(listing_run)
+    # a separate file, and errors
+    other = tmp_path / "kh"
+    run("known-hosts", "--known-hosts", str(other), "add", "example.org:1", fp_a)
+    assert other.read_text() == f"example.org:1 {fp_a}\n"
+    error_line(run("known-hosts", "add", "host:99999", fp_a), 2)
+    error_line(run("known-hosts", "add", "host", "SHA256:nope"), 2)

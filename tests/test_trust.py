@@ -156,11 +156,73 @@ def test_known_hosts_remove(tmp_path: Path) -> None:
     path = tmp_path / "known_hosts"
     path.write_text(f"alpha:1 {FP_A}\nbeta:2 {FP_B}\nalpha:1 {FP_C}\nalpha:1 garbage\n")
     kh = KnownHosts(path)
-    assert kh.remove("alpha", 1) == 3
+    gone = kh.remove("alpha", 1)
+    assert [item.lineno for item in gone] == [1, 3, 4]  # (what it removed, malformed too)
     assert kh.lookup("alpha", 1) is None
     assert path.read_text() == f"beta:2 {FP_B}\n"
-    assert kh.remove("alpha", 1) == 0
-    assert KnownHosts(tmp_path / "nope").remove("alpha", 1) == 0
+    assert kh.remove("alpha", 1) == []
+    assert KnownHosts(tmp_path / "nope").remove("alpha", 1) == []
+
+
+# The six spellings of 127.0.0.1 that the system's resolver takes; a key
+# recorded under any of them is the key of all of them (one entry).
+LOOPBACK_SPELLINGS = [
+    "127.0.0.1", "127.1", "0x7f.0.0.1", "2130706433", "127.000.000.001", "::ffff:127.0.0.1",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spelling", LOOPBACK_SPELLINGS)
+def test_every_spelling_of_an_ip_address_is_one_entry(tmp_path: Path, spelling: str) -> None:
+    import socket
+
+    if ":" not in spelling:  # (the resolver agrees: they all reach 127.0.0.1)
+        assert socket.getaddrinfo(spelling, 1, socket.AF_INET)[0][4][0] == "127.0.0.1"
+    kh = KnownHosts(tmp_path / "known_hosts")
+    kh.add(spelling, 8436, FP_A)
+    assert (tmp_path / "known_hosts").read_text() == f"127.0.0.1:8436 {FP_A}\n"
+    for other in LOOPBACK_SPELLINGS:
+        assert kh.lookup(other, 8436) == FP_A, other
+        assert kh.lookup(f"[{other}]" if ":" in other else other, 8436) == FP_A
+    policy = ServerKeyPolicy.known_hosts(kh.path, trust_on_first_use=True)
+    with pytest.raises(ServerKeyChanged):  # (no spelling is a new host to trust)
+        policy.verify("127.1" if spelling != "127.1" else "2130706433", 8436, FP_B)
+
+
+def test_remove_matches_in_canonical_form_and_names_stay_names(tmp_path: Path) -> None:
+    """``remove 127.1`` removes what was recorded for 127.0.0.1 (any
+    spelling), on every port without one; ``localhost`` is a host name: its
+    lines are its own, not 127.0.0.1's."""
+    path = tmp_path / "known_hosts"
+    kh = KnownHosts(path)
+    kh.add("127.0.0.1", 8436, FP_A)
+    kh.add("0x7f.1", 9000, FP_B)
+    kh.add("LocalHost", 8436, FP_C)
+    kh.revoke(FP_C, "127.0.0.1", 8436)
+    assert [e.address for e in kh.entries()] == [
+        "127.0.0.1:8436", "127.0.0.1:9000", "localhost:8436", "127.0.0.1:8436",
+    ]  # fmt: skip
+    gone = kh.remove("127.1", 8436)
+    assert [(e.address, e.revoked) for e in gone] == [  # type: ignore[union-attr]
+        ("127.0.0.1:8436", False), ("127.0.0.1:8436", True),
+    ]  # fmt: skip
+    assert kh.lookup("localhost", 8436) == FP_C and kh.lookup("127.0.0.1", 9000) == FP_B
+    gone = kh.remove("localhost")
+    assert [e.address for e in gone] == ["localhost:8436"]
+    assert [e.address for e in kh.remove("2130706433")] == ["127.0.0.1:9000"]
+    assert kh.entries() == []
+
+
+def test_revoke_marks_a_key_for_every_server_once(tmp_path: Path) -> None:
+    kh = KnownHosts(tmp_path / "known_hosts")
+    kh.add("alpha", 1, FP_A)
+    assert kh.revoke(FP_A) is True
+    assert kh.revoke(FP_A) is False  # (already marked)
+    assert (tmp_path / "known_hosts").read_text().splitlines()[-1] == f"@revoked * {FP_A}"
+    policy = ServerKeyPolicy.known_hosts(kh.path)
+    with pytest.raises(ServerKeyRevoked):
+        policy.verify("alpha", 1, FP_A)
+    with pytest.raises(ValueError, match="needs its port"):
+        kh.revoke(FP_B, "alpha")
 
 
 def test_known_hosts_tolerates_comments_and_malformed_lines(tmp_path: Path) -> None:

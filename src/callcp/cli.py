@@ -87,8 +87,15 @@ from callcp import (
     TransportError,
 )
 from callcp._common import DEFAULT_PORT, DEFAULT_SERVER_KEY
+from callcp._core.wire import printable
 from callcp.keys import PASSPHRASE_ENV, load_public_key
-from callcp.trust import DEFAULT_KNOWN_HOSTS, format_address, normalize_fingerprint
+from callcp.trust import (
+    DEFAULT_KNOWN_HOSTS,
+    KnownHosts,
+    KnownHostsEntry,
+    format_address,
+    normalize_fingerprint,
+)
 
 __all__ = ["main", "build_parser", "make_server", "safe_file_name", "reserve_path"]
 
@@ -513,6 +520,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_fingerprint)
 
+    # -- known-hosts
+    p = add(
+        "known-hosts",
+        "list, add, remove or revoke the server keys this client trusts",
+        f"Manage the known-hosts file (default: {DEFAULT_KNOWN_HOSTS}): one line per\n"
+        "host:port and key. IP addresses are matched in one canonical form, so 127.1,\n"
+        "0x7f.0.0.1 and ::ffff:127.0.0.1 all mean 127.0.0.1; host names are matched as\n"
+        "given (lower-cased): localhost is not 127.0.0.1. Write IPv6 addresses with a\n"
+        "port in brackets: [::1]:8436.",
+    )
+    p.add_argument(
+        "--known-hosts",
+        metavar="FILE",
+        help=f"known-hosts file (default: {DEFAULT_KNOWN_HOSTS})",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", title="actions")
+    actions.required = True
+    actions.add_parser("list", help="print every entry (malformed lines go to stderr)")
+    a = actions.add_parser("remove", help="remove the entries of HOST (one PORT, or every port)")
+    a.add_argument("address", metavar="HOST[:PORT]")
+    a = actions.add_parser("add", help="trust FINGERPRINT for HOST:PORT (replacing its keys)")
+    a.add_argument("address", metavar="HOST[:PORT]", help=f"(default port: {DEFAULT_PORT})")
+    a.add_argument("fingerprint", metavar="FINGERPRINT")
+    a = actions.add_parser("revoke", help="refuse FINGERPRINT from every server, loudly")
+    a.add_argument("fingerprint", metavar="FINGERPRINT")
+    a.add_argument(
+        "--host", metavar="HOST[:PORT]", help="refuse it only from this server (default: all)"
+    )
+    p.set_defaults(func=cmd_known_hosts)
+
     # -- bench: its options are the harness's (main() hands them over unparsed)
     sub.add_parser(
         "bench",
@@ -802,6 +839,75 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _host_port(text: str, default: Optional[int]) -> Tuple[str, Optional[int]]:
+    """``HOST``, ``HOST:PORT``, ``[V6]:PORT`` or a bare IPv6 address."""
+    port_text: Optional[str] = None
+    if text.startswith("["):
+        end = text.find("]")
+        rest = text[end + 1 :] if end > 0 else "?"
+        if end < 0 or (rest and not rest.startswith(":")):
+            raise CommandError(f"not HOST[:PORT]: {text!r} (IPv6: [::1]:8436)", EXIT_USAGE)
+        host, port_text = text[1:end], rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host = text
+    if port_text is None:
+        return host, default
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise CommandError(f"invalid port {port_text!r} in {text!r}", EXIT_USAGE)
+    return host, int(port_text)
+
+
+def _line_text(item: Any) -> str:
+    if isinstance(item, KnownHostsEntry):
+        mark = "@revoked " if item.revoked else ""
+        return f"{mark}{item.address} {item.fingerprint}"
+    return f"line {item.lineno} (malformed: {item.reason}): {printable(item.text.strip())}"
+
+
+def cmd_known_hosts(args: argparse.Namespace) -> int:
+    path = _known_hosts_path(args)
+    kh = KnownHosts(path)
+    try:
+        if args.action == "list":
+            items = kh.entries()
+            for item in items:
+                if isinstance(item, KnownHostsEntry):
+                    _say(_line_text(item))
+                else:
+                    _say(f"callcp: warning: {path}: {_line_text(item)}", file=sys.stderr)
+            if not items:
+                _note(args, f"no known hosts in {path}")
+        elif args.action == "remove":
+            host, port = _host_port(args.address, None)
+            gone = kh.remove(host, port)
+            for item in gone:
+                _say(f"removed {_line_text(item)}")
+            if not gone:
+                _note(args, f"no entry for {printable(args.address)} in {path}")
+        elif args.action == "add":
+            host, port = _host_port(args.address, DEFAULT_PORT)
+            assert port is not None
+            fp = normalize_fingerprint(args.fingerprint)
+            before = kh.lookup(host, port)
+            kh.add(host, port, fp)
+            address = format_address(host, port)
+            replaced = f" (replacing {before})" if before and before != fp else ""
+            _say(f"added {address} {fp}{replaced}")
+        else:  # revoke
+            fp = normalize_fingerprint(args.fingerprint)
+            if args.host is None:
+                added, where = kh.revoke(fp), "every server"
+            else:
+                host, port = _host_port(args.host, DEFAULT_PORT)
+                added, where = kh.revoke(fp, host, port), format_address(host, port or 0)
+            _say(f"revoked {fp} for {where}" + ("" if added else " (it already was)"))
+    except (ValueError, TypeError) as exc:
+        raise CommandError(_one_line(str(exc)), EXIT_USAGE) from None
+    return EXIT_OK
+
+
 def _file_fingerprint(path: Path) -> str:
     """The fingerprint of a PEM private key file, else of a PEM public key file."""
     try:
@@ -1078,8 +1184,8 @@ def _explain(exc: BaseException, args: argparse.Namespace) -> Tuple[int, str]:
             f"the server key of {address} has CHANGED: it presented {exc.presented}, but "
             f"{known} records {exc.expected}. Someone may be intercepting the connection "
             "(man-in-the-middle), or the server's key was replaced. If the change is "
-            f"expected, remove the line for {address} from {known} and connect again, "
-            f"or pin the new key with --fingerprint {exc.presented}"
+            f"expected, run `callcp known-hosts remove {address}` (file: {known}) and "
+            f"connect again, or pin the new key with --fingerprint {exc.presented}"
         )
     if isinstance(exc, ServerKeyError):
         return EXIT_UNTRUSTED, text

@@ -21,7 +21,9 @@ Known-hosts file format
     UTF-8 text, one entry per line: ``host:port SHA256:<base64>``; anything after
     the fingerprint is a comment.  IPv6 addresses are bracketed
     (``[::1]:8436``).  Host names are compared case-insensitively and IP
-    addresses in canonical form.  ``#`` comments and blank lines are ignored, and
+    addresses in one canonical form (every spelling the system's resolver
+    takes, ``127.1`` or ``0x7f.0.0.1`` or ``::ffff:127.0.0.1``, is
+    ``127.0.0.1``).  ``#`` comments and blank lines are ignored, and
     so are malformed lines (:meth:`KnownHosts.entries` reports them) — except
     that a malformed line naming the very ``host:port`` being checked fails the
     check instead of letting trust-on-first-use paper over it.  Several lines for
@@ -42,6 +44,7 @@ import ipaddress
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -127,16 +130,37 @@ def normalize_fingerprint(text: str) -> str:
     return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
+_INET_ATON_CHARS = frozenset("0123456789abcdefABCDEFxX.")
+
+
+def _ip_of(text: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
+    """The IP address ``text`` spells, in any form the system's resolver
+    takes (``127.1``, ``0x7f.0.0.1``, ``2130706433``, ``127.000.000.001``:
+    inet_aton's octal and hex parts), IPv4-mapped IPv6 as IPv4; else None."""
+    ip: Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        ip = None
+        if text and text[0].isdigit() and _INET_ATON_CHARS.issuperset(text):
+            try:
+                ip = ipaddress.IPv4Address(socket.inet_aton(text))
+            except OSError:
+                return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def _normalize_host(host: str) -> str:
     if not isinstance(host, str):
         raise TypeError(f"host must be a str, not {type(host).__name__}")
     h = host
     if h.startswith("[") and h.endswith("]"):
         h = h[1:-1]
-    try:
-        return str(ipaddress.ip_address(h))
-    except ValueError:
-        pass
+    ip = _ip_of(h)
+    if ip is not None:
+        return str(ip)
     h = h.lower()
     if not h or any(c.isspace() or c in "#[]:/\\" or ord(c) < 32 for c in h):
         raise ValueError(f"not a valid host name or IP address: {host!r}")
@@ -465,22 +489,64 @@ class KnownHosts:
                 )
             return len(older)
 
-    def remove(self, host: str, port: int) -> int:
-        """Delete every line for ``host:port`` (malformed ones too); return how many.
+    def remove(self, host: str, port: Optional[int] = None) -> list[KnownHostsLine]:
+        """Delete every line for ``host:port`` (every port of ``host`` if
+        ``port`` is None), malformed ones and ``@revoked`` markers for it
+        too; return what was removed.  ``host`` is matched in canonical form:
+        ``127.1`` removes ``127.0.0.1``'s lines, but not ``localhost``'s.
 
         Raises:
             KeyManagementError: the file cannot be read or rewritten.
             ValueError, TypeError: ``host`` or ``port`` is not valid.
         """
-        address = format_address(host, port)
+        if port is None:
+            wanted = _normalize_host(host)
+
+            def mine(address: Optional[str]) -> bool:
+                return address is not None and address.rpartition(":")[0].strip("[]") == wanted
+
+        else:
+            exact = format_address(host, port)
+
+            def mine(address: Optional[str]) -> bool:
+                return address == exact
+
         with self._locked():
             text = self._read()
-            drop = {item.lineno for item in _parse_known_hosts(text) if item.address == address}
-            if drop:
+            gone = [item for item in _parse_known_hosts(text) if mine(item.address)]
+            if gone:
+                drop = {item.lineno for item in gone}
                 self._rewrite(
                     line for n, line in enumerate(text.splitlines(), start=1) if n not in drop
                 )
-            return len(drop)
+            return gone
+
+    def revoke(self, fingerprint: str, host: str = "*", port: Optional[int] = None) -> bool:
+        """Mark ``fingerprint`` ``@revoked``: refused, loudly, for every
+        server (``host`` ``*``) or for ``host:port``, whatever else the file
+        says.  False if it was marked already.
+
+        Raises: as :meth:`add`.
+        """
+        fp = normalize_fingerprint(fingerprint)
+        if host == "*":
+            address = "*"
+        else:
+            if port is None:
+                raise ValueError("revoking a key for one host needs its port")
+            address = format_address(host, port)
+        with self._locked():
+            text = self._read()
+            for item in _parse_known_hosts(text):
+                if (
+                    isinstance(item, KnownHostsEntry)
+                    and item.revoked
+                    and item.address == address
+                    and item.fingerprint == fp
+                ):
+                    return False
+            self._append(text, f"@revoked {address} {fp}")
+            return True
 
 
 # ---------------------------------------------------------------------------
