@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
 from callcp._core.errors import (
     CallcpError,
+    ClientAuthError,
     CloseCode,
     ConnectionClosedError,
     CryptoError,
@@ -25,7 +26,7 @@ from callcp._core.errors import (
     VersionMismatch,
 )
 from callcp._core.events import DecryptionRequested, MessageReceived
-from callcp._core.keys import fingerprint
+from callcp._core.keys import fingerprint, fingerprint_der, public_der
 from callcp._core.protocol import OAEP, ClientProtocol, ServerProtocol, _refusal_tag
 from callcp._core.records import RecordReceiver
 from callcp._core.schedule import derive_handshake_secrets
@@ -665,3 +666,49 @@ def test_a_sealed_going_away_before_the_servers_finished(
         with pytest.raises(HandshakeError) as info:
             feed(p.client, data)
         assert not isinstance(info.value, ServerBusy)
+
+
+# ============================================ client auth: cheapest refusal first
+
+
+def _client_auth_frame(p: Pair, der: bytes, signature: bytes) -> bytes:
+    """The client's CLIENT_AUTH record with ``der`` and ``signature`` in it,
+    sealed as the client would (the client's own keys)."""
+    from callcp._core.wire import encode_client_auth
+
+    from callcp._core.records import RecordSender
+
+    body = encode_client_auth(der, signature)
+    assert p.client._secrets is not None
+    out: List[bytes] = []
+    RecordSender(p.client._secrets.client_traffic).seal(FrameType.CLIENT_AUTH, body, out)
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("case", ["unlisted", "huge-exponent"])
+def test_client_auth_is_refused_before_any_rsa_work(
+    server_key: rsa.RSAPrivateKey, client_key: rsa.RSAPrivateKey, case: str
+) -> None:
+    """An unlisted key is refused on its fingerprint (a hash), and a listed
+    fingerprint whose key has a 3,001-bit exponent on the key check: the
+    garbage signature is never looked at (it would say "invalid")."""
+    if case == "unlisted":
+        der = public_der(client_key)
+        listed = {"SHA256:someone-else"}
+        expected = "is not authorized"
+    else:
+        der = _malformed_der((1 << 3071) | 1, (1 << 3000) | 1)
+        listed = {fingerprint_der(der)}
+        expected = "public exponent a 3001-bit number"
+    p = Pair(
+        server_key,
+        client_kwargs={"client_key": client_key},
+        server_kwargs={"authorize_client": listed.__contains__},
+    )
+    p.to_client()
+    hello = split_frames(p.client.data_to_send())[0]
+    p.server.receive_data(hello)
+    assert drain(p.server) == []
+    p.server.receive_data(_client_auth_frame(p, der, b"\x00" * 256))
+    with pytest.raises(ClientAuthError, match=expected):
+        drain(p.server)

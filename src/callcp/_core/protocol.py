@@ -1495,6 +1495,11 @@ class ServerProtocol(_Protocol):
     def _on_client_auth(self, header: bytes, body: bytes) -> Optional[Event]:
         assert self._authorize is not None
         der, signature = decode_client_auth(body)
+        # Cheapest refusal first: the allow list (a hash of the key's bytes),
+        # then the key's size and exponent, and only then the RSA check.
+        fp = fingerprint_der(der)
+        if not self._authorize(fp):
+            raise ClientAuthError(f"client key {fp} is not authorized")
         try:
             client_key = load_public_der(der, what="client")
         except HandshakeError as exc:
@@ -1505,9 +1510,6 @@ class ServerProtocol(_Protocol):
             )
         except InvalidSignature:
             raise ClientAuthError("the client's authentication signature is invalid") from None
-        fp = fingerprint_der(der)
-        if not self._authorize(fp):
-            raise ClientAuthError(f"client key {fp} is not authorized")
         self._client_key_hash = key_hash(der)
         if self.resumed and self._ticket_client not in (None, self._client_key_hash):
             raise ClientAuthError("the session ticket was issued to another client key")
