@@ -1060,3 +1060,19 @@ def test_known_hosts_command(run: Callable[..., Result], home: Path, tmp_path: P
     assert other.read_text() == f"example.org:1 {fp_a}\n"
     error_line(run("known-hosts", "add", "host:99999", fp_a), 2)
     error_line(run("known-hosts", "add", "host", "SHA256:nope"), 2)
+
+
+def test_serve_rereads_its_authorized_keys_on_sighup(
+    serve_process: Callable[..., CliServer], tmp_path: Path
+) -> None:
+    allowed = tmp_path / "authorized"
+    first, second = callcp.KeyPair.generate(), callcp.KeyPair.generate()
+    allowed.write_text(f"{first.fingerprint}\n")
+    server = serve_process("--authorized-keys", str(allowed), "-v")
+    allowed.write_text(f"{first.fingerprint}\n{second.fingerprint}\n")
+    server.proc.send_signal(signal.SIGHUP)  # (no client needed: reloaded at once)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while "authorized keys reloaded" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"authorized keys reloaded from {allowed}: 2 key(s)" in server.log()
+    assert server.proc.poll() is None  # (SIGHUP did not stop it)

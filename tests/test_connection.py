@@ -934,3 +934,37 @@ def test_shutdown_grace_lets_a_busy_handler_finish(adapter: Adapter) -> None:
     handler.gate.set()
     assert busy.recv(timeout=10) == b"done:slow"  # its message finished
     assert stopped(15)
+
+
+def test_an_authorized_keys_file_is_followed_without_a_restart(
+    adapter: Adapter,
+    client_key: rsa.RSAPrivateKey,
+    other_key: rsa.RSAPrivateKey,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Edit the server's authorized-keys file: the next handshakes follow it
+    (a key added is admitted, a key removed is refused), no restart."""
+    monkeypatch.setattr(callcp.AuthorizedKeys, "CHECK_EVERY", 0.0)
+    listed = tmp_path / "authorized_keys"
+    listed.write_text(f"{fingerprint(client_key)} the first client\n")
+    srv = adapter.serve(Echo(), authorized_keys=listed)
+    with srv.connect(client_key=client_key) as conn:
+        assert conn.request(b"a") == b"a"
+    listed.write_text(f"# rotated\n{fingerprint(other_key)} the second client\n")
+    with srv.connect(client_key=other_key) as conn:
+        assert conn.request(b"b") == b"b"
+    refused = srv.connect(client_key=client_key)
+    refusal = None
+    try:
+        refused.send(b"c")
+    except ClientAuthError as exc:  # (aio: the refusal arrived first)
+        refusal = exc
+    except ConnectionClosed:
+        pass  # (sync: the server closed first; the refusal is read next)
+    if refusal is None:
+        with pytest.raises(ClientAuthError) as info:
+            refused.recv(timeout=10)
+        refusal = info.value
+    assert "not authorized" in str(refusal)
+    refused.close()

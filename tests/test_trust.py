@@ -565,3 +565,26 @@ def test_authorized_keys_refuses_non_rsa_pem(tmp_path: Path) -> None:
     with pytest.raises(KeyManagementError, match="EC key") as info:
         AuthorizedKeys.load(path)
     assert str(path) in str(info.value)
+
+
+def test_authorized_keys_follow_their_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A list loaded from a file follows it (looked at once a CHECK_EVERY);
+    a file that stops parsing leaves the old list, logged; reload() now."""
+    monkeypatch.setattr(AuthorizedKeys, "CHECK_EVERY", 0.0)
+    path = tmp_path / "authorized"
+    path.write_text(f"{FP_A} alice\n")
+    keys = AuthorizedKeys.load(path)
+    assert FP_A in keys and FP_B not in keys
+    path.write_text(f"# alice left\n{FP_B} bob\n")
+    assert FP_B in keys and FP_A not in keys
+    path.write_text("not a fingerprint\n")
+    with caplog.at_level(logging.ERROR, logger="callcp.trust"):
+        assert FP_B in keys  # (the old list stays)
+    assert "not reloaded" in caplog.text
+    path.write_text(f"{FP_C}\n")
+    assert keys.reload() is True and keys.fingerprints == {FP_C}
+    assert keys.reload() is False
+    with pytest.raises(ValueError):
+        AuthorizedKeys.from_fingerprints([FP_A]).reload()

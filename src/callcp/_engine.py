@@ -84,6 +84,7 @@ from ._core.tickets import TicketKeys
 from ._core.wire import alert_frame
 from ._options import ServerOptions
 from ._streams import Destination, Progress, StreamInfo, StreamReception
+from .trust import AuthorizedKeys
 
 __all__ = [
     "Engine",
@@ -1307,6 +1308,10 @@ class ServerCore:
         if self.next_keypair is not None and self.next_keypair.fingerprint == self.fingerprint:
             raise ValueError("next_key is the server's current key: give the key it will use next")
         self._authorize = client_authorizer(options.authorized_keys)
+        #: The allow list, when it came from a file (``reload()`` it on SIGHUP).
+        self.authorized_keys: Optional[AuthorizedKeys] = getattr(
+            self._authorize, "__self__", None
+        )
         assert options.max_connections is not None
         self.admission = Admission(options.max_connections, options.max_connections_per_source)
         self.handshakes = HandshakeQueue(

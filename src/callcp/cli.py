@@ -46,6 +46,7 @@ import io
 import logging
 import os
 import re
+import signal
 import socket
 import stat
 import sys
@@ -1102,19 +1103,27 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     server = make_server(args)
+    hangup: Any = None
     try:
+        # Ctrl-C and SIGTERM: a graceful shutdown (signal handlers can only be
+        # set from the main thread; main() may run in another one).  SIGHUP:
+        # re-read the allow list now (set before "listening" is printed).
+        main_thread = threading.current_thread() is threading.main_thread()
+        allowed = server._core.authorized_keys
+        if main_thread and allowed is not None:
+            hangup = signal.signal(signal.SIGHUP, lambda signum, frame: allowed.reload())
         host, port = server.server_address[:2]
         _say(f"listening on {_addr(host, port)} (server key {server.fingerprint})")
         if args.receive_dir is not None:
             log.info("storing received files in %s", os.path.expanduser(args.receive_dir))
-        # Ctrl-C and SIGTERM: a graceful shutdown (signal handlers can only be
-        # set from the main thread; main() may run in another one).
-        server.serve_forever(handle_signals=threading.current_thread() is threading.main_thread())
+        server.serve_forever(handle_signals=main_thread)
         log.info("shutting down")  # (a signal stopped it)
     except KeyboardInterrupt:
         log.info("shutting down")
     finally:
         server.shutdown()
+        if hangup is not None:
+            signal.signal(signal.SIGHUP, hangup)
     return EXIT_OK
 
 

@@ -47,6 +47,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -827,9 +828,18 @@ class AuthorizedKeys:
     (``fingerprint in keys``) compare against every entry in constant time per
     entry and never raise: anything that is not a valid fingerprint is simply
     not a member.
+
+    A list loaded from a file follows the file: a membership test looks at
+    the file (one ``stat``) at most once every :attr:`CHECK_EVERY` seconds
+    and reloads it when it changed; :meth:`reload` does so at once (the CLI
+    calls it on SIGHUP).  A file that no longer parses leaves the list as
+    it was, and is logged.
     """
 
-    __slots__ = ("_entries", "_path")
+    __slots__ = ("_entries", "_path", "_stamp", "_checked", "_lock")
+
+    #: Seconds between two looks at the file.
+    CHECK_EVERY = 1.0
 
     def __init__(self, fingerprints: Iterable[str] = (), *, path: Optional[Path] = None) -> None:
         """Prefer :meth:`from_fingerprints` / :meth:`load`.
@@ -845,6 +855,9 @@ class AuthorizedKeys:
             unique[normalize_fingerprint(fp)] = None
         self._entries: tuple[bytes, ...] = tuple(fp.encode("ascii") for fp in unique)
         self._path = path
+        self._stamp = _file_stamp(path) if path is not None else None
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
 
     @classmethod
     def from_fingerprints(cls, fingerprints: Iterable[str]) -> AuthorizedKeys:
@@ -858,6 +871,48 @@ class AuthorizedKeys:
 
     @classmethod
     def load(cls, path: StrPath) -> AuthorizedKeys:
+        """Read an authorized-keys file (see :meth:`_parse`)."""
+        return cls(cls._parse(path), path=Path(path))
+
+    def reload(self) -> bool:
+        """Read the file again now; True if the list changed.  A file that
+        cannot be read or parsed leaves the list as it was (logged).
+
+        Raises:
+            ValueError: nothing to reload (not loaded from a file).
+        """
+        if self._path is None:
+            raise ValueError("this AuthorizedKeys was not loaded from a file")
+        with self._lock:
+            stamp = _file_stamp(self._path)
+            try:
+                found = self._parse(self._path)
+            except KeyManagementError as exc:
+                logger.error("authorized keys not reloaded (the old list stays): %s", exc)
+                self._stamp = stamp  # (not again until it changes again)
+                return False
+            fresh = AuthorizedKeys(found)._entries
+            changed = fresh != self._entries
+            self._entries, self._stamp = fresh, stamp
+            if changed:
+                logger.info(
+                    "authorized keys reloaded from %s: %d key(s)", self._path, len(fresh)
+                )
+            return changed
+
+    def _follow(self) -> None:
+        """(a membership test) Reload if the file changed, at most once a
+        :attr:`CHECK_EVERY`."""
+        now = time.monotonic()
+        if now - self._checked < self.CHECK_EVERY:
+            return
+        self._checked = now
+        assert self._path is not None
+        if _file_stamp(self._path) != self._stamp:
+            self.reload()
+
+    @staticmethod
+    def _parse(path: StrPath) -> list[str]:
         """Read an authorized-keys file.
 
         Each non-blank, non-``#`` line is a ``SHA256:`` fingerprint, optionally
@@ -908,7 +963,7 @@ class AuthorizedKeys:
                     f"authorized keys file {shown}, line {lineno}: expected a SHA256: "
                     "fingerprint or a PEM public key"
                 ) from None
-        return cls(found, path=Path(path))
+        return found
 
     @property
     def path(self) -> Optional[Path]:
@@ -921,6 +976,8 @@ class AuthorizedKeys:
         return frozenset(e.decode("ascii") for e in self._entries)
 
     def __contains__(self, fingerprint: object) -> bool:
+        if self._path is not None:
+            self._follow()
         if not isinstance(fingerprint, str):
             return False
         try:
@@ -941,3 +998,12 @@ class AuthorizedKeys:
     def __repr__(self) -> str:
         where = f" from {os.fspath(self._path)!r}" if self._path is not None else ""
         return f"<AuthorizedKeys: {len(self)} key(s){where}>"
+
+
+def _file_stamp(path: Path) -> Optional[tuple[int, int, int]]:
+    """What tells that a file changed: (inode, size, mtime in ns); None if gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
