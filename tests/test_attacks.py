@@ -674,9 +674,8 @@ def test_a_sealed_going_away_before_the_servers_finished(
 def _client_auth_frame(p: Pair, der: bytes, signature: bytes) -> bytes:
     """The client's CLIENT_AUTH record with ``der`` and ``signature`` in it,
     sealed as the client would (the client's own keys)."""
-    from callcp._core.wire import encode_client_auth
-
     from callcp._core.records import RecordSender
+    from callcp._core.wire import encode_client_auth
 
     body = encode_client_auth(der, signature)
     assert p.client._secrets is not None

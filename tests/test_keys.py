@@ -262,7 +262,7 @@ def test_pkcs1_public_key_accepted(keypair: KeyPair) -> None:
 def test_passphrase_argument(keypair: KeyPair, tmp_path: Path) -> None:
     priv = tmp_path / "priv.pem"
     keypair.save(priv, password="correct horse")
-    assert priv.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert priv.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
     assert KeyPair.load(priv, password="correct horse").fingerprint == keypair.fingerprint
     assert KeyPair.load(priv, password=b"correct horse").fingerprint == keypair.fingerprint
 
@@ -283,7 +283,7 @@ def test_passphrase_from_environment(
     priv = tmp_path / "priv.pem"
     monkeypatch.setenv(PASSPHRASE_ENV, "from the environment")
     keypair.save(priv)
-    assert priv.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert priv.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
     assert KeyPair.load(priv).fingerprint == keypair.fingerprint
     # An explicit password wins over the environment.
     with pytest.raises(KeyManagementError, match="wrong passphrase"):
@@ -314,11 +314,58 @@ def test_empty_password_refused(keypair: KeyPair, tmp_path: Path) -> None:
 
 
 def test_private_pem_encrypted_is_standard(keypair: KeyPair) -> None:
+    """An encrypted key is OpenSSH's format (what ssh-keygen writes and
+    reads): AES-256-CTR under bcrypt-pbkdf with KDF_ROUNDS (16) rounds."""
+    import base64
+    import time
+
+    from callcp.keys import KDF_ROUNDS
+
     pem = keypair.private_pem(password=b"pw")
-    key = serialization.load_pem_private_key(pem, password=b"pw")
+    started = time.perf_counter()
+    key = serialization.load_ssh_private_key(pem, password=b"pw")
+    unlock = time.perf_counter() - started
     assert isinstance(key, rsa.RSAPrivateKey)
     assert fingerprint(key) == keypair.fingerprint
     assert KeyPair.from_pem(pem, password="pw").fingerprint == keypair.fingerprint
+    blob = base64.b64decode(b"".join(pem.splitlines()[1:-1]))
+    assert blob.startswith(b"openssh-key-v1\x00") and b"aes256-ctr" in blob and b"bcrypt" in blob
+    kdf_options = blob[blob.index(b"bcrypt") + 6 :]  # string kdfoptions: salt, then rounds
+    salt_len = int.from_bytes(kdf_options[4:8], "big")
+    rounds = int.from_bytes(kdf_options[8 + salt_len : 12 + salt_len], "big")
+    assert KDF_ROUNDS == 16 and rounds == KDF_ROUNDS and salt_len == 16
+    print(f"\nunlocking an encrypted key took {unlock * 1000:.0f} ms")  # (shown with -s)
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [serialization.PrivateFormat.PKCS8, serialization.PrivateFormat.TraditionalOpenSSL],
+    ids=["pkcs8", "traditional-openssl"],
+)
+def test_older_encrypted_key_files_still_load(keypair: KeyPair, fmt: Any) -> None:
+    """Key files that callcp wrote before (PKCS#8, BestAvailableEncryption)
+    and OpenSSL's traditional encrypted form keep loading."""
+    enc = serialization.BestAvailableEncryption(b"pw")
+    pem = keypair.private_key.private_bytes(serialization.Encoding.PEM, fmt, enc)
+    assert KeyPair.from_pem(pem, password="pw").fingerprint == keypair.fingerprint
+    with pytest.raises(KeyManagementError, match="wrong passphrase"):
+        KeyPair.from_pem(pem, password="nope")
+
+
+def test_openssh_keys_errors_are_clear(keypair: KeyPair) -> None:
+    pem = keypair.private_pem(password=b"pw")
+    with pytest.raises(KeyManagementError, match="encrypted and no passphrase"):
+        KeyPair.from_pem(pem)
+    with pytest.raises(KeyManagementError, match="wrong passphrase"):
+        KeyPair.from_pem(pem, password="wrong")
+    plain = keypair.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    assert KeyPair.from_pem(plain).fingerprint == keypair.fingerprint  # (ssh-keygen's files)
+    with pytest.raises(KeyManagementError, match="malformed"):
+        KeyPair.from_pem(plain[:60] + b"!!!!" + plain[64:])
 
 
 # -- load errors: each names the file --------------------------------------------
@@ -487,7 +534,7 @@ def test_load_or_generate_with_passphrase(
     priv = tmp_path / "priv.pem"
     monkeypatch.setattr(KeyPair, "generate", classmethod(lambda cls, bits=2048: keypair))
     KeyPair.load_or_generate(priv, password="pw")
-    assert priv.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert priv.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
     assert KeyPair.load_or_generate(priv, password="pw").fingerprint == keypair.fingerprint
     with pytest.raises(KeyManagementError, match="encrypted"):
         KeyPair.load_or_generate(priv)

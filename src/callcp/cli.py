@@ -90,6 +90,7 @@ from callcp import (
 from callcp._common import DEFAULT_PORT, DEFAULT_SERVER_KEY
 from callcp._core.wire import printable
 from callcp.keys import PASSPHRASE_ENV, load_public_key
+from callcp.sync import _stopping_on_signals
 from callcp.trust import (
     DEFAULT_KNOWN_HOSTS,
     KnownHosts,
@@ -1103,21 +1104,24 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     server = make_server(args)
+    # Ctrl-C and SIGTERM: a graceful shutdown; SIGHUP: re-read the allow list
+    # now.  Both are in place before "listening" is printed, so a signal sent
+    # as soon as it shows is handled (signal handlers can only be set from
+    # the main thread; main() may run in another one).
+    main_thread = threading.current_thread() is threading.main_thread()
+    signals = _stopping_on_signals() if main_thread else contextlib.nullcontext()
+    allowed = server._core.authorized_keys
     hangup: Any = None
     try:
-        # Ctrl-C and SIGTERM: a graceful shutdown (signal handlers can only be
-        # set from the main thread; main() may run in another one).  SIGHUP:
-        # re-read the allow list now (set before "listening" is printed).
-        main_thread = threading.current_thread() is threading.main_thread()
-        allowed = server._core.authorized_keys
-        if main_thread and allowed is not None:
-            hangup = signal.signal(signal.SIGHUP, lambda signum, frame: allowed.reload())
-        host, port = server.server_address[:2]
-        _say(f"listening on {_addr(host, port)} (server key {server.fingerprint})")
-        if args.receive_dir is not None:
-            log.info("storing received files in %s", os.path.expanduser(args.receive_dir))
-        server.serve_forever(handle_signals=main_thread)
-        log.info("shutting down")  # (a signal stopped it)
+        with signals:
+            if main_thread and allowed is not None:
+                hangup = signal.signal(signal.SIGHUP, lambda signum, frame: allowed.reload())
+            host, port = server.server_address[:2]
+            _say(f"listening on {_addr(host, port)} (server key {server.fingerprint})")
+            if args.receive_dir is not None:
+                log.info("storing received files in %s", os.path.expanduser(args.receive_dir))
+            server.serve_forever(handle_signals=main_thread)
+            log.info("shutting down")  # (a signal stopped it)
     except KeyboardInterrupt:
         log.info("shutting down")
     finally:
