@@ -89,7 +89,7 @@ def exit_code(exc: SystemExit) -> int:
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A per-test HOME, for this process and for the subprocesses it starts."""
     path = tmp_path / "home"
     path.mkdir()
@@ -98,7 +98,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(path))
     monkeypatch.setenv("COLUMNS", "100")  # argparse's help layout
-    return path
+    old = os.umask(0o077)  # (key files the tests write are private, as an operator's are)
+    yield path
+    os.umask(old)
 
 
 @pytest.fixture
@@ -1076,3 +1078,20 @@ def test_serve_rereads_its_authorized_keys_on_sighup(
         time.sleep(0.05)
     assert f"authorized keys reloaded from {allowed}: 2 key(s)" in server.log()
     assert server.proc.poll() is None  # (SIGHUP did not stop it)
+
+
+def test_key_files_others_may_read_are_refused_unless_allowed(
+    run: Callable[..., Result], serve: Callable[..., InProcessServer], key_file: Path
+) -> None:
+    key_file.chmod(0o644)
+    line = error_line(run("serve", "--port", "0", "--key", str(key_file)), EXIT_LOCAL)
+    assert "readable by every user" in line and f"chmod 600 {key_file}" in line
+    assert "--insecure-key-permissions" in line
+    server = serve("--insecure-key-permissions", key=key_file)  # (allowed: a warning)
+    client_key = key_file.parent / "client.pem"
+    callcp.KeyPair.generate().save(client_key)
+    client_key.chmod(0o666)
+    args = ["send", *server.address, "hi", "--fingerprint", server.fingerprint]
+    line = error_line(run(*args, "--client-key", str(client_key)), EXIT_LOCAL)
+    assert "writable by every user" in line
+    assert run("fingerprint", str(key_file)).returncode == 0  # (reading it exposes nothing)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import logging
 import os
 import stat
 from pathlib import Path
@@ -41,6 +42,15 @@ def _mode(path: Path) -> int:
 
 def _pem_body_lines(pem: bytes) -> list[str]:
     return [ln for ln in pem.decode().splitlines() if ln and not ln.startswith("-----")]
+
+
+@pytest.fixture(autouse=True)
+def _private_umask() -> Any:
+    """Files these tests write are private (0600), as a careful operator's
+    are: the permission checks have tests of their own below."""
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
 
 
 def _write_callcp1_files(key: rsa.RSAPrivateKey, private: Path, public: Path) -> None:
@@ -608,3 +618,34 @@ def test_load_or_generate_dangling_symlink_is_not_replaced(tmp_path: Path) -> No
         KeyPair.load_or_generate(priv)
     assert str(priv) in str(info.value)
     assert priv.is_symlink()
+
+
+# -- permissions of private key files ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "refused"),
+    [
+        (0o600, None), (0o640, None), (0o400, None), (0o644, "readable by every user"),
+        (0o660, "writable by its group"), (0o666, "every user and writable by every user"),
+    ],
+)  # fmt: skip
+def test_private_key_files_others_may_read_or_write_are_refused(
+    keypair: KeyPair, tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int, refused: Any
+) -> None:
+    path = tmp_path / "key.pem"
+    keypair.save(path)
+    path.chmod(mode)
+    if refused is None:
+        assert KeyPair.load(path).fingerprint == keypair.fingerprint
+        return
+    with pytest.raises(KeyManagementError, match=refused) as info:
+        KeyPair.load(path)
+    assert f"chmod 600 {path}" in str(info.value)
+    assert "allow_insecure_permissions=True" in str(info.value)
+    with caplog.at_level(logging.WARNING, logger="callcp"):
+        loaded = KeyPair.load(path, allow_insecure_permissions=True)
+    assert loaded.fingerprint == keypair.fingerprint
+    assert "loading it anyway" in caplog.text
+    with pytest.raises(KeyManagementError, match="chmod 600"):  # (first-run servers too)
+        KeyPair.load_or_generate(path)

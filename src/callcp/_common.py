@@ -194,7 +194,11 @@ def client_protocol(host: str, port: int, options: ClientOptions) -> ClientProto
         insecure=options.insecure,
         logger=logger_for(options.logger),
     )
-    keypair = load_client_key(options.client_key, password=options.key_password)
+    keypair = load_client_key(
+        options.client_key,
+        password=options.key_password,
+        insecure_ok=options.allow_insecure_permissions,
+    )
     store, identity = options.session_store, keypair.fingerprint if keypair else ""
     session = on_ticket = None
     if store is not None:
@@ -243,7 +247,9 @@ def load_ticket_key(source: Union[bytes, PathLike, None]) -> Optional[bytes]:
     return data
 
 
-def load_server_key(key: Optional[KeySource], *, password: Optional[str] = None) -> KeyPair:
+def load_server_key(
+    key: Optional[KeySource], *, password: Optional[str] = None, insecure_ok: bool = False
+) -> KeyPair:
     """A server KeyPair from a KeyPair, a private key, or a PEM path (generated
     there on first use).  ``None`` means DEFAULT_SERVER_KEY."""
     if isinstance(key, KeyPair):
@@ -251,18 +257,21 @@ def load_server_key(key: Optional[KeySource], *, password: Optional[str] = None)
     if isinstance(key, rsa.RSAPrivateKey):
         return KeyPair(key)
     path = Path(os.path.expanduser(key if key is not None else DEFAULT_SERVER_KEY))
-    return KeyPair.load_or_generate(path, password=password)
+    return KeyPair.load_or_generate(
+        path, password=password, allow_insecure_permissions=insecure_ok
+    )
 
 
 def load_client_key(
-    key: Optional[KeySource], *, password: Optional[str] = None
+    key: Optional[KeySource], *, password: Optional[str] = None, insecure_ok: bool = False
 ) -> Optional[KeyPair]:
     """A client KeyPair, or None.  A path must exist: clients never generate."""
     if key is None or isinstance(key, KeyPair):
         return key
     if isinstance(key, rsa.RSAPrivateKey):
         return KeyPair(key)
-    return KeyPair.load(Path(os.path.expanduser(key)), password=password)
+    path = Path(os.path.expanduser(key))
+    return KeyPair.load(path, password=password, allow_insecure_permissions=insecure_ok)
 
 
 def client_authorizer(

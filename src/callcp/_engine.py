@@ -1302,9 +1302,14 @@ class ServerCore:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self.log = logger_for(options.logger)
-        self.keypair = load_server_key(options.key, password=options.key_password)
+        insecure_ok = options.allow_insecure_permissions
+        self.keypair = load_server_key(
+            options.key, password=options.key_password, insecure_ok=insecure_ok
+        )
         self._public_der = self.keypair.public_der
-        self.next_keypair = load_client_key(options.next_key, password=options.key_password)
+        self.next_keypair = load_client_key(
+            options.next_key, password=options.key_password, insecure_ok=insecure_ok
+        )
         if self.next_keypair is not None and self.next_keypair.fingerprint == self.fingerprint:
             raise ValueError("next_key is the server's current key: give the key it will use next")
         self._authorize = client_authorizer(options.authorized_keys)

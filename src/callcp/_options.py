@@ -129,6 +129,8 @@ class ClientOptions(_Options):
         client_key: the client's key, for servers that require client
             authentication (KeyPair, RSA private key or PEM path).
         key_password: the passphrase of an encrypted ``client_key`` file.
+        allow_insecure_permissions: load a ``client_key`` file that others
+            may read or write (logged); else it is refused (``chmod 600``).
         max_message_size: the largest message ``recv()`` accepts (bytes).
         keepalive_interval: after this many seconds without a byte from the
             peer, while waiting in ``recv()``, send it a sealed PING (None:
@@ -151,6 +153,7 @@ class ClientOptions(_Options):
     insecure: bool = False
     client_key: Optional[Any] = None
     key_password: Optional[str] = None
+    allow_insecure_permissions: bool = False
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     keepalive_interval: Optional[float] = None
     keepalive_timeout: float = 10.0
@@ -184,6 +187,9 @@ class ServerOptions(_Options):
         key: the server's key (KeyPair, RSA private key or PEM path,
             generated there on first use; default ``~/.callcp/server_key.pem``).
         key_password: the passphrase of an encrypted key file.
+        allow_insecure_permissions: load key files (``key``, ``next_key``)
+            that others may read or write (logged); else they are refused
+            (``chmod 600``).
         authorized_keys: require client authentication and admit only these
             keys (a file path or fingerprints).
         max_connections: open connections at once, in every phase (None:
@@ -232,6 +238,7 @@ class ServerOptions(_Options):
 
     key: Optional[Any] = None
     key_password: Optional[str] = None
+    allow_insecure_permissions: bool = False
     authorized_keys: Optional[Any] = None
     max_connections: Optional[int] = None
     max_connections_per_source: int = 512
@@ -318,6 +325,7 @@ class ClientKwargs(TypedDict, total=False):
     insecure: bool
     client_key: Optional[Any]
     key_password: Optional[str]
+    allow_insecure_permissions: bool
     max_message_size: int
     keepalive_interval: Optional[float]
     keepalive_timeout: float
@@ -331,6 +339,7 @@ class ServerKwargs(TypedDict, total=False):
 
     key: Optional[Any]
     key_password: Optional[str]
+    allow_insecure_permissions: bool
     authorized_keys: Optional[Any]
     max_connections: Optional[int]
     max_connections_per_source: int

@@ -311,6 +311,11 @@ def _client_options() -> _Parser:
         f"--authorized-keys (passphrase: ${PASSPHRASE_ENV})",
     )
     p.add_argument(
+        "--insecure-key-permissions",
+        action="store_true",
+        help="use a --client-key file that other users may read or write (else refused)",
+    )
+    p.add_argument(
         "--timeout",
         metavar="S",
         type=_seconds,
@@ -391,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="require client authentication: accept only the client key fingerprints "
         "(or PEM public keys) listed in FILE",
+    )
+    p.add_argument(
+        "--insecure-key-permissions",
+        action="store_true",
+        help="use key files (--key, --next-key) that other users may read or write "
+        "(else refused: chmod 600 them)",
     )
     p.add_argument(
         "--max-message-size",
@@ -656,6 +667,7 @@ def _connect(args: argparse.Namespace) -> Connection:
         trust_on_first_use=not args.no_tofu,
         insecure=args.insecure,
         client_key=args.client_key,
+        allow_insecure_permissions=args.insecure_key_permissions,
         logger=logger,
     )
 
@@ -913,7 +925,8 @@ def cmd_known_hosts(args: argparse.Namespace) -> int:
 def _file_fingerprint(path: Path) -> str:
     """The fingerprint of a PEM private key file, else of a PEM public key file."""
     try:
-        return KeyPair.load(path).fingerprint
+        # (printing a fingerprint exposes nothing: loose permissions only warn)
+        return KeyPair.load(path, allow_insecure_permissions=True).fingerprint
     except KeyManagementError as private_error:
         try:
             return callcp.fingerprint(load_public_key(path))
@@ -1095,6 +1108,7 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
         "handshake_timeout": args.handshake_timeout,
         "max_connections": args.max_connections,
         "workers": args.workers,
+        "allow_insecure_permissions": args.insecure_key_permissions or None,
     }
     options = {k: v for k, v in options.items() if v is not None}
     if args.idle_timeout is not None:

@@ -170,6 +170,9 @@ class SecureTCPServer:
                 self.public_key_path,
                 bits=self.key_bits,
                 password=self.key_password,
+                # Callcp 1.0 wrote its key files with the process umask (often
+                # 0644): its API loads them as they are, with a warning.
+                allow_insecure_permissions=True,
             )
         except CallcpError as exc:
             self.logger.error("Key management failed: %s", exc)

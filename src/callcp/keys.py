@@ -137,11 +137,16 @@ class KeyPair:
         return cls._from_pem(data, _coerce_password(password), "PEM data")
 
     @classmethod
-    def load(cls, path: StrPath, password: Password = None) -> KeyPair:
+    def load(
+        cls, path: StrPath, password: Password = None, *, allow_insecure_permissions: bool = False
+    ) -> KeyPair:
         """Load a private key file (see :meth:`from_pem` for the formats).
 
         The passphrase is ``password``, else ``$CALLCP_KEY_PASSPHRASE``, else none.
-        A warning is logged when the file is readable by other users.
+        A file that other users may read, or that anyone but its owner may
+        write (group- or world-writable, world-readable), is refused with the
+        ``chmod 600`` that fixes it, unless ``allow_insecure_permissions``
+        (then it is loaded with a warning).
 
         Raises:
             KeyManagementError: the file is missing or unreadable, or its
@@ -149,11 +154,10 @@ class KeyPair:
                 the message names the file.
             TypeError: ``password`` is neither bytes, str nor None.
         """
+        _check_permissions(path, allow_insecure_permissions)
         pw = _resolve_password(password)
         data = _read_file(path, "private key")
-        keypair = cls._from_pem(data, pw, f"file {_show(path)}")
-        _warn_if_exposed(path)
-        return keypair
+        return cls._from_pem(data, pw, f"file {_show(path)}")
 
     @classmethod
     def load_or_generate(
@@ -163,6 +167,7 @@ class KeyPair:
         *,
         bits: int = 2048,
         password: Password = None,
+        allow_insecure_permissions: bool = False,
     ) -> KeyPair:
         """Load the key at ``private_path``, or generate and save one on first run.
 
@@ -202,7 +207,7 @@ class KeyPair:
                 return keypair
             # Another process created the file first: use its key.
 
-        keypair = cls.load(private_path, pw)
+        keypair = cls.load(private_path, pw, allow_insecure_permissions=allow_insecure_permissions)
         if public_path is not None:
             keypair._check_or_write_public(private_path, public_path)
         return keypair
@@ -537,19 +542,38 @@ def _read_file(path: StrPath, what: str, limit: int = _MAX_KEY_FILE_SIZE) -> byt
     return data
 
 
-def _warn_if_exposed(path: StrPath) -> None:
+#: Who must not have a private key file: its group writing it, others
+#: reading or writing it (a group that may only read, 0640, is allowed).
+_EXPOSED = stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH
+
+
+def _check_permissions(path: StrPath, allow: bool) -> None:
+    """Refuse (or, with ``allow``, warn about) a private key file that others
+    may read or anyone but its owner may write."""
     if os.name != "posix":
         return
     try:
         mode = os.stat(path).st_mode
     except OSError:
+        return  # (reading it will say why)
+    if not mode & _EXPOSED:
         return
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        logger.warning(
-            "private key file %s is accessible by other users (mode %04o); chmod 600 it",
-            _show(path),
-            stat.S_IMODE(mode),
-        )
+    who = []
+    if mode & stat.S_IROTH:
+        who.append("readable by every user")
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who.append("writable by " + ("every user" if mode & stat.S_IWOTH else "its group"))
+    text = (
+        f"private key file {_show(path)} is {' and '.join(who)} (mode "
+        f"{stat.S_IMODE(mode):04o}): others could read or replace the key"
+    )
+    if allow:
+        logger.warning("%s; loading it anyway (insecure key permissions allowed)", text)
+        return
+    raise KeyManagementError(
+        f"{text}; run `chmod 600 {_show(path)}` (or allow it explicitly: "
+        "allow_insecure_permissions=True, --insecure-key-permissions)"
+    )
 
 
 def _make_parent(path: Path, what: str, mode: int) -> None:
