@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import logging
 import os
 import stat
@@ -502,14 +501,14 @@ def test_permission_denied_simulated(
     # The same path as test_unreadable_file, also exercised when running as root.
     priv = tmp_path / "priv.pem"
     keypair.save(priv)
-    real_open = builtins.open
+    real_open = os.open
 
     def fake_open(file: Any, *args: Any, **kwargs: Any) -> Any:
-        if os.fspath(file) == os.fspath(priv):
+        if not isinstance(file, int) and os.fspath(file) == os.fspath(priv):
             raise PermissionError(13, "Permission denied", os.fspath(priv))
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_open)
     with pytest.raises(KeyManagementError, match="permission denied") as info:
         KeyPair.load(priv)
     assert str(priv) in str(info.value)
@@ -649,3 +648,14 @@ def test_private_key_files_others_may_read_or_write_are_refused(
     assert "loading it anyway" in caplog.text
     with pytest.raises(KeyManagementError, match="chmod 600"):  # (first-run servers too)
         KeyPair.load_or_generate(path)
+
+
+def test_a_key_file_owned_by_another_user_is_refused(keypair: KeyPair, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's owner needs root")  # (CI runs as root)
+    path = tmp_path / "key.pem"
+    keypair.save(path)
+    os.chown(path, 65534, -1)  # nobody: it could replace the key
+    with pytest.raises(KeyManagementError, match="owned by another user"):
+        KeyPair.load(path)
+    assert KeyPair.load(path, allow_insecure_permissions=True).fingerprint == keypair.fingerprint

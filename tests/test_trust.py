@@ -588,3 +588,42 @@ def test_authorized_keys_follow_their_file(
     assert keys.reload() is False
     with pytest.raises(ValueError):
         AuthorizedKeys.from_fingerprints([FP_A]).reload()
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["::1%x\nbank.example:8436 " + "bb" * 32 + "\n#", "::1%a b", "::1%\x1b]0;pwned\x07", "::1%"],
+)
+def test_an_ipv6_zone_cannot_smuggle_a_line(tmp_path: Path, host: str) -> None:
+    """A scoped IPv6 address's zone is checked like a host name: no line
+    break, space or control character can reach the file (found in review)."""
+    kh = KnownHosts(tmp_path / "known_hosts")
+    with pytest.raises(ValueError):
+        kh.add(host, 9, FP_A)
+    policy = ServerKeyPolicy.known_hosts(kh.path)
+    with pytest.raises(ValueError):
+        policy.verify(host, 9, FP_A)
+    assert not kh.path.exists()
+    kh.add("fe80::1%eth0", 9, FP_A)  # (a real zone is fine)
+    assert kh.lookup("[FE80::1%eth0]", 9) == FP_A
+
+
+@pytest.mark.parametrize("spelling", ["１２７.0.0.1", "127.0.0.1\u200b", "ＬＯＣＡＬＨＯＳＴ."])
+def test_unicode_spellings_fold_as_the_resolver_folds_them(tmp_path: Path, spelling: str) -> None:
+    """Fullwidth digits, zero-width characters, a trailing dot: the resolver
+    reaches the same host, so they are the same entry (found in review)."""
+    kh = KnownHosts(tmp_path / "known_hosts")
+    kh.add("127.0.0.1", 9, FP_A)
+    kh.add("localhost", 9, FP_B)
+    expected = FP_B if "Ｌ" in spelling else FP_A
+    assert kh.lookup(spelling, 9) == expected
+    policy = ServerKeyPolicy.known_hosts(kh.path, trust_on_first_use=True)
+    with pytest.raises(ServerKeyChanged):
+        policy.verify(spelling, 9, FP_C)
+
+
+def test_a_fifo_in_place_of_a_list_file_is_refused_not_waited_for(tmp_path: Path) -> None:
+    fifo = tmp_path / "authorized"
+    os.mkfifo(fifo)
+    with pytest.raises(KeyManagementError, match="not a regular file"):
+        AuthorizedKeys.load(fifo)

@@ -874,10 +874,11 @@ def _host_port(text: str, default: Optional[int]) -> Tuple[str, Optional[int]]:
 
 
 def _line_text(item: Any) -> str:
+    """One known-hosts line for the terminal (escaped: the file may hold anything)."""
     if isinstance(item, KnownHostsEntry):
         mark = "@revoked " if item.revoked else ""
-        return f"{mark}{item.address} {item.fingerprint}"
-    return f"line {item.lineno} (malformed: {item.reason}): {printable(item.text.strip())}"
+        return printable(f"{mark}{item.address} {item.fingerprint}")
+    return printable(f"line {item.lineno} (malformed: {item.reason}): {item.text.strip()}")
 
 
 def cmd_known_hosts(args: argparse.Namespace) -> int:
@@ -1116,6 +1117,13 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
     return callcp.serve(_make_handler(args.upper, receive_dir), args.host, args.port, **options)
 
 
+def _reload_soon(allowed: Any) -> None:
+    """(a SIGHUP handler) Re-read the allow list in a thread of its own: the
+    handler itself must not wait (on the file, or on the list's lock, which
+    an earlier SIGHUP's reload may hold)."""
+    threading.Thread(target=allowed.reload, name="callcp-reload", daemon=True).start()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     server = make_server(args)
     # Ctrl-C and SIGTERM: a graceful shutdown; SIGHUP: re-read the allow list
@@ -1129,7 +1137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         with signals:
             if main_thread and allowed is not None:
-                hangup = signal.signal(signal.SIGHUP, lambda signum, frame: allowed.reload())
+                hangup = signal.signal(signal.SIGHUP, lambda signum, frame: _reload_soon(allowed))
             host, port = server.server_address[:2]
             _say(f"listening on {_addr(host, port)} (server key {server.fingerprint})")
             if args.receive_dir is not None:

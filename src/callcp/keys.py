@@ -35,6 +35,7 @@ Errors
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -531,7 +532,17 @@ def _exists(path: StrPath, what: str) -> bool:
 def _read_file(path: StrPath, what: str, limit: int = _MAX_KEY_FILE_SIZE) -> bytes:
     """Read a small key file; every failure is a KeyManagementError naming it."""
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a FIFO put in a key file's place cannot block the open;
+        # only a regular file is read.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+            if not stat.S_ISREG(mode):
+                raise KeyManagementError(
+                    f"cannot read {what} file {_show(path)}: not a regular file"
+                )
             data = f.read(limit + 1)
     except OSError as exc:
         raise KeyManagementError(f"cannot read {what} file {_show(path)}: {_cause(exc)}") from exc
@@ -553,12 +564,14 @@ def _check_permissions(path: StrPath, allow: bool) -> None:
     if os.name != "posix":
         return
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except OSError:
         return  # (reading it will say why)
-    if not mode & _EXPOSED:
+    mode = st.st_mode
+    foreign = st.st_uid not in (os.geteuid(), 0)  # (its owner could replace it)
+    if not mode & _EXPOSED and not foreign:
         return
-    who = []
+    who = [f"owned by another user (uid {st.st_uid})"] if foreign else []
     if mode & stat.S_IROTH:
         who.append("readable by every user")
     if mode & (stat.S_IWGRP | stat.S_IWOTH):

@@ -153,16 +153,31 @@ def _ip_of(text: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Add
     return ip
 
 
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 def _normalize_host(host: str) -> str:
     if not isinstance(host, str):
         raise TypeError(f"host must be a str, not {type(host).__name__}")
     h = host
     if h.startswith("[") and h.endswith("]"):
         h = h[1:-1]
+    if not h.isascii():
+        # As the resolver does: IDNA (fullwidth digits, zero-width characters
+        # and the like fold away), so no spelling is a new host to it.
+        try:
+            h = h.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"not a valid host name or IP address: {host!r}") from None
     ip = _ip_of(h)
     if ip is not None:
+        scope = getattr(ip, "scope_id", None)
+        if scope is not None and not _ZONE.fullmatch(scope):
+            raise ValueError(f"not a valid IPv6 zone in {host!r}")
         return str(ip)
     h = h.lower()
+    if h.endswith(".") and len(h) > 1:  # (the root's dot: example.org. is example.org)
+        h = h[:-1]
     if not h or any(c.isspace() or c in "#[]:/\\" or ord(c) < 32 for c in h):
         raise ValueError(f"not a valid host name or IP address: {host!r}")
     return h
@@ -391,6 +406,8 @@ class KnownHosts:
 
     def _append(self, text: str, line: str) -> None:
         """Append ``line`` to the file whose current contents are ``text``."""
+        if any(c in line for c in "\n\r\x00"):  # (one line, whatever made it)
+            raise ValueError("a known-hosts line may not hold a line break or NUL")
         path = self.path
         self._ensure_dir()
         data = line + "\n"
@@ -411,6 +428,8 @@ class KnownHosts:
 
     def _rewrite(self, lines: Iterable[str]) -> None:
         body = "".join(line + "\n" for line in lines)
+        if "\x00" in body or "\r" in body:
+            raise ValueError("a known-hosts line may not hold NUL or CR")
         self._ensure_dir()
         _write_atomic(
             self.path, body.encode("utf-8", errors="surrogateescape"), 0o600, "known hosts"
@@ -887,7 +906,7 @@ class AuthorizedKeys:
             stamp = _file_stamp(self._path)
             try:
                 found = self._parse(self._path)
-            except KeyManagementError as exc:
+            except (KeyManagementError, ValueError, OSError) as exc:
                 logger.error("authorized keys not reloaded (the old list stays): %s", exc)
                 self._stamp = stamp  # (not again until it changes again)
                 return False
