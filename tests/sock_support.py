@@ -365,3 +365,21 @@ def via(proxy: FrameProxy, target: Target, **kwargs: Any) -> Connection:
     if "known_hosts" not in kwargs:
         kwargs.setdefault("server_fingerprint", target.fingerprint)
     return connect(LOOPBACK, proxy.port, **kwargs)
+
+
+def refuse_next_key_exchange(monkeypatch: pytest.MonkeyPatch) -> List[int]:
+    """Make the servers' key-exchange queue refuse the next hello ("full"),
+    as a busy server's would; append to the returned list to refuse one more."""
+    import callcp._engine
+
+    real_submit = callcp._engine.HandshakeQueue.submit
+    full = [1]
+
+    def submit(self: Any, ticket: Any) -> Optional[str]:
+        if full:
+            full.pop()
+            return "the handshake queue is full (test)"
+        return real_submit(self, ticket)
+
+    monkeypatch.setattr(callcp._engine.HandshakeQueue, "submit", submit)
+    return full

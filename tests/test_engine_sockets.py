@@ -10,7 +10,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 import callcp
 import callcp._sockets
 from callcp._core.wire import MAX_FRAGMENT, FrameType
-from tests.sock_support import wait_until
+from tests.sock_support import refuse_next_key_exchange, wait_until
 
 ADAPTERS = ["sync", "aio"]
 
@@ -300,16 +300,7 @@ def test_a_full_handshake_queue_is_a_proved_busy_refusal(
     (§4.10): the client, whose first request went out with its flight, gets
     ServerBusy (retryable), the request never reaches the handler, and the
     next client is served."""
-    real_submit = callcp._engine.HandshakeQueue.submit
-    full = [1]
-
-    def submit(self: Any, ticket: Any) -> Optional[str]:
-        if full:
-            full.pop()
-            return "the handshake queue is full (test)"
-        return real_submit(self, ticket)
-
-    monkeypatch.setattr(callcp._engine.HandshakeQueue, "submit", submit)
+    refuse_next_key_exchange(monkeypatch)
     got: List[bytes] = []
 
     async def body(conn: Any) -> None:

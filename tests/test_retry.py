@@ -9,7 +9,7 @@ import logging
 import select
 import socket
 import threading
-from typing import Any, List, Optional
+from typing import Any, List
 
 import pytest
 
@@ -24,7 +24,7 @@ from callcp import (
     ServerKeyChanged,
 )
 from tests.adapters import Adapter, Behaviour, Echo
-from tests.sock_support import free_port
+from tests.sock_support import free_port, refuse_next_key_exchange
 
 LOOPBACK = "127.0.0.1"
 
@@ -245,16 +245,7 @@ def test_a_busy_refusal_is_retried_even_for_a_request_that_left(
     """The first request shares the new connection's flight; the server's
     proved refusal (ServerBusy) says it read nothing, so the pool sends it
     again, and it is acted on once."""
-    real_submit = callcp._engine.HandshakeQueue.submit
-    full = [1]
-
-    def submit(self: Any, ticket: Any) -> Optional[str]:
-        if full:
-            full.pop()
-            return "the handshake queue is full (test)"
-        return real_submit(self, ticket)
-
-    monkeypatch.setattr(callcp._engine.HandshakeQueue, "submit", submit)
+    full = refuse_next_key_exchange(monkeypatch)
     flavour = adapter.client_flavour
     echo = Echo()
     srv = adapter.serve(echo, ticket_lifetime=0)

@@ -88,11 +88,20 @@ class Attempts:
         self.tries = 0
 
     def again(
-        self, exc: BaseException, *, sent: bool = False, idempotent: bool = False
+        self,
+        exc: BaseException,
+        *,
+        sent: bool = False,
+        idempotent: bool = False,
+        reused: bool = False,
     ) -> Optional[float]:
         """After a failed try: the wait before the next one, or None (give
         up: the caller raises ``exc``).  ``sent``: the request may have
-        reached the peer's application (its ``send()`` returned)."""
+        reached the peer's application (its ``send()`` returned).
+        ``reused``: the connection came from a pool's idle ones; dead before
+        the request left, it is replaced at once, without counting a try."""
+        if reused and not sent and isinstance(exc, CallcpError) and exc.retryable:
+            return 0.0
         self.tries += 1
         retry = self.retry
         if retry is None or self.tries >= retry.attempts:

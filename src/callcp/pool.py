@@ -240,14 +240,11 @@ class Pool(_PoolBase[Connection]):
                 self._release(conn, made, broken=conn.closed)
                 return reply
             except CallcpError as exc:
-                if reused and not sent and exc.retryable:
-                    wait = 0.0  # (it died while idle: another, at once)
-                else:
-                    attempts = attempts or self._attempts()
-                    again = attempts.again(exc, sent=sent, idempotent=idempotent)
-                    if again is None:
-                        raise
-                    wait = again
+                attempts = attempts or self._attempts()
+                again = attempts.again(exc, sent=sent, idempotent=idempotent, reused=reused)
+                if again is None:
+                    raise
+                wait = again
                 with self._lock:
                     self._slots.retried += 1
             time.sleep(wait)
@@ -385,14 +382,11 @@ class AsyncPool(_PoolBase["aio.Connection"]):
                 await self._release(conn, made, broken=conn.closed)
                 return reply
             except CallcpError as exc:
-                if reused and not sent and exc.retryable:
-                    wait = 0.0  # (it died while idle: another, at once)
-                else:
-                    attempts = attempts or self._attempts()
-                    again = attempts.again(exc, sent=sent, idempotent=idempotent)
-                    if again is None:
-                        raise
-                    wait = again
+                attempts = attempts or self._attempts()
+                again = attempts.again(exc, sent=sent, idempotent=idempotent, reused=reused)
+                if again is None:
+                    raise
+                wait = again
                 self._slots.retried += 1
             await asyncio.sleep(wait)
 
