@@ -17,6 +17,7 @@ demo: $(VENV)/.installed
 	$(BIN)/python examples/demo.py
 
 test: $(VENV)/.installed
+	bash scripts/system-deps.sh
 	$(BIN)/python -m pytest -q
 
 # Results go to benchmarks/results/local/ (not committed); to replace the

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tests.adapters import FLAVOURS, PAIRS, Adapter
 
 # the arena, target and make_proxy fixtures of the blocking real-socket tests
-pytest_plugins = ["tests.sock_support", "tests.cli_support"]
+pytest_plugins = ["tests.sock_support", "tests.cli_support", "tests.hsm_support"]
 
 
 @pytest.fixture(scope="session")

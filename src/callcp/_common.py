@@ -22,6 +22,7 @@ from ._core.errors import (
 from ._core.protocol import ClientProtocol
 from ._core.tickets import Session
 from ._options import DEFAULT_PORT, ClientOptions
+from .hsm import is_pkcs11_uri
 from .keys import KeyPair
 from .trust import AuthorizedKeys, ServerKeyPolicy
 
@@ -256,10 +257,10 @@ def load_server_key(
         return key
     if isinstance(key, rsa.RSAPrivateKey):
         return KeyPair(key)
+    if is_pkcs11_uri(key):
+        return KeyPair.from_pkcs11(str(key), allow_insecure_permissions=insecure_ok)
     path = Path(os.path.expanduser(key if key is not None else DEFAULT_SERVER_KEY))
-    return KeyPair.load_or_generate(
-        path, password=password, allow_insecure_permissions=insecure_ok
-    )
+    return KeyPair.load_or_generate(path, password=password, allow_insecure_permissions=insecure_ok)
 
 
 def load_client_key(
@@ -270,6 +271,8 @@ def load_client_key(
         return key
     if isinstance(key, rsa.RSAPrivateKey):
         return KeyPair(key)
+    if is_pkcs11_uri(key):
+        return KeyPair.from_pkcs11(str(key), allow_insecure_permissions=insecure_ok)
     path = Path(os.path.expanduser(key))
     return KeyPair.load(path, password=password, allow_insecure_permissions=insecure_ok)
 

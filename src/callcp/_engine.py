@@ -63,6 +63,7 @@ from ._core.errors import (
     ConnectionLost,
     HandshakeError,
     HandshakeTimeout,
+    KeyManagementError,
     MessagePending,
     MessageTooLarge,
     PeerUnresponsive,
@@ -1353,10 +1354,31 @@ class ServerCore:
         if self.stopping:
             return
         now = time.time()
-        self.shares.refresh(now)
-        share = self.shares.current(now)
+        try:
+            self.shares.refresh(now)
+        except KeyManagementError as exc:
+            self._key_failed(exc)
+        share = self._current_share(now)
+        if share is None:
+            return
         if self._spare is None or self._spare[1] is not share:
             self._spare = (self._new_engine(share), share)
+
+    def _current_share(self, now: float) -> Optional[SignedShare]:
+        """The share for a ServerHello now.  When the server key cannot sign
+        a new one (a PKCS#11 token failing), the last one while it is still
+        valid for a whole handshake, else None: connections are then refused
+        (retryable) until the key signs again."""
+        try:
+            return self.shares.current(now)
+        except KeyManagementError as exc:
+            self._key_failed(exc)
+            return self.shares.still_valid(now)
+
+    def _key_failed(self, exc: KeyManagementError) -> None:
+        self.notices.note(
+            "the server key failed", "server key", "the server key cannot sign a share: %s", exc
+        )
 
     def _new_engine(self, share: SignedShare) -> Engine:
         """A server connection's engine; its ServerHello (with ``share``) is queued."""
@@ -1381,7 +1403,10 @@ class ServerCore:
             self.refused(addr, why)
             return None, alert_frame(CloseCode.GOING_AWAY, f"server busy: {why}")
         spare, self._spare = self._spare, None
-        share = self.shares.current(time.time())
+        share = self._current_share(time.time())
+        if share is None:
+            self.refused(addr, "the server key is unavailable")
+            return None, alert_frame(CloseCode.GOING_AWAY, "server busy: its key is unavailable")
         engine = spare[0] if spare is not None and spare[1] is share else self._new_engine(share)
         engine.keepalive = keepalive_for(
             self.options.keepalive_interval, self.options.keepalive_timeout

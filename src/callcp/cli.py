@@ -53,6 +53,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import (
     Any,
@@ -89,7 +90,8 @@ from callcp import (
 )
 from callcp._common import DEFAULT_PORT, DEFAULT_SERVER_KEY
 from callcp._core.wire import printable
-from callcp.keys import PASSPHRASE_ENV, load_public_key
+from callcp.hsm import is_pkcs11_uri
+from callcp.keys import PASSPHRASE_ENV, _write_new, load_public_key
 from callcp.sync import _stopping_on_signals
 from callcp.trust import (
     DEFAULT_KNOWN_HOSTS,
@@ -500,6 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace existing key files")
     p.add_argument(
+        "--pkcs11",
+        metavar="URI",
+        help="generate the key in a PKCS#11 token instead of a file, named by URI "
+        "(pkcs11:token=...;object=LABEL?module-name=...&pin-source=file:...); the private "
+        "key never leaves the token; prints the URI to use as --key (needs callcp[hsm])",
+    )
+    p.add_argument(
         "--next",
         action="store_true",
         help=f"make the key the server will use next: {DEFAULT_NEXT_KEY} unless -o is "
@@ -828,7 +837,34 @@ def _public_path_for(private: Path) -> Path:
     return private.with_name(stem + ".pub.pem")
 
 
+def _keygen_in_token(args: argparse.Namespace) -> int:
+    if args.output != str(DEFAULT_SERVER_KEY) or args.force or args.next:
+        raise CommandError(
+            "--pkcs11 names the key by its URI: -o, --next and --force do not apply "
+            "(callcp never replaces a key in a token)",
+            EXIT_USAGE,
+        )
+    from .hsm import generate_key
+
+    key = generate_key(args.pkcs11, args.bits)
+    keypair = KeyPair(key)
+    uri = str(replace(key.uri, pin_source=None, module_path=None, module_name=None))
+    if args.public:
+        public = Path(os.path.expanduser(args.public))
+        if not _write_new(public, keypair.public_pem(), 0o644, "public key"):
+            raise CommandError(f"{public} already exists; not overwriting it", EXIT_LOCAL)
+    if not args.quiet:
+        token = printable(key.token_label)
+        _say(f"private key: {printable(uri)} (RSA {keypair.key_size}, in token {token})")
+        if args.public:
+            _say(f"public key:  {args.public}")
+    _say(f"fingerprint: {keypair.fingerprint}" if not args.quiet else keypair.fingerprint)
+    return EXIT_OK
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
+    if args.pkcs11 is not None:
+        return _keygen_in_token(args)
     if args.next and args.output == str(DEFAULT_SERVER_KEY):
         args.output = str(DEFAULT_NEXT_KEY)
     private = Path(os.path.expanduser(args.output))
@@ -940,6 +976,9 @@ def _file_fingerprint(path: Path) -> str:
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
+    if args.remote is None and is_pkcs11_uri(args.path):
+        _say(KeyPair.from_pkcs11(args.path, allow_insecure_permissions=True).fingerprint)
+        return EXIT_OK
     if args.remote is None:
         path = Path(os.path.expanduser(args.path or DEFAULT_SERVER_KEY))
         try:

@@ -149,16 +149,47 @@ class KeyPair:
         ``chmod 600`` that fixes it, unless ``allow_insecure_permissions``
         (then it is loaded with a warning).
 
+        ``path`` may also be a ``pkcs11:`` URI naming a key in a PKCS#11
+        token (see :mod:`callcp.hsm`; ``password`` does not apply there: the
+        token's PIN comes from the URI's ``pin-source`` or
+        ``$CALLCP_PKCS11_PIN``).
+
         Raises:
             KeyManagementError: the file is missing or unreadable, or its
                 contents are not an acceptable private key (see :meth:`from_pem`);
-                the message names the file.
+                the message names the file.  (A token's failures: see
+                :class:`callcp.hsm.Pkcs11Key`.)
             TypeError: ``password`` is neither bytes, str nor None.
         """
+        if _is_pkcs11_uri(path):
+            return cls.from_pkcs11(
+                os.fspath(path), allow_insecure_permissions=allow_insecure_permissions
+            )
         _check_permissions(path, allow_insecure_permissions)
         pw = _resolve_password(password)
         data = _read_file(path, "private key")
         return cls._from_pem(data, pw, f"file {_show(path)}")
+
+    @classmethod
+    def from_pkcs11(cls, uri: str, *, allow_insecure_permissions: bool = False) -> KeyPair:
+        """Open the RSA private key a ``pkcs11:`` URI names in a PKCS#11
+        token (an HSM; see :mod:`callcp.hsm`).  Its signatures and
+        decryptions run in the token, and it cannot be saved or exported.
+        ``allow_insecure_permissions`` applies to a ``pin-source`` file.
+
+        Raises:
+            KeyManagementError: see :class:`callcp.hsm.Pkcs11Key`.
+        """
+        from .hsm import Pkcs11Key
+
+        return cls(Pkcs11Key(uri, allow_insecure_permissions=allow_insecure_permissions))
+
+    @property
+    def in_token(self) -> bool:
+        """Whether the private key lives in a PKCS#11 token."""
+        from .hsm import Pkcs11Key
+
+        return isinstance(self._private_key, Pkcs11Key)
 
     @classmethod
     def load_or_generate(
@@ -183,12 +214,22 @@ class KeyPair:
         The passphrase (for loading and saving) is ``password``, else
         ``$CALLCP_KEY_PASSPHRASE``, else none.
 
+        A ``pkcs11:`` URI is opened (:meth:`from_pkcs11`), never generated:
+        ``callcp keygen --pkcs11 URI`` makes a key in a token.
+
         Raises:
             KeyManagementError: ``bits`` is not a supported size; a file cannot be
                 read, parsed, decrypted or written; or the public key file does
                 not match the private key (the message names both files).
             TypeError: ``password`` is neither bytes, str nor None.
         """
+        if _is_pkcs11_uri(private_path):
+            keypair = cls.from_pkcs11(
+                os.fspath(private_path), allow_insecure_permissions=allow_insecure_permissions
+            )
+            if public_path is not None:
+                keypair._check_or_write_public(private_path, public_path)
+            return keypair
         if isinstance(bits, bool) or bits not in _ckeys.RSA_KEY_SIZES:
             sizes = ", ".join(str(b) for b in _ckeys.RSA_KEY_SIZES)
             raise KeyManagementError(f"cannot generate a {bits}-bit RSA key: choose one of {sizes}")
@@ -326,6 +367,10 @@ class KeyPair:
 
     def __repr__(self) -> str:
         return f"<KeyPair rsa-{self.key_size} {self._fingerprint}>"
+
+
+def _is_pkcs11_uri(value: object) -> bool:
+    return isinstance(value, str) and value[:7].lower() == "pkcs11:"
 
 
 # ---------------------------------------------------------------------------
@@ -558,9 +603,9 @@ def _read_file(path: StrPath, what: str, limit: int = _MAX_KEY_FILE_SIZE) -> byt
 _EXPOSED = stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH
 
 
-def _check_permissions(path: StrPath, allow: bool) -> None:
-    """Refuse (or, with ``allow``, warn about) a private key file that others
-    may read or anyone but its owner may write."""
+def _check_permissions(path: StrPath, allow: bool, what: str = "private key") -> None:
+    """Refuse (or, with ``allow``, warn about) a private key file (or another
+    secret: ``what``) that others may read or anyone but its owner may write."""
     if os.name != "posix":
         return
     try:
@@ -577,8 +622,8 @@ def _check_permissions(path: StrPath, allow: bool) -> None:
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         who.append("writable by " + ("every user" if mode & stat.S_IWOTH else "its group"))
     text = (
-        f"private key file {_show(path)} is {' and '.join(who)} (mode "
-        f"{stat.S_IMODE(mode):04o}): others could read or replace the key"
+        f"{what} file {_show(path)} is {' and '.join(who)} (mode "
+        f"{stat.S_IMODE(mode):04o}): others could read or replace it"
     )
     if allow:
         logger.warning("%s; loading it anyway (insecure key permissions allowed)", text)

@@ -60,11 +60,9 @@ def rsa_key_problem(key: AnyRSAKey) -> Optional[str]:
     modulus outside MIN..MAX_RSA_BITS, an even modulus, or a public exponent
     that is even, below 3 or above MAX_RSA_EXPONENT (such keys either fail at
     first use or cost far more than they should)."""
-    numbers = (
-        key.public_numbers()
-        if isinstance(key, rsa.RSAPublicKey)
-        else key.private_numbers().public_numbers
-    )
+    # (a private key's public half: a key in a token has no private numbers)
+    public = key if isinstance(key, rsa.RSAPublicKey) else key.public_key()
+    numbers = public.public_numbers()
     if not MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS:
         return f"has {key.key_size} bits; callcp accepts {MIN_RSA_BITS} to {MAX_RSA_BITS}"
     if numbers.n % 2 == 0:

@@ -114,6 +114,14 @@ class ShareKeeper:
         if share is None or now >= share.created + self.lifetime - ahead:
             self._renew(now)
 
+    def still_valid(self, now: float) -> Optional[SignedShare]:
+        """The current share if a handshake started now would end before it
+        expires (a new one could not be made), else None."""
+        share = self._share
+        if share is None or now < share.created or now + self.grace >= share.expiry:
+            return None
+        return share
+
     def forget(self) -> None:
         """(the server stopped) Let go of the current share's private key."""
         self._share = None
