@@ -309,8 +309,8 @@ def _client_options() -> _Parser:
     p.add_argument(
         "--client-key",
         metavar="PATH",
-        help="authenticate with this RSA private key (PEM), for servers started with "
-        f"--authorized-keys (passphrase: ${PASSPHRASE_ENV})",
+        help="authenticate with this RSA private key (PEM, or a pkcs11: URI), for servers "
+        f"started with --authorized-keys (passphrase: ${PASSPHRASE_ENV})",
     )
     p.add_argument(
         "--insecure-key-permissions",
@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key",
         metavar="PATH",
-        help=f"server private key, generated there on first run (default: {DEFAULT_SERVER_KEY})",
+        help=f"server private key, generated there on first run (default: {DEFAULT_SERVER_KEY}), "
+        "or a pkcs11: URI naming a key in a PKCS#11 token",
     )
     p.add_argument(
         "--next-key",
@@ -526,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         "not a verification: compare it with `callcp fingerprint` run on the server\n"
         "(or obtained over another trusted channel) before pinning it.",
     )
-    p.add_argument("path", metavar="PATH", nargs="?", help="a PEM key file")
+    p.add_argument("path", metavar="PATH", nargs="?", help="a PEM key file, or a pkcs11: URI")
     p.add_argument(
         "--remote",
         nargs=2,
