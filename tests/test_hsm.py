@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -522,3 +523,38 @@ def test_a_failing_token_fails_connections_not_the_server(
         assert "Traceback" not in logged
     finally:
         adapter.close()
+
+
+def test_the_softhsm2_walkthrough_in_the_docs_works(tmp_path: Path) -> None:
+    """docs/hsm.md's "Try it with SoftHSM2", run as written (the package
+    install aside; the server on a free port, stopped once it listens): it
+    prints what the page shows, but for the slot number, the key's id, the
+    fingerprint and the port, and the server presents the key ``keygen
+    --pkcs11`` made."""
+    page = (Path(__file__).parent.parent / "docs" / "hsm.md").read_text()
+    block = page.split("## Try it with SoftHSM2", 1)[1].split("```", 2)[1]
+    commands = [line[2:] for line in block.splitlines() if line.startswith("$ ")]
+    shown = [line for line in block.splitlines()[1:] if line and not line.startswith("$ ")]
+    assert commands[0] == "sudo apt-get install softhsm2"
+    *setup, serve = commands[1:]
+    assert serve.startswith("callcp serve --key ")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CALLCP_", "SOFTHSM2_"))}
+    env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    script = "set -e\n" + "\n".join(setup) + f"\nexec {serve} --port 0\n"
+    server = subprocess.Popen(
+        ["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        said = [server.stdout.readline().rstrip("\n") for _ in shown]
+    finally:
+        server.terminate()
+        _, errors = server.communicate(timeout=30)
+    varying = re.compile(r"slot \d+|id=\S+|SHA256:[A-Za-z0-9+/]{43}|127\.0\.0\.1:\d+")
+    assert [varying.sub("*", line) for line in said] == [
+        varying.sub("*", line) for line in shown
+    ], (said, errors)
+    fingerprint = said[-2].split()[-1]
+    assert said[-1].endswith(f"(server key {fingerprint})")
