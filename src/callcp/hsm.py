@@ -981,10 +981,7 @@ def generate_key(
         raise KeyManagementError(
             "name the new key: add object=LABEL to the PKCS#11 URI (and optionally id=)"
         )
-    label = parsed.object
-    key_id = parsed.id if parsed.id is not None else os.urandom(8)
-    parsed = replace(parsed, id=key_id)
-    p11 = _binding()
+    parsed = replace(parsed, id=parsed.id if parsed.id is not None else os.urandom(8))
     pin = _read_pin(parsed, allow_insecure_permissions)
     if pin is None:
         raise KeyManagementError(
@@ -992,6 +989,16 @@ def generate_key(
             f"to the URI or set ${PIN_ENV}"
         )
     path = _module_path(parsed)
+    with _library_lock(path):
+        _generate_in_token(parsed, pin, path, bits)
+    return Pkcs11Key(str(parsed), allow_insecure_permissions=allow_insecure_permissions)
+
+
+def _generate_in_token(parsed: Pkcs11Uri, pin: str, path: str, bits: int) -> None:
+    """(under the library's lock) :func:`generate_key`'s work in the token."""
+    p11 = _binding()
+    label, key_id = parsed.object, parsed.id
+    assert label is not None and key_id is not None
     lib = _load_library(path)
     token = _find_token(lib, parsed, path)
     where = f"PKCS#11 token {_shown(token.label)}"
@@ -1015,17 +1022,13 @@ def generate_key(
                     f"{where} already holds a private key with {named}; callcp never "
                     "replaces a key in a token: choose another object= (or id=)"
                 )
-        common = {
-            p11.Attribute.TOKEN: True,
-            p11.Attribute.LABEL: parsed.object,
-            p11.Attribute.ID: parsed.id,
-        }
+        common = {p11.Attribute.TOKEN: True, p11.Attribute.LABEL: label, p11.Attribute.ID: key_id}
         session.generate_keypair(
             p11.KeyType.RSA,
             bits,
             store=True,
-            label=parsed.object,
-            id=parsed.id,
+            label=label,
+            id=key_id,
             public_template={
                 **common,
                 p11.Attribute.PUBLIC_EXPONENT: (65537).to_bytes(3, "big"),
@@ -1053,4 +1056,3 @@ def generate_key(
             session.close()
         except p11.PKCS11Error:
             pass
-    return Pkcs11Key(str(parsed), allow_insecure_permissions=allow_insecure_permissions)
