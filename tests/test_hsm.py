@@ -34,6 +34,7 @@ from callcp.keys import load_public_key
 from tests.adapters import FLAVOURS, Adapter, Echo
 from tests.cli_support import CliServer, Result, err, out
 from tests.hsm_support import OTHER_LABEL, PIN, SoftHsm
+from tests.sock_support import wait_until
 
 OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
@@ -76,6 +77,11 @@ def test_uri_attributes_and_round_trip() -> None:
         ("pkcs11:object=a?module-path=lib.so", "module-path must be absolute"),
         ("pkcs11:object=a?module-name=../x", "not a path"),
         ("pkcs11:slot-id=x1", "slot-id must be a number"),
+        ("pkcs11:slot-id=%C2%B2", "slot-id must be a number"),
+        ("pkcs11:slot-id=%D9%A3", "slot-id must be a number"),
+        ("pkcs11:object=", "object is empty"),
+        ("pkcs11:object=a;id=", "id is empty"),
+        ("pkcs11:token=;object=a", "token is empty"),
         ("pkcs11:object=%ff%fe", "not UTF-8"),
         ("pkcs11:object=a%0ab", "control character"),
         ("pkcs11:object=a b", "space or control character"),
@@ -294,6 +300,90 @@ def test_a_pin_file_others_can_read_is_refused(
     assert "loading it anyway" in caplog.text and PIN not in caplog.text
 
 
+def test_pin_file_paths_must_be_absolute(softhsm: SoftHsm) -> None:
+    base = softhsm.uri("server", pin=False)
+    for source in ("file:pin", "./pin", "file:../pin", "pin"):
+        with pytest.raises(KeyManagementError, match="absolute path|must be file:/path"):
+            Pkcs11Key(f"{base}&pin-source={source}")
+
+
+def test_one_process_one_pin_per_token(softhsm: SoftHsm, tmp_path: Path) -> None:
+    """A login is the whole process's: a second key of the token with
+    another PIN is refused rather than let in on the first key's login; a
+    PIN the token refused is not tried again (tokens lock after a few)."""
+    Pkcs11Key(softhsm.uri("server"))  # (this process is logged in)
+    other = tmp_path / "other-pin"
+    other.write_text("1111\n")
+    other.chmod(0o600)
+    with pytest.raises(KeyManagementError, match="logged in to PKCS#11 token .* with another PIN"):
+        Pkcs11Key(softhsm.uri("server", pin=False) + f"&pin-source=file:{other}")
+    code = (
+        "import sys, callcp\n"
+        "for attempt in (1, 2):\n"
+        "    try:\n"
+        "        callcp.KeyPair.load(sys.argv[1])\n"
+        "    except callcp.KeyManagementError as exc:\n"
+        "        print(exc)\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            softhsm.uri("server", pin=False) + f"&pin-source=file:{other}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    first, second = done.stdout.splitlines()
+    assert "refused the PIN" in first and "refused this PIN before; it is not tried again" in second
+
+
+def destroy_in_token(key: Pkcs11Key, label: str) -> None:
+    """Delete the private key ``label`` in the key's token, on an rw session
+    of this (logged-in) process, as an administrator's tool would."""
+    import pkcs11
+
+    from callcp import hsm
+
+    path = key._session._path
+    with hsm._library_lock(path):
+        session = key._session._token.open(rw=True)
+        try:
+            attrs = {
+                pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY,
+                pkcs11.Attribute.LABEL: label,
+            }
+            for found in session.get_objects(attrs):
+                found.destroy()
+        finally:
+            session.close()
+
+
+def test_a_key_replaced_in_the_token_is_not_used(softhsm: SoftHsm) -> None:
+    """The key deleted and another made under its label: after the lost
+    handle, the key is looked up again and refused for its different
+    modulus, and operations fail fast (one reconnection per RECONNECT_BACKOFF)."""
+    from callcp import hsm
+
+    generate_key(softhsm.uri("doomed"))
+    key = Pkcs11Key(softhsm.uri("doomed"))
+    ciphertext = key.public_key().encrypt(b"k" * 32, OAEP)
+    assert key.decrypt(ciphertext, OAEP) == b"k" * 32
+    destroy_in_token(key, "doomed")  # (the key, deleted in the token by someone else)
+    generate_key(softhsm.uri("doomed"))  # (another key under its label)
+    with pytest.raises(KeyManagementError, match="no longer the key this process loaded"):
+        key.sign(b"x", PSS, hashes.SHA256())
+    connects: List[int] = []
+    real = key._session._connect
+    key._session._connect = lambda: (connects.append(1), real())[1]  # type: ignore[method-assign]
+    for _ in range(20):
+        with pytest.raises(ValueError, match="Decryption failed"):
+            key.decrypt(ciphertext, OAEP)
+    assert len(connects) <= 1 < hsm.RECONNECT_BACKOFF * 1000
+
+
 def test_missing_token_key_and_library(softhsm: SoftHsm) -> None:
     pin = f"pin-source=file:{softhsm.pin_file}"
     with pytest.raises(
@@ -355,6 +445,7 @@ def test_many_threads_share_the_token(server_pair: KeyPair) -> None:
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck"
     assert not failures, failures
 
 
@@ -369,6 +460,56 @@ def test_a_lost_session_is_replaced(softhsm: SoftHsm, caplog: pytest.LogCaptureF
         signature = key.sign(b"after", PSS, hashes.SHA256())
     key.public_key().verify(signature, b"after", PSS, hashes.SHA256())
     assert "opening a new session" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
+def test_a_failed_reconnection_in_a_child_keeps_nothing_of_the_parent(
+    server_pair: KeyPair, client_pair: KeyPair
+) -> None:
+    """In a forked worker, one key's first reconnection fails once; later
+    it reconnects and signs with ITS key (the parent's session handles,
+    which the child's library may have given to another key, are never
+    used)."""
+    from callcp import hsm
+
+    server, client = server_pair.private_key, client_pair.private_key
+    assert isinstance(server, Pkcs11Key) and isinstance(client, Pkcs11Key)
+    server.sign(b"p", PSS, hashes.SHA256())
+    client.sign(b"p", PSS, hashes.SHA256())
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            hsm.RECONNECT_BACKOFF = 0.0
+            real = hsm._find_token
+            failed: List[int] = []
+
+            def flaky(*args: Any) -> Any:
+                if not failed:
+                    failed.append(1)
+                    raise KeyManagementError("the token is not there yet")
+                return real(*args)
+
+            hsm._find_token = flaky
+            try:
+                client.sign(b"c", PSS, hashes.SHA256())
+                said = b"no failure"
+            except KeyManagementError:
+                server.sign(b"s", PSS, hashes.SHA256())  # (the server key reconnects first)
+                for _ in range(3):
+                    signature = client.sign(b"c", PSS, hashes.SHA256())
+                    client.public_key().verify(signature, b"c", PSS, hashes.SHA256())
+                said = b"ok"
+            os.write(write, said)
+        except BaseException as exc:
+            os.write(write, repr(exc).encode()[:500])
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        said = pipe.read()
+    os.waitpid(pid, 0)
+    assert said == b"ok"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
@@ -474,22 +615,32 @@ def test_cli_keygen_serve_and_send_with_token_keys(
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_a_failing_token_fails_connections_not_the_server(
-    flavour: str, softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch
+    flavour: str,
+    softhsm: SoftHsm,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The token fails (a device error) when the server signs its share:
-    that connection is refused (retryable) and logged, and the next one is
-    served; it fails a handshake's decryption: that handshake fails, and
-    the next one is served."""
+    """The token fails (a device error) in a handshake's decryption: that
+    handshake fails exactly as one with a bad ciphertext does (no oracle:
+    the implicit rejection), the failure is logged, the next client is
+    served.  It fails when the server signs its share: connections are
+    refused (retryable), the token is asked again only after KEY_RETRY, and
+    once it works again clients are served."""
     import pkcs11
 
+    from callcp import _engine
+
+    monkeypatch.setattr(_engine, "KEY_RETRY", 0.2)
     pair = KeyPair.load(softhsm.uri("server"))
     key = pair.private_key
     assert isinstance(key, Pkcs11Key)
     real = key._session.run
     broken = threading.Event()
+    calls: List[int] = []
 
     def failing(operation: Callable[[Any], Any]) -> Any:
         if broken.is_set():
+            calls.append(1)
             raise pkcs11.DeviceError()
         return real(operation)
 
@@ -498,28 +649,40 @@ def test_a_failing_token_fails_connections_not_the_server(
     try:
         srv = adapter.serve(Echo(prefix=b"ok:"), ticket_lifetime=0)  # (full handshakes)
 
-        def request(message: bytes) -> bytes:
-            with adapter.connect(srv.port, server_fingerprint=srv.fingerprint) as conn:
+        def request(message: bytes, **options: Any) -> bytes:
+            with adapter.connect(srv.port, server_fingerprint=srv.fingerprint, **options) as conn:
                 reply: bytes = conn.request(message)
                 return reply
 
         assert request(b"first") == b"ok:first"  # (its share signed)
         broken.set()  # (the next full handshake's decryption fails)
-        with pytest.raises(callcp.CallcpError):
+        with (
+            caplog.at_level(logging.WARNING, logger="callcp.hsm"),
+            pytest.raises(callcp.CallcpError),
+        ):
             request(b"second")
+        assert "failed to decrypt: DeviceError" in caplog.text
+        assert srv.log is not None
+        assert wait_until(  # (as with a bad ciphertext)
+            lambda: bool(srv.log.about("the two sides derived different keys"))
+        ), srv.log.messages()
         broken.clear()
         assert request(b"third") == b"ok:third"
+
         broken.set()
+        calls.clear()
         srv.server._core.shares.forget()  # (as when the share is due: a new one to sign)
-        with pytest.raises(callcp.HandshakeAborted) as refused:
-            request(b"fourth")
-        assert refused.value.retryable
+        for _ in range(5):
+            with pytest.raises(callcp.HandshakeAborted) as refused:
+                request(b"refused")
+            assert refused.value.retryable
+        assert 1 <= len(calls) <= 3  # (not one token call per refused connection)
         broken.clear()
-        assert request(b"fifth") == b"ok:fifth"
+        again = callcp.Retry(attempts=20, backoff=0.05, max_backoff=0.1)
+        assert request(b"fifth", retry=again) == b"ok:fifth"
         logged = "\n".join(srv.log.messages()) if srv.log is not None else ""
         assert "the server key cannot sign a share: key object='server'" in logged, logged
         assert "refused 127.0.0.1" in logged and "the server key is unavailable" in logged
-        assert "failed to decrypt: DeviceError" in logged, logged
         assert "Traceback" not in logged
     finally:
         adapter.close()

@@ -109,6 +109,10 @@ HandshakeStep = Union[NeedData, DecryptionRequested, None]
 
 SHUTTING_DOWN = "server shutting down"
 PEER_LEFT = "the peer closed the connection before its key exchange"
+#: Seconds a server whose key failed to sign a share waits before asking it
+#: again (a PKCS#11 token failing): meanwhile connections are refused at no
+#: cost to the token.
+KEY_RETRY = 1.0
 
 
 def _going_away() -> ConnectionClosedOK:
@@ -1339,6 +1343,7 @@ class ServerCore:
             else None
         )
         self._spare: Optional[Tuple[Engine, SignedShare]] = None
+        self._key_retry_at = 0.0  # (monotonic) the key failed: not asked again before
 
     @property
     def fingerprint(self) -> str:
@@ -1354,10 +1359,11 @@ class ServerCore:
         if self.stopping:
             return
         now = time.time()
-        try:
-            self.shares.refresh(now)
-        except KeyManagementError as exc:
-            self._key_failed(exc)
+        if time.monotonic() >= self._key_retry_at:
+            try:
+                self.shares.refresh(now)
+            except KeyManagementError as exc:
+                self._key_failed(exc)
         share = self._current_share(now)
         if share is None:
             return
@@ -1368,7 +1374,11 @@ class ServerCore:
         """The share for a ServerHello now.  When the server key cannot sign
         a new one (a PKCS#11 token failing), the last one while it is still
         valid for a whole handshake, else None: connections are then refused
-        (retryable) until the key signs again."""
+        (retryable) until the key signs again.  After a failure the key is
+        not asked again for KEY_RETRY seconds (a refused connection costs no
+        token call)."""
+        if time.monotonic() < self._key_retry_at:
+            return self.shares.still_valid(now)
         try:
             return self.shares.current(now)
         except KeyManagementError as exc:
@@ -1376,6 +1386,7 @@ class ServerCore:
             return self.shares.still_valid(now)
 
     def _key_failed(self, exc: KeyManagementError) -> None:
+        self._key_retry_at = time.monotonic() + KEY_RETRY
         self.notices.note(
             "the server key failed", "server key", "the server key cannot sign a share: %s", exc
         )

@@ -57,8 +57,9 @@ import os
 import platform
 import sysconfig
 import threading
+import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Optional, Set, Tuple, TypeVar
 from urllib.parse import quote, unquote_to_bytes
 
 from cryptography.exceptions import UnsupportedAlgorithm, _Reasons
@@ -192,6 +193,8 @@ class Pkcs11Uri:
         for name, encoded in values.items():
             key = name.replace("-", "_")
             if name == "id":
+                if not encoded:
+                    raise KeyManagementError("the PKCS#11 URI attribute id is empty")
                 fields[key] = encoded
                 continue
             try:
@@ -204,8 +207,12 @@ class Pkcs11Uri:
                 raise KeyManagementError(
                     f"the PKCS#11 URI attribute {name} holds a control character"
                 )
+            if not value:
+                raise KeyManagementError(
+                    f"the PKCS#11 URI attribute {name} is empty (leave it out instead)"
+                )
             if name == "slot-id":
-                if not value.isdigit() or len(value) > 20:
+                if not (value.isascii() and value.isdigit()) or len(value) > 20:
                     raise KeyManagementError(
                         f"the PKCS#11 URI's slot-id must be a number, not {_shown(value)}"
                     )
@@ -273,7 +280,12 @@ def _binding() -> Any:
 
 
 def _module_path(uri: Pkcs11Uri) -> str:
-    """The PKCS#11 library to load (see the module's documentation)."""
+    """The PKCS#11 library to load (see the module's documentation), as a
+    real path: one library reached by two paths is loaded, and locked, once."""
+    return os.path.realpath(_find_module(uri))
+
+
+def _find_module(uri: Pkcs11Uri) -> str:
     if uri.module_path is not None:
         if not os.path.isfile(uri.module_path):
             raise KeyManagementError(f"no PKCS#11 library at {_shown(uri.module_path)}")
@@ -327,17 +339,21 @@ def _read_pin(uri: Pkcs11Uri, allow_insecure_permissions: bool) -> Optional[str]
                     f"the PKCS#11 PIN source {_shown(source)} is not a local file"
                 )
             path = "/" + rest
-    elif source.startswith(("/", "./", "~")):
+    elif source.startswith(("/", "~/")):
         path = source
     else:
         raise KeyManagementError(
             f"the PKCS#11 URI's pin-source must be file:/path or env:NAME, not {_shown(source)}"
         )
-    from .keys import _check_permissions, _read_file
+    from .keys import _read_private
 
-    path = os.path.expanduser(path)
-    _check_permissions(path, allow_insecure_permissions, "PKCS#11 PIN")
-    data = _read_file(path, "PKCS#11 PIN", _MAX_PIN_FILE)
+    if path.startswith("~/"):
+        path = os.path.expanduser(path)
+    if not os.path.isabs(path):
+        raise KeyManagementError(
+            f"the PKCS#11 URI's PIN file must be an absolute path (file:/path), not {_shown(path)}"
+        )
+    data = _read_private(path, "PKCS#11 PIN", allow_insecure_permissions, _MAX_PIN_FILE)
     try:
         pin = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -461,67 +477,154 @@ _SESSION_GONE = (
 _BAD_CIPHERTEXT = ("EncryptedDataInvalid", "EncryptedDataLenRange", "DataInvalid", "DataLenRange")
 
 
+class _Login:
+    """This process's login to one token: the session that logged in (kept
+    open: closing a logged-in session logs every session of the process
+    out) and a digest of the PIN it used."""
+
+    __slots__ = ("pid", "pin_digest", "holder")
+
+    def __init__(self, pin_digest: bytes, holder: Any) -> None:
+        self.pid, self.pin_digest, self.holder = os.getpid(), pin_digest, holder
+
+
+#: (library path, slot id) -> this process's login to that token.
+_logins: Dict[Tuple[str, int], _Login] = {}
+#: (library path, slot id, PIN digest): PINs a token refused; never tried
+#: again by this process (a token locks after a few wrong PINs).
+_refused_pins: Set[Tuple[str, int, bytes]] = set()
+#: After a key failed to reconnect, its next attempt waits this long
+#: (operations fail at once meanwhile: no token call per handshake).
+RECONNECT_BACKOFF = 1.0
+#: A token that fails decryptions is logged at most once per this many seconds.
+FAILURE_LOG_INTERVAL = 10.0
+#: Errors after which the token has probably forgotten the login.
+_LOGIN_GONE = (
+    "UserNotLoggedIn",
+    "SessionHandleInvalid",
+    "SessionClosed",
+    "DeviceRemoved",
+    "TokenNotPresent",
+)
+
+
+def _pin_digest(pin: Optional[str]) -> bytes:
+    return b"" if pin is None else hashlib.sha256(b"callcp pkcs11 pin\0" + pin.encode()).digest()
+
+
+def _log_in(path: str, token: Any, pin: Optional[str]) -> None:
+    """(under the library's lock) Log this process in to the token with
+    ``pin``, unless it is logged in already (with the same PIN: another one
+    is refused).  A refused PIN is never tried again by this process."""
+    p11 = _binding()
+    digest = _pin_digest(pin)
+    where = (path, token.slot.slot_id)
+    login = _logins.get(where)
+    if login is not None and login.pid == os.getpid():
+        if pin is not None and not hmac.compare_digest(login.pin_digest, digest):
+            raise KeyManagementError(
+                f"this process is logged in to PKCS#11 token {_shown(token.label)} with "
+                "another PIN; one process uses one PIN per token"
+            )
+        return
+    if pin is None:
+        return  # (no login: public objects only)
+    if (*where, digest) in _refused_pins:
+        raise KeyManagementError(
+            f"the PKCS#11 token {_shown(token.label)} refused this PIN before; it is not "
+            "tried again (too many wrong PINs lock the token): fix it and restart"
+        )
+    try:
+        try:
+            holder = token.open(user_pin=pin)
+        except p11.UserAlreadyLoggedIn:  # (logged in by other code of this process)
+            holder = token.open()
+    except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange) as exc:
+        _refused_pins.add((*where, digest))
+        raise KeyManagementError(
+            f"the PKCS#11 token {_shown(token.label)} refused the PIN "
+            f"({type(exc).__name__}; too many wrong PINs lock the token)"
+        ) from None
+    except p11.PinLocked:
+        raise KeyManagementError(
+            f"the PKCS#11 token {_shown(token.label)} is locked (too many wrong PINs): "
+            "its security officer must reset the user PIN"
+        ) from None
+    except p11.PKCS11Error as exc:
+        raise KeyManagementError(
+            f"cannot log in to PKCS#11 token {_shown(token.label)}: {_failure(exc)}"
+        ) from None
+    _logins[where] = _Login(digest, holder)
+
+
 class _Session:
-    """A key's session with its token, logged in, and the key's handle.
+    """A key's session with its token and the key's handle in it.
 
     python-pkcs11 initialises a library without ``CKF_OS_LOCKING_OK``, and
     PKCS#11 then lets no two threads call into it at once (SoftHSM2 crashes
     if they do): every call goes through :func:`_library_lock`, one lock per
     library per process, so one session per key is all a process can use.
     (``workers=N`` processes each have their own library state, sessions
-    and lock.)"""
+    and lock.)  A login belongs to the whole process: :class:`_Login`
+    records it once per token, and a key whose PIN differs from the one
+    that logged in is refused.
+    """
 
     def __init__(self, uri: Pkcs11Uri, pin: Optional[str]) -> None:
-        self.uri, self._pin = uri, pin
+        self.uri, self._pin, self._digest = uri, pin, _pin_digest(pin)
         self._path = _module_path(uri)
-        self._pid = -1  # the process whose session this is
+        self._pid = -1  # the process whose session this is (set once it works)
         self._session: Any = None
         self._key: Any = None
         self._token: Any = None
+        self._token_pid = -1
+        self._retry_at = 0.0
         self.token_label = ""
+        #: (modulus, exponent) of the key, once known: a key found again
+        #: after a lost session must be the same key.
+        self.expected: Optional[Tuple[bytes, bytes]] = None
         with _library_lock(self._path):  # (here: a bad URI or PIN fails at load)
             self._connect()
 
     def _connect(self) -> None:
-        """(under the library's lock) This process's library, token, logged-in
-        session and key handle: at load, after a fork, after a lost session."""
+        """(under the library's lock) This process's library, token, login,
+        session and key handle: at load, after a fork, after a lost session.
+        Nothing of an earlier session is kept if this fails."""
         p11 = _binding()
-        if self._pid != os.getpid():
+        self._session = self._key = None
+        if self._token_pid != os.getpid():
             lib = _load_library(self._path)
             self._token = _find_token(lib, self.uri, self._path)
             self.token_label = self._token.label
-            self._pid = os.getpid()
+            self._token_pid = os.getpid()
         token = self._token
+        _log_in(self._path, token, self._pin)
         try:
-            if self._pin is None:
-                session = token.open()
-            else:
-                try:
-                    session = token.open(user_pin=self._pin)
-                except p11.UserAlreadyLoggedIn:  # (a login is the whole process's)
-                    session = token.open()
-        except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange) as exc:
-            raise KeyManagementError(
-                f"the PKCS#11 token {_shown(token.label)} refused the PIN "
-                f"({type(exc).__name__}; too many wrong PINs lock the token)"
-            ) from None
-        except p11.PinLocked:
-            raise KeyManagementError(
-                f"the PKCS#11 token {_shown(token.label)} is locked (too many wrong PINs): "
-                "its security officer must reset the user PIN"
-            ) from None
+            session = token.open()  # (logged in: the login is the process's)
         except p11.PKCS11Error as exc:
             raise KeyManagementError(
                 f"cannot open a session with PKCS#11 token {_shown(token.label)}: {_failure(exc)}"
             ) from None
-        self._key = self._find_key(session)
-        self._session = session
+        try:
+            key = self._find_key(session)
+        except BaseException:
+            _close(session)
+            raise
+        self._session, self._key, self._pid = session, key, os.getpid()
 
     def _find_key(self, session: Any) -> Any:
         p11 = _binding()
         what = f"{self.uri.key_name} in PKCS#11 token {_shown(self.token_label)}"
         try:
             found = list(session.get_objects(_key_template(self.uri, p11.ObjectClass.PRIVATE_KEY)))
+            if len(found) == 1 and self.expected is not None:
+                key = found[0]
+                numbers = (key[p11.Attribute.MODULUS], key[p11.Attribute.PUBLIC_EXPONENT])
+                if numbers != self.expected:
+                    raise KeyManagementError(
+                        f"the key {what} is no longer the key this process loaded (it was "
+                        "replaced in the token): restart with the new key"
+                    )
         except p11.PKCS11Error as exc:
             raise KeyManagementError(f"cannot search {what}: {_failure(exc)}") from None
         if len(found) == 1:
@@ -538,6 +641,30 @@ class _Session:
             f"{len(found)} RSA private keys match {what}: name one with object= and id="
         )
 
+    def _reconnect(self) -> None:
+        """(under the library's lock) :meth:`_connect`, at most once per
+        :data:`RECONNECT_BACKOFF` while it fails."""
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise KeyManagementError(
+                f"the key {self.uri.key_name} in PKCS#11 token {_shown(self.token_label)} is "
+                "unavailable (its last reconnection failed; retrying shortly)"
+            )
+        try:
+            self._connect()
+        except KeyManagementError:
+            self._retry_at = time.monotonic() + RECONNECT_BACKOFF
+            raise
+        self._retry_at = 0.0
+
+    def _drop(self, failure: str) -> None:
+        """(under the library's lock) Let go of a session that failed."""
+        if self._session is not None:
+            _close(self._session)  # (not logged in itself: no logout)
+        self._session = self._key = None
+        if failure in _LOGIN_GONE and self._token is not None:
+            _logins.pop((self._path, self._token.slot.slot_id), None)
+
     def run(self, operation: Callable[[Any], T]) -> T:
         """``operation(key)`` under the library's lock.  A session whose
         handle or login is gone (the token restarted, say) is replaced, and
@@ -545,27 +672,39 @@ class _Session:
 
         Raises:
             PKCS11Error: the token failed the operation (the caller maps it).
-            KeyManagementError: a new session could not be opened.
+            KeyManagementError: no session could be opened.
         """
         p11 = _binding()
         with _library_lock(self._path):
             if self._pid != os.getpid() or self._session is None:
-                self._connect()  # (forked: nothing of the parent's is this process's)
+                self._reconnect()  # (forked: nothing of the parent's is this process's)
             try:
                 return operation(self._key)
             except p11.PKCS11Error as exc:
-                if type(exc).__name__ not in _SESSION_GONE:
+                failure = type(exc).__name__
+                if failure not in _SESSION_GONE:
                     raise
                 logger.warning(
                     "PKCS#11 token %s: %s; opening a new session",
                     printable(self.token_label),
                     _failure(exc),
                 )
-            # (the old session is dropped, not closed: closing a logged-in
-            # session would log every session of this process out)
-            self._session = None
-            self._connect()
-            return operation(self._key)
+            self._drop(failure)
+            self._reconnect()
+            try:
+                return operation(self._key)
+            except p11.PKCS11Error as exc:
+                if type(exc).__name__ in _SESSION_GONE:
+                    self._drop(type(exc).__name__)
+                raise
+
+
+def _close(session: Any) -> None:
+    """Close a session that did not log in (so no logout)."""
+    try:
+        session.close()
+    except Exception:  # noqa: S110 - (a session already gone)
+        pass
 
 
 _library_locks: Dict[str, threading.RLock] = {}
@@ -587,6 +726,7 @@ def _after_fork_in_child() -> None:
     _library_locks_lock = threading.Lock()
     _initialised_lock = threading.Lock()
     _library_locks.clear()
+    _logins.clear()  # (the parent's logins: gone with its library state)
 
 
 if hasattr(os, "register_at_fork"):
@@ -631,6 +771,8 @@ class Pkcs11Key(rsa.RSAPrivateKey):
         self._public = self._read_public()
         self._size = self._public.key_size
         self._modulus = self._public.public_numbers().n
+        self._failures_lock = threading.Lock()
+        self._failures, self._failure_logged = 0, -FAILURE_LOG_INTERVAL
         self.oaep_in_token = True
         self._self_test()
 
@@ -660,6 +802,7 @@ class Pkcs11Key(rsa.RSAPrivateKey):
 
         try:
             modulus, exponent = self._session.run(read)
+            self._session.expected = (modulus, exponent)
         except p11.PKCS11Error as exc:
             raise KeyManagementError(
                 f"cannot read the public half of {self._where()}: {_failure(exc)}"
@@ -703,7 +846,7 @@ class Pkcs11Key(rsa.RSAPrivateKey):
             ) from None
         if native is None:
             try:
-                plain = self.decrypt(ciphertext, oaep)
+                plain = self._decrypt(ciphertext, "sha256")
             except Exception as exc:
                 raise KeyManagementError(
                     f"{self._where()} can do neither RSA-OAEP with SHA-256 nor raw RSA "
@@ -779,29 +922,27 @@ class Pkcs11Key(rsa.RSAPrivateKey):
         return signature
 
     def decrypt(self, ciphertext: bytes, padding: AsymmetricPadding) -> bytes:
-        """RSA-OAEP decryption in the token.  A ciphertext that does not
-        decrypt raises ValueError, as cryptography's keys do.
+        """RSA-OAEP decryption in the token.  Every failure is ValueError,
+        as with cryptography's keys, whatever the token said: a peer that
+        sends ciphertexts learns nothing from how one fails (the handshake
+        turns any failure into its implicit rejection).  A failure of the
+        token itself (not a bad ciphertext) is logged, at most once every
+        :data:`FAILURE_LOG_INTERVAL` seconds.
 
         Raises:
             ValueError: decryption failed.
             UnsupportedAlgorithm: not OAEP with MGF1 over its hash, with no label.
-            KeyManagementError: the token failed.
         """
+        name = _oaep_hash(padding)
+        try:
+            return self._decrypt(ciphertext, name)
+        except KeyManagementError as exc:
+            self._note_failure(exc)
+            raise ValueError("Decryption failed") from None
+
+    def _decrypt(self, ciphertext: bytes, name: str) -> bytes:
+        """:meth:`decrypt`, a token's own failure raised as KeyManagementError."""
         p11 = self._p11
-        if not isinstance(padding, _OAEP):
-            raise UnsupportedAlgorithm(
-                f"a PKCS#11 key decrypts RSA-OAEP only, not {type(padding).__name__}",
-                _Reasons.UNSUPPORTED_PADDING,
-            )
-        name = getattr(getattr(padding, "_algorithm", None), "name", None)
-        mgf_name = getattr(
-            getattr(getattr(padding, "_mgf", None), "_algorithm", None), "name", None
-        )
-        if name not in _HASHES or mgf_name != name or getattr(padding, "_label", None):
-            raise UnsupportedAlgorithm(
-                "a PKCS#11 key decrypts RSA-OAEP with MGF1 over its hash and no label",
-                _Reasons.UNSUPPORTED_PADDING,
-            )
         if (
             len(ciphertext) != (self._size + 7) // 8
             or int.from_bytes(ciphertext, "big") >= self._modulus
@@ -812,10 +953,7 @@ class Pkcs11Key(rsa.RSAPrivateKey):
                 return self._run(lambda key: self._oaep_native(key, ciphertext, name))
             raw = self._run(lambda key: key.decrypt(ciphertext, mechanism=p11.Mechanism.RSA_X_509))
         except _Unsupported as exc:
-            raise UnsupportedAlgorithm(
-                f"{self._where()} cannot decrypt RSA-OAEP with {name}: {exc}",
-                _Reasons.UNSUPPORTED_PADDING,
-            ) from None
+            raise self._token_error(exc, "decrypt") from None
         except p11.PKCS11Error as exc:
             if type(exc).__name__ in _BAD_CIPHERTEXT:
                 raise ValueError("Decryption failed") from None
@@ -824,6 +962,15 @@ class Pkcs11Key(rsa.RSAPrivateKey):
         if plain is None:
             raise ValueError("Decryption failed")
         return plain
+
+    def _note_failure(self, exc: KeyManagementError) -> None:
+        now = time.monotonic()
+        with self._failures_lock:
+            self._failures += 1
+            if now < self._failure_logged + FAILURE_LOG_INTERVAL:
+                return
+            count, self._failures, self._failure_logged = self._failures, 0, now
+        logger.warning("%s (%d time(s) since the last such line)", exc, count)
 
     def _oaep_native(self, key: Any, ciphertext: bytes, name: str) -> bytes:
         p11 = self._p11
@@ -866,6 +1013,23 @@ class Pkcs11Key(rsa.RSAPrivateKey):
 
     def __repr__(self) -> str:
         return f"<Pkcs11Key rsa-{self._size} {self._where()}>"
+
+
+def _oaep_hash(pad: AsymmetricPadding) -> str:
+    """The hash name of an OAEP padding a token key decrypts, or UnsupportedAlgorithm."""
+    if not isinstance(pad, _OAEP):
+        raise UnsupportedAlgorithm(
+            f"a PKCS#11 key decrypts RSA-OAEP only, not {type(pad).__name__}",
+            _Reasons.UNSUPPORTED_PADDING,
+        )
+    name = getattr(getattr(pad, "_algorithm", None), "name", None)
+    mgf_name = getattr(getattr(getattr(pad, "_mgf", None), "_algorithm", None), "name", None)
+    if name not in _HASHES or mgf_name != name or getattr(pad, "_label", None):
+        raise UnsupportedAlgorithm(
+            "a PKCS#11 key decrypts RSA-OAEP with MGF1 over its hash and no label",
+            _Reasons.UNSUPPORTED_PADDING,
+        )
+    return str(name)
 
 
 class _Unsupported(Exception):
@@ -1002,12 +1166,11 @@ def _generate_in_token(parsed: Pkcs11Uri, pin: str, path: str, bits: int) -> Non
     lib = _load_library(path)
     token = _find_token(lib, parsed, path)
     where = f"PKCS#11 token {_shown(token.label)}"
+    _log_in(path, token, pin)
     try:
-        session = token.open(rw=True, user_pin=pin)
-    except p11.UserAlreadyLoggedIn:
-        session = token.open(rw=True)
+        session = token.open(rw=True)  # (not logging in itself: closing it logs no one out)
     except p11.PKCS11Error as exc:
-        raise KeyManagementError(f"cannot log in to {where}: {_failure(exc)}") from None
+        raise KeyManagementError(f"cannot open a session with {where}: {_failure(exc)}") from None
     try:
         for attribute, value, named in (
             (p11.Attribute.LABEL, label, f"label {_shown(label)}"),
@@ -1052,7 +1215,4 @@ def _generate_in_token(parsed: Pkcs11Uri, pin: str, path: str, bits: int) -> Non
             f"{where} could not generate a {bits}-bit RSA key: {_failure(exc)}"
         ) from None
     finally:
-        try:
-            session.close()
-        except p11.PKCS11Error:
-            pass
+        _close(session)

@@ -165,9 +165,8 @@ class KeyPair:
             return cls.from_pkcs11(
                 os.fspath(path), allow_insecure_permissions=allow_insecure_permissions
             )
-        _check_permissions(path, allow_insecure_permissions)
         pw = _resolve_password(password)
-        data = _read_file(path, "private key")
+        data = _read_private(path, "private key", allow_insecure_permissions)
         return cls._from_pem(data, pw, f"file {_show(path)}")
 
     @classmethod
@@ -576,18 +575,33 @@ def _exists(path: StrPath, what: str) -> bool:
 
 def _read_file(path: StrPath, what: str, limit: int = _MAX_KEY_FILE_SIZE) -> bytes:
     """Read a small key file; every failure is a KeyManagementError naming it."""
+    return _read(path, what, limit, None)
+
+
+def _read_private(
+    path: StrPath, what: str, allow_insecure_permissions: bool, limit: int = _MAX_KEY_FILE_SIZE
+) -> bytes:
+    """:func:`_read_file` for a secret (a private key, a PIN): its
+    permissions are checked (:func:`_check_mode`) on the file opened,
+    so what is checked is what is read."""
+    return _read(path, what, limit, allow_insecure_permissions)
+
+
+def _read(path: StrPath, what: str, limit: int, allow: Optional[bool]) -> bytes:
     try:
         # O_NONBLOCK: a FIFO put in a key file's place cannot block the open;
         # only a regular file is read.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         with open(fd, "rb") as f:
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISDIR(mode):
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
-            if not stat.S_ISREG(mode):
+            if not stat.S_ISREG(st.st_mode):
                 raise KeyManagementError(
                     f"cannot read {what} file {_show(path)}: not a regular file"
                 )
+            if allow is not None:
+                _check_mode(path, st, allow, what)
             data = f.read(limit + 1)
     except OSError as exc:
         raise KeyManagementError(f"cannot read {what} file {_show(path)}: {_cause(exc)}") from exc
@@ -603,15 +617,12 @@ def _read_file(path: StrPath, what: str, limit: int = _MAX_KEY_FILE_SIZE) -> byt
 _EXPOSED = stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH
 
 
-def _check_permissions(path: StrPath, allow: bool, what: str = "private key") -> None:
+def _check_mode(path: StrPath, st: os.stat_result, allow: bool, what: str) -> None:
     """Refuse (or, with ``allow``, warn about) a private key file (or another
-    secret: ``what``) that others may read or anyone but its owner may write."""
+    secret: ``what``) that others may read or anyone but its owner may write
+    (``st``: the opened file's ``fstat``)."""
     if os.name != "posix":
         return
-    try:
-        st = os.stat(path)
-    except OSError:
-        return  # (reading it will say why)
     mode = st.st_mode
     foreign = st.st_uid not in (os.geteuid(), 0)  # (its owner could replace it)
     if not mode & _EXPOSED and not foreign:
