@@ -721,3 +721,21 @@ def test_the_softhsm2_walkthrough_in_the_docs_works(tmp_path: Path) -> None:
     ], (said, errors)
     fingerprint = said[-2].split()[-1]
     assert said[-1].endswith(f"(server key {fingerprint})")
+
+
+def test_the_hsm_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/hsm_bench.py (the figures in docs/hsm.md), at a tiny size."""
+    script = Path(__file__).parent.parent / "benchmarks" / "hsm_bench.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CALLCP_", "SOFTHSM2_"))}
+    done = subprocess.run(
+        [sys.executable, str(script), "--reps", "1", "--seconds", "0.3", "--ops", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {line[:28].strip(): line[28:].split() for line in done.stdout.splitlines()[2:]}
+    assert set(rows) == {"RSA-PSS sign, us/op", "RSA-OAEP decrypt, us/op", "full handshakes/s"}
+    assert all(float(value) > 0 for values in rows.values() for value in values), done.stdout
