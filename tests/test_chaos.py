@@ -345,6 +345,7 @@ def test_soak(flavour: str, tmp_path: Path, server_key: rsa.RSAPrivateKey) -> No
         elapsed = time.monotonic() - began
         done.set()
         sampler.join(5)
+        rss.append(server.rss_kib())  # (at least one sample: a small run may end in 0.5 s)
     assert bad == []
     assert stats == {"messages": per_worker * connections, "duplicates": 0, "corrupted": 0}
     warm = rss[len(rss) // 5 :] or rss  # (after the first fifth: warm-up)

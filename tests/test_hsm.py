@@ -300,6 +300,33 @@ def test_a_pin_file_others_can_read_is_refused(
     assert "loading it anyway" in caplog.text and PIN not in caplog.text
 
 
+def test_a_deleted_key_costs_one_login_try(
+    softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key deleted in the token, the login alive: its reconnections find
+    it missing; the first tries the login again (and learns it is alive),
+    the later ones do not (each try would leave a session open)."""
+    from callcp import hsm
+
+    monkeypatch.setattr(hsm, "RECONNECT_BACKOFF", 0.0)
+    generate_key(softhsm.uri("gone"))
+    key = Pkcs11Key(softhsm.uri("gone"))
+    destroy_in_token(key, "gone")
+    tries: List[bool] = []
+    real = hsm._log_in
+
+    def counted(*args: Any, **kwargs: Any) -> bool:
+        login = hsm._logins.get((key._session._path, key._session._token.slot.slot_id))
+        tries.append(bool(kwargs.get("again")) and login is not None and not login.confirmed)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hsm, "_log_in", counted)
+    for _ in range(5):
+        with pytest.raises(KeyManagementError, match="no RSA private key object='gone'"):
+            key.sign(b"x", PSS, hashes.SHA256())
+    assert sum(tries) == 1, tries
+
+
 def test_pin_file_paths_must_be_absolute(softhsm: SoftHsm) -> None:
     base = softhsm.uri("server", pin=False)
     for source in ("file:pin", "./pin", "file:../pin", "pin"):
@@ -450,16 +477,32 @@ def test_many_threads_share_the_token(server_pair: KeyPair) -> None:
 
 
 def test_a_lost_session_is_replaced(softhsm: SoftHsm, caplog: pytest.LogCaptureFixture) -> None:
-    """The session closed under the key, the token's login gone with it (a
-    token restarted, say): the key logs in on a new session and the
-    operation is retried once, with a warning."""
+    """The key's session closed under it (a token restarted, say): the
+    operation is retried once on a new session, with a warning."""
     key = Pkcs11Key(softhsm.uri("server"))
     key.sign(b"warm", PSS, hashes.SHA256())
-    key._session._session.close()  # (C_Logout and C_CloseSession)
+    key._session._session.close()  # (C_CloseSession: it did not log in, so no logout)
     with caplog.at_level(logging.WARNING, logger="callcp.hsm"):
         signature = key.sign(b"after", PSS, hashes.SHA256())
     key.public_key().verify(signature, b"after", PSS, hashes.SHA256())
     assert "opening a new session" in caplog.text
+
+
+def test_a_lost_login_is_redone(softhsm: SoftHsm) -> None:
+    """The token forgot the process's login (C_Logout: SoftHSM then calls
+    the key's handle invalid): the key finds itself missing, logs in again,
+    and goes on, for every key of the token."""
+    from callcp import hsm
+
+    server = Pkcs11Key(softhsm.uri("server"))
+    client = Pkcs11Key(softhsm.uri("client"))
+    server.sign(b"warm", PSS, hashes.SHA256())
+    login = hsm._logins[(server._session._path, server._session._token.slot.slot_id)]
+    login.holder.close()  # (C_Logout, then C_CloseSession)
+    for key in (server, client, server):
+        for _ in range(2):
+            signature = key.sign(b"again", PSS, hashes.SHA256())
+            key.public_key().verify(signature, b"again", PSS, hashes.SHA256())
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")

@@ -482,10 +482,13 @@ class _Login:
     open: closing a logged-in session logs every session of the process
     out) and a digest of the PIN it used."""
 
-    __slots__ = ("pid", "pin_digest", "holder")
+    __slots__ = ("pid", "pin_digest", "holder", "confirmed")
 
     def __init__(self, pin_digest: bytes, holder: Any) -> None:
         self.pid, self.pin_digest, self.holder = os.getpid(), pin_digest, holder
+        #: The login was found alive while a key was missing: do not try
+        #: again until a key is found (each try may leave a session open).
+        self.confirmed = False
 
 
 #: (library path, slot id) -> this process's login to that token.
@@ -498,37 +501,37 @@ _refused_pins: Set[Tuple[str, int, bytes]] = set()
 RECONNECT_BACKOFF = 1.0
 #: A token that fails decryptions is logged at most once per this many seconds.
 FAILURE_LOG_INTERVAL = 10.0
-#: Errors after which the token has probably forgotten the login.
-_LOGIN_GONE = (
-    "UserNotLoggedIn",
-    "SessionHandleInvalid",
-    "SessionClosed",
-    "DeviceRemoved",
-    "TokenNotPresent",
-)
 
 
 def _pin_digest(pin: Optional[str]) -> bytes:
     return b"" if pin is None else hashlib.sha256(b"callcp pkcs11 pin\0" + pin.encode()).digest()
 
 
-def _log_in(path: str, token: Any, pin: Optional[str]) -> None:
+class _KeyNotFound(KeyManagementError):
+    """No private key matches the URI (perhaps only for want of a login)."""
+
+
+def _log_in(path: str, token: Any, pin: Optional[str], *, again: bool = False) -> bool:
     """(under the library's lock) Log this process in to the token with
     ``pin``, unless it is logged in already (with the same PIN: another one
-    is refused).  A refused PIN is never tried again by this process."""
+    is refused); True if it logged in now.  ``again``: the login may have
+    been lost (a key is not found, a call said "not logged in"): try even
+    though one was recorded, once per such episode (a token that answers
+    "already logged in" keeps the session python-pkcs11 opened for the try).
+    A refused PIN is never tried again by this process."""
     p11 = _binding()
     digest = _pin_digest(pin)
     where = (path, token.slot.slot_id)
     login = _logins.get(where)
-    if login is not None and login.pid == os.getpid():
-        if pin is not None and not hmac.compare_digest(login.pin_digest, digest):
-            raise KeyManagementError(
-                f"this process is logged in to PKCS#11 token {_shown(token.label)} with "
-                "another PIN; one process uses one PIN per token"
-            )
-        return
-    if pin is None:
-        return  # (no login: public objects only)
+    if login is not None and login.pid != os.getpid():
+        login = None
+    if login is not None and pin is not None and not hmac.compare_digest(login.pin_digest, digest):
+        raise KeyManagementError(
+            f"this process is logged in to PKCS#11 token {_shown(token.label)} with "
+            "another PIN; one process uses one PIN per token"
+        )
+    if pin is None or (login is not None and (not again or login.confirmed)):
+        return False
     if (*where, digest) in _refused_pins:
         raise KeyManagementError(
             f"the PKCS#11 token {_shown(token.label)} refused this PIN before; it is not "
@@ -537,24 +540,28 @@ def _log_in(path: str, token: Any, pin: Optional[str]) -> None:
     try:
         try:
             holder = token.open(user_pin=pin)
-        except p11.UserAlreadyLoggedIn:  # (logged in by other code of this process)
-            holder = token.open()
-    except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange) as exc:
+        except p11.UserAlreadyLoggedIn:
+            if login is not None:  # (the login is alive after all)
+                login.confirmed = True
+                return False
+            holder = token.open()  # (logged in by other code of this process)
+    except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange, p11.PinLocked) as exc:
         _refused_pins.add((*where, digest))
+        if isinstance(exc, p11.PinLocked):
+            raise KeyManagementError(
+                f"the PKCS#11 token {_shown(token.label)} is locked (too many wrong PINs): "
+                "its security officer must reset the user PIN"
+            ) from None
         raise KeyManagementError(
             f"the PKCS#11 token {_shown(token.label)} refused the PIN "
             f"({type(exc).__name__}; too many wrong PINs lock the token)"
-        ) from None
-    except p11.PinLocked:
-        raise KeyManagementError(
-            f"the PKCS#11 token {_shown(token.label)} is locked (too many wrong PINs): "
-            "its security officer must reset the user PIN"
         ) from None
     except p11.PKCS11Error as exc:
         raise KeyManagementError(
             f"cannot log in to PKCS#11 token {_shown(token.label)}: {_failure(exc)}"
         ) from None
-    _logins[where] = _Login(digest, holder)
+    _logins[where] = _Login(digest, holder)  # (an old holder is let go, never closed)
+    return True
 
 
 class _Session:
@@ -579,6 +586,8 @@ class _Session:
         self._token: Any = None
         self._token_pid = -1
         self._retry_at = 0.0
+        self._relogin = False  # (a call said "not logged in": log in again)
+        self._warned, self._unwarned = -FAILURE_LOG_INTERVAL, 0
         self.token_label = ""
         #: (modulus, exponent) of the key, once known: a key found again
         #: after a lost session must be the same key.
@@ -598,7 +607,8 @@ class _Session:
             self.token_label = self._token.label
             self._token_pid = os.getpid()
         token = self._token
-        _log_in(self._path, token, self._pin)
+        _log_in(self._path, token, self._pin, again=self._relogin)
+        self._relogin = False
         try:
             session = token.open()  # (logged in: the login is the process's)
         except p11.PKCS11Error as exc:
@@ -606,10 +616,18 @@ class _Session:
                 f"cannot open a session with PKCS#11 token {_shown(token.label)}: {_failure(exc)}"
             ) from None
         try:
-            key = self._find_key(session)
+            try:
+                key = self._find_key(session)
+            except _KeyNotFound:  # (perhaps the token forgot the login)
+                if not _log_in(self._path, token, self._pin, again=True):
+                    raise
+                key = self._find_key(session)
         except BaseException:
             _close(session)
             raise
+        login = _logins.get((self._path, token.slot.slot_id))
+        if login is not None:
+            login.confirmed = False
         self._session, self._key, self._pid = session, key, os.getpid()
 
     def _find_key(self, session: Any) -> Any:
@@ -636,7 +654,7 @@ class _Session:
                 else " (no PIN was given, and a token shows private keys only after a "
                 f"login: add pin-source=file:/path to the URI or set ${PIN_ENV})"
             )
-            raise KeyManagementError(f"no RSA private key {what}{login}")
+            raise _KeyNotFound(f"no RSA private key {what}{login}")
         raise KeyManagementError(
             f"{len(found)} RSA private keys match {what}: name one with object= and id="
         )
@@ -662,8 +680,21 @@ class _Session:
         if self._session is not None:
             _close(self._session)  # (not logged in itself: no logout)
         self._session = self._key = None
-        if failure in _LOGIN_GONE and self._token is not None:
-            _logins.pop((self._path, self._token.slot.slot_id), None)
+        self._relogin = self._relogin or failure == "UserNotLoggedIn"
+
+    def _warn(self, exc: Exception) -> None:
+        """(under the library's lock) A lost session, logged at most once per
+        FAILURE_LOG_INTERVAL with a count."""
+        now = time.monotonic()
+        self._unwarned += 1
+        if now >= self._warned + FAILURE_LOG_INTERVAL:
+            logger.warning(
+                "PKCS#11 token %s: %s; opening a new session (%d time(s) since the last such line)",
+                printable(self.token_label),
+                _failure(exc),
+                self._unwarned,
+            )
+            self._warned, self._unwarned = now, 0
 
     def run(self, operation: Callable[[Any], T]) -> T:
         """``operation(key)`` under the library's lock.  A session whose
@@ -684,11 +715,7 @@ class _Session:
                 failure = type(exc).__name__
                 if failure not in _SESSION_GONE:
                     raise
-                logger.warning(
-                    "PKCS#11 token %s: %s; opening a new session",
-                    printable(self.token_label),
-                    _failure(exc),
-                )
+                self._warn(exc)
             self._drop(failure)
             self._reconnect()
             try:
