@@ -32,20 +32,22 @@ different key.
 
 Threads and processes: python-pkcs11 initialises a library without
 ``CKF_OS_LOCKING_OK``, so PKCS#11 lets only one thread into it at a time;
-callcp holds one lock per library per process around every call, and a key
-uses one logged-in session.  Token operations of one process therefore run
-one at a time; ``workers=N`` gives N processes, and after ``fork()`` each
-re-initialises the library and opens its own session on first use (nothing
-of the parent's is used).  A session that is lost (a token restarted) is
-replaced, logging in again, and the operation tried once more.
+callcp holds one lock per library per process around every call; a process
+logs in to a token once, and a key uses one session.  Token operations of
+one process therefore run one at a time; ``workers=N`` gives N processes,
+and after ``fork()`` each re-initialises the library, logs in and opens its
+own session on first use (nothing of the parent's is used).  A session that
+is lost (a token restarted) is replaced, logging in again if the login was
+lost too, and the operation tried once more.
 
 Decryption: the token decrypts with ``CKM_RSA_PKCS_OAEP`` (SHA-256, MGF1-SHA-256)
 when it supports those parameters.  SoftHSM2 2.6 supports OAEP with SHA-1
 only; there callcp asks the token for the raw RSA operation (``CKM_RSA_X_509``)
 and removes the OAEP padding itself, without branching on the decrypted bytes
-(one constant-time comparison), so a bad ciphertext costs the same as a good
-one.  The private key still never leaves the token.  Which path a key uses is
-:attr:`Pkcs11Key.oaep_in_token`.
+before one verdict (:func:`oaep_decode`).  Every decryption failure, the
+token's own included, is the same ValueError, which the handshake turns
+into its implicit rejection.  The private key still never leaves the
+token.  Which path a key uses is :attr:`Pkcs11Key.oaep_in_token`.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 
 from ._core import keys as _ckeys
 from ._core.errors import KeyManagementError
+from .hsm import is_pkcs11_uri
 
 __all__ = [
     "PASSPHRASE_ENV",
@@ -161,7 +162,7 @@ class KeyPair:
                 :class:`callcp.hsm.Pkcs11Key`.)
             TypeError: ``password`` is neither bytes, str nor None.
         """
-        if _is_pkcs11_uri(path):
+        if is_pkcs11_uri(path):
             return cls.from_pkcs11(
                 os.fspath(path), allow_insecure_permissions=allow_insecure_permissions
             )
@@ -222,7 +223,7 @@ class KeyPair:
                 not match the private key (the message names both files).
             TypeError: ``password`` is neither bytes, str nor None.
         """
-        if _is_pkcs11_uri(private_path):
+        if is_pkcs11_uri(private_path):
             keypair = cls.from_pkcs11(
                 os.fspath(private_path), allow_insecure_permissions=allow_insecure_permissions
             )
@@ -366,10 +367,6 @@ class KeyPair:
 
     def __repr__(self) -> str:
         return f"<KeyPair rsa-{self.key_size} {self._fingerprint}>"
-
-
-def _is_pkcs11_uri(value: object) -> bool:
-    return isinstance(value, str) and value[:7].lower() == "pkcs11:"
 
 
 # ---------------------------------------------------------------------------
