@@ -31,11 +31,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from callcp import StreamInfo
 from callcp._core.errors import (
     CallcpError,
+    CloseCode,
+    ConnectionClosed,
     ConnectionClosedError,
     CryptoError,
     MessagePending,
     StreamAbortedError,
     StreamPending,
+    StreamTooLarge,
 )
 from callcp._core.wire import FrameType
 from callcp._streams import Sink
@@ -720,3 +723,56 @@ def test_one_gib_stream_between_processes_in_bounded_memory(tmp_path: Path) -> N
     )
     assert sent["hwm"] < RSS_LIMIT, f"sender peak RSS {sent['hwm'] / MIB:.1f} MiB"
     assert got["hwm"] < RSS_LIMIT, f"receiver peak RSS {got['hwm'] / MIB:.1f} MiB"
+
+
+# ================================================ max_size, and the .part file
+
+
+def test_part_file_is_never_one_already_there(tmp_path: Path) -> None:
+    """(unit) A hard link, or another transfer's .part, at ``<dest>.part``
+    is refused, not truncated."""
+    other = tmp_path / "other.txt"
+    other.write_bytes(b"someone else's")
+    dest = tmp_path / "out.bin"
+    os.link(other, part_of(dest))
+    with pytest.raises(FileExistsError):
+        Sink(dest)
+    assert other.read_bytes() == b"someone else's"
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_a_stream_over_max_size_is_refused(
+    adapter: Adapter, tmp_path: Path, pool: ThreadPoolExecutor, announced: bool
+) -> None:
+    """recv_stream(max_size=N): a larger stream is refused with REFUSED and
+    the reason (by its announced size before a byte is written, else as soon
+    as it goes over), nothing of it is kept, and the sender reads the
+    refusal; a stream of exactly N bytes is received."""
+    srv = adapter.hold()
+    data = os.urandom(200_000)
+    source: Any = data if announced else iter([data[:100_000], data[100_000:]])
+    client, server_conn = srv.pair()
+    sending = pool.submit(client.send_stream, source, checksum=True)
+    dest = tmp_path / "big.bin"
+    with pytest.raises(StreamTooLarge, match="at most 150000"):
+        server_conn.recv_stream(dest, max_size=150_000)
+    assert not dest.exists() and not part_of(dest).exists()
+    with pytest.raises(ConnectionClosed) as refused:
+        sending.result(timeout=20)
+        client.recv()
+    assert refused.value.code == CloseCode.REFUSED
+    assert refused.value.reason == "the stream is larger than 150000 bytes"
+
+    client, server_conn = srv.pair()
+    sending = pool.submit(client.send_stream, data[:150_000], checksum=True)
+    info = server_conn.recv_stream(dest, max_size=150_000)
+    assert info.length == 150_000 and dest.read_bytes() == data[:150_000]
+    sending.result(timeout=20)
+
+
+def test_max_size_is_checked(adapter: Adapter, tmp_path: Path) -> None:
+    srv = adapter.hold()
+    client, server_conn = srv.pair()
+    for bad in (-1, 1.5, True, "10"):
+        with pytest.raises(ValueError, match="max_size must be a whole number"):
+            server_conn.recv_stream(tmp_path / "x", max_size=bad)

@@ -68,6 +68,7 @@ from ._core.errors import (
     MessageTooLarge,
     PeerUnresponsive,
     StreamPending,
+    StreamTooLarge,
 )
 from ._core.events import (
     NEED_DATA,
@@ -643,14 +644,22 @@ def send_stream(
     return StreamInfo(length, digest.hex() if digest is not None else None, name)
 
 
-def receive_stream(engine: Engine, dest: Destination, progress: Optional[Progress]) -> Procedure:
+def receive_stream(
+    engine: Engine, dest: Destination, progress: Optional[Progress], max_size: Optional[int]
+) -> Procedure:
     """``recv_stream()``: the stream's events into a sink; on a failure of
-    ours mid-stream the connection is closed (the rest would be misread)."""
+    ours mid-stream the connection is closed (the rest would be misread).
+    A stream over ``max_size`` (announced, or sent) is refused: REFUSED, with
+    the reason, before anything of it is kept."""
     started = engine.stream_from((yield _EVENT))
     try:
-        rx = StreamReception(started, dest, progress)
+        rx = StreamReception(started, dest, progress, max_size)
     except GeneratorExit:
         raise
+    except StreamTooLarge as exc:
+        engine.close(CloseCode.REFUSED, f"the stream is larger than {max_size} bytes")
+        yield _ABORT
+        raise exc from None
     except BaseException:
         engine.close(CloseCode.INTERNAL_ERROR, "the receiver could not open its output")
         yield _ABORT
@@ -661,6 +670,11 @@ def receive_stream(engine: Engine, dest: Destination, progress: Optional[Progres
             if info is not None:
                 return info
     except GeneratorExit:
+        raise
+    except StreamTooLarge:
+        rx.failed(None)
+        engine.close(CloseCode.REFUSED, f"the stream is larger than {max_size} bytes")
+        yield _ABORT
         raise
     except BaseException as exc:
         if rx.failed(exc):

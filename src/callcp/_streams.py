@@ -5,8 +5,9 @@ object, or an iterable of bytes-like chunks.  A *sink* is a path or a
 writable binary file object.  For a path the bytes go to ``<path>.part``,
 which is renamed to ``<path>`` only after the stream verified (its length,
 and its SHA-256 when the sender sent one); on any failure it is deleted.
-The ``.part`` file is created with mode 0600 and never through a symbolic
-link (so the received file is private to its owner).  For a file object, a failure
+The ``.part`` file is created anew with mode 0600: never through a symbolic
+link, never over a file already there (a hard link to another file, another
+transfer's ``.part``), so the received file is private to its owner.  For a file object, a failure
 truncates it back to where it started when it is seekable (when it is not,
 the exception is the only signal: do not trust what was written).
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Optional, Union
 
-from ._core.errors import CallcpError, CallcpTimeout, StreamAbortedError
+from ._core.errors import CallcpError, CallcpTimeout, StreamAbortedError, StreamTooLarge
 from ._core.events import StreamAborted, StreamChunk, StreamEnded, StreamStarted
 
 __all__ = [
@@ -106,8 +107,10 @@ class Sink:
         if isinstance(dest, (str, os.PathLike)):
             self.path = Path(dest)
             self._part = self.path.with_name(self.path.name + ".part")
-            # Never follow a link planted at the .part name; private until done.
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+            # A new file, private until done: never a link planted at the
+            # .part name, nor a file already there (a hard link to another
+            # file, another transfer's .part) truncated.
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
             fd = os.open(self._part, flags, 0o600)
             self._fh: IO[bytes] = os.fdopen(fd, "wb")
             self._start = 0
@@ -146,12 +149,36 @@ class Sink:
             pass
 
 
+def too_large(size: Optional[int], max_size: Optional[int]) -> bool:
+    return max_size is not None and size is not None and size > max_size
+
+
+def check_max_size(max_size: Optional[int]) -> None:
+    """``recv_stream(max_size=...)``: None, or a whole number >= 0."""
+    if max_size is not None and (
+        isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0
+    ):
+        raise ValueError(f"max_size must be a whole number of bytes >= 0, not {max_size!r}")
+
+
 class StreamReception:
     """What ``recv_stream()`` does with each event, for both adapters: write
     chunks to the sink, report progress, finish or abandon it."""
 
-    def __init__(self, started: StreamStarted, dest: Destination, progress: Optional[Progress]):
+    def __init__(
+        self,
+        started: StreamStarted,
+        dest: Destination,
+        progress: Optional[Progress],
+        max_size: Optional[int] = None,
+    ):
         self.started = started
+        self.max_size = max_size
+        if too_large(started.size, max_size):
+            raise StreamTooLarge(
+                f"the peer announced a stream of {started.size} bytes; at most {max_size} "
+                "are accepted"
+            )
         self.sink = Sink(dest)
         self.progress = progress
         self.received = 0
@@ -163,6 +190,11 @@ class StreamReception:
             StreamAbortedError: the sender abandoned the stream.
         """
         if isinstance(event, StreamChunk):
+            if too_large(self.received + len(event.data), self.max_size):
+                raise StreamTooLarge(
+                    f"the peer sent more than {self.max_size} bytes in one stream; at most "
+                    f"{self.max_size} are accepted"
+                )
             self.sink.write(event.data)
             self.received += len(event.data)
             if self.progress is not None:
@@ -178,7 +210,7 @@ class StreamReception:
             )
         return None
 
-    def failed(self, exc: BaseException) -> bool:
+    def failed(self, exc: Optional[BaseException]) -> bool:
         """The reception stopped with ``exc``: discard the output, and say
         whether the connection must be closed (the rest of the stream would
         otherwise be misread): after a timeout or a local error, not after

@@ -57,7 +57,7 @@ from ._engine import (
 )
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
 from ._retry import Attempts
-from ._streams import Destination, Progress, StreamInfo, source_size
+from ._streams import Destination, Progress, StreamInfo, check_max_size, source_size
 from ._workers import WorkerPool
 
 if TYPE_CHECKING:
@@ -176,15 +176,20 @@ class Connection(ConnectionBase):
         return self._engine.message_from(event)
 
     async def recv_stream(
-        self, dest: Destination, *, progress: Optional[Progress] = None
+        self,
+        dest: Destination,
+        *,
+        progress: Optional[Progress] = None,
+        max_size: Optional[int] = None,
     ) -> StreamInfo:
         """Receive a stream into ``dest`` (see
         :meth:`callcp.sync.Connection.recv_stream`).  File writes are
         blocking calls, 64 KiB at a time."""
+        check_max_size(max_size)
         await self._turn.take()
         try:
             info: StreamInfo = await self._drive(
-                _engine.receive_stream(self._engine, dest, progress)
+                _engine.receive_stream(self._engine, dest, progress, max_size)
             )
         finally:
             self._turn.give()

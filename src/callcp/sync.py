@@ -49,7 +49,15 @@ from ._engine import (
 from ._options import DEFAULT_PORT, ClientKwargs, ClientOptions, ServerKwargs, ServerOptions
 from ._retry import Attempts
 from ._sockets import FOREVER, Acceptor, SocketLink, ThreadPool, listen, remaining, unsent
-from ._streams import Destination, Progress, Source, StreamInfo, iter_chunks, source_size
+from ._streams import (
+    Destination,
+    Progress,
+    Source,
+    StreamInfo,
+    check_max_size,
+    iter_chunks,
+    source_size,
+)
 from ._workers import WorkerPool
 
 if TYPE_CHECKING:
@@ -228,19 +236,30 @@ class Connection(SocketLink, ConnectionBase):
                 return event.data
             return engine.message_from(event)
 
-    def recv_stream(self, dest: Destination, *, progress: Optional[Progress] = None) -> StreamInfo:
+    def recv_stream(
+        self,
+        dest: Destination,
+        *,
+        progress: Optional[Progress] = None,
+        max_size: Optional[int] = None,
+    ) -> StreamInfo:
         """Receive a stream into ``dest`` (a path, or a binary file) in bounded
         memory, whatever its size.
 
-        A path receives the bytes in ``<path>.part``, renamed to ``<path>``
-        only once the stream's length (and SHA-256) verified; on failure the
-        ``.part`` file is deleted.  A seekable file is truncated back to where
+        A path receives the bytes in ``<path>.part`` (created anew, mode
+        0600: a file or link already there is an OSError, never overwritten),
+        renamed to ``<path>`` only once the stream's length (and SHA-256)
+        verified; on failure the ``.part`` file is deleted.  A seekable file is truncated back to where
         it started on failure.  ``progress(received, total_or_None)`` is
         called after each chunk.  Each wait for data is bounded by the
         connection's timeout; a timeout in the middle of a stream closes the
-        connection.
+        connection.  ``max_size`` (bytes, None: any size) refuses a larger
+        stream, by the size the sender announced before anything is
+        written, else as soon as it sends more: the connection is closed
+        with REFUSED and the reason, and nothing of the stream is kept.
 
         Raises:
+            StreamTooLarge: the stream was larger than ``max_size``.
             StreamAbortedError: the sender abandoned the stream (the connection
                 stays usable).
             ConnectionClosedError: the connection broke mid-stream (truncation).
@@ -250,8 +269,11 @@ class Connection(SocketLink, ConnectionBase):
                 :meth:`recv`).
             OSError: ``dest`` could not be written.
         """
+        check_max_size(max_size)
         with self._recv_lock:
-            info: StreamInfo = self._drive(_engine.receive_stream(self._engine, dest, progress))
+            info: StreamInfo = self._drive(
+                _engine.receive_stream(self._engine, dest, progress, max_size)
+            )
         return info
 
     def request(self, message: Buffer, timeout: Any = DEFAULT) -> bytes:

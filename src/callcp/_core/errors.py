@@ -258,6 +258,14 @@ class MessageTooLarge(RemoteProtocolError):
     code = CloseCode.MESSAGE_TOO_LARGE
 
 
+class StreamTooLarge(RemoteProtocolError):
+    """An incoming stream was larger than ``recv_stream(max_size=...)``
+    allows (by the size the sender announced, or by what it sent): nothing
+    of it was kept, and the connection was closed with REFUSED."""
+
+    code = CloseCode.REFUSED
+
+
 class StreamAbortedError(_Error):
     """The peer abandoned the stream it was sending (``reason`` says why);
     the connection stays usable."""
