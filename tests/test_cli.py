@@ -50,6 +50,7 @@ from tests.cli_support import (
     error_line,
     out,
 )
+from tests.sock_support import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -843,7 +844,14 @@ def test_main_leaves_logging_as_it_found_it(run: Callable[..., Result], key_file
         ("report.pdf", "report.pdf"),
         ("../../etc/passwd", "passwd"),
         ("C:\\Users\\x\\evil.exe", "evil.exe"),
-        (".hidden", ".hidden"),
+        (".hidden", None),
+        ("-rf", None),
+        ("   ", None),
+        ("x.part", None),
+        ("evil\u202etxt.exe", None),  # (a bidi override: the name would read backwards)
+        ("zero\u200bwidth", None),
+        ("c1\x9bcontrol", None),
+        ("e\u0301t\u00e9.txt", "\u00e9t\u00e9.txt"),  # (NFC: one name for both spellings)
         ("name with spaces.txt", "name with spaces.txt"),
         ("", None),
         (".", None),
@@ -860,13 +868,101 @@ def test_safe_file_name(sent: str, stored: Optional[str]) -> None:
 
 
 def test_reserve_path_never_reuses_a_name(tmp_path: Path) -> None:
-    first = reserve_path(tmp_path, "a.tar.gz")
-    assert first.name == "a.tar.gz"
-    assert reserve_path(tmp_path, "a.tar.gz").name == "a.tar (1).gz"
+    """Claims are O_EXCL, for the name and its .part file alike; after nine
+    numbered twins, names take a random suffix (the thousandth upload of a
+    name costs what the first does)."""
+
+    def reserve(name: str) -> str:
+        path, part, fd = reserve_path(tmp_path, name)
+        os.close(fd)
+        assert part == path.with_name(path.name + ".part") and part.exists()
+        return path.name
+
+    assert reserve("a.tar.gz") == "a.tar.gz"
+    assert reserve("a.tar.gz") == "a.tar (1).gz"
     (tmp_path / "b.txt.part").write_bytes(b"")  # a transfer in progress
-    assert reserve_path(tmp_path, "b.txt").name == "b (1).txt"
-    assert reserve_path(tmp_path, "noext").name == "noext"
-    assert reserve_path(tmp_path, "noext").name == "noext (1)"
+    assert reserve("b.txt") == "b (1).txt"
+    os.symlink(tmp_path / "victim", tmp_path / "c.txt.part")  # a planted link
+    assert reserve("c.txt") == "c (1).txt"
+    assert not (tmp_path / "victim").exists() and not (tmp_path / "c.txt").exists()
+    assert reserve("noext") == "noext"
+    assert reserve("noext") == "noext (1)"
+    names = [reserve("many.bin") for _ in range(30)]
+    assert names[:10] == ["many.bin"] + [f"many ({n}).bin" for n in range(1, 10)]
+    assert all(re.fullmatch(r"many \([0-9a-f]{8}\)\.bin", n) for n in names[10:]), names
+    assert len(set(names)) == 30
+
+
+def test_receive_dir_limits(
+    run: Callable[..., Result], tmp_path: Path, serve: Callable[..., InProcessServer]
+) -> None:
+    """--max-file-size, --max-files, --max-total-size and --min-free-space:
+    refused with the reason before a byte is stored, and nothing is left."""
+    inbox = tmp_path / "inbox"
+    small, big = tmp_path / "small.bin", tmp_path / "big.bin"
+    small.write_bytes(os.urandom(1000))
+    big.write_bytes(os.urandom(5000))
+
+    def send(server: InProcessServer, path: Path) -> Result:
+        return run("send-file", *server.address, str(path), "--fingerprint", server.fingerprint)
+
+    server = serve(
+        "--receive-dir",
+        str(inbox),
+        "--max-file-size",
+        "4K",
+        "--max-files",
+        "2",
+        "--max-total-size",
+        "1500",
+    )
+    line = error_line(send(server, big), EXIT_PROTOCOL)
+    assert "refused the file: the file is larger than this server's limit of 4 KiB" in line
+    assert send(server, small).returncode == 0
+    line = error_line(send(server, small), EXIT_PROTOCOL)
+    assert "would take this server over its total of 1500 bytes" in line
+    assert sorted(p.name for p in inbox.iterdir()) == ["small.bin"]
+    server.stop()
+
+    server = serve("--receive-dir", str(inbox), "--max-files", "1")
+    line = error_line(send(server, small), EXIT_PROTOCOL)
+    assert "this server holds its maximum of 1 files" in line
+    server.stop()
+
+    server = serve("--receive-dir", str(inbox), "--min-free-space", "1000000000G")
+    line = error_line(send(server, small), EXIT_PROTOCOL)
+    assert "this server's disk is too full to store the file" in line
+    server.stop()
+    assert sorted(p.name for p in inbox.iterdir()) == ["small.bin"]
+    assert "refused a file from 127.0.0.1:" in server.log()
+
+
+def test_receive_dir_limit_on_a_stream_of_unannounced_size(
+    tmp_path: Path, serve: Callable[..., InProcessServer]
+) -> None:
+    """A stream that announced no size is cut off, REFUSED, as soon as it
+    goes over --max-file-size; nothing of it is kept."""
+    inbox = tmp_path / "inbox"
+    server = serve("--receive-dir", str(inbox), "--max-file-size", "64K")
+    chunks = iter([os.urandom(50_000), os.urandom(50_000), os.urandom(50_000)])
+    conn = callcp.connect(server.host, server.port, server_fingerprint=server.fingerprint)
+    with conn, pytest.raises(callcp.ConnectionClosed) as refused:
+        conn.send_stream(chunks, name="unsized.bin")
+        conn.recv()
+    assert refused.value.code == callcp.CloseCode.REFUSED
+    assert refused.value.reason == "the stream is larger than 65536 bytes"
+    assert wait_until(lambda: list(inbox.iterdir()) == []), list(inbox.iterdir())
+
+
+def test_receive_dir_must_be_writable_at_start(
+    run: Callable[..., Result], tmp_path: Path, key_file: Path
+) -> None:
+    """A receive directory this user cannot write is refused when the
+    server starts, not at the first upload (/sys refuses even root)."""
+    result = run("serve", "--port", "0", "--key", str(key_file), "--receive-dir", "/sys/kernel")
+    line = error_line(result, EXIT_LOCAL)
+    assert "cannot store files in --receive-dir /sys/kernel" in line
+    assert "give a directory this user can write" in line
 
 
 def test_keygen_next_and_serve_next_key_announce_the_next_key(

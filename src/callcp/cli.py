@@ -86,10 +86,19 @@ from callcp import (
     ServerKeyError,
     StreamAbortedError,
     StreamPending,
+    StreamTooLarge,
     TransportError,
 )
 from callcp._common import DEFAULT_PORT, DEFAULT_SERVER_KEY
 from callcp._core.wire import printable
+from callcp._inbox import (
+    DEFAULT_LIMITS,
+    Inbox,
+    InboxLimits,
+    Refused,
+    reserve_path,
+    safe_file_name,
+)
 from callcp.hsm import is_pkcs11_uri
 from callcp.keys import PASSPHRASE_ENV, _write_new, load_public_key
 from callcp.sync import _stopping_on_signals
@@ -139,8 +148,6 @@ DEFAULT_NEXT_KEY = Path("~/.callcp/server_key.next.pem")
 #: The server's reply to a stored file: ``stored <name> <length> <sha256hex>``.
 STORED_PREFIX = "stored "
 REFUSE_FILES_REASON = "this server does not accept files (start it with --receive-dir)"
-#: Longest received file name accepted, in UTF-8 bytes (room left for " (n)" and ".part").
-MAX_NAME_BYTES = 200
 #: Close codes that mean "the peer reported a protocol problem or refused".
 _PROTOCOL_CLOSE_CODES = frozenset(
     {
@@ -393,6 +400,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upper", action="store_true", help="reply in upper case instead of echoing")
     p.add_argument(
         "--receive-dir", metavar="DIR", help="accept files and store them here (created if needed)"
+    )
+    p.add_argument(
+        "--max-file-size",
+        metavar="BYTES",
+        type=_size,
+        default=DEFAULT_LIMITS.max_file_size,
+        help="with --receive-dir: largest file accepted, e.g. 500M (default: 1G)",
+    )
+    p.add_argument(
+        "--max-total-size",
+        metavar="BYTES",
+        type=_size,
+        default=DEFAULT_LIMITS.max_total_size,
+        help="with --receive-dir: most bytes its files may take in all (default: 10G)",
+    )
+    p.add_argument(
+        "--max-files",
+        metavar="N",
+        type=_count,
+        default=DEFAULT_LIMITS.max_files,
+        help="with --receive-dir: most files it may hold (default: 10000)",
+    )
+    p.add_argument(
+        "--min-free-space",
+        metavar="BYTES",
+        type=_size,
+        default=DEFAULT_LIMITS.min_free_space,
+        help="with --receive-dir: refuse files that would leave less free disk space "
+        "(default: 1G)",
     )
     p.add_argument(
         "--authorized-keys",
@@ -1022,48 +1058,6 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 # ====================================================================== server
 
 
-def safe_file_name(sent: str) -> Optional[str]:
-    """The name a received file is stored under, or None to refuse it.
-
-    Only the base name the sender gave is kept (``../../etc/x`` -> ``x``, for
-    ``/`` and ``\\`` alike).  Refused: empty, ``.``, ``..``, names with NUL
-    or other control characters, and names over :data:`MAX_NAME_BYTES` bytes.
-    """
-    base = re.split(r"[/\\]", sent)[-1]
-    if base in ("", ".", "..") or "/" in base or "\\" in base:
-        return None
-    if any(ord(c) < 32 or ord(c) == 127 for c in base):  # NUL, newlines, escapes
-        return None
-    if len(base.encode("utf-8", "replace")) > MAX_NAME_BYTES:
-        return None
-    return base
-
-
-def reserve_path(directory: Path, name: str) -> Path:
-    """Claim a new file for ``name`` in ``directory``: ``name``, else
-    ``stem (1).ext``, ``stem (2).ext``...; never an existing file.
-
-    The claim is an empty file created with O_EXCL (so concurrent transfers of
-    one name get different files); ``recv_stream`` later replaces it with the
-    verified ``.part`` file.  Candidates whose ``.part`` file exists are skipped.
-
-    Raises:
-        OSError: the directory cannot be written.
-    """
-    stem, ext = os.path.splitext(name)
-    for n in range(10000):
-        candidate = directory / (name if n == 0 else f"{stem} ({n}){ext}")
-        if os.path.lexists(candidate.with_name(candidate.name + ".part")):
-            continue
-        try:
-            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return candidate
-    raise FileExistsError(f"too many files named like {name!r} in {directory}")
-
-
 def _upper(message: bytes) -> bytes:
     return message.decode("utf-8", "surrogateescape").upper().encode("utf-8", "surrogateescape")
 
@@ -1076,48 +1070,59 @@ def _refuse(conn: Connection, pending: StreamPending, reason: str, peer: str) ->
 
 
 def _receive_file(
-    conn: Connection, pending: StreamPending, receive_dir: Optional[Path], peer: str
+    conn: Connection, pending: StreamPending, inbox: Optional[Inbox], peer: str
 ) -> bool:
     """Store the pending stream (or refuse it); False when the connection is done."""
-    if receive_dir is None:
+    if inbox is None:
         _refuse(conn, pending, REFUSE_FILES_REASON, peer)
         return False
     name = safe_file_name(pending.name)
     if name is None:
-        _refuse(conn, pending, f"unsafe file name {pending.name[:100]!r}", peer)
+        _refuse(conn, pending, f"unsafe file name {printable(pending.name[:100])!r}", peer)
         return False
     try:
-        path = reserve_path(receive_dir, name)
+        slot = inbox.admit(name, pending.size)
+    except Refused as exc:
+        _refuse(conn, pending, str(exc), peer)
+        return False
     except OSError as exc:
-        log.error("cannot store a file from %s in %s: %s", peer, receive_dir, exc)
+        log.error("cannot store a file from %s in %s: %s", peer, inbox.directory, exc)
         _refuse(conn, pending, "the server cannot store files right now", peer)
         return False
     try:
-        info = conn.recv_stream(path)
+        info = conn.recv_stream(slot.file, max_size=slot.max_size)
+        slot.commit(info.length)
     except StreamAbortedError as exc:
-        path.unlink(missing_ok=True)
-        log.warning("%s abandoned the file %r: %s", peer, name, exc.reason or "no reason")
+        slot.discard()
+        log.warning(
+            "%s abandoned the file %r: %s", peer, name, printable(exc.reason) or "no reason"
+        )
         return True
+    except StreamTooLarge as exc:  # recv_stream refused it (REFUSED, with the reason)
+        slot.discard()
+        log.warning("refused a file from %s: %s", peer, exc)
+        return False
     except OSError as exc:  # recv_stream closed the connection
-        path.unlink(missing_ok=True)
-        log.error("could not write %s (from %s): %s", path, peer, exc)
+        slot.discard()
+        log.error("could not write %s (from %s): %s", slot.path, peer, exc)
         return False
     except BaseException:
-        path.unlink(missing_ok=True)
+        slot.discard()
         raise
+    path = slot.path
     log.info("received %r (%d bytes, sha256 %s) from %s", path.name, info.length, info.sha256, peer)
     conn.send(f"{STORED_PREFIX}{path.name} {info.length} {info.sha256 or '-'}".encode())
     return True
 
 
-def _make_handler(upper: bool, receive_dir: Optional[Path]) -> Callable[[Connection], None]:
+def _make_handler(upper: bool, inbox: Optional[Inbox]) -> Callable[[Connection], None]:
     def handle(conn: Connection) -> None:
         peer = _addr(*conn.remote_address[:2]) if conn.remote_address else "?"
         while True:
             try:
                 message = conn.recv()
             except StreamPending as pending:
-                if not _receive_file(conn, pending, receive_dir, peer):
+                if not _receive_file(conn, pending, inbox, peer):
                     return
                 continue
             conn.send(_upper(message) if upper else message)
@@ -1133,12 +1138,27 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
         CommandError: ``--receive-dir`` is not a directory.
         OSError, CallcpError: as :func:`callcp.serve`.
     """
-    receive_dir: Optional[Path] = None
+    inbox: Optional[Inbox] = None
     if args.receive_dir is not None:
         receive_dir = Path(os.path.expanduser(args.receive_dir))
-        if os.path.lexists(receive_dir) and not receive_dir.is_dir():
-            raise CommandError(f"--receive-dir {receive_dir} is not a directory", EXIT_LOCAL)
-        receive_dir.mkdir(parents=True, exist_ok=True)
+        limits = InboxLimits(
+            max_file_size=args.max_file_size,
+            max_total_size=args.max_total_size,
+            max_files=args.max_files,
+            min_free_space=args.min_free_space,
+        )
+        try:
+            inbox = Inbox.open(receive_dir, limits)
+        except NotADirectoryError:
+            raise CommandError(
+                f"--receive-dir {receive_dir} is not a directory", EXIT_LOCAL
+            ) from None
+        except OSError as exc:
+            raise CommandError(
+                f"cannot store files in --receive-dir {receive_dir}: "
+                f"{(exc.strerror or str(exc)).lower()} (give a directory this user can write)",
+                EXIT_LOCAL,
+            ) from None
     options: Dict[str, Any] = {
         "key": os.path.expanduser(args.key) if args.key else None,
         "next_key": os.path.expanduser(args.next_key) if args.next_key else None,
@@ -1154,7 +1174,7 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
     options = {k: v for k, v in options.items() if v is not None}
     if args.idle_timeout is not None:
         options["idle_timeout"] = args.idle_timeout or None
-    return callcp.serve(_make_handler(args.upper, receive_dir), args.host, args.port, **options)
+    return callcp.serve(_make_handler(args.upper, inbox), args.host, args.port, **options)
 
 
 def _reload_soon(allowed: Any) -> None:
