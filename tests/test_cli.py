@@ -1067,3 +1067,59 @@ def test_key_files_others_may_read_are_refused_unless_allowed(
     line = error_line(run(*args, "--client-key", str(client_key)), EXIT_LOCAL)
     assert "writable by every user" in line
     assert run("fingerprint", str(key_file)).returncode == 0  # (reading it exposes nothing)
+
+
+# ---------------------------------------------------------------- a hostile server's reply
+
+HOSTILE_REPLY = (
+    "ok\x1b]0;pwned\x07\x1b[2J\x1b]52;c;cm0gLXJmIH4=\x07\r"
+    "remote SHA-256 matches: 0000\x9b31m\u202eevil\nsecond\tline"
+).encode()
+ESCAPED_REPLY = (
+    "ok\\x1b]0;pwned\\x07\\x1b[2J\\x1b]52;c;cm0gLXJmIH4=\\x07\\r"
+    "remote SHA-256 matches: 0000\\x9b31m\\u202eevil\nsecond\tline"
+)
+
+
+def _hostile_server(server_key: rsa.RSAPrivateKey, log: ServerLog) -> InProcessServer:
+    def handler(conn: callcp.Connection) -> None:
+        conn.recv()
+        conn.send(HOSTILE_REPLY)
+
+    return InProcessServer(callcp.serve(handler, "127.0.0.1", 0, key=server_key), log)
+
+
+def test_send_escapes_what_a_hostile_server_replies(
+    run: Callable[..., Result], server_key: rsa.RSAPrivateKey, server_log: ServerLog
+) -> None:
+    """Terminal escapes in a reply (window title, clear screen, an OSC 52
+    clipboard write, a carriage return forging a line, C1 CSI, a bidi
+    override) are shown escaped; newlines and tabs are kept.  --raw to a
+    pipe writes the bytes as they are."""
+    server = _hostile_server(server_key, server_log)
+    try:
+        pin = ["--fingerprint", server.fingerprint]
+        shown = run("send", *server.address, "hi", *pin)
+        assert shown.returncode == 0, err(shown)
+        assert out(shown) == ESCAPED_REPLY + "\n"
+        assert b"\x1b" not in shown.stdout and b"\r" not in shown.stdout
+        raw = run("send", *server.address, "hi", "--raw", *pin)
+        assert raw.stdout == HOSTILE_REPLY
+    finally:
+        server.stop()
+
+
+def test_send_raw_to_a_terminal_stays_escaped_unless_insisted(
+    home: Path, server_key: rsa.RSAPrivateKey, server_log: ServerLog
+) -> None:
+    server = _hostile_server(server_key, server_log)
+    try:
+        args = ["send", *server.address, "hi", "--raw", "--fingerprint", server.fingerprint]
+        shown, code = run_in_pty(args, cli_env(home))
+        assert code == 0, shown
+        assert "\x1b" not in shown and "pwned" in shown
+        assert "stdout is a terminal" in shown
+        insisted, code = run_in_pty([*args, "--raw-terminal"], cli_env(home))
+        assert code == 0 and "\x1b]0;pwned\x07" in insisted
+    finally:
+        server.stop()

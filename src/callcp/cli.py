@@ -427,8 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         type=_size,
         default=DEFAULT_LIMITS.min_free_space,
-        help="with --receive-dir: refuse files that would leave less free disk space "
-        "(default: 1G)",
+        help="with --receive-dir: refuse files that would leave less free disk space (default: 1G)",
     )
     p.add_argument(
         "--authorized-keys",
@@ -478,8 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "send",
         "send one message and print the reply",
-        "Connect to a callcp server, send MESSAGE and print the reply (as UTF-8 text;\n"
-        "--raw writes its bytes as they are). MESSAGE '-' reads the message from stdin.\n"
+        "Connect to a callcp server, send MESSAGE and print the reply (as UTF-8 text,\n"
+        "control characters escaped; --raw writes its bytes as they are, to a pipe or\n"
+        "a file). MESSAGE '-' reads the message from stdin.\n"
         f"The server's key is checked against {DEFAULT_KNOWN_HOSTS} (trusted and\n"
         "recorded on first use), or against --fingerprint.",
         [client],
@@ -487,7 +487,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("host", metavar="HOST", help="the server's host name or address")
     p.add_argument("port", metavar="PORT", type=_port, help="the server's port (1-65535)")
     p.add_argument("message", metavar="MESSAGE", help="the message ('-': read it from stdin)")
-    p.add_argument("--raw", action="store_true", help="write the reply's bytes as they are")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="write the reply's bytes as they are (not to a terminal: there control "
+        "characters stay escaped, unless --raw-terminal)",
+    )
+    p.add_argument(
+        "--raw-terminal",
+        action="store_true",
+        help="with --raw: write the bytes even to a terminal (a hostile server's escape "
+        "sequences then reach it)",
+    )
     p.set_defaults(func=cmd_send)
 
     # -- send-file
@@ -725,12 +736,29 @@ def cmd_send(args: argparse.Namespace) -> int:
         message = args.message.encode("utf-8", "surrogateescape")
     with _connect(args) as conn:
         reply = conn.request(message)
-    if args.raw:
+    if args.raw and (args.raw_terminal or not sys.stdout.isatty()):
         sys.stdout.buffer.write(reply)
         sys.stdout.buffer.flush()
-    else:
-        _say(reply.decode("utf-8", "replace"))
+        return EXIT_OK
+    if args.raw:
+        _note(
+            args,
+            "callcp: note: stdout is a terminal: the reply's control characters are shown "
+            "escaped (--raw-terminal writes them as they are)",
+        )
+    _say(terminal_text(reply.decode("utf-8", "replace")))
     return EXIT_OK
+
+
+def terminal_text(text: str) -> str:
+    """The peer's text made safe for a terminal: newlines and tabs kept, every
+    other character that is not printable (escape sequences, carriage
+    returns, C1 controls, bidi and other format characters) shown escaped,
+    so a server cannot retitle the window, clear the screen, write the
+    clipboard or forge a line of callcp's own output."""
+    return "\n".join(
+        "\t".join(printable(part) for part in line.split("\t")) for line in text.split("\n")
+    )
 
 
 class _PlainProgress:
@@ -1371,5 +1399,5 @@ def main(argv: Optional[List[str]] = None) -> int:
             code, message = _explain(exc, args)
             if args.verbose:
                 traceback.print_exc()
-            _say(f"callcp: error: {message}", file=sys.stderr)
+            _say(f"callcp: error: {printable(message)}", file=sys.stderr)
             return code
