@@ -1,5 +1,10 @@
 # Quick start targets. Each one creates ./.venv on first use, so they work on
 # a fresh machine with only python3 (3.9+) installed.
+#
+# Two installs, two stamps: `make demo` installs callcp and its runtime
+# dependencies only (.venv/.installed); test, check and bench install
+# the dev extra too (.venv/.installed-dev: test and quality tools, the bench
+# and display extras), which implies the runtime one.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,22 +15,26 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e .
 	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/python examples/demo.py
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-dev
 	bash scripts/system-deps.sh
 	$(BIN)/python -m pytest -q
 
 # Results go to benchmarks/results/local/ (not committed); to replace the
 # committed ones: make bench BENCH_ARGS=--save (any benchmarks/run.py options).
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
-check: $(VENV)/.installed
+check: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
