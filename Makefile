@@ -2,14 +2,14 @@
 # a fresh machine with only python3 (3.9+) installed.
 #
 # Two installs, two stamps: `make demo` installs callcp and its runtime
-# dependencies only (.venv/.installed); test, check and bench install
+# dependencies only (.venv/.installed); test, check, bench and dist install
 # the dev extra too (.venv/.installed-dev: test and quality tools, the bench
-# and display extras), which implies the runtime one.
+# and display extras, build and twine), which implies the runtime one.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test check bench clean
+.PHONY: demo test check bench dist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +38,12 @@ check: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# The release files: dist/callcp-VERSION.tar.gz and the wheel built from it
+# (not committed), checked as PyPI would render them.
+dist: $(VENV)/.installed-dev
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
