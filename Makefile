@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test check bench dist clean
+.PHONY: demo test check bench dist smoke-wheel clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ dist: $(VENV)/.installed-dev
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist .
 	$(BIN)/twine check --strict dist/*
+
+# Builds the wheel, installs it in a fresh venv and runs callcp serve/send.
+smoke-wheel: $(VENV)/.installed-dev
+	BUILD_PYTHON=$(CURDIR)/$(BIN)/python bash scripts/smoke_wheel.sh
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
