@@ -246,17 +246,17 @@ class Connection(SocketLink, ConnectionBase):
         """Receive a stream into ``dest`` (a path, or a binary file) in bounded
         memory, whatever its size.
 
-        A path receives the bytes in ``<path>.part`` (created anew, mode
-        0600: a file or link already there is an OSError, never overwritten),
-        renamed to ``<path>`` only once the stream's length (and SHA-256)
-        verified; on failure the ``.part`` file is deleted.  A seekable file is truncated back to where
-        it started on failure.  ``progress(received, total_or_None)`` is
-        called after each chunk.  Each wait for data is bounded by the
+        A path receives the bytes in ``<path>.part`` (created anew, mode 0600: a
+        file or link already there is an OSError, never overwritten), renamed to
+        ``<path>`` only once the stream's length (and SHA-256) verified; on
+        failure the ``.part`` file is deleted. A seekable file is truncated back
+        to where it started on failure. ``progress(received, total_or_None)`` is
+        called after each chunk. Each wait for data is bounded by the
         connection's timeout; a timeout in the middle of a stream closes the
-        connection.  ``max_size`` (bytes, None: any size) refuses a larger
-        stream, by the size the sender announced before anything is
-        written, else as soon as it sends more: the connection is closed
-        with REFUSED and the reason, and nothing of the stream is kept.
+        connection. ``max_size`` (bytes, None: any size) refuses a larger
+        stream, by the size the sender announced before anything is written,
+        else as soon as it sends more: the connection is closed with REFUSED and
+        the reason, and nothing of the stream is kept.
 
         Raises:
             StreamTooLarge: the stream was larger than ``max_size``.
