@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 import callcp
 from callcp import cli
 from callcp.cli import reserve_path, safe_file_name
+from callcp.keys import load_public_key
 from tests.cli_support import (
     LISTENING,
     RUN_TIMEOUT,
@@ -657,9 +658,16 @@ def test_keygen_with_passphrase(run: Callable[..., Result], tmp_path: Path) -> N
     env = {"CALLCP_KEY_PASSPHRASE": "correct horse"}
     assert run("keygen", "-o", str(path), env=env).returncode == 0
     assert path.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")  # (bcrypt-pbkdf)
-    assert run("fingerprint", str(path), env=env).returncode == 0
+    with_passphrase = run("fingerprint", str(path), env=env)
+    assert with_passphrase.returncode == 0
+    # Without the passphrase: the public key beside it answers, and says so...
+    beside = run("fingerprint", str(path))
+    assert beside.stdout == with_passphrase.stdout
+    assert f"{path} is encrypted: this is {tmp_path / 'enc.pub.pem'}'s key" in err(beside)
+    # ...and without that either: how to give the passphrase, in the command's terms.
+    (tmp_path / "enc.pub.pem").unlink()
     line = error_line(run("fingerprint", str(path)), EXIT_LOCAL)
-    assert "CALLCP_KEY_PASSPHRASE" in line
+    assert "set CALLCP_KEY_PASSPHRASE to its passphrase" in line and "password=" not in line
 
 
 def test_fingerprint_remote(
@@ -1123,3 +1131,74 @@ def test_send_raw_to_a_terminal_stays_escaped_unless_insisted(
         assert code == 0 and "\x1b]0;pwned\x07" in insisted
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- a newcomer's frictions
+
+
+def test_tofu_with_an_unwritable_known_hosts_says_so_once(
+    run: Callable[..., Result], serve: Callable[..., InProcessServer], tmp_path: Path
+) -> None:
+    """The key could not be recorded: the client says it is trusted for
+    this connection only, and does not also claim "permanently added"."""
+    server = serve()
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    result = run("send", *server.address, "hi", "--known-hosts", str(blocker / "known_hosts"))
+    assert result.returncode == 0, err(result)
+    assert "trusted for this connection only" in err(result)
+    assert "permanently added" not in err(result)
+
+
+def test_serve_says_when_it_makes_its_key_and_writes_the_public_half(
+    home: Path, run: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: List[callcp.Server] = []
+    make_server = cli.make_server
+
+    def make_and_stop(args: Any) -> callcp.Server:
+        server = make_server(args)
+        made.append(server)
+        server.shutdown()
+        return server
+
+    monkeypatch.setattr(cli, "make_server", make_and_stop)
+    monkeypatch.setattr(callcp.Server, "serve_forever", lambda self, **kw: None)
+    result = run("serve", "--port", "0")
+    assert result.returncode == 0, err(result)
+    key, public = home / ".callcp" / "server_key.pem", home / ".callcp" / "server_key.pub.pem"
+    assert key.exists() and public.exists()
+    fingerprint = made[0].fingerprint
+    assert f"generated a new server key {fingerprint} in {key} (public key: {public})" in err(
+        result
+    )
+    assert callcp.fingerprint(load_public_key(public)) == fingerprint
+    again = run("serve", "--port", "0")
+    assert "generated" not in err(again)
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["send", "127.0.0.1:8437", "hi"], "give them as two, 'callcp send 127.0.0.1 8437 ...'"),
+        (["send-file", "[::1]:8437", "f"], "give them as two, 'callcp send-file ::1 8437 ...'"),
+        (["sned", "x"], "did you mean 'send'?"),
+        (["fingreprint"], "did you mean 'fingerprint'?"),
+    ],
+)
+def test_usage_errors_hint_at_what_was_meant(
+    run: Callable[..., Result], argv: List[str], hint: str
+) -> None:
+    assert hint in error_line(run(*argv), 2)
+
+
+def test_an_oversized_message_points_to_send_file(
+    run: Callable[..., Result], serve: Callable[..., InProcessServer]
+) -> None:
+    server = serve("--max-message-size", "1K")
+    result = run(
+        "send", *server.address, "-", "--fingerprint", server.fingerprint, stdin=b"x" * 5000
+    )
+    line = error_line(result, EXIT_PROTOCOL)
+    assert "message too large" in line and "callcp send-file" in line
+    assert "--max-message-size" in line

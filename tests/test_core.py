@@ -625,3 +625,38 @@ def test_streams_after_a_close_are_dropped_and_what_follows_is_no_error(
     p.to_client()
     err = p.client.closed_error()
     assert isinstance(err, ServerGoingAway) and err.unread == 3
+
+
+# ---------------------------------------------------------- a peer of another protocol
+
+
+@pytest.mark.parametrize(
+    ("first", "says"),
+    [
+        (b"SSH-2.0-OpenSSH_9.2p1 Debian\r\n", "it speaks SSH ('SSH-2.0-OpenSSH_9.2p1 Debian')"),
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "it speaks HTTP ('HTTP/1.1 400 Bad Request')"),
+        (b"\x15\x03\x01\x00\x02\x02\x28", "it speaks TLS"),
+        (b"220 mail.example ESMTP\r\n", "it speaks SMTP or FTP"),
+        (b"-----BEGIN PUBLIC KEY-----\nMIIB", "it sent a PEM public key, as a Callcp 1.0"),
+        (b"\x7fELF\x1b[2Jxx", "its first bytes are not a callcp/2 frame ('\\x7fELF\\x1b[2Jxx')"),
+    ],
+)
+def test_a_server_of_another_protocol_is_named(first: bytes, says: str) -> None:
+    """A client that reached something else (the wrong port) says what it
+    seems to speak, with its first line escaped, not "unknown frame type"."""
+    client = ClientProtocol(lambda fp, der: None)
+    with pytest.raises(HandshakeError, match="not a callcp") as caught:
+        client.receive_data(first)
+        client.next_event()
+    assert says in str(caught.value)
+    assert "\x1b" not in str(caught.value) and "\r" not in str(caught.value)
+
+
+def test_a_client_of_another_protocol_is_named(server_key: rsa.RSAPrivateKey) -> None:
+    server = ServerProtocol(server_key)
+    server.start()
+    server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(
+        HandshakeError, match=r"not a callcp client: it speaks HTTP \('GET / HTTP/1.1'\)"
+    ):
+        server.next_event()

@@ -12,14 +12,16 @@ import random
 import socket
 import struct
 import time
-from typing import List
+from typing import Any, List
 
 import pytest
 
+import callcp
 import callcp._engine
 from callcp._core.errors import CloseCode
 from callcp._core.protocol import ClientProtocol
 from callcp._core.wire import FrameType
+from tests.adapters import Adapter, Echo
 from tests.helpers import accept_any, split_frames
 from tests.sock_support import (
     HANDSHAKE_TIMEOUT,
@@ -163,3 +165,30 @@ def test_peer_supplied_reason_cannot_forge_log_lines(arena: Arena) -> None:
         read_until_closed(sock)
     line = arena.one_line_about(port, "handshake with")
     assert line.isprintable(), repr(line)
+
+
+def test_a_bug_reached_by_a_hello_costs_that_peer_only(
+    adapter: Adapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception (a bug) raised while the server reads one
+    peer's hello ends that connection, logged with its traceback, and the
+    server goes on accepting (both adapters: the acceptor must not die)."""
+    from callcp._core.protocol import ServerProtocol
+
+    real = ServerProtocol._on_client_hello
+    armed = [True]
+
+    def buggy(self: ServerProtocol, header: bytes, body: bytes) -> Any:
+        if armed:
+            armed.clear()
+            raise NameError("a bug")
+        return real(self, header, body)
+
+    monkeypatch.setattr(ServerProtocol, "_on_client_hello", buggy)
+    srv = adapter.serve(Echo(prefix=b"ok:"))
+    with pytest.raises(callcp.CallcpError), srv.connect() as conn:
+        conn.request(b"first")
+    with srv.connect() as conn:
+        assert conn.request(b"second") == b"ok:second"
+    assert srv.log is not None
+    assert srv.log.about("internal error reading the hello of 127.0.0.1:")

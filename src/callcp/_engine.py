@@ -37,6 +37,7 @@ calls it from many threads, the asyncio server from one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -1095,6 +1096,16 @@ class Arrival:
             return self.engine.poll_hello()
         except CallcpError as exc:
             self._drop(exc)
+            return True
+        except Exception:  # (a bug this peer's bytes reached: it costs the peer, not the server)
+            self.server.log.error(
+                "internal error reading the hello of %s", format_peer(self.addr), exc_info=True
+            )
+            err = HandshakeError("internal error")
+            err.code = CloseCode.INTERNAL_ERROR
+            with contextlib.suppress(Exception):
+                self.engine.core.fail(err)
+            self._drop(err)
             return True
 
     def queue(

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import errno
 import importlib
 import io
@@ -174,10 +175,36 @@ class CommandError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is ONE line on stderr (and exit code 2)."""
+    """argparse, but a usage error is ONE line on stderr (and exit code 2),
+    with a hint where one helps."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"callcp: error: {message} (see '{self.prog} --help')\n")
+        hint = _usage_hint(message, self)
+        self.exit(EXIT_USAGE, f"callcp: error: {message}{hint} (see '{self.prog} --help')\n")
+
+
+#: The arguments main() is parsing (for the hints of usage errors).
+_parsing: List[str] = []
+
+
+def _usage_hint(message: str, parser: argparse.ArgumentParser) -> str:
+    """A hint for a usage error: the command meant by a misspelt one; the
+    HOST PORT split of ``HOST:PORT`` given as one argument."""
+    choice = re.search(r"argument COMMAND: invalid choice: '([^']*)'", message)
+    if choice is not None:
+        commands = re.findall(r"'([a-z-]+)'", message.split("(choose from", 1)[-1])
+        close = difflib.get_close_matches(choice[1], commands, n=1, cutoff=0.6)
+        return f"; did you mean '{close[0]}'?" if close else ""
+    if message.startswith("argument PORT: invalid port"):
+        for token in _parsing:
+            joined = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})", token)
+            if joined is not None:
+                host = joined[1].strip("[]")
+                return (
+                    f"; {token!r} is HOST:PORT in one argument: give them as two, "
+                    f"'{parser.prog} {host} {joined[2]} ...'"
+                )
+    return ""
 
 
 def _port(text: str, *, allow_zero: bool = False) -> int:
@@ -940,8 +967,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         for existing in (private, public):
             if os.path.lexists(existing):
                 raise CommandError(
-                    f"{existing} already exists; not overwriting it (--force replaces it, and "
-                    "clients that know the old key will then refuse the server)",
+                    f"{existing} already exists; not overwriting it (--force replaces it; "
+                    "whoever trusts the old key, a client that knows a server's key or a "
+                    "server that lists a client's, will then refuse the new one)",
                     EXIT_LOCAL,
                 )
     keypair = KeyPair.generate(args.bits)
@@ -1025,11 +1053,24 @@ def cmd_known_hosts(args: argparse.Namespace) -> int:
 
 
 def _file_fingerprint(path: Path) -> str:
-    """The fingerprint of a PEM private key file, else of a PEM public key file."""
+    """The fingerprint of a PEM private key file, else of a PEM public key
+    file; for an encrypted private key without its passphrase, that of the
+    public key file beside it (``<stem>.pub.pem``)."""
     try:
         # (printing a fingerprint exposes nothing: loose permissions only warn)
         return KeyPair.load(path, allow_insecure_permissions=True).fingerprint
     except KeyManagementError as private_error:
+        if "no passphrase was given" in str(private_error):
+            public = _public_path_for(path)
+            if public.is_file():
+                fp = callcp.fingerprint(load_public_key(public))
+                _say(f"callcp: note: {path} is encrypted: this is {public}'s key", file=sys.stderr)
+                return fp
+            raise CommandError(
+                f"{path} is an encrypted private key: set {PASSPHRASE_ENV} to its passphrase "
+                "(or give its public key file)",
+                EXIT_LOCAL,
+            ) from None
         try:
             return callcp.fingerprint(load_public_key(path))
         except KeyManagementError as public_error:
@@ -1187,8 +1228,10 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
                 f"{(exc.strerror or str(exc)).lower()} (give a directory this user can write)",
                 EXIT_LOCAL,
             ) from None
+    key = os.path.expanduser(args.key if args.key else str(DEFAULT_SERVER_KEY))
+    first_run = not is_pkcs11_uri(key) and not os.path.lexists(key)
     options: Dict[str, Any] = {
-        "key": os.path.expanduser(args.key) if args.key else None,
+        "key": key,
         "next_key": os.path.expanduser(args.next_key) if args.next_key else None,
         "authorized_keys": os.path.expanduser(args.authorized_keys)
         if args.authorized_keys
@@ -1202,7 +1245,16 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
     options = {k: v for k, v in options.items() if v is not None}
     if args.idle_timeout is not None:
         options["idle_timeout"] = args.idle_timeout or None
-    return callcp.serve(_make_handler(args.upper, inbox), args.host, args.port, **options)
+    server = callcp.serve(_make_handler(args.upper, inbox), args.host, args.port, **options)
+    if first_run and os.path.exists(key):
+        # The key was made now: said, with its public half beside it (a
+        # server's identity is not something to make silently).
+        public = _public_path_for(Path(key))
+        KeyPair.load_or_generate(key, public, allow_insecure_permissions=True)
+        log.info(
+            "generated a new server key %s in %s (public key: %s)", server.fingerprint, key, public
+        )
+    return server
 
 
 def _reload_soon(allowed: Any) -> None:
@@ -1334,6 +1386,11 @@ def _explain(exc: BaseException, args: argparse.Namespace) -> Tuple[int, str]:
     if isinstance(exc, ConnectionClosedOK):
         return EXIT_NETWORK, f"the server at {where} closed the connection without replying"
     if isinstance(exc, ConnectionClosed):
+        if exc.code == CloseCode.MESSAGE_TOO_LARGE and args.command == "send":
+            return EXIT_PROTOCOL, (
+                f"{text}: send a large payload with `callcp send-file` (a stream, any size), "
+                "or start the server with a larger --max-message-size"
+            )
         return _exit_code_for_close(exc.code), text
     if isinstance(exc, CallcpTimeout):
         return EXIT_NETWORK, (
@@ -1356,8 +1413,8 @@ def _explain(exc: BaseException, args: argparse.Namespace) -> Tuple[int, str]:
                 )
             return EXIT_NETWORK, f"cannot listen on {where}: {cause.strerror or cause}"
         return EXIT_NETWORK, text
-    if isinstance(exc, KeyManagementError):
-        return EXIT_LOCAL, text
+    if isinstance(exc, KeyManagementError):  # (the API's advice, in the command's terms)
+        return EXIT_LOCAL, text.replace("pass password= or set ", "set ")
     if isinstance(exc, OSError):
         what = f"{exc.filename}: " if exc.filename is not None else ""
         return EXIT_LOCAL, f"{what}{exc.strerror.lower() if exc.strerror else text}"
@@ -1379,6 +1436,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``callcp`` command; returns its exit code."""
     _fix_stdout()
     parser = build_parser()
+    _parsing[:] = list(sys.argv[1:] if argv is None else argv)
     args, unparsed = parser.parse_known_args(argv)
     if args.command == "bench":
         args.bench_args = unparsed  # the harness parses them

@@ -84,7 +84,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_KNOWN_HOSTS = Path("~/.callcp/known_hosts")
 
 #: What :meth:`ServerKeyPolicy.verify` reports on success.
-VerifyResult = Literal["pinned", "known", "rotated", "new", "insecure"]
+VerifyResult = Literal["pinned", "known", "rotated", "new", "unrecorded", "insecure"]
 
 # Known-hosts and authorized-keys files can be longer than key files.
 _MAX_LIST_FILE_SIZE = 16 << 20
@@ -706,9 +706,10 @@ class ServerKeyPolicy:
 
         Returns what happened: ``"pinned"`` (matches the pin), ``"known"``
         (matches the known-hosts file), ``"new"`` (unknown, trusted on first use
-        and recorded — callers should log that it was permanently added), or
-        ``"insecure"`` (not checked).  Failing to record a new key is logged as
-        a warning and does not refuse the server (as in SSH).  With
+        and recorded — callers should log that it was permanently added),
+        ``"unrecorded"`` (trusted on first use, but the file could not be
+        written: logged as a warning, and it does not refuse the server, as in
+        SSH), or ``"insecure"`` (not checked).  With
         ``record=False`` a new key is only reported, not written: the
         handshake checks at the ServerHello and records (calling again) only
         once the server has proved that it holds the key.
@@ -832,7 +833,13 @@ class ServerKeyPolicy:
             try:
                 kh._append(text, f"{address} {presented}")
             except KeyManagementError as exc:
-                logger.warning("could not record the key of %s: %s", address, exc)
+                logger.warning(
+                    "could not record the key of %s (%s), trusted for this connection only: %s",
+                    address,
+                    presented,
+                    exc,
+                )
+                return "unrecorded"
             return "new"
 
 

@@ -38,7 +38,7 @@ import hashlib
 import time
 from collections import deque
 from hmac import compare_digest as hmac_compare
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, NoReturn, Optional, Tuple, Union
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac
@@ -114,6 +114,7 @@ from .wire import (
     encode_stream_end,
     encode_stream_start,
     frame,
+    printable,
     split_versions,
 )
 
@@ -205,6 +206,26 @@ class Entropy:
     def pss_sign(self, key: rsa.RSAPrivateKey, data: bytes) -> bytes:
         """An RSA-PSS signature (its salt is random)."""
         return key.sign(data, PSS, hashes.SHA256())
+
+
+#: The first bytes of other protocols a callcp port may meet, and their names.
+_FOREIGN = (
+    (b"SSH-", "SSH"),
+    (b"HTTP/", "HTTP"),
+    (b"GET ", "HTTP"),
+    (b"POST ", "HTTP"),
+    (b"HEAD ", "HTTP"),
+    (b"PUT ", "HTTP"),
+    (b"OPTIONS ", "HTTP"),
+    (b"CONNECT ", "HTTP"),
+    (b"PRI * HTTP/2", "HTTP/2"),
+    (b"\x16\x03", "TLS"),
+    (b"\x15\x03", "TLS"),
+    (b"220", "SMTP or FTP"),
+    (b"+OK", "POP3"),
+    (b"* OK", "IMAP"),
+    (b"RFB ", "VNC"),
+)
 
 
 def _finished_mac(key: bytes, transcript_hash: bytes) -> bytes:
@@ -735,10 +756,15 @@ class _Protocol:
         A sealed frame's body is a view into the buffer (decrypted in place)."""
         if not self._gather(HEADER_SIZE):
             if self.state is State.WAIT_SERVER_HELLO and self._first_byte() == 0x2D:
-                self._legacy_peer()
+                self._foreign_peer()
             return None
         buf, pos = self._buf, self._pos
         ftype, length = HEADER.unpack_from(buf, pos)
+        if (
+            self.state in (State.WAIT_SERVER_HELLO, State.WAIT_CLIENT_HELLO)
+            and (self.state, ftype) not in self._TABLE
+        ):
+            self._foreign_peer()  # (the peer's first bytes: what does it speak?)
         if ftype in FrameType.PLAINTEXT:
             limit = MAX_PLAINTEXT_FRAME
         elif ftype in FrameType.ENCRYPTED:
@@ -746,8 +772,6 @@ class _Protocol:
             if length < TAG_SIZE:
                 raise RemoteProtocolError(f"record of {length} bytes is shorter than its tag")
         else:
-            if self.state is State.WAIT_SERVER_HELLO and ftype == 0x2D:
-                self._legacy_peer()
             raise RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
         if length > limit:
             raise RemoteProtocolError(
@@ -780,11 +804,32 @@ class _Protocol:
             return self._buf[self._pos]
         return self._chunks[0][0] if self._chunks else -1
 
-    def _legacy_peer(self) -> None:
-        raise HandshakeError(
-            "the server sent a PEM public key: it speaks the Callcp 1.0 wire format, "
-            "which callcp/2 clients do not speak by default (see legacy mode)"
-        )
+    def _peek(self, n: int) -> bytes:
+        """Up to ``n`` of the buffered bytes, without consuming them."""
+        data = bytes(self._buf[self._pos : self._pos + n])
+        for chunk in self._chunks:
+            if len(data) >= n:
+                break
+            data += bytes(chunk[: n - len(data)])
+        return data
+
+    def _foreign_peer(self) -> NoReturn:
+        """The peer's first bytes are no callcp/2 frame: say what it seems to
+        speak (a server on the wrong port, a client of another protocol)."""
+        peer = "server" if self.state is State.WAIT_SERVER_HELLO else "client"
+        first = self._peek(64)
+        if first.startswith(b"-----BEGIN"):
+            raise HandshakeError(
+                f"not a callcp/2 {peer}: it sent a PEM public key, as a Callcp 1.0 server "
+                "does (the Callcp 1.0 wire format, which callcp/2 does not speak)"
+            )
+        spoken = next((name for prefix, name in _FOREIGN if first.startswith(prefix)), None)
+        shown = printable(first.split(b"\n", 1)[0].decode("latin-1").rstrip("\r"))[:60]
+        if spoken is None:
+            raise HandshakeError(
+                f"not a callcp {peer}: its first bytes are not a callcp/2 frame ('{shown}')"
+            )
+        raise HandshakeError(f"not a callcp {peer}: it speaks {spoken} ('{shown}')")
 
     def _dispatch(
         self, ftype: int, header: bytes, body: Union[bytes, memoryview]
