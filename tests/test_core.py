@@ -660,3 +660,6 @@ def test_a_client_of_another_protocol_is_named(server_key: rsa.RSAPrivateKey) ->
         HandshakeError, match=r"not a callcp client: it speaks HTTP \('GET / HTTP/1.1'\)"
     ):
         server.next_event()
+    alert = split_frames(server.data_to_send())[-1]
+    assert alert[0] == FrameType.ALERT
+    assert decode_alert(alert[5:])[0] == CloseCode.PROTOCOL_ERROR  # (spec §4.6)

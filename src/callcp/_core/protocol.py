@@ -818,18 +818,20 @@ class _Protocol:
         speak (a server on the wrong port, a client of another protocol)."""
         peer = "server" if self.state is State.WAIT_SERVER_HELLO else "client"
         first = self._peek(64)
+        spoken = next((name for prefix, name in _FOREIGN if first.startswith(prefix)), None)
+        shown = printable(first.split(b"\n", 1)[0].decode("latin-1").rstrip("\r"))[:60]
         if first.startswith(b"-----BEGIN"):
-            raise HandshakeError(
+            text = (
                 f"not a callcp/2 {peer}: it sent a PEM public key, as a Callcp 1.0 server "
                 "does (the Callcp 1.0 wire format, which callcp/2 does not speak)"
             )
-        spoken = next((name for prefix, name in _FOREIGN if first.startswith(prefix)), None)
-        shown = printable(first.split(b"\n", 1)[0].decode("latin-1").rstrip("\r"))[:60]
-        if spoken is None:
-            raise HandshakeError(
-                f"not a callcp {peer}: its first bytes are not a callcp/2 frame ('{shown}')"
-            )
-        raise HandshakeError(f"not a callcp {peer}: it speaks {spoken} ('{shown}')")
+        elif spoken is None:
+            text = f"not a callcp {peer}: its first bytes are not a callcp/2 frame ('{shown}')"
+        else:
+            text = f"not a callcp {peer}: it speaks {spoken} ('{shown}')"
+        err = HandshakeError(text)
+        err.code = CloseCode.PROTOCOL_ERROR  # (a fatal protocol error, §4.6)
+        raise err
 
     def _dispatch(
         self, ftype: int, header: bytes, body: Union[bytes, memoryview]
