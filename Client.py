@@ -1,7 +1,18 @@
 """Callcp 1.0 entry point: ``python Client.py HOST PORT "message"`` or
 ``from Client import SecureTCPClient``.
 
-Works from a checkout without installing callcp: ``src/`` is put on the path.
+Prints ``Server response: <reply>``, the reply decoded as UTF-8 (invalid
+bytes replaced) with every control character escaped (ESC, CR, BEL, C1
+controls, line breaks: ``\\x1b``, ``\\r``...): the reply is the server's
+text, and a hostile server must not send the terminal escape sequences
+(window title, clipboard writes, screen clearing) or forge lines.  There is
+no raw mode: every argument after PORT is part of the message, as in Callcp
+1.0; ``callcp send --raw HOST PORT MESSAGE`` writes a reply's bytes as they are.
+
+Exit code 0 on success, 1 on a usage error or a failure.  Failures are
+reported once by the library (the display's error line, or a log line), so
+they are not printed again here.  Works from a checkout without installing
+callcp: ``src/`` is put on the path.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from callcp import (  # noqa: E402
     TransportError,
 )
 from callcp.compat import SecureTCPClient  # noqa: E402
+from callcp.display import printable  # noqa: E402
 
 __all__ = [
     "SecureTCPClient",
@@ -47,12 +59,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         client.connect()
         response = client.send_message(message.encode("utf-8"))
-        print(f"Server response: {response.decode('utf-8', errors='replace')}")
-    except SecureTCPClientError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
+    except SecureTCPClientError:
+        return 1  # connect() and send_message() have reported it (display or log)
     finally:
         client.disconnect()
+    print(f"Server response: {printable(response.decode('utf-8', errors='replace'))}")
     return 0
 
 

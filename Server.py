@@ -1,8 +1,14 @@
 """Callcp 1.0 entry point: ``python Server.py`` or ``from Server import SecureTCPServer``.
 
 Serves on 0.0.0.0:8436 with an echo handler, keys ``server_private.pem`` /
-``server_public.pem`` in the working directory (generated on first run).
-Works from a checkout without installing callcp: ``src/`` is put on the path.
+``server_public.pem`` in the working directory (generated on first run): run
+it from the same directory each time, or it presents another key and clients
+that trusted the first one refuse it.  Works from a checkout without
+installing callcp: ``src/`` is put on the path.
+
+Exit code 0 after Ctrl-C, 1 if the server cannot start.  The library has
+already reported the error, once (the display's error line, or a log line),
+so it is not printed again here.
 """
 
 from __future__ import annotations
@@ -38,9 +44,8 @@ def main() -> int:
     try:
         server.initialize()
         server.start()
-    except SecureTCPServerError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
+    except SecureTCPServerError:
+        return 1  # initialize() and start() have reported it (display or log)
     return 0
 
 

@@ -298,7 +298,9 @@ def test_readme_examples_run_unchanged(
     (repo_copy / "my_client.py").write_text(example(client_example, port))
 
     with process([sys.executable, "-S", "my_server.py"], repo_copy, env) as server:
-        server.wait_for("callcp server listening")
+        # With the display on, its banner stands for the "listening" log line.
+        display_on = "use_display=True" in example(server_example, port)
+        server.wait_for("Listening on" if display_on else "callcp server listening")
         done = run([sys.executable, "-S", "my_client.py"], repo_copy, env)
         assert done.returncode == 0, done.stdout + done.stderr
         for line in expected:
@@ -388,7 +390,7 @@ def test_server_py_and_client_py_scripts(tmp_path: Path) -> None:
         process([sys.executable, "-S", str(REPO / "Server.py")], tmp_path, env) as server,
     ):
         try:
-            server.wait_for("callcp server listening")
+            server.wait_for("Listening on")  # the display's banner
         except pytest.fail.Exception:
             if "already in use" in server.output:  # taken since port_8436() looked
                 pytest.skip("port 8436 was taken by another program meanwhile")
@@ -426,10 +428,13 @@ def test_client_py_usage_and_errors(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
     done = run([sys.executable, "-S", client, "127.0.0.1", str(port), "x"], tmp_path, env)
     assert done.returncode == 1
-    assert (
-        "Error: Failed to connect: nothing is listening (connection refused) while "
+    # Reported once, on stderr, by the library's display: not again by Client.py.
+    failure = (
+        "Failed to connect: nothing is listening (connection refused) while "
         f"connecting to 127.0.0.1:{port}"
-    ) in done.stderr
+    )
+    assert f"✖ {failure}\n" in done.stderr
+    assert (done.stdout + done.stderr).count(failure) == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -761,6 +766,19 @@ def test_nothing_secret_is_logged(
     assert pem_body not in caplog.text
 
 
+@contextlib.contextmanager
+def no_root_handlers() -> Iterator[None]:
+    """As in a program that configured no logging (pytest puts its own
+    capturing handlers on the root logger)."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved
+
+
 def test_default_loggers_are_callcp1s() -> None:
     for make, name in (
         (lambda: SecureTCPClient(use_display=False), "callcp.client"),
@@ -770,16 +788,39 @@ def test_default_loggers_are_callcp1s() -> None:
         saved = (logger.handlers[:], logger.level)
         logger.handlers.clear()
         try:
-            obj = make()
-            assert obj.logger is logger
-            assert logger.level == logging.INFO
-            assert len(logger.handlers) == 1
-            handler = logger.handlers[0]
-            assert isinstance(handler, logging.StreamHandler)
-            assert handler.formatter is not None
-            assert handler.formatter._fmt == LOG_FORMAT
-            make()  # a second instance adds no second handler
-            assert len(logger.handlers) == 1
+            with no_root_handlers():
+                obj = make()
+                assert obj.logger is logger
+                assert logger.level == logging.INFO
+                assert len(logger.handlers) == 1
+                handler = logger.handlers[0]
+                assert isinstance(handler, logging.StreamHandler)
+                assert handler.formatter is not None
+                assert handler.formatter._fmt == LOG_FORMAT
+                make()  # a second instance adds no second handler
+                assert len(logger.handlers) == 1
+        finally:
+            logger.handlers[:] = saved[0]
+            logger.setLevel(saved[1])
+
+
+def test_default_loggers_print_through_configured_logging_once() -> None:
+    """After logging.basicConfig() (here: pytest's root handlers), the default
+    loggers add no console handler of their own: each record is printed by
+    the root's handlers alone, not a second time by callcp's."""
+    for make, name in (
+        (lambda: SecureTCPClient(use_display=False), "callcp.client"),
+        (lambda: SecureTCPServer(use_display=False), "callcp.server"),
+    ):
+        logger = logging.getLogger(name)
+        saved = (logger.handlers[:], logger.level)
+        logger.handlers.clear()
+        logger.setLevel(logging.NOTSET)
+        try:
+            assert logging.getLogger().handlers  # configured (by pytest)
+            assert make().logger is logger
+            assert logger.handlers == []
+            assert logger.level == logging.NOTSET  # the configured level applies
         finally:
             logger.handlers[:] = saved[0]
             logger.setLevel(saved[1])

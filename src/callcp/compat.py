@@ -17,29 +17,93 @@ changed under the same calls:
 
 Options beyond Callcp 1.0 are keyword-only and passed through to
 :func:`callcp.sync.serve` / :func:`callcp.sync.connect`.
+
+Bad arguments
+-------------
+An argument's *value* is checked where it is used (``initialize()``,
+``start()``, ``connect()``; attributes such as ``port`` may be changed until
+then), and a bad one raises this API's own errors, never a bare ``ValueError``
+or ``UnicodeError``.  Each is a SecureTCPServerError and a
+SecureTCPClientError, with a one-line message naming the argument:
+
+- TransportError: an address that cannot be used: a host name that is not a
+  valid DNS/IDNA name (an empty label, one over 63 characters, a character
+  IDNA forbids, whitespace or a control character), or a port that is not
+  an integer from 1 to 65535 (0 too on the server: "pick one").  70000, -1,
+  ``"abc"``, ``"8436"`` and None are all bad ports: ports often arrive as
+  text, so any unusable port is a bad value, not a wrong type.
+- KeyManagementError: a malformed ``server_fingerprint`` or ``authorized_keys``
+  entry, an unsupported ``key_bits``, a key file that cannot be used.
+- LocalProtocolError ("this program misused the API"): any other option out
+  of range or contradictory: a timeout <= 0, a limit < 1, ``insecure=True``
+  with a ``server_fingerprint``.  The keyword-only tuning options (timeouts,
+  limits) are checked as values: anything unusable, whatever its type.
+
+TypeError is kept, as Python's own APIs keep it, for an argument of a type
+the method never takes, checked as early as possible: a host that is not a
+str (the server's None means every interface), a ``message`` that is not
+bytes, a ``message_callback`` that is not callable, a ``logger`` that is not a
+``logging.Logger``, a key or known-hosts path that is not a str or
+``os.PathLike``, a ``client_key`` of another kind, a fingerprint that is not a
+str.  Such a call is a bug in the calling program, to fix rather than to handle.
+
+The console
+-----------
+Every event is shown once.  With ``use_display=True`` (and rich installed)
+the display shows the events (panels and one-line notes on standard output,
+warnings and errors on standard error) and they are still logged, marked as
+shown (the record attribute ``callcp_displayed``): the console handler this
+module adds to its default loggers skips those records, and the INFO lines
+the display stands for (the server's "listening" and "stopped"), so nothing
+appears twice; warnings the display does not show (a new known host, a
+failed handshake) still appear there as log lines.  Handlers the user
+configured (on ``logger``, or on an ancestor such as the root logger) receive
+every record.  The default loggers (``callcp.server``, ``callcp.client``, as in
+Callcp 1.0) get that console handler at INFO only when no handler would
+otherwise print their records: after ``logging.basicConfig()`` they log
+through the root logger's handlers alone, once.  The errors that
+``initialize()``, ``start()``, ``connect()`` and ``send_message()`` raise are
+reported this way too (the display's error line, else the log line), so a
+program need not print them again (``Server.py`` and ``Client.py`` only set
+their exit code); not reported: TypeError, and calls out of order ("Server
+not initialized", "already running", "Not connected to server").
+
+Text the peer controls (close and alert reasons, error messages quoting
+them, a reply shown by ``Client.py``) is printed with control characters
+escaped (``\\x1b``, ``\\r``, ``\\x9b``...): no terminal escape sequence, no
+forged line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import threading
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import sync
 from ._common import DEFAULT_PORT, AuthorizedSource, KeySource
 from ._core.errors import (
     CallcpError,
     CloseCode,
+    KeyManagementError,
+    LocalProtocolError,
     SecureTCPClientError,
     SecureTCPServerError,
+    TransportError,
 )
 from ._core.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from ._options import ClientOptions, ServerOptions
-from .display import Display, make_display
+from .display import Display, make_display, printable
+from .hsm import is_pkcs11_uri
 from .keys import KeyPair
+from .trust import AuthorizedKeys, normalize_fingerprint
 
-__all__ = ["SecureTCPServer", "SecureTCPClient", "MessageCallback"]
+__all__ = ["SecureTCPServer", "SecureTCPClient", "MessageCallback", "DISPLAYED"]
 
 #: Callcp 1.0's message handler: request bytes in, response bytes out.
 MessageCallback = Callable[[bytes], bytes]
@@ -47,14 +111,54 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 
+#: The log record attribute set (True) on a record whose event the display
+#: has shown: the default console handler skips it; other handlers get it.
+DISPLAYED = "callcp_displayed"
+
+# Set (in one thread) while that thread runs a sync.Server call whose INFO
+# lines the display stands for: serve_forever() ("listening") and shutdown()
+# ("stopped").  Those records come from sync, so they cannot carry DISPLAYED.
+_info_shown = threading.local()
+
+
+class _SkipDisplayed(logging.Filter):
+    """The default console handler's filter: one line per event (see the
+    module docstring, "The console")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, DISPLAYED, False):
+            return False
+        return record.levelno >= logging.WARNING or not getattr(_info_shown, "on", False)
+
+
+@contextlib.contextmanager
+def _displaying_info(display: Optional[Display]) -> Iterator[None]:
+    """While the block runs (in this thread), the default console handler
+    skips INFO records: the display shows what they say."""
+    if display is None:
+        yield
+        return
+    before = getattr(_info_shown, "on", False)
+    _info_shown.on = True
+    try:
+        yield
+    finally:
+        _info_shown.on = before
+
+
+def _shown(display: Optional[Display]) -> Optional[Mapping[str, object]]:
+    """The ``extra=`` of a log call whose event ``display`` also shows."""
+    return {DISPLAYED: True} if display is not None else None
+
 
 def _default_logger(name: str) -> logging.Logger:
-    """Callcp 1.0's default logger: a stream handler at INFO, added only if the
-    logger has no handler yet."""
+    """Callcp 1.0's default logger: a console handler at INFO, added only if
+    no handler would print its records (none on it, none on its ancestors)."""
     logger = logging.getLogger(name)
-    if not logger.handlers:
+    if not logger.hasHandlers():
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.addFilter(_SkipDisplayed())
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     return logger
@@ -70,6 +174,97 @@ def _peer(conn: sync.Connection) -> str:
         host = str(addr[0])
         return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
     return "unknown peer"
+
+
+# ============================================================ argument checks
+
+
+def _shorten(value: object) -> str:
+    """``repr(value)``, escaped, at most ~80 characters, for an error message."""
+    text = repr(value)
+    return printable(text if len(text) <= 80 else text[:77] + "...")
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _check_logger(logger: Optional[logging.Logger]) -> None:
+    if logger is not None and not isinstance(logger, logging.Logger):
+        raise TypeError(f"logger must be a logging.Logger or None, not {_type_name(logger)}")
+
+
+def _check_path(name: str, path: object, *, optional: bool) -> None:
+    if path is None and optional:
+        return
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike path, not {_type_name(path)}")
+
+
+def _check_address(host: Optional[str], port: int, *, server: bool) -> None:
+    """Raises TransportError for an address that cannot be used, TypeError
+    for a host that is not a str (see the module docstring)."""
+    if not (server and host is None):
+        if not isinstance(host, str):
+            raise TypeError(f"host must be a str, not {_type_name(host)}")
+        if any(c.isspace() or not c.isprintable() for c in host):
+            raise TransportError(
+                f"invalid host name {_shorten(host)}: it holds whitespace or a control character"
+            )
+        try:
+            host.encode("idna")  # what the resolver does to it (socket.getaddrinfo)
+        except UnicodeError as exc:
+            # "encoding with 'idna' codec failed (UnicodeError: label too long)"
+            found = re.search(r"\((?:UnicodeError: )?(.+)\)$", str(exc))
+            why = found.group(1) if found else str(exc)
+            raise TransportError(
+                f"invalid host name {_shorten(host)}: not a valid DNS or IDNA name ({why})"
+            ) from None
+    low = 0 if server else 1
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
+        raise TransportError(f"invalid port {_shorten(port)}: an integer from {low} to 65535")
+
+
+def _check_fingerprints(name: str, given: Union[str, Iterable[object]]) -> None:
+    """KeyManagementError for a malformed fingerprint in ``given`` (one, or a
+    collection), TypeError for one that is not a str."""
+    items = [given] if isinstance(given, str) else list(given)
+    if not items:
+        raise KeyManagementError(f"invalid {name}: give at least one fingerprint")
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"{name} must hold str fingerprints, not {_type_name(item)}")
+        try:
+            normalize_fingerprint(item)
+        except ValueError as exc:
+            raise KeyManagementError(f"invalid {name}: {printable(str(exc))}") from None
+
+
+def _check_client_key(client_key: object) -> None:
+    if client_key is not None and not isinstance(
+        client_key, (KeyPair, rsa.RSAPrivateKey, str, os.PathLike)
+    ):
+        raise TypeError(
+            "client_key must be a KeyPair, an RSA private key or a path, "
+            f"not {_type_name(client_key)}"
+        )
+
+
+def _options_error(exc: ValueError) -> LocalProtocolError:
+    """An option :class:`ClientOptions` / :class:`ServerOptions` refused."""
+    return LocalProtocolError(f"invalid option: {printable(str(exc))}")
+
+
+def _check_authorized_keys(authorized_keys: object) -> None:
+    if authorized_keys is None or isinstance(authorized_keys, (AuthorizedKeys, str, os.PathLike)):
+        return
+    if isinstance(authorized_keys, (list, set, tuple, frozenset)):
+        _check_fingerprints("authorized_keys", authorized_keys)
+        return
+    raise TypeError(
+        "authorized_keys must be a path, fingerprints or an AuthorizedKeys, "
+        f"not {_type_name(authorized_keys)}"
+    )
 
 
 # ====================================================================== server
@@ -92,6 +287,11 @@ class SecureTCPServer:
     ``max_handshakes``, ``handshake_timeout``, ``idle_timeout``,
     ``max_message_size``, ``backlog``, ``reuse_port``, ``shutdown_timeout``
     (seconds in-flight requests get to finish on shutdown).
+
+    Raises:
+        TypeError: ``message_callback`` is not callable, or ``logger`` is not
+            a ``logging.Logger`` (the other arguments are checked where they
+            are used: see the module docstring, "Bad arguments").
     """
 
     def __init__(
@@ -116,6 +316,11 @@ class SecureTCPServer:
         reuse_port: bool = False,
         shutdown_timeout: float = ServerOptions.shutdown_timeout,
     ) -> None:
+        if message_callback is not None and not callable(message_callback):
+            raise TypeError(
+                f"message_callback must be callable, not {_type_name(message_callback)}"
+            )
+        _check_logger(logger)
         self.host = host
         self.port = port
         self.private_key_path = private_key_path
@@ -153,17 +358,36 @@ class SecureTCPServer:
     def running(self) -> bool:
         return self._running
 
+    def _report_error(self, log_message: str, shown_message: str, *args: Any) -> None:
+        """An error this API raises: logged, and shown on the display (once)."""
+        self.logger.error(log_message, *args, extra=_shown(self.display))
+        if self.display is not None:
+            self.display.print_error(shown_message)
+
     def initialize(self) -> None:
         """Load the server key, or generate and save it on first run.
 
         ``private_key_path`` holds a PKCS#8 PEM private key (mode 0600) and
         ``public_key_path`` its SubjectPublicKeyInfo PEM public key: Callcp
-        1.0's files load as they are.
+        1.0's files load as they are.  Relative paths (the defaults
+        ``server_private.pem`` / ``server_public.pem`` are) name files in the
+        working directory at the time of this call.  The log and the display
+        say whether the key was generated or loaded.
 
         Raises:
             KeyManagementError: a key file cannot be read, parsed, decrypted or
-                written, or the two files do not match.
+                written, the two files do not match, or ``key_bits`` is not
+                2048, 3072 or 4096.
+            TypeError: a path is not a str or os.PathLike, or ``key_password``
+                is not a str, bytes or None.
         """
+        _check_path("private_key_path", self.private_key_path, optional=False)
+        _check_path("public_key_path", self.public_key_path, optional=True)
+        # KeyPair.load_or_generate generates when nothing is at the path (not
+        # even a dangling link); a pkcs11: URI is only ever opened.
+        generated = not is_pkcs11_uri(self.private_key_path) and not os.path.lexists(
+            self.private_key_path
+        )
         try:
             self.keypair = KeyPair.load_or_generate(
                 self.private_key_path,
@@ -175,13 +399,16 @@ class SecureTCPServer:
                 allow_insecure_permissions=True,
             )
         except CallcpError as exc:
-            self.logger.error("Key management failed: %s", exc)
-            if self.display is not None:
-                self.display.print_error(f"Key management failed: {exc}")
+            self._report_error("Key management failed: %s", f"Key management failed: {exc}", exc)
             raise
-        self.logger.info("Server key %s (%s)", self.keypair.fingerprint, self.private_key_path)
+        # (If another process created the file meanwhile, its key was loaded:
+        # still "generated" here, a moment ago, by that process.)
+        how = "generated" if generated else "loaded"
+        fp = self.keypair.fingerprint
+        path = printable(os.fspath(self.private_key_path))
+        self.logger.info("Server key %s: %s (%s)", how, fp, path, extra=_shown(self.display))
         if self.display is not None:
-            self.display.print_success(f"Server key loaded: {self.keypair.fingerprint}")
+            self.display.print_success(f"Server key {how}: {fp} ({path})")
 
     def start(self) -> None:
         """Bind and serve until :meth:`shutdown` or Ctrl-C (blocks).
@@ -192,7 +419,13 @@ class SecureTCPServer:
         Raises:
             SecureTCPServerError: :meth:`initialize` was not called, or the
                 server is already running.
-            TransportError: the address cannot be bound (in use, not local).
+            TransportError: the address cannot be bound (in use, not local),
+                or the host or port is not valid.
+            KeyManagementError: an ``authorized_keys`` entry is malformed or
+                its file cannot be read.
+            LocalProtocolError: another option is out of range.
+            TypeError: ``host`` is neither a str nor None, or
+                ``authorized_keys`` is of an unsupported type.
         """
         keypair = self.keypair
         if keypair is None:
@@ -210,9 +443,11 @@ class SecureTCPServer:
                 self._running = False
             self.ready.clear()
 
-    def _serve(self, keypair: KeyPair) -> None:
+    def _options(self, keypair: KeyPair) -> ServerOptions:
+        _check_address(self.host, self.port, server=True)
+        _check_authorized_keys(self._authorized_keys)
         try:
-            options = ServerOptions(
+            return ServerOptions(
                 key=keypair,
                 authorized_keys=self._authorized_keys,
                 max_connections=self._max_connections,
@@ -225,11 +460,20 @@ class SecureTCPServer:
                 reuse_port=self._reuse_port,
                 logger=self.logger,
             )
-            server = sync.Server(self._handle, self.host, self.port, options)
+        except ValueError as exc:
+            raise _options_error(exc) from None
+
+    def _serve(self, keypair: KeyPair) -> None:
+        try:
+            server = sync.Server(self._handle, self.host, self.port, self._options(keypair))
         except CallcpError as exc:
-            self.logger.error("Failed to start server on %s:%s: %s", self.host, self.port, exc)
-            if self.display is not None:
-                self.display.print_error(f"Failed to start server: {exc}")
+            self._report_error(
+                "Failed to start server on %s:%s: %s",
+                f"Failed to start server: {exc}",
+                printable(str(self.host)),
+                printable(str(self.port)),
+                exc,
+            )
             raise
         with self._lock:
             self._server = server
@@ -241,9 +485,10 @@ class SecureTCPServer:
             self.display.startup_banner(self.host, self.port, keypair.fingerprint)
         self.ready.set()
         try:
-            server.serve_forever()
+            with _displaying_info(self.display):  # its "listening" line: the banner
+                server.serve_forever()
         except KeyboardInterrupt:
-            self.logger.info("Received shutdown signal")
+            self.logger.info("Received shutdown signal", extra=_shown(self.display))
             if self.display is not None:
                 self.display.print_warning("Received shutdown signal")
 
@@ -256,9 +501,10 @@ class SecureTCPServer:
             server, self._server = self._server, None
         if server is None:
             return
-        self.logger.info("Shutting down server")
+        self.logger.info("Shutting down server", extra=_shown(self.display))
         try:
-            server.shutdown(self.shutdown_timeout)
+            with _displaying_info(self.display):  # its "stopped" line: "Server stopped"
+                server.shutdown(self.shutdown_timeout)
         except Exception as exc:  # shutdown must not raise: report and go on
             self.logger.error("Error during shutdown: %s", exc)
         if self.display is not None:
@@ -269,50 +515,55 @@ class SecureTCPServer:
     def _callback_failed(self, conn: sync.Connection, peer: str, count: int, what: str) -> None:
         """Log a failed ``message_callback`` on one line and close the connection."""
         self.logger.error(
-            "message_callback %s on message %d from %s; closing the connection", what, count, peer
+            "message_callback %s on message %d from %s; closing the connection",
+            what,
+            count,
+            peer,
+            extra=_shown(self.display),
         )
         if self.display is not None:
             self.display.print_error(f"{peer}: message_callback {what}; connection closed")
         conn.close(CloseCode.INTERNAL_ERROR, "internal server error")
 
     def _handle(self, conn: sync.Connection) -> None:
-        """The sync handler: one call of ``message_callback`` per message."""
+        """The sync handler: one call of ``message_callback`` per message.
+
+        A connection that ends in an error is logged by the server (on one
+        line, rate-limited against floods), not shown again here."""
         peer = _peer(conn)
         display = self.display
         if display is not None:
             display.connection_banner(peer, conn.peer_fingerprint)
             display.channel_panel()
         count = 0
-        try:
-            for message in conn:
-                count += 1
-                try:
-                    reply = self.message_callback(message)
-                except Exception as exc:
-                    # The exception's type only: its text may quote the data.
-                    self._callback_failed(conn, peer, count, f"raised {type(exc).__name__}")
-                    return
-                if not isinstance(reply, (bytes, bytearray, memoryview)):
-                    what = f"returned {type(reply).__name__}, not bytes"
-                    self._callback_failed(conn, peer, count, what)
-                    return
-                conn.send(reply)
-                self.logger.debug(
-                    "%s: message %d: %d bytes in, %d bytes out",
-                    peer,
-                    count,
-                    len(message),
-                    len(reply),
-                )
-                if display is not None:
-                    display.print_info(
-                        f"{peer}: received {len(message)} bytes, replied {len(reply)} bytes"
-                    )
-        except CallcpError as exc:
+        for message in conn:
+            count += 1
+            try:
+                reply = self.message_callback(message)
+            except Exception as exc:
+                # The exception's type only: its text may quote the data.
+                self._callback_failed(conn, peer, count, f"raised {type(exc).__name__}")
+                return
+            if not isinstance(reply, (bytes, bytearray, memoryview)):
+                what = f"returned {type(reply).__name__}, not bytes"
+                self._callback_failed(conn, peer, count, what)
+                return
+            conn.send(reply)
+            self.logger.debug(
+                "%s: message %d: %d bytes in, %d bytes out",
+                peer,
+                count,
+                len(message),
+                len(reply),
+                extra=_shown(display),
+            )
             if display is not None:
-                display.print_warning(f"{peer}: connection ended: {exc}")
-            raise  # sync.Server logs it on one line
-        self.logger.info("Client %s disconnected after %d messages", peer, count)
+                display.print_info(
+                    f"{peer}: received {len(message)} bytes, replied {len(reply)} bytes"
+                )
+        self.logger.info(
+            "Client %s disconnected after %d messages", peer, count, extra=_shown(display)
+        )
         if display is not None:
             display.print_info(f"{peer} disconnected ({count} messages)")
 
@@ -333,6 +584,11 @@ class SecureTCPClient:
     ``known_hosts``, ``trust_on_first_use``, ``insecure``, ``client_key``
     (KeyPair, RSA key or PEM path, for servers that require client keys),
     ``key_password``, ``max_message_size`` (the largest reply accepted).
+
+    Raises:
+        TypeError: ``logger`` is not a ``logging.Logger`` (the other
+            arguments are checked by :meth:`connect`: see the module
+            docstring, "Bad arguments").
     """
 
     def __init__(
@@ -351,6 +607,7 @@ class SecureTCPClient:
         key_password: Optional[str] = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
+        _check_logger(logger)
         self.host = host
         self.port = port
         self.logger = logger if logger is not None else _default_logger("callcp.client")
@@ -385,11 +642,20 @@ class SecureTCPClient:
             ServerKeyChanged: the server's key differs from the pinned or known one.
             UnknownServerKey: the server is unknown and TOFU is off.
             HandshakeError: any other handshake failure.
-            TransportError: nothing listening, unreachable, timed out.
-            KeyManagementError: ``client_key`` could not be loaded.
+            TransportError: nothing listening, unreachable, timed out; or the
+                host or port is not valid.
+            KeyManagementError: ``client_key`` could not be loaded, or
+                ``server_fingerprint`` is malformed.
+            LocalProtocolError: another option is out of range or
+                contradictory (``insecure=True`` with a pin).
+        And, before any network traffic:
+            TypeError: ``host`` is not a str, a path is not a str or
+                os.PathLike, ``client_key`` or ``server_fingerprint`` is of an
+                unsupported type.
         """
         if self.is_connected():
             return
+        self._check_types()  # (a TypeError is a bug in the caller: raised as is)
         display = self.display
         try:
             if display is not None:
@@ -400,32 +666,63 @@ class SecureTCPClient:
         except SecureTCPClientError as exc:
             # Keep the specific class (and its attributes); add 1.0's prefix.
             exc.args = (f"Failed to connect: {exc}",)
-            self.logger.error("%s", exc)
+            self.logger.error("%s", exc, extra=_shown(display))
             if display is not None:
                 display.print_error(str(exc))
             raise
         self._conn = conn
         self.logger.info(
-            "Connected to %s:%s (server key %s)", self.host, self.port, conn.peer_fingerprint
+            "Connected to %s:%s (server key %s)",
+            self.host,
+            self.port,
+            conn.peer_fingerprint,
+            extra=_shown(display),
         )
         if display is not None:
             display.handshake_panel(f"{self.host}:{self.port}", conn.peer_fingerprint)
             display.channel_panel()
 
+    def _check_types(self) -> None:
+        """TypeError for an argument of a type :meth:`connect` never takes."""
+        if not isinstance(self.host, str):
+            raise TypeError(f"host must be a str, not {_type_name(self.host)}")
+        _check_path("known_hosts", self.known_hosts, optional=True)
+        _check_client_key(self.client_key)
+        pins = self.server_fingerprint
+        if not (
+            pins is None
+            or isinstance(pins, str)
+            or (
+                isinstance(pins, (list, tuple, set, frozenset))
+                and all(isinstance(pin, str) for pin in pins)
+            )
+        ):
+            raise TypeError(
+                f"server_fingerprint must be a str or a list of str, not {_type_name(pins)}"
+            )
+
+    def _options(self) -> ClientOptions:
+        """The options, their values checked (the module docstring, "Bad arguments")."""
+        _check_address(self.host, self.port, server=False)
+        if self.server_fingerprint is not None:
+            _check_fingerprints("server_fingerprint", self.server_fingerprint)
+        try:
+            return ClientOptions(
+                timeout=self.timeout,
+                server_fingerprint=self.server_fingerprint,
+                known_hosts=os.fspath(self.known_hosts) if self.known_hosts is not None else None,
+                trust_on_first_use=self.trust_on_first_use,
+                insecure=self.insecure,
+                client_key=self.client_key,
+                key_password=self.key_password,
+                max_message_size=self.max_message_size,
+                logger=self.logger,
+            )
+        except ValueError as exc:
+            raise _options_error(exc) from None
+
     def _open(self) -> sync.Connection:
-        conn = sync.connect(
-            self.host,
-            self.port,
-            timeout=self.timeout,
-            server_fingerprint=self.server_fingerprint,
-            known_hosts=os.fspath(self.known_hosts) if self.known_hosts is not None else None,
-            trust_on_first_use=self.trust_on_first_use,
-            insecure=self.insecure,
-            client_key=self.client_key,
-            key_password=self.key_password,
-            max_message_size=self.max_message_size,
-            logger=self.logger,
-        )
+        conn = sync.open_connection(self.host, self.port, self._options())
         try:  # Callcp 1.0's connect() returned with the handshake done: so does this one
             conn.do_handshake(confirm=True)
         except BaseException:
@@ -462,12 +759,16 @@ class SecureTCPClient:
             with self._lock:
                 reply = conn.request(message)
         except CallcpError as exc:
-            self.logger.error("Request to %s:%s failed: %s", self.host, self.port, exc)
+            self.logger.error(
+                "Request to %s:%s failed: %s", self.host, self.port, exc, extra=_shown(display)
+            )
             if display is not None:
                 display.print_error(f"Request failed: {exc}")
             self.disconnect()
             raise
-        self.logger.debug("Sent %d bytes, received %d bytes", len(message), len(reply))
+        self.logger.debug(
+            "Sent %d bytes, received %d bytes", len(message), len(reply), extra=_shown(display)
+        )
         if display is not None:
             display.print_success(f"Server replied ({len(reply)} bytes)")
         return reply
@@ -481,7 +782,9 @@ class SecureTCPClient:
             conn.close()
         except Exception as exc:  # never raise from disconnect
             self.logger.debug("Error while disconnecting: %s", exc)
-        self.logger.info("Disconnected from %s:%s", self.host, self.port)
+        self.logger.info(
+            "Disconnected from %s:%s", self.host, self.port, extra=_shown(self.display)
+        )
         if self.display is not None:
             self.display.print_info("Disconnected")
 

@@ -1,13 +1,21 @@
 """The optional rich console UI of the Callcp 1.0 API (``use_display=True``).
 
-``rich`` is an optional extra (``pip install 'callcp[display]'``) and is
-imported lazily, only when a display is asked for.  Without it,
-:func:`make_display` returns ``None`` and logs ONE warning per process: the
-caller then only logs, exactly as with ``use_display=False``.
+``rich`` is an optional dependency (``pip install rich``; or, from the
+callcp source directory, ``pip install '.[display]'``: callcp is not on a
+package index) and is imported lazily, only when a display is asked for.
+Without it, :func:`make_display` returns ``None`` and logs ONE warning per
+process: the caller then only logs, exactly as with ``use_display=False``.
 
 The display is an interactive console, not a log.  Even so it never shows keys,
 and the server side never shows message contents (only sizes); the client may
-echo back what its user typed.
+echo back what its user typed.  Panels and notes go to standard output,
+warnings and errors to standard error.
+
+Every text it shows passes through :func:`printable` first: control
+characters (ESC, CR, BEL, C1 controls such as ``\\x9b``, line breaks) are shown
+escaped, so text from the peer (an error quoting a close reason, say) cannot
+send the terminal an escape sequence or forge a line.  rich itself strips only
+a few controls (BEL, BS, VT, FF, CR) and lets ESC through.
 """
 
 from __future__ import annotations
@@ -19,10 +27,13 @@ import threading
 from types import ModuleType
 from typing import Any, Iterator, Optional
 
-__all__ = ["RICH_MISSING_WARNING", "Display", "make_display", "rich_available"]
+from ._core.wire import printable
+
+__all__ = ["RICH_MISSING_WARNING", "Display", "make_display", "printable", "rich_available"]
 
 RICH_MISSING_WARNING = (
-    "rich is not installed; use_display=True falls back to logging (pip install 'callcp[display]')"
+    "rich is not installed; use_display=True falls back to logging "
+    "(pip install rich; or, in the callcp source directory, pip install '.[display]')"
 )
 
 #: Longest message preview the client display shows, in characters.
@@ -52,27 +63,37 @@ def rich_available() -> bool:
 class Display:
     """A thin rich console for the Callcp 1.0 classes.
 
-    Thread-safe (rich's Console serialises its output).  ``console`` is any
-    ``rich.console.Console``; the default writes to standard output.
+    Thread-safe (rich's Console serialises its output).  ``console`` and
+    ``err_console`` are ``rich.console.Console`` objects; by default the
+    first writes to standard output, the second (warnings and errors) to
+    standard error.  Given only ``console``, everything goes there.
 
     Raises:
         ImportError: ``rich`` is not installed (see :func:`make_display`).
     """
 
-    def __init__(self, console: Optional[Any] = None) -> None:
+    def __init__(self, console: Optional[Any] = None, err_console: Optional[Any] = None) -> None:
         rich_console = _import_rich()
         from rich.panel import Panel
         from rich.text import Text
 
         self._Panel = Panel
         self._Text = Text
-        self.console: Any = console if console is not None else rich_console.Console()
+        if console is None:
+            console = rich_console.Console()
+            if err_console is None:
+                err_console = rich_console.Console(stderr=True)
+        self.console: Any = console
+        self.err_console: Any = err_console if err_console is not None else console
 
     # ------------------------------------------------------------- one-liners
 
-    def _line(self, style: str, prefix: str, message: str) -> None:
-        # A Text object, never markup: peer data such as "[bold]" is shown as is.
-        self.console.print(self._Text(prefix + message, style=style))
+    def _line(self, style: str, prefix: str, message: str, *, error: bool = False) -> None:
+        # A Text object, never markup: peer data such as "[bold]" is shown as
+        # is; escaped (printable), so no control character reaches the
+        # terminal; never wrapped, so one event is one line.
+        console = self.err_console if error else self.console
+        console.print(self._Text(prefix + printable(message), style=style), soft_wrap=True)
 
     def print_info(self, message: str) -> None:
         self._line("cyan", "ℹ ", message)
@@ -81,16 +102,18 @@ class Display:
         self._line("green", "✔ ", message)
 
     def print_warning(self, message: str) -> None:
-        self._line("yellow", "⚠ ", message)
+        self._line("yellow", "⚠ ", message, error=True)
 
     def print_error(self, message: str) -> None:
-        self._line("bold red", "✖ ", message)
+        self._line("bold red", "✖ ", message, error=True)
 
     # ---------------------------------------------------------------- panels
 
     def _panel(self, lines: list[str], title: str, style: str) -> None:
-        body = self._Text("\n".join(lines))
-        self.console.print(self._Panel(body, title=title, border_style=style, expand=False))
+        body = self._Text("\n".join(printable(line) for line in lines))
+        self.console.print(
+            self._Panel(body, title=printable(title), border_style=style, expand=False)
+        )
 
     def startup_banner(self, host: str, port: int, fingerprint: str) -> None:
         """The server's banner: where it listens and which key it proves."""
@@ -126,7 +149,7 @@ class Display:
         )
 
     def message(self, direction: str, data: bytes) -> None:
-        """A preview of ``data`` (client side only: what the user sent)."""
+        """A preview of ``data`` (client side only: what the user sent), escaped."""
         text = data.decode("utf-8", errors="replace")
         if len(text) > PREVIEW_CHARS:
             text = text[:PREVIEW_CHARS] + f"… ({len(data)} bytes)"
@@ -137,7 +160,7 @@ class Display:
     @contextlib.contextmanager
     def status(self, message: str) -> Iterator[None]:
         """A spinner shown while the ``with`` block runs."""
-        with self.console.status(self._Text(message)):
+        with self.console.status(self._Text(printable(message))):
             yield
 
 
