@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test check bench dist smoke-wheel clean
+.PHONY: demo test check docs bench dist smoke-wheel clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ check: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# The documentation site, into site/ (not committed): MkDocs + Material +
+# mkdocstrings, from mkdocs.yml and docs/. --strict: a broken link, anchor
+# or cross-reference fails the build. The docs tools need Python 3.11+.
+docs: $(VENV)/.installed-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 # The release files: dist/callcp-VERSION.tar.gz and the wheel built from it
 # (not committed), checked as PyPI would render them.
 dist: $(VENV)/.installed-dev
@@ -50,4 +56,4 @@ smoke-wheel: $(VENV)/.installed-dev
 	BUILD_PYTHON=$(CURDIR)/$(BIN)/python bash scripts/smoke_wheel.sh
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
