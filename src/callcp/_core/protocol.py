@@ -228,6 +228,9 @@ _FOREIGN = (
 )
 
 
+_FOREIGN_PREFIXES = tuple(prefix for prefix, _ in _FOREIGN) + (b"-----BEGIN",)
+
+
 def _finished_mac(key: bytes, transcript_hash: bytes) -> bytes:
     h = hmac.HMAC(key, hashes.SHA256())
     h.update(transcript_hash)
@@ -760,9 +763,8 @@ class _Protocol:
             return None
         buf, pos = self._buf, self._pos
         ftype, length = HEADER.unpack_from(buf, pos)
-        if (
-            self.state in (State.WAIT_SERVER_HELLO, State.WAIT_CLIENT_HELLO)
-            and (self.state, ftype) not in self._TABLE
+        if self.state in (State.WAIT_SERVER_HELLO, State.WAIT_CLIENT_HELLO) and (
+            ftype not in FrameType.NAMES or self._peek(64).startswith(_FOREIGN_PREFIXES)
         ):
             self._foreign_peer()  # (the peer's first bytes: what does it speak?)
         if ftype in FrameType.PLAINTEXT:
