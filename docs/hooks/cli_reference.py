@@ -17,7 +17,7 @@ from typing import Any, Iterator, List, Tuple
 
 MARKER = "<!-- callcp-cli-reference -->"
 #: The help is wrapped for this terminal width, whatever the build machine's.
-COLUMNS = "88"
+COLUMNS = "78"
 
 
 def on_config(config: Any, **kwargs: Any) -> Any:

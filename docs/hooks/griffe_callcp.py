@@ -15,6 +15,8 @@ turns into Markdown before they are rendered (nothing in src/ changes):
 - ``#:`` comments right above a module or class attribute (the Sphinx way
   to document a constant, e.g. ``callcp.hsm.PIN_ENV``) become its docstring
   when it has none.
+- A reStructuredText definition list ("Files" on a line of its own, its
+  text indented below it) becomes a bold term and a paragraph.
 - A "Raises:" item with no exception name ("Whatever reading ``source``
   raises ...") is read as ``Exception: ...`` instead of being dropped with a
   warning.
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, List, Optional
 
 import griffe
 
@@ -52,6 +54,7 @@ class CallcpDocstrings(griffe.Extension):
             value = obj.docstring.value
             new = _ROLE.sub(functools.partial(_xref, obj), value)
             new = _LITERAL.sub(r":\n\1", new)
+            new = _definition_lists(new)
             new = _raises_without_type(new)
             if new != value:
                 obj.docstring.value = new
@@ -152,3 +155,42 @@ def _raises_without_type(text: str) -> str:
                     line = f"{' ' * indent}Exception: {stripped[0].lower()}{stripped[1:]}"
         out.append(line)
     return "\n".join(out)
+
+
+def _definition_lists(text: str) -> str:
+    """``Term`` alone on a line after a blank one, at the docstring's left
+    margin, its definition indented below it: ``**Term**`` and the
+    definition as a paragraph of its own.  (Google-style sections and their
+    items have a ":", and are left alone.)"""
+    lines = text.split("\n")
+    out: List[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        term = line.strip()
+        indent = len(line) - len(line.lstrip())
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        nxt_indent = len(nxt) - len(nxt.lstrip())
+        if (
+            term
+            and indent == 0
+            and ":" not in term
+            and len(term) <= 40
+            and (i == 0 or not lines[i - 1].strip())
+            and nxt.strip()
+            and nxt_indent > indent
+        ):
+            out += [f"{' ' * indent}**{term}**", ""]
+            i += 1
+            while i < len(lines) and (not lines[i].strip() or _indent(lines[i]) > indent):
+                body = lines[i]
+                out.append(" " * indent + body[nxt_indent:] if body.strip() else "")
+                i += 1
+            continue
+        out.append(line)
+        i += 1
+    return "\n".join(out)
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
