@@ -968,3 +968,11 @@ def test_an_authorized_keys_file_is_followed_without_a_restart(
         refusal = info.value
     assert "not authorized" in str(refusal)
     refused.close()
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".example", "a..b", ".leading"])
+def test_an_invalid_host_name_is_a_transport_error(adapter: Adapter, host: str) -> None:
+    """A host name the IDNA codec refuses (an empty label, one over 63
+    characters) is callcp's TransportError, not a bare UnicodeError."""
+    with pytest.raises(callcp.TransportError, match="invalid host name"):
+        adapter.connect(1, host=host)

@@ -432,7 +432,10 @@ def test_without_python_pkcs11_the_error_names_the_extra(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "pkcs11", None)
-    with pytest.raises(KeyManagementError, match=r"pip install 'callcp\[hsm\]'"):
+    wording = (
+        r"pip install python-pkcs11 \(or, in the callcp source directory, pip install '\.\[hsm\]'\)"
+    )
+    with pytest.raises(KeyManagementError, match=wording):
         KeyPair.load(softhsm.uri("server"))
 
 

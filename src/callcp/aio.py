@@ -42,8 +42,10 @@ from ._core.errors import (
     CloseCode,
     ConnectionClosedOK,
     LocalProtocolError,
+    TransportError,
 )
 from ._core.events import NEED_DATA, DecryptionRequested, MessageReceived
+from ._core.wire import printable
 from ._engine import (
     DEFAULT,
     Address,
@@ -366,6 +368,8 @@ async def connect_once(
         raise CallcpTimeout(f"timed out connecting to {host}:{port}") from None
     except OSError as exc:
         raise _translate(exc, f"connecting to {host}:{port}") from exc
+    except UnicodeError:  # (the IDNA codec: an empty label, one over 63 characters)
+        raise TransportError(f"invalid host name {printable(str(host))!r}") from None
     conn = Connection(link, timeout=options.timeout)
     conn.remote_address = conn.remote_address or (host, port)
     try:

@@ -581,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="generate the key in a PKCS#11 token instead of a file, named by URI "
         "(pkcs11:token=...;object=LABEL?module-name=...&pin-source=file:...); the private "
-        "key never leaves the token; prints the URI to use as --key (needs callcp[hsm])",
+        "key never leaves the token; prints the URI to use as --key (needs python-pkcs11)",
     )
     p.add_argument(
         "--next",

@@ -10,7 +10,8 @@ callcp takes a key file's path (``serve(key=...)``, ``connect(client_key=...)``,
 The private key never leaves the token: :class:`Pkcs11Key` is a
 ``cryptography`` ``RSAPrivateKey`` whose ``sign`` (RSA-PSS) and ``decrypt``
 (RSA-OAEP) run there, so the protocol code uses it as it uses a key from a
-file.  Needs the optional extra ``callcp[hsm]`` (python-pkcs11).
+file.  Needs the optional extra ``hsm`` (python-pkcs11): ``pip install '.[hsm]'``
+from the callcp source directory, or ``pip install python-pkcs11``.
 
 The URI (path attributes after ``pkcs11:``, ``;``-separated; query attributes
 after ``?``, ``&``-separated; values percent-encoded):
@@ -276,7 +277,8 @@ def _binding() -> Any:
         import pkcs11
     except ImportError:
         raise KeyManagementError(
-            "a PKCS#11 key needs the python-pkcs11 package: pip install 'callcp[hsm]'"
+            "a PKCS#11 key needs the python-pkcs11 package: pip install python-pkcs11 "
+            "(or, in the callcp source directory, pip install '.[hsm]')"
         ) from None
     return pkcs11
 

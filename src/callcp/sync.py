@@ -32,8 +32,10 @@ from ._core.errors import (
     CloseCode,
     ConnectionClosedOK,
     LocalProtocolError,
+    TransportError,
 )
 from ._core.events import NEED_DATA, DecryptionRequested, MessageReceived
+from ._core.wire import printable
 from ._engine import (
     DEFAULT,
     Address,
@@ -522,6 +524,8 @@ def connect_once(
         sock = socket.create_connection((host, port), timeout=options.timeout)
     except OSError as exc:
         raise _translate(exc, f"connecting to {host}:{port}") from exc
+    except UnicodeError:  # (the IDNA codec: an empty label, one over 63 characters)
+        raise TransportError(f"invalid host name {printable(str(host))!r}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn = Connection(sock, engine, timeout=options.timeout)
     conn.remote_address = conn.remote_address or (host, port)
