@@ -78,6 +78,7 @@ class SocketLink:
 
     @property
     def closed(self) -> bool:
+        """True once the connection is closed; it then refuses further use."""
         return self._closed
 
     def settimeout(self, timeout: Optional[float]) -> None:

@@ -97,9 +97,11 @@ class Connection(ConnectionBase):
 
     @property
     def closed(self) -> bool:
+        """True once the connection is closed; it then refuses further use."""
         return bool(self._link.transport.is_closing())
 
     def settimeout(self, timeout: Optional[float]) -> None:
+        """Deadline in seconds for each later awaited operation (None: wait forever)."""
         self._timeout = timeout
 
     async def do_handshake(self, timeout: Any = DEFAULT, *, confirm: bool = False) -> None:
@@ -237,6 +239,7 @@ class Connection(ConnectionBase):
         self._link.abort()
 
     async def wait_closed(self) -> None:
+        """Wait until the transport is closed."""
         await asyncio.shield(self._link.lost)
 
     async def __aenter__(self) -> Connection:
@@ -413,6 +416,7 @@ class Server(ServerBase):
 
     @property
     def sockets(self) -> Tuple[socket.socket, ...]:
+        """The listening sockets."""
         return tuple(getattr(self._server, "sockets", None) or ())
 
     @property
@@ -421,6 +425,7 @@ class Server(ServerBase):
         return self._port
 
     def is_serving(self) -> bool:
+        """True while accepting."""
         return self._server is not None and self._server.is_serving()
 
     def _tick(self) -> None:
@@ -527,6 +532,7 @@ class Server(ServerBase):
                 raise
 
     async def start_serving(self) -> None:
+        """Start accepting (serve() already has; for asyncio.Server compatibility)."""
         if self._server is not None:
             await self._server.start_serving()
 
@@ -586,6 +592,7 @@ class Server(ServerBase):
         await self.wait_closed(grace)
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The server's event loop."""
         return asyncio.get_running_loop()
 
     async def __aenter__(self) -> Server:

@@ -400,10 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Prints one line, 'listening on HOST:PORT (server key SHA256:...)'; give that\n"
         "fingerprint to clients (callcp send --fingerprint ...). Each message is\n"
         "echoed back (in upper case with --upper). Files sent with `callcp send-file`\n"
-        "are stored in --receive-dir under the base name the sender gave (never\n"
-        "overwriting: 'name (1).ext', 'name (2).ext'...; names that are empty, '.',\n"
-        "'..', hold control characters or are longer than 200 bytes are refused) and\n"
-        "confirmed with their SHA-256. Without --receive-dir, files are refused.",
+        "are stored in --receive-dir under the base name the sender gave, NFC-\n"
+        "normalised (never overwriting: 'name (1).ext'...; dotfiles, names starting\n"
+        "with '-', blank names, '.part' names, names with control or bidi characters\n"
+        "and names over 200 bytes are refused) and confirmed with their SHA-256,\n"
+        "within --max-file-size, --max-files, --max-total-size and --min-free-space.\n"
+        "Without --receive-dir, files are refused.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument(
@@ -490,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         metavar="N",
         type=_count,
-        help="serve at most N clients at once; more are refused (default: 512)",
+        help="serve at most N clients at once; more are refused (default: what the "
+        "file-descriptor limit allows, at most 10000)",
     )
     p.add_argument(
         "--workers",

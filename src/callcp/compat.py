@@ -356,6 +356,7 @@ class SecureTCPServer:
 
     @property
     def running(self) -> bool:
+        """True while start() serves."""
         return self._running
 
     def _report_error(self, log_message: str, shown_message: str, *args: Any) -> None:
@@ -631,6 +632,7 @@ class SecureTCPClient:
         return conn.peer_fingerprint if conn is not None else None
 
     def is_connected(self) -> bool:
+        """True while connected."""
         conn = self._conn
         return conn is not None and not conn.closed
 

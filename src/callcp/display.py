@@ -96,15 +96,19 @@ class Display:
         console.print(self._Text(prefix + printable(message), style=style), soft_wrap=True)
 
     def print_info(self, message: str) -> None:
+        """Show one escaped line on stdout (information)."""
         self._line("cyan", "ℹ ", message)
 
     def print_success(self, message: str) -> None:
+        """Show one escaped line on stdout (a success)."""
         self._line("green", "✔ ", message)
 
     def print_warning(self, message: str) -> None:
+        """Show one escaped line on stderr (a warning)."""
         self._line("yellow", "⚠ ", message, error=True)
 
     def print_error(self, message: str) -> None:
+        """Show one escaped line on stderr (an error)."""
         self._line("bold red", "✖ ", message, error=True)
 
     # ---------------------------------------------------------------- panels
@@ -144,6 +148,7 @@ class Display:
         self._panel(lines, "Handshake complete", "green")
 
     def channel_panel(self) -> None:
+        """Show the 'Encrypted channel active' panel."""
         self._panel(
             ["AES-256-GCM, authenticated and replay-protected"], "Encrypted channel active", "green"
         )

@@ -816,13 +816,16 @@ class Pkcs11Key(rsa.RSAPrivateKey):
 
     @property
     def token_label(self) -> str:
+        """The label of the token holding the key."""
         return self._session.token_label
 
     @property
     def key_size(self) -> int:
+        """The modulus size in bits."""
         return self._size
 
     def public_key(self) -> rsa.RSAPublicKey:
+        """The public half, read from the token."""
         return self._public
 
     def _read_public(self) -> rsa.RSAPublicKey:
@@ -905,6 +908,13 @@ class Pkcs11Key(rsa.RSAPrivateKey):
         padding: AsymmetricPadding,
         algorithm: Any,
     ) -> bytes:
+        """Sign ``data`` in the token: RSA-PSS (MGF1 over the same hash) or
+        PKCS#1 v1.5, with SHA-256, SHA-384 or SHA-512 (or ``Prehashed``).
+
+        Raises:
+            UnsupportedAlgorithm: another padding or hash.
+            KeyManagementError: the token failed.
+        """
         p11 = self._p11
         prehashed = isinstance(algorithm, asym_utils.Prehashed)
         digest = algorithm._algorithm if prehashed else algorithm
@@ -1028,9 +1038,11 @@ class Pkcs11Key(rsa.RSAPrivateKey):
         )
 
     def private_bytes(self, encoding: Any, format: Any, encryption_algorithm: Any) -> bytes:
+        """Refused (KeyManagementError): the private key never leaves the token."""
         raise self._stays()
 
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
+        """Refused (KeyManagementError): the private key never leaves the token."""
         raise self._stays()
 
     def __copy__(self) -> Pkcs11Key:

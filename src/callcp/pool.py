@@ -96,6 +96,7 @@ class _Slots(Generic[C]):
         self.closed = False
 
     def stats(self) -> PoolStats:
+        """The pool's connections now and since it was made (a PoolStats)."""
         return PoolStats(
             self.open, len(self.idle), self.in_use, self.created, self.failed, self.retried
         )
@@ -208,6 +209,7 @@ class Pool(_PoolBase[Connection]):
         return threading.Condition(self._lock)
 
     def stats(self) -> PoolStats:
+        """The pool's connections now and since it was made (a PoolStats)."""
         with self._lock:
             return self._slots.stats()
 
@@ -360,6 +362,7 @@ class AsyncPool(_PoolBase["aio.Connection"]):
         return asyncio.Condition()  # (bound to the loop that first uses it)
 
     def stats(self) -> PoolStats:
+        """The pool's connections now and since it was made (a PoolStats)."""
         return self._slots.stats()
 
     async def request(

@@ -168,7 +168,7 @@ class Connection(SocketLink, ConnectionBase):
         Raises:
             ConnectionClosed, CallcpTimeout, TransportError: the connection failed.
             LocalProtocolError: the connection cannot send now.
-            Whatever reading ``source`` raises (the stream is then aborted).
+            Exception: whatever reading ``source`` raises (the stream is then aborted).
         """
         size = source_size(source) if size is None else size
         chunks = iter_chunks(source)
@@ -582,6 +582,7 @@ class Server(ServerBase):
 
     @property
     def port(self) -> int:
+        """The bound port (useful with port 0; still known after shutdown)."""
         port: int = self._address[1]
         return port
 

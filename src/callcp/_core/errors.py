@@ -120,6 +120,7 @@ class CloseCode:
 
     @classmethod
     def name(cls, code: int) -> str:
+        """The readable name of a close/alert code ('going away'), else 'code N'."""
         return cls.NAMES.get(code, f"code {code}")
 
 
