@@ -857,6 +857,15 @@ def test_main_leaves_logging_as_it_found_it(run: Callable[..., Result], key_file
         ("   ", None),
         ("x.part", None),
         ("evil\u202etxt.exe", None),  # (a bidi override: the name would read backwards)
+        (" leading", None),
+        ("trailing ", None),
+        ("dot.", None),
+        ("\u3164", None),  # (a Hangul filler: printable, and invisible)
+        ("~", None),
+        ("x.PART", None),
+        ("CON", None),
+        ("nul.txt", None),
+        ("console.txt", "console.txt"),
         ("zero\u200bwidth", None),
         ("c1\x9bcontrol", None),
         ("e\u0301t\u00e9.txt", "\u00e9t\u00e9.txt"),  # (NFC: one name for both spellings)
@@ -876,23 +885,17 @@ def test_safe_file_name(sent: str, stored: Optional[str]) -> None:
 
 
 def test_reserve_path_never_reuses_a_name(tmp_path: Path) -> None:
-    """Claims are O_EXCL, for the name and its .part file alike; after nine
-    numbered twins, names take a random suffix (the thousandth upload of a
-    name costs what the first does)."""
+    """Claims are O_EXCL; after nine numbered twins, names take a random
+    suffix (the thousandth file of a name costs what the first does)."""
 
     def reserve(name: str) -> str:
-        path, part, fd = reserve_path(tmp_path, name)
-        os.close(fd)
-        assert part == path.with_name(path.name + ".part") and part.exists()
-        return path.name
+        return reserve_path(tmp_path, name).name
 
     assert reserve("a.tar.gz") == "a.tar.gz"
     assert reserve("a.tar.gz") == "a.tar (1).gz"
-    (tmp_path / "b.txt.part").write_bytes(b"")  # a transfer in progress
-    assert reserve("b.txt") == "b (1).txt"
-    os.symlink(tmp_path / "victim", tmp_path / "c.txt.part")  # a planted link
+    os.symlink(tmp_path / "victim", tmp_path / "c.txt")  # a planted link
     assert reserve("c.txt") == "c (1).txt"
-    assert not (tmp_path / "victim").exists() and not (tmp_path / "c.txt").exists()
+    assert not (tmp_path / "victim").exists()
     assert reserve("noext") == "noext"
     assert reserve("noext") == "noext (1)"
     names = [reserve("many.bin") for _ in range(30)]
@@ -1202,3 +1205,114 @@ def test_an_oversized_message_points_to_send_file(
     line = error_line(result, EXIT_PROTOCOL)
     assert "message too large" in line and "callcp send-file" in line
     assert "--max-message-size" in line
+
+
+def _stalled_upload(server: InProcessServer, release: threading.Event) -> threading.Thread:
+    """An upload of unannounced size that sends one byte, then stalls until ``release``."""
+    sent = threading.Event()
+
+    def chunks() -> Iterator[bytes]:
+        yield b"x"
+        sent.set()
+        release.wait(30)
+
+    def upload() -> None:
+        try:
+            with callcp.connect(
+                server.host, server.port, server_fingerprint=server.fingerprint
+            ) as conn:
+                conn.send_stream(chunks(), name="stalled.bin")
+        except callcp.CallcpError:
+            pass
+
+    thread = threading.Thread(target=upload, daemon=True)
+    thread.start()
+    assert sent.wait(10)
+    return thread
+
+
+def test_stalled_uploads_hold_only_what_they_sent(
+    run: Callable[..., Result], tmp_path: Path, serve: Callable[..., InProcessServer]
+) -> None:
+    """Uploads that send a byte and stall take a byte of room each, not a
+    whole file's: an honest upload beside them is stored; while they are
+    under way, the directory shows no file under its name (only a hidden
+    temporary one); released, they end and are stored."""
+    inbox = tmp_path / "inbox"
+    server = serve("--receive-dir", str(inbox), "--max-file-size", "1M", "--max-total-size", "2M")
+    release = threading.Event()
+    stalled = [_stalled_upload(server, release) for _ in range(3)]
+    assert wait_until(lambda: len(list(inbox.iterdir())) == 3)
+    assert all(p.name.startswith(".callcp-") and p.name.endswith(".part") for p in inbox.iterdir())
+    honest = tmp_path / "honest.bin"
+    honest.write_bytes(os.urandom(100_000))
+    result = run("send-file", *server.address, str(honest), "--fingerprint", server.fingerprint)
+    assert result.returncode == 0, err(result)
+    release.set()
+    for thread in stalled:
+        thread.join(30)
+    server.stop()
+    stored = sorted(p.name for p in inbox.iterdir())
+    assert stored == ["honest.bin", "stalled (1).bin", "stalled (2).bin", "stalled.bin"]
+
+
+def test_one_address_has_a_few_uploads_at_once(
+    tmp_path: Path, serve: Callable[..., InProcessServer]
+) -> None:
+    inbox = tmp_path / "inbox"
+    server = serve("--receive-dir", str(inbox))
+    release = threading.Event()
+    stalled = [_stalled_upload(server, release) for _ in range(4)]
+    assert wait_until(lambda: len(list(inbox.iterdir())) == 4)  # (all four admitted)
+    conn = callcp.connect(server.host, server.port, server_fingerprint=server.fingerprint)
+    with conn, pytest.raises(callcp.ConnectionClosed) as refused:
+        conn.send_stream(b"fifth", name="fifth.bin")
+        conn.recv()
+    assert refused.value.reason == "this server takes at most 4 uploads at once from one address"
+    release.set()
+    for thread in stalled:
+        thread.join(30)
+
+
+def test_files_taken_away_free_their_room(
+    run: Callable[..., Result],
+    tmp_path: Path,
+    serve: Callable[..., InProcessServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The directory is counted again before a limit refuses, so a consumer
+    that moves files out keeps the inbox open."""
+    from callcp import _inbox
+
+    monkeypatch.setattr(_inbox.Inbox, "RESCAN_EVERY", 0.0)
+    inbox = tmp_path / "inbox"
+    server = serve("--receive-dir", str(inbox), "--max-files", "2")
+    source = tmp_path / "f.bin"
+    source.write_bytes(b"data")
+    pin = ["--fingerprint", server.fingerprint]
+    for _ in range(2):
+        assert run("send-file", *server.address, str(source), *pin).returncode == 0
+    assert "maximum of 2 files" in error_line(
+        run("send-file", *server.address, str(source), *pin), EXIT_PROTOCOL
+    )
+    for stored in inbox.iterdir():
+        stored.unlink()
+    assert run("send-file", *server.address, str(source), *pin).returncode == 0
+
+
+def test_the_receive_dir_swapped_for_a_link_later_changes_nothing(
+    run: Callable[..., Result], tmp_path: Path, serve: Callable[..., InProcessServer]
+) -> None:
+    """Files go where the directory was when the server started: swapping
+    the path for a link to elsewhere does not send uploads there."""
+    inbox, elsewhere = tmp_path / "inbox", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    server = serve("--receive-dir", str(inbox))
+    inbox.rename(tmp_path / "inbox.old")
+    os.symlink(elsewhere, inbox)
+    source = tmp_path / "f.bin"
+    source.write_bytes(b"data")
+    result = run("send-file", *server.address, str(source), "--fingerprint", server.fingerprint)
+    assert result.returncode == 0, err(result)
+    assert list(elsewhere.iterdir()) == []
+    assert [p.name for p in (tmp_path / "inbox.old").iterdir()] == ["f.bin"]

@@ -329,9 +329,11 @@ def test_part_file_is_private_and_never_follows_a_link(tmp_path: Path) -> None:
     victim.write_bytes(b"precious")
     dest = tmp_path / "out.bin"
     os.symlink(victim, tmp_path / "out.bin.part")
-    with pytest.raises(OSError):
-        Sink(dest)
+    planted = Sink(dest)  # (the link is left alone: another name is used)
+    planted.write(b"x" * 10)
+    planted.discard()
     assert victim.read_bytes() == b"precious"
+    assert os.path.islink(tmp_path / "out.bin.part")
     os.unlink(tmp_path / "out.bin.part")
     sink = Sink(dest)
     sink.write(b"data")
@@ -344,8 +346,8 @@ def test_received_part_file_is_private_and_never_follows_a_link(
     adapter: Adapter, tmp_path: Path, pool: ThreadPoolExecutor
 ) -> None:
     """The same through recv_stream(): a link planted at ``<dest>.part`` is
-    refused (the receiver fails, the link's target is untouched), and the
-    .part file is created 0600 whatever the umask."""
+    left alone (its target untouched; the bytes go to another temporary
+    name), and the .part file is created 0600 whatever the umask."""
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"precious")
     dest = tmp_path / "out.bin"
@@ -353,12 +355,11 @@ def test_received_part_file_is_private_and_never_follows_a_link(
     srv = adapter.hold()
     client, server_conn = srv.pair()
     sending = pool.submit(client.send_stream, b"data" * 1000, checksum=True)
-    with pytest.raises(OSError):
-        server_conn.recv_stream(dest)
-    with contextlib.suppress(CallcpError):
-        sending.result(timeout=20)  # the receiver closed the connection
-    assert victim.read_bytes() == b"precious"
+    assert server_conn.recv_stream(dest).length == 4000
+    sending.result(timeout=20)
+    assert victim.read_bytes() == b"precious" and dest.read_bytes() == b"data" * 1000
     os.unlink(part_of(dest))
+    dest.unlink()
 
     modes: List[int] = []
 
@@ -730,14 +731,18 @@ def test_one_gib_stream_between_processes_in_bounded_memory(tmp_path: Path) -> N
 
 def test_part_file_is_never_one_already_there(tmp_path: Path) -> None:
     """(unit) A hard link, or another transfer's .part, at ``<dest>.part``
-    is refused, not truncated."""
+    is left alone, not truncated: the bytes go to ``<dest>.<random>.part``
+    (a stale .part never blocks a path)."""
     other = tmp_path / "other.txt"
     other.write_bytes(b"someone else's")
     dest = tmp_path / "out.bin"
     os.link(other, part_of(dest))
-    with pytest.raises(FileExistsError):
-        Sink(dest)
+    sink = Sink(dest)
+    sink.write(b"new")
     assert other.read_bytes() == b"someone else's"
+    sink.commit()
+    assert dest.read_bytes() == b"new" and other.read_bytes() == b"someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.txt", "out.bin", "out.bin.part"]
 
 
 @pytest.mark.parametrize("announced", [True, False])

@@ -84,7 +84,7 @@ from ._core.events import (
 from ._core.protocol import ServerProtocol, State, _Protocol
 from ._core.shares import ShareKeeper, SignedShare
 from ._core.tickets import TicketKeys
-from ._core.wire import alert_frame
+from ._core.wire import alert_frame, printable
 from ._options import ServerOptions
 from ._streams import Destination, Progress, StreamInfo, StreamReception
 from .trust import AuthorizedKeys
@@ -672,9 +672,9 @@ def receive_stream(
                 return info
     except GeneratorExit:
         raise
-    except StreamTooLarge:
+    except StreamTooLarge as exc:
         rx.failed(None)
-        engine.close(CloseCode.REFUSED, f"the stream is larger than {max_size} bytes")
+        engine.close(CloseCode.REFUSED, exc.reason or f"the stream is larger than {max_size} bytes")
         yield _ABORT
         raise
     except BaseException as exc:
@@ -1097,10 +1097,8 @@ class Arrival:
         except CallcpError as exc:
             self._drop(exc)
             return True
-        except Exception:  # (a bug this peer's bytes reached: it costs the peer, not the server)
-            self.server.log.error(
-                "internal error reading the hello of %s", format_peer(self.addr), exc_info=True
-            )
+        except Exception as exc:  # (a bug this peer's bytes reached: it costs the peer only)
+            self.server.internal_error(self.addr, exc)
             err = HandshakeError("internal error")
             err.code = CloseCode.INTERNAL_ERROR
             with contextlib.suppress(Exception):
@@ -1344,9 +1342,7 @@ class ServerCore:
             raise ValueError("next_key is the server's current key: give the key it will use next")
         self._authorize = client_authorizer(options.authorized_keys)
         #: The allow list, when it came from a file (``reload()`` it on SIGHUP).
-        self.authorized_keys: Optional[AuthorizedKeys] = getattr(
-            self._authorize, "__self__", None
-        )
+        self.authorized_keys: Optional[AuthorizedKeys] = getattr(self._authorize, "__self__", None)
         assert options.max_connections is not None
         self.admission = Admission(options.max_connections, options.max_connections_per_source)
         self.handshakes = HandshakeQueue(
@@ -1369,6 +1365,7 @@ class ServerCore:
         )
         self._spare: Optional[Tuple[Engine, SignedShare]] = None
         self._key_retry_at = 0.0  # (monotonic) the key failed: not asked again before
+        self._traceback_logged = -Notices.WINDOW  # (monotonic) internal_error()'s last traceback
 
     @property
     def fingerprint(self) -> str:
@@ -1449,6 +1446,28 @@ class ServerCore:
         )
         arrival = Arrival(self, addr, engine)
         return arrival, arrival.engine.core.data_to_send()
+
+    def internal_error(self, addr: Any, exc: BaseException) -> None:
+        """A bug reached by a peer's bytes: logged with its traceback at most
+        once per Notices.WINDOW (a peer that can reach it could flood the
+        log), else counted like other notices; the text escaped."""
+        now = time.monotonic()
+        if now - self._traceback_logged >= Notices.WINDOW:
+            self._traceback_logged = now
+            self.log.error(
+                "internal error reading the hello of %s: %s",
+                format_peer(addr),
+                printable(repr(exc))[:300],
+                exc_info=True,
+            )
+            return
+        self.notices.note(
+            "internal errors",
+            source_of(addr),
+            "internal error reading the hello of %s: %s",
+            format_peer(addr),
+            printable(repr(exc))[:300],
+        )
 
     def refused(self, addr: Any, why: str) -> None:
         self.notices.note(

@@ -7,7 +7,8 @@ which is renamed to ``<path>`` only after the stream verified (its length,
 and its SHA-256 when the sender sent one); on any failure it is deleted.
 The ``.part`` file is created anew with mode 0600: never through a symbolic
 link, never over a file already there (a hard link to another file, another
-transfer's ``.part``), so the received file is private to its owner.  For a file object, a failure
+transfer's ``.part``: then ``<path>.<random>.part`` is used), so the
+received file is private to its owner.  For a file object, a failure
 truncates it back to where it started when it is seekable (when it is not,
 the exception is the only signal: do not trust what was written).
 """
@@ -15,6 +16,7 @@ the exception is the only signal: do not trust what was written).
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +113,11 @@ class Sink:
             # .part name, nor a file already there (a hard link to another
             # file, another transfer's .part) truncated.
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-            fd = os.open(self._part, flags, 0o600)
+            try:
+                fd = os.open(self._part, flags, 0o600)
+            except FileExistsError:  # (an earlier receive's leftover, or another's)
+                self._part = self.path.with_name(f"{self.path.name}.{secrets.token_hex(4)}.part")
+                fd = os.open(self._part, flags, 0o600)
             self._fh: IO[bytes] = os.fdopen(fd, "wb")
             self._start = 0
         else:

@@ -785,7 +785,8 @@ def terminal_text(text: str) -> str:
     other character that is not printable (escape sequences, carriage
     returns, C1 controls, bidi and other format characters) shown escaped,
     so a server cannot retitle the window, clear the screen, write the
-    clipboard or forge a line of callcp's own output."""
+    clipboard or rewrite a line already shown.  (A reply of several lines is
+    shown as several lines: what they say is the server's.)"""
     return "\n".join(
         "\t".join(printable(part) for part in line.split("\t")) for line in text.split("\n")
     )
@@ -1152,8 +1153,9 @@ def _receive_file(
     if name is None:
         _refuse(conn, pending, f"unsafe file name {printable(pending.name[:100])!r}", peer)
         return False
+    source = str(conn.remote_address[0]) if conn.remote_address else ""
     try:
-        slot = inbox.admit(name, pending.size)
+        slot = inbox.admit(name, pending.size, source)
     except Refused as exc:
         _refuse(conn, pending, str(exc), peer)
         return False
@@ -1162,8 +1164,8 @@ def _receive_file(
         _refuse(conn, pending, "the server cannot store files right now", peer)
         return False
     try:
-        info = conn.recv_stream(slot.file, max_size=slot.max_size)
-        slot.commit(info.length)
+        info = conn.recv_stream(slot.file, max_size=slot.max_size, progress=slot.progress)
+        path = slot.commit(info.length)
     except StreamAbortedError as exc:
         slot.discard()
         log.warning(
@@ -1176,12 +1178,11 @@ def _receive_file(
         return False
     except OSError as exc:  # recv_stream closed the connection
         slot.discard()
-        log.error("could not write %s (from %s): %s", slot.path, peer, exc)
+        log.error("could not store %r (from %s) in %s: %s", name, peer, inbox.directory, exc)
         return False
     except BaseException:
         slot.discard()
         raise
-    path = slot.path
     log.info("received %r (%d bytes, sha256 %s) from %s", path.name, info.length, info.sha256, peer)
     conn.send(f"{STORED_PREFIX}{path.name} {info.length} {info.sha256 or '-'}".encode())
     return True

@@ -248,8 +248,8 @@ class Connection(SocketLink, ConnectionBase):
         """Receive a stream into ``dest`` (a path, or a binary file) in bounded
         memory, whatever its size.
 
-        A path receives the bytes in ``<path>.part`` (created anew, mode 0600: a
-        file or link already there is an OSError, never overwritten), renamed to
+        A path receives the bytes in ``<path>.part`` (created anew, mode 0600,
+        never over a file or link already there: ``<path>.<random>.part`` then), renamed to
         ``<path>`` only once the stream's length (and SHA-256) verified; on
         failure the ``.part`` file is deleted. A seekable file is truncated back
         to where it started on failure. ``progress(received, total_or_None)`` is

@@ -262,9 +262,15 @@ class MessageTooLarge(RemoteProtocolError):
 class StreamTooLarge(RemoteProtocolError):
     """An incoming stream was larger than ``recv_stream(max_size=...)``
     allows (by the size the sender announced, or by what it sent): nothing
-    of it was kept, and the connection was closed with REFUSED."""
+    of it was kept, and the connection was closed with REFUSED.  Raised by
+    a ``progress`` callback, it refuses the stream the same way, with
+    ``reason`` (what the sender is told)."""
 
     code = CloseCode.REFUSED
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StreamAbortedError(_Error):

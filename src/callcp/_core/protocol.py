@@ -821,7 +821,8 @@ class _Protocol:
         peer = "server" if self.state is State.WAIT_SERVER_HELLO else "client"
         first = self._peek(64)
         spoken = next((name for prefix, name in _FOREIGN if first.startswith(prefix)), None)
-        shown = printable(first.split(b"\n", 1)[0].decode("latin-1").rstrip("\r"))[:60]
+        line = first.split(b"\n", 1)[0].rstrip(b"\r")[:60]
+        shown = printable(line.decode("utf-8", "replace"))
         if first.startswith(b"-----BEGIN"):
             text = (
                 f"not a callcp/2 {peer}: it sent a PEM public key, as a Callcp 1.0 server "
