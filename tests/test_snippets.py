@@ -122,8 +122,8 @@ def test_skipped_examples_are_the_ones_run_elsewhere() -> None:
 
 @contextlib.contextmanager
 def port_8436_lock() -> Iterator[None]:
-    """The README's servers listen on 8436, as tests/test_compat.py's
-    Server.py does: one of them at a time on this machine (its lock)."""
+    """Pages whose servers listen on a fixed port (8436, 8437) run one at a
+    time on this machine, under tests/test_compat.py's lock for Server.py."""
     path = os.path.join(tempfile.gettempdir(), "callcp-tests-port-8436.lock")
     with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -153,8 +153,8 @@ def test_page_snippets_run(page: Path, tmp_path: Path) -> None:
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         COLUMNS="100",
     )
-    binds_8436 = any("8436" in b.code for b in blocks)
-    with port_8436_lock() if binds_8436 else contextlib.nullcontext():
+    fixed_port = any(re.search(r"\b843[67]\b", b.code) for b in blocks)
+    with port_8436_lock() if fixed_port else contextlib.nullcontext():
         done = subprocess.run(
             [sys.executable, str(RUNNER), str(spec)],
             cwd=work,
