@@ -1,0 +1,239 @@
+"""The sans-I/O Callcp 1.0 cores (callcp._core.legacy), over real sockets
+against the faithful Callcp 1.0 peer (tests/callcp1_peer.py) in both
+directions, and in memory for what a peer cannot easily provoke."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import Iterator, List, Optional
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from callcp._core.errors import (
+    ConnectionClosedError,
+    CryptoError,
+    HandshakeError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    ServerKeyChanged,
+)
+from callcp._core.events import NEED_DATA, CloseReceived, HandshakeCompleted, MessageReceived
+from callcp._core.keys import fingerprint
+from callcp._core.legacy import MAX_PLAINTEXT, MAX_RECORD, LegacyClient, LegacyServer
+from tests.callcp1_peer import Callcp1Server, callcp1_request
+from tests.sock_support import wait_until
+
+
+def _until(core: object, sock: socket.socket, kind: type) -> object:
+    while True:
+        event = core.next_event()  # type: ignore[attr-defined]
+        if event is NEED_DATA:
+            core.receive_data(sock.recv(65536))  # type: ignore[attr-defined]
+            continue
+        assert isinstance(event, kind), event
+        return event
+
+
+def core_client(port: int, messages: List[bytes], pause: float = 0.05) -> List[bytes]:
+    """A LegacyClient driven over a socket: the handshake, then each request."""
+    core = LegacyClient(lambda fp, der: None)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        _until(core, sock, HandshakeCompleted)
+        sock.sendall(core.data_to_send())
+        threading.Event().wait(pause)  # (Callcp 1.0's server: key and request not in one read)
+        replies = []
+        for message in messages:
+            core.send_bytes(message)
+            sock.sendall(core.data_to_send())
+            event = _until(core, sock, MessageReceived)
+            replies.append(event.data)  # type: ignore[attr-defined]
+        return replies
+
+
+class CoreServer:
+    """A LegacyServer per connection (a thread each), echoing."""
+
+    def __init__(self, key: rsa.RSAPrivateKey) -> None:
+        self.key = key
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port: int = self.sock.getsockname()[1]
+        self.served = 0
+        self.errors: List[BaseException] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        core = LegacyServer(self.key)
+        core.start()
+        with conn:
+            try:
+                conn.sendall(core.data_to_send())
+                _until(core, conn, HandshakeCompleted)
+                while True:
+                    event = _until(core, conn, (MessageReceived, CloseReceived))  # type: ignore[arg-type]
+                    if isinstance(event, CloseReceived):
+                        return
+                    core.send_bytes(event.data)  # type: ignore[attr-defined]
+                    conn.sendall(core.data_to_send())
+                    with self._lock:
+                        self.served += 1
+            except BaseException as exc:  # reported by the test
+                self.errors.append(exc)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def core_server(server_key: rsa.RSAPrivateKey) -> Iterator[CoreServer]:
+    server = CoreServer(server_key)
+    yield server
+    server.close()
+
+
+SIZES = [b"", b"a", os.urandom(MAX_PLAINTEXT)]
+
+
+def test_legacy_client_talks_to_a_callcp1_server(server_key: rsa.RSAPrivateKey) -> None:
+    peer = Callcp1Server(server_key)
+    try:
+        assert core_client(peer.port, SIZES) == SIZES
+        assert peer.dropped == 0
+    finally:
+        peer.close()
+
+
+def test_legacy_server_serves_callcp1_clients(core_server: CoreServer) -> None:
+    """0 B, 1 B, 4,068 B; and 300 back-to-back Callcp-1.0-style clients
+    (key and first message sent at once, which Callcp 1.0's own server
+    drops) all served."""
+    assert callcp1_request(core_server.port, SIZES) == SIZES
+    for i in range(300):
+        assert callcp1_request(core_server.port, [b"m%d" % i]) == [b"m%d" % i]
+    assert wait_until(lambda: core_server.served == 303), core_server.served
+    assert not core_server.errors
+
+
+def test_a_message_over_the_limit_is_refused_before_anything_is_sent(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    client, server = _pair(server_key)
+    with pytest.raises(LocalProtocolError, match="at most 4068 bytes; this one has 4069"):
+        client.send_bytes(b"x" * (MAX_PLAINTEXT + 1))
+    assert client.data_to_send() == b""
+    client.send_bytes(b"x" * MAX_PLAINTEXT)  # (the limit itself goes)
+
+
+def _pair(server_key: rsa.RSAPrivateKey, verify: Optional[object] = None) -> tuple:
+    """A client and a server core, handshake done, in memory."""
+    server = LegacyServer(server_key)
+    server.start()
+    client = LegacyClient(verify or (lambda fp, der: None))  # type: ignore[arg-type]
+    client.receive_data(server.data_to_send())
+    assert isinstance(client.next_event(), HandshakeCompleted)
+    server.receive_data(client.data_to_send())
+    assert isinstance(server.next_event(), HandshakeCompleted)
+    return client, server
+
+
+def test_messages_are_reassembled_a_byte_at_a_time(server_key: rsa.RSAPrivateKey) -> None:
+    client, server = _pair(server_key)
+    client.send_bytes(b"hello")
+    record = client.data_to_send()
+    for i in range(len(record) - 1):
+        server.receive_data(record[i : i + 1])
+        assert server.next_event() is NEED_DATA
+    server.receive_data(record[-1:])
+    assert server.next_event() == MessageReceived(b"hello")
+
+
+def test_strict_request_response(server_key: rsa.RSAPrivateKey) -> None:
+    client, server = _pair(server_key)
+    with pytest.raises(LocalProtocolError, match="only replies to a request"):
+        server.send_bytes(b"unasked")
+    client.send_bytes(b"one")
+    with pytest.raises(LocalProtocolError, match="one request, then its reply"):
+        client.send_bytes(b"two")
+
+
+def test_the_end_of_a_session_and_a_cut_message(server_key: rsa.RSAPrivateKey) -> None:
+    client, server = _pair(server_key)
+    server.receive_data(b"")
+    assert server.next_event() == CloseReceived(0, "")
+    client, server = _pair(server_key)
+    client.send_bytes(b"cut short")
+    server.receive_data(client.data_to_send()[:20])
+    server.receive_data(b"")
+    with pytest.raises(ConnectionClosedError, match="in the middle of a message"):
+        server.next_event()
+
+
+def test_a_message_that_never_authenticates_is_refused_at_4096_bytes(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    client, server = _pair(server_key)
+    server.receive_data(os.urandom(MAX_RECORD - 1))
+    assert server.next_event() is NEED_DATA
+    server.receive_data(b"x")
+    with pytest.raises(CryptoError, match="did not authenticate within 4096 bytes"):
+        server.next_event()
+
+
+def test_a_key_that_does_not_decrypt_gets_a_random_one(server_key: rsa.RSAPrivateKey) -> None:
+    """Implicit rejection: garbage where the AES key should be is not
+    refused at once (that would be a decryption oracle); the first message,
+    sealed under any key the sender knows, then fails to authenticate."""
+    server = LegacyServer(server_key)
+    server.start()
+    server.receive_data(os.urandom(256))
+    assert isinstance(server.next_event(), HandshakeCompleted)
+    client, honest = _pair(server_key)
+    client.send_bytes(b"x" * MAX_PLAINTEXT)
+    server.receive_data(client.data_to_send())
+    with pytest.raises(CryptoError):
+        server.next_event()
+
+
+def test_the_clients_key_check_decides(server_key: rsa.RSAPrivateKey) -> None:
+    expected = fingerprint(server_key.public_key())
+    seen: List[str] = []
+    _pair(server_key, lambda fp, der: seen.append(fp))
+    assert seen == [expected]
+
+    def refuse(fp: str, der: bytes) -> None:
+        raise ServerKeyChanged("changed", expected="SHA256:x", presented=fp)
+
+    server = LegacyServer(server_key)
+    server.start()
+    client = LegacyClient(refuse)
+    client.receive_data(server.data_to_send())
+    with pytest.raises(ServerKeyChanged):
+        client.next_event()
+    assert client.data_to_send() == b""  # (no key sent to a refused server)
+
+
+def test_a_server_that_is_not_callcp1(server_key: rsa.RSAPrivateKey) -> None:
+    client = LegacyClient(lambda fp, der: None)
+    client.receive_data(b"SSH-2.0-OpenSSH_9\r\n" + b"x" * 5000)
+    with pytest.raises(HandshakeError, match="not a Callcp 1.0 server"):
+        client.next_event()
+    server = LegacyServer(server_key)
+    server.start()
+    client = LegacyClient(lambda fp, der: None)
+    client.receive_data(server.data_to_send() + b"unasked")
+    with pytest.raises(RemoteProtocolError, match="after its key"):
+        client.next_event()
+    assert client.data_to_send() == b""
