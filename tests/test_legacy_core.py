@@ -46,8 +46,7 @@ def core_client(port: int, messages: List[bytes], pause: float = 0.05) -> List[b
         threading.Event().wait(pause)  # (Callcp 1.0's server: key and request not in one read)
         replies = []
         for message in messages:
-            core.send_bytes(message)
-            sock.sendall(core.data_to_send())
+            sock.sendall(core.send_bytes(message))
             event = _until(core, sock, MessageReceived)
             replies.append(event.data)  # type: ignore[attr-defined]
         return replies
@@ -86,8 +85,7 @@ class CoreServer:
                     event = _until(core, conn, (MessageReceived, CloseReceived))  # type: ignore[arg-type]
                     if isinstance(event, CloseReceived):
                         return
-                    core.send_bytes(event.data)  # type: ignore[attr-defined]
-                    conn.sendall(core.data_to_send())
+                    conn.sendall(core.send_bytes(event.data))  # type: ignore[attr-defined]
                     with self._lock:
                         self.served += 1
             except BaseException as exc:  # reported by the test
@@ -151,8 +149,7 @@ def _pair(server_key: rsa.RSAPrivateKey, verify: Optional[object] = None) -> tup
 
 def test_messages_are_reassembled_a_byte_at_a_time(server_key: rsa.RSAPrivateKey) -> None:
     client, server = _pair(server_key)
-    client.send_bytes(b"hello")
-    record = client.data_to_send()
+    record = client.send_bytes(b"hello")
     for i in range(len(record) - 1):
         server.receive_data(record[i : i + 1])
         assert server.next_event() is NEED_DATA
@@ -174,8 +171,7 @@ def test_the_end_of_a_session_and_a_cut_message(server_key: rsa.RSAPrivateKey) -
     server.receive_data(b"")
     assert server.next_event() == CloseReceived(0, "")
     client, server = _pair(server_key)
-    client.send_bytes(b"cut short")
-    server.receive_data(client.data_to_send()[:20])
+    server.receive_data(client.send_bytes(b"cut short")[:20])
     server.receive_data(b"")
     with pytest.raises(ConnectionClosedError, match="in the middle of a message"):
         server.next_event()
@@ -201,8 +197,7 @@ def test_a_key_that_does_not_decrypt_gets_a_random_one(server_key: rsa.RSAPrivat
     server.receive_data(os.urandom(256))
     assert isinstance(server.next_event(), HandshakeCompleted)
     client, honest = _pair(server_key)
-    client.send_bytes(b"x" * MAX_PLAINTEXT)
-    server.receive_data(client.data_to_send())
+    server.receive_data(client.send_bytes(b"x" * MAX_PLAINTEXT))
     with pytest.raises(CryptoError):
         server.next_event()
 
@@ -237,3 +232,147 @@ def test_a_server_that_is_not_callcp1(server_key: rsa.RSAPrivateKey) -> None:
     with pytest.raises(RemoteProtocolError, match="after its key"):
         client.next_event()
     assert client.data_to_send() == b""
+
+
+def test_the_key_goes_out_on_its_own_before_the_first_request(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    """Callcp 1.0's server drops a connection whose key and first request
+    come in one read: the client refuses a request until its key was taken
+    (to be written on its own, then PAUSE_AFTER_KEY)."""
+    server = LegacyServer(server_key)
+    server.start()
+    client = LegacyClient(lambda fp, der: None)
+    client.receive_data(server.data_to_send())
+    assert isinstance(client.next_event(), HandshakeCompleted)
+    with pytest.raises(LocalProtocolError, match="write the key"):
+        client.send_bytes(b"too early")
+    assert len(client.data_to_send()) == 256
+    assert client.send_bytes(b"now")
+
+
+def test_a_server_that_closes_instead_of_replying_is_an_error(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    client, server = _pair(server_key)
+    client.send_bytes(b"request")
+    client.receive_data(b"")
+    with pytest.raises(ConnectionClosedError, match="before replying"):
+        client.next_event()
+    with pytest.raises(ConnectionClosedError):  # (and stays so: no spinning on NEED_DATA)
+        client.next_event()
+
+
+def test_a_record_seen_before_is_refused(server_key: rsa.RSAPrivateKey) -> None:
+    """A man in the middle reflecting a request back as its reply, or
+    replaying an old record, is caught (a nonce is used once per session)."""
+    client, server = _pair(server_key)
+    request = client.send_bytes(b"transfer 100 to bob")
+    client.receive_data(request)  # (the request, reflected)
+    with pytest.raises(CryptoError, match="seen before"):
+        client.next_event()
+    client, server = _pair(server_key)
+    first = client.send_bytes(b"one")
+    server.receive_data(first)
+    assert server.next_event() == MessageReceived(b"one")
+    server.send_bytes(b"reply")
+    server.receive_data(first)  # (replayed)
+    with pytest.raises(CryptoError, match="seen before"):
+        server.next_event()
+
+
+def test_pipelined_requests_and_floods_are_refused(server_key: rsa.RSAPrivateKey) -> None:
+    client, server = _pair(server_key)
+    server.receive_data(client.send_bytes(b"one"))
+    assert server.next_event() == MessageReceived(b"one")
+    server.receive_data(b"more before the reply")
+    with pytest.raises(RemoteProtocolError, match="does not pipeline"):
+        server.next_event()
+    client, server = _pair(server_key)
+    server.receive_data(os.urandom(64 * 1024))  # (no record is that long)
+    with pytest.raises(RemoteProtocolError, match="more than"):
+        server.next_event()
+
+
+def test_a_trickled_record_costs_a_bounded_number_of_tag_checks(
+    server_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from callcp._core import legacy
+
+    tries: List[int] = []
+    real = legacy.AESGCM
+
+    class Counting:
+        def __init__(self, key: bytes) -> None:
+            self._aead = real(key)
+
+        def encrypt(self, *args: object) -> bytes:
+            return self._aead.encrypt(*args)  # type: ignore[arg-type]
+
+        def decrypt(self, *args: object) -> bytes:
+            tries.append(1)
+            return self._aead.decrypt(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(legacy, "AESGCM", Counting)
+    client, server = _pair(server_key)
+    for byte in os.urandom(MAX_RECORD - 1):
+        server.receive_data(bytes([byte]))
+        assert server.next_event() is NEED_DATA
+    assert len(tries) <= legacy.MAX_ATTEMPTS + MAX_RECORD // legacy.ATTEMPT_STEP + 1
+
+
+def test_events_after_the_end_and_before_the_start(server_key: rsa.RSAPrivateKey) -> None:
+    with pytest.raises(LocalProtocolError, match="start"):
+        LegacyServer(server_key).next_event()
+    client, server = _pair(server_key)
+    server.receive_data(b"")
+    assert isinstance(server.next_event(), CloseReceived)
+    with pytest.raises(ConnectionClosedError, match="over"):
+        server.next_event()
+
+
+def test_the_public_pem_must_be_the_keys(
+    server_key: rsa.RSAPrivateKey, other_key: rsa.RSAPrivateKey
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    other_pem = other_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with pytest.raises(LocalProtocolError, match="not the private key's public key"):
+        LegacyServer(server_key, other_pem)
+    private_pem = server_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    with pytest.raises(LocalProtocolError, match="not a PEM public key"):
+        LegacyServer(server_key, private_pem)
+
+
+def test_deferred_decryption(server_key: rsa.RSAPrivateKey) -> None:
+    """(For an engine: the RSA work runs where it chooses.)"""
+    from callcp._core.events import DecryptionRequested
+
+    server = LegacyServer(server_key, defer_decryption=True)
+    server.start()
+    client = LegacyClient(lambda fp, der: None)
+    client.receive_data(server.data_to_send())
+    client.next_event()
+    server.receive_data(client.data_to_send())
+    request = server.next_event()
+    assert isinstance(request, DecryptionRequested)
+    assert isinstance(server.premaster_decrypted(request.run()), HandshakeCompleted)
+    server.receive_data(client.send_bytes(b"after"))
+    assert server.next_event() == MessageReceived(b"after")
+
+
+def test_the_pems_last_line_break_may_come_later(server_key: rsa.RSAPrivateKey) -> None:
+    server = LegacyServer(server_key)
+    server.start()
+    pem = server.data_to_send()
+    client = LegacyClient(lambda fp, der: None)
+    client.receive_data(pem[:-1])
+    assert isinstance(client.next_event(), HandshakeCompleted)
+    client.receive_data(pem[-1:])
+    assert client.next_event() is NEED_DATA

@@ -21,15 +21,26 @@ exactly, and fix what a careful peer can fix on its side:
   1.0's receiver reads 4,096 bytes at most); the end of the TCP stream
   between messages is the end of the session (there is no close message).
 
-The cores do no I/O and no logging; ``receive_data``/``next_event``/
-``data_to_send``/``send_bytes`` work as those of the callcp/2 cores.
+The cores do no I/O and no logging.  ``receive_data``, ``next_event`` and
+``data_to_send`` work as those of the callcp/2 cores; ``send_bytes`` returns
+a message's record to write (it does not queue it), as there.  After a
+close or a failure ``next_event`` raises.  A driver writes the client's
+key (``data_to_send()`` after the handshake) on its own, then waits
+:data:`PAUSE_AFTER_KEY` before the first request: Callcp 1.0's server
+drops a connection whose key and first request arrive in one read.
+
+Within a session, a record whose nonce was already seen (sent by this side,
+or received) is refused: a man in the middle cannot reflect a request back
+as its reply, or replay an old record.  A receiver tries a record's tag at
+most :data:`MAX_ATTEMPTS` times as bytes trickle in, then only as they grow
+by :data:`ATTEMPT_STEP` bytes (an honest record arrives in a few reads).
 """
 
 from __future__ import annotations
 
 import enum
 import os
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Set, Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -45,7 +56,14 @@ from .errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
-from .events import NEED_DATA, CloseReceived, HandshakeCompleted, MessageReceived, NeedData
+from .events import (
+    NEED_DATA,
+    CloseReceived,
+    DecryptionRequested,
+    HandshakeCompleted,
+    MessageReceived,
+    NeedData,
+)
 
 __all__ = ["MAX_PEM", "MAX_PLAINTEXT", "MAX_RECORD", "LegacyClient", "LegacyServer"]
 
@@ -61,14 +79,23 @@ AES_KEY_SIZE = 32
 OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 #: Callcp 1.0's protocol version number in HandshakeCompleted.
 VERSION = 1
+#: Seconds a client driver waits between its key and its first request.
+PAUSE_AFTER_KEY = 0.05
+MAX_ATTEMPTS = 16
+ATTEMPT_STEP = 256
+#: The most bytes buffered from a peer at any time (a key of up to 8192
+#: bits, and one record, or the PEM).
+MAX_BUFFERED = 1024 + MAX_RECORD
 
-Event = Union[NeedData, HandshakeCompleted, MessageReceived, CloseReceived]
+Event = Union[NeedData, HandshakeCompleted, MessageReceived, CloseReceived, DecryptionRequested]
 Entropy = Callable[[int], bytes]
 
 
 class State(enum.Enum):
     WAIT_KEY = "wait server key"
     WAIT_CLIENT_KEY = "wait client key"
+    WAIT_DECRYPTION = "wait decryption"
+    NEW = "not started"
     READY = "ready to send"
     WAIT_REPLY = "wait reply"
     WAIT_REQUEST = "wait request"
@@ -86,8 +113,11 @@ class _Legacy:
         self._out = bytearray()
         self._eof = False
         self._aes: Optional[AESGCM] = None
-        self.state = State.CLOSED
+        self.state = State.NEW
         self.error: Optional[Exception] = None
+        self._nonces: Set[bytes] = set()  # (nonces seen in this session, either way)
+        self._attempts = 0
+        self._tried_at = 0
 
     def receive_data(self, data: Union[bytes, memoryview]) -> None:
         """Bytes read from the peer; ``b""``: it closed the TCP stream."""
@@ -97,6 +127,23 @@ class _Legacy:
         if self.state in (State.CLOSED, State.FAILED):
             return
         self._buf += data
+        if len(self._buf) > MAX_BUFFERED:
+            self._fail(
+                RemoteProtocolError(
+                    f"the peer sent more than {MAX_BUFFERED} bytes that are no Callcp 1.0 "
+                    "record (Callcp 1.0 is strict request/response)"
+                )
+            )
+
+    def _check_open(self) -> None:
+        """(next_event) Raise once the session is over, or before it began."""
+        if self.state is State.FAILED:
+            assert self.error is not None
+            raise self.error
+        if self.state is State.CLOSED:
+            raise ConnectionClosedError("the Callcp 1.0 session is over")
+        if self.state is State.NEW:
+            raise LocalProtocolError("start() the server before asking for events")
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -127,24 +174,54 @@ class _Legacy:
                 f"{len(message)} (nothing was sent; callcp/2 has no such limit)"
             )
         nonce = self._entropy(_NONCE)
+        while nonce in self._nonces:  # (never twice in a session)
+            nonce = self._entropy(_NONCE)
+        self._nonces.add(nonce)
         return nonce + self._aes.encrypt(nonce, bytes(message), None)
 
+    def _worth_trying(self, size: int) -> bool:
+        """Try the tag now?  The first MAX_ATTEMPTS times, then each
+        ATTEMPT_STEP bytes more (and at MAX_RECORD)."""
+        if self._attempts >= MAX_ATTEMPTS and size - self._tried_at < ATTEMPT_STEP:
+            return size >= MAX_RECORD
+        self._attempts += 1
+        self._tried_at = size
+        return True
+
     def _message(self, whose: str) -> Union[bytes, NeedData, CloseReceived]:
-        """The message accumulated so far, once its tag verifies."""
+        """The message accumulated so far, once its tag verifies.  The end
+        of the stream before a message is the end of the session for a
+        server (the client left), and an error for a client (no reply)."""
         buf = self._buf
         if not buf:
-            if self._eof:
-                self.state = State.CLOSED
-                return CloseReceived(CloseCode.NORMAL, "")
-            return NEED_DATA
-        if len(buf) >= _NONCE + _TAG:
+            if not self._eof:
+                return NEED_DATA
+            if whose == "server":
+                raise self._fail(
+                    ConnectionClosedError("the server closed the connection before replying")
+                )
+            self.state = State.CLOSED
+            return CloseReceived(CloseCode.NORMAL, "")
+        if len(buf) >= _NONCE + _TAG and self._worth_trying(len(buf)):
             assert self._aes is not None
+            view = memoryview(buf)
             try:
-                plaintext = self._aes.decrypt(bytes(buf[:_NONCE]), bytes(buf[_NONCE:]), None)
+                plaintext = self._aes.decrypt(view[:_NONCE], view[_NONCE:], None)
             except InvalidTag:
                 plaintext = None
+            nonce = bytes(view[:_NONCE])
+            view.release()
             if plaintext is not None:
+                if nonce in self._nonces:
+                    raise self._fail(
+                        CryptoError(
+                            f"the {whose} sent a record seen before in this session "
+                            "(a replay, or this side's own record reflected)"
+                        )
+                    )
+                self._nonces.add(nonce)
                 buf.clear()
+                self._attempts = self._tried_at = 0
                 return plaintext
         if len(buf) >= MAX_RECORD:
             raise self._fail(
@@ -176,9 +253,16 @@ class LegacyClient(_Legacy):
         self._verify = verify_server_key
         self.peer_fingerprint: Optional[str] = None
         self.state = State.WAIT_KEY
+        self._requests = 0
 
     def next_event(self) -> Event:
-        """The next event: the handshake's end, a reply, the end of the session."""
+        """The next event: the handshake's end, a reply, the end of the session.
+
+        Raises:
+            the session's error once it failed; ConnectionClosedError once
+            it is over.
+        """
+        self._check_open()
         if self.state is State.WAIT_KEY:
             return self._server_key()
         if self.state is State.WAIT_REPLY:
@@ -188,6 +272,9 @@ class LegacyClient(_Legacy):
                 return MessageReceived(got)
             return got
         if self.state is State.READY:
+            if not self._requests:  # (the PEM's last line break, in a read of its own)
+                while self._buf and self._buf[0] in b"\r\n":
+                    del self._buf[:1]
             if self._buf:
                 raise self._fail(RemoteProtocolError("the server sent bytes nobody asked for"))
             if self._eof:
@@ -198,8 +285,10 @@ class LegacyClient(_Legacy):
     def _server_key(self) -> Event:
         buf = self._buf
         end = buf.find(PEM_END)
+        if end > MAX_PEM:
+            end = -1
         if end < 0:
-            if len(buf) > MAX_PEM or self._eof:
+            if len(buf) > MAX_PEM + len(PEM_END) or self._eof:
                 raise self._fail(
                     HandshakeError("not a Callcp 1.0 server: no PEM public key in its first bytes")
                 )
@@ -234,12 +323,13 @@ class LegacyClient(_Legacy):
         return HandshakeCompleted(VERSION, fingerprint)
 
     def send_bytes(self, message: bytes) -> bytes:
-        """Seal one request (queued, and returned).
+        """One request's record, to write (not queued).
 
         Raises:
-            LocalProtocolError: not now (before the handshake, or before the
-                last request's reply: Callcp 1.0 is strict request/response),
-                or the message is over MAX_PLAINTEXT bytes.
+            LocalProtocolError: not now (before the handshake; before the
+                key was taken with data_to_send(), to be written on its own;
+                before the last request's reply: Callcp 1.0 is strict
+                request/response), or the message is over MAX_PLAINTEXT bytes.
         """
         if self.state is not State.READY:
             raise LocalProtocolError(
@@ -247,8 +337,13 @@ class LegacyClient(_Legacy):
                 if self.state is State.WAIT_REPLY
                 else f"cannot send in state {self.state.value!r}"
             )
+        if self._out:
+            raise LocalProtocolError(
+                "write the key (data_to_send()) on its own, and wait PAUSE_AFTER_KEY, "
+                "before the first request"
+            )
         record = self._seal(message)
-        self._out += record
+        self._requests += 1
         self.state = State.WAIT_REPLY
         return record
 
@@ -262,14 +357,30 @@ class LegacyServer(_Legacy):
         private_key: rsa.RSAPrivateKey,
         public_pem: Optional[bytes] = None,
         *,
+        defer_decryption: bool = False,
         entropy: Entropy = os.urandom,
     ) -> None:
         super().__init__(entropy)
         self._key = private_key
         self._size = (private_key.key_size + 7) // 8
-        self._pem = public_pem or private_key.public_key().public_bytes(
+        own = private_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
+        if public_pem is not None:
+            try:
+                given = serialization.load_pem_public_key(public_pem)
+            except (ValueError, TypeError):
+                raise LocalProtocolError(
+                    "public_pem is not a PEM public key (SubjectPublicKeyInfo)"
+                ) from None
+            if (
+                not public_pem.lstrip().startswith(b"-----BEGIN PUBLIC KEY-----")
+                or not isinstance(given, rsa.RSAPublicKey)
+                or _keys.public_der(given) != _keys.public_der(private_key.public_key())
+            ):
+                raise LocalProtocolError("public_pem is not the private key's public key")
+        self._pem = public_pem or own
+        self._defer = defer_decryption
         self.peer_fingerprint: Optional[str] = None
 
     def start(self) -> None:
@@ -278,6 +389,14 @@ class LegacyServer(_Legacy):
         self.state = State.WAIT_CLIENT_KEY
 
     def next_event(self) -> Event:
+        """The next event: the handshake's end (or, with ``defer_decryption``,
+        a DecryptionRequested first), a request, the end of the session.
+
+        Raises:
+            the session's error once it failed; ConnectionClosedError once
+            it is over; LocalProtocolError before start().
+        """
+        self._check_open()
         if self.state is State.WAIT_CLIENT_KEY:
             if len(self._buf) < self._size:
                 if self._eof:
@@ -287,25 +406,45 @@ class LegacyServer(_Legacy):
                 return NEED_DATA
             ciphertext = bytes(self._buf[: self._size])
             del self._buf[: self._size]  # (the rest is the first request: kept)
+            if self._defer:
+                self.state = State.WAIT_DECRYPTION
+                return DecryptionRequested(self._key, ciphertext, None)
             try:
-                aes_key = self._key.decrypt(ciphertext, OAEP)
+                aes_key: Optional[bytes] = self._key.decrypt(ciphertext, OAEP)
             except ValueError:
-                aes_key = b""
-            if len(aes_key) != AES_KEY_SIZE:  # implicit rejection: see the module
-                aes_key = self._entropy(AES_KEY_SIZE)
-            self._aes = AESGCM(aes_key)
-            self.state = State.WAIT_REQUEST
-            return HandshakeCompleted(VERSION, None)
+                aes_key = None
+            return self._keyed(aes_key)
         if self.state is State.WAIT_REQUEST:
             got = self._message("client")
             if isinstance(got, bytes):
                 self.state = State.REPLYING
                 return MessageReceived(got)
             return got
+        if self.state is State.REPLYING and self._buf:
+            raise self._fail(
+                RemoteProtocolError(
+                    "the client sent a request before the reply to its last one "
+                    "(Callcp 1.0 does not pipeline)"
+                )
+            )
         return NEED_DATA
 
+    def premaster_decrypted(self, aes_key: Optional[bytes]) -> HandshakeCompleted:
+        """(``defer_decryption``) DecryptionRequested.run()'s result: the
+        handshake's end."""
+        if self.state is not State.WAIT_DECRYPTION:
+            raise LocalProtocolError("premaster_decrypted() without a DecryptionRequested")
+        return self._keyed(aes_key)
+
+    def _keyed(self, aes_key: Optional[bytes]) -> HandshakeCompleted:
+        if aes_key is None or len(aes_key) != AES_KEY_SIZE:  # implicit rejection: see the module
+            aes_key = self._entropy(AES_KEY_SIZE)
+        self._aes = AESGCM(aes_key)
+        self.state = State.WAIT_REQUEST
+        return HandshakeCompleted(VERSION, None)
+
     def send_bytes(self, message: bytes) -> bytes:
-        """Seal the reply to the request just received.
+        """The reply's record, to write (not queued), to the request just received.
 
         Raises:
             LocalProtocolError: no request waits for a reply, or the reply
@@ -316,6 +455,5 @@ class LegacyServer(_Legacy):
                 "Callcp 1.0 is strict request/response: a server only replies to a request"
             )
         record = self._seal(message)
-        self._out += record
         self.state = State.WAIT_REQUEST
         return record
