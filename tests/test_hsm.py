@@ -508,6 +508,24 @@ def test_a_lost_login_is_redone(softhsm: SoftHsm) -> None:
             key.public_key().verify(signature, b"again", PSS, hashes.SHA256())
 
 
+def in_a_forked_child(body: Callable[[], bytes]) -> bytes:
+    """Run ``body`` in a forked child; what it returned, or its exception's repr."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(write, body())
+        except BaseException as exc:
+            os.write(write, repr(exc).encode()[:500])
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        said = pipe.read()
+    os.waitpid(pid, 0)
+    return said
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
 def test_a_failed_reconnection_in_a_child_keeps_nothing_of_the_parent(
     server_pair: KeyPair, client_pair: KeyPair
@@ -522,40 +540,30 @@ def test_a_failed_reconnection_in_a_child_keeps_nothing_of_the_parent(
     assert isinstance(server, Pkcs11Key) and isinstance(client, Pkcs11Key)
     server.sign(b"p", PSS, hashes.SHA256())
     client.sign(b"p", PSS, hashes.SHA256())
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
+
+    def child() -> bytes:
+        hsm.RECONNECT_BACKOFF = 0.0
+        real = hsm._find_token
+        failed: List[int] = []
+
+        def flaky(*args: Any) -> Any:
+            if not failed:
+                failed.append(1)
+                raise KeyManagementError("the token is not there yet")
+            return real(*args)
+
+        hsm._find_token = flaky
         try:
-            hsm.RECONNECT_BACKOFF = 0.0
-            real = hsm._find_token
-            failed: List[int] = []
+            client.sign(b"c", PSS, hashes.SHA256())
+            return b"no failure"
+        except KeyManagementError:
+            server.sign(b"s", PSS, hashes.SHA256())  # (the server key reconnects first)
+            for _ in range(3):
+                signature = client.sign(b"c", PSS, hashes.SHA256())
+                client.public_key().verify(signature, b"c", PSS, hashes.SHA256())
+            return b"ok"
 
-            def flaky(*args: Any) -> Any:
-                if not failed:
-                    failed.append(1)
-                    raise KeyManagementError("the token is not there yet")
-                return real(*args)
-
-            hsm._find_token = flaky
-            try:
-                client.sign(b"c", PSS, hashes.SHA256())
-                said = b"no failure"
-            except KeyManagementError:
-                server.sign(b"s", PSS, hashes.SHA256())  # (the server key reconnects first)
-                for _ in range(3):
-                    signature = client.sign(b"c", PSS, hashes.SHA256())
-                    client.public_key().verify(signature, b"c", PSS, hashes.SHA256())
-                said = b"ok"
-            os.write(write, said)
-        except BaseException as exc:
-            os.write(write, repr(exc).encode()[:500])
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        said = pipe.read()
-    os.waitpid(pid, 0)
-    assert said == b"ok"
+    assert in_a_forked_child(child) == b"ok"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
@@ -565,21 +573,12 @@ def test_a_forked_child_opens_its_own_sessions(server_pair: KeyPair) -> None:
     secret = os.urandom(32)
     ciphertext = public.encrypt(secret, OAEP)
     key.decrypt(ciphertext, OAEP)  # (the parent's sessions exist)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            ok = key.decrypt(ciphertext, OAEP) == secret and key._session._pid == os.getpid()
-            os.write(write, b"ok" if ok else b"wrong")
-        except BaseException as exc:
-            os.write(write, repr(exc).encode()[:500])
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        said = pipe.read()
-    os.waitpid(pid, 0)
-    assert said == b"ok"
+
+    def child() -> bytes:
+        ok = key.decrypt(ciphertext, OAEP) == secret and key._session._pid == os.getpid()
+        return b"ok" if ok else b"wrong"
+
+    assert in_a_forked_child(child) == b"ok"
     assert key.decrypt(ciphertext, OAEP) == secret  # (the parent's still work)
 
 
