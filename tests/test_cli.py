@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 import callcp
 from callcp import cli
-from callcp.cli import reserve_path, safe_file_name
+from callcp.cli import safe_file_name
 from callcp.keys import load_public_key
 from tests.cli_support import (
     LISTENING,
@@ -884,24 +884,32 @@ def test_safe_file_name(sent: str, stored: Optional[str]) -> None:
     assert safe_file_name(sent) == stored
 
 
-def test_reserve_path_never_reuses_a_name(tmp_path: Path) -> None:
-    """Claims are O_EXCL; after nine numbered twins, names take a random
-    suffix (the thousandth file of a name costs what the first does)."""
+def test_received_files_never_take_a_name_in_use(tmp_path: Path) -> None:
+    """A verified upload is linked under a free name (never replacing one,
+    nor following a link planted there); after nine numbered twins, names
+    take a random suffix (the thousandth file of a name costs what the first
+    does)."""
+    from callcp._inbox import Inbox
 
-    def reserve(name: str) -> str:
-        return reserve_path(tmp_path, name).name
+    inbox = Inbox.open(tmp_path)
 
-    assert reserve("a.tar.gz") == "a.tar.gz"
-    assert reserve("a.tar.gz") == "a.tar (1).gz"
+    def store(name: str) -> str:
+        slot = inbox.admit(name, 4, "test")
+        slot.file.write(b"data")
+        return slot.commit(4).name
+
+    assert store("a.tar.gz") == "a.tar.gz"
+    assert store("a.tar.gz") == "a.tar (1).gz"
     os.symlink(tmp_path / "victim", tmp_path / "c.txt")  # a planted link
-    assert reserve("c.txt") == "c (1).txt"
+    assert store("c.txt") == "c (1).txt"
     assert not (tmp_path / "victim").exists()
-    assert reserve("noext") == "noext"
-    assert reserve("noext") == "noext (1)"
-    names = [reserve("many.bin") for _ in range(30)]
+    assert store("noext") == "noext"
+    assert store("noext") == "noext (1)"
+    names = [store("many.bin") for _ in range(30)]
     assert names[:10] == ["many.bin"] + [f"many ({n}).bin" for n in range(1, 10)]
     assert all(re.fullmatch(r"many \([0-9a-f]{8}\)\.bin", n) for n in names[10:]), names
     assert len(set(names)) == 30
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
 
 
 def test_receive_dir_limits(

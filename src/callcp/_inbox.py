@@ -34,6 +34,7 @@ client authentication), so the directory is guarded like any input:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -49,7 +50,7 @@ from typing import IO, Dict, List, Optional, Tuple
 
 from ._core.errors import StreamTooLarge
 
-__all__ = ["DEFAULT_LIMITS", "Inbox", "InboxLimits", "Refused", "reserve_path", "safe_file_name"]
+__all__ = ["DEFAULT_LIMITS", "Inbox", "InboxLimits", "Refused", "safe_file_name"]
 
 log = logging.getLogger("callcp.cli")
 
@@ -102,27 +103,6 @@ def _candidates(name: str) -> List[str]:
     stem, ext = os.path.splitext(name)
     numbered = [name] + [f"{stem} ({n}){ext}" for n in range(1, 10)]
     return numbered + [f"{stem} ({secrets.token_hex(4)}){ext}" for _ in range(100)]
-
-
-def reserve_path(directory: Path, name: str) -> Path:
-    """Claim a new, empty file for ``name`` in ``directory`` (``O_EXCL``,
-    never through a link): ``name``, else ``stem (1).ext``... (see the
-    module).  For callers that write the file themselves; an
-    :class:`Inbox` names its files only once they are complete.
-
-    Raises:
-        OSError: the directory cannot be written; FileExistsError when no
-            candidate was free.
-    """
-    for candidate_name in _candidates(name):
-        candidate = directory / candidate_name
-        try:
-            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return candidate
-    raise FileExistsError(f"too many files named like {name!r} in {directory}")
 
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -385,7 +365,7 @@ class Inbox:
 
 
 _PROC = os.path.isdir("/proc/self/fd")
-_NO_LINKS = {getattr(__import__("errno"), n) for n in ("EPERM", "EOPNOTSUPP", "EXDEV", "EMLINK")}
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
 
 
 def _is_temp(name: str) -> bool:

@@ -11,7 +11,7 @@ What this module owns is the small application protocol of ``callcp serve``:
 - a message is answered with the same message (upper-cased with ``--upper``);
 - a stream is a file: with ``--receive-dir`` it is stored under the base name
   the sender gave (:func:`safe_file_name`), never overwriting anything
-  (:func:`reserve_path`), and confirmed with one message
+  (``callcp._inbox``), and confirmed with one message
   ``stored <name> <length> <sha256hex>`` that ``send-file`` checks against
   its own SHA-256; without ``--receive-dir`` (or for an unsafe name) the
   connection is closed with ``CloseCode.REFUSED`` and a reason.
@@ -97,7 +97,6 @@ from callcp._inbox import (
     Inbox,
     InboxLimits,
     Refused,
-    reserve_path,
     safe_file_name,
 )
 from callcp.hsm import is_pkcs11_uri
@@ -111,7 +110,7 @@ from callcp.trust import (
     normalize_fingerprint,
 )
 
-__all__ = ["main", "build_parser", "make_server", "safe_file_name", "reserve_path"]
+__all__ = ["main", "build_parser", "make_server", "safe_file_name"]
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
