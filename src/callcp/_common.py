@@ -19,9 +19,12 @@ from ._core.errors import (
     KeyManagementError,
     TransportError,
 )
+from ._core.legacy import MISSING as LEGACY_MISSING
+from ._core.legacy import LegacyClient
 from ._core.protocol import ClientProtocol
 from ._core.tickets import Session
-from ._options import DEFAULT_PORT, ClientOptions
+from ._core.wire import printable
+from ._options import CALLCP1, DEFAULT_PORT, ClientOptions
 from .hsm import is_pkcs11_uri
 from .keys import KeyPair
 from .trust import AuthorizedKeys, ServerKeyPolicy
@@ -178,14 +181,25 @@ class ServerTrust:
             )
 
 
-def client_protocol(host: str, port: int, options: ClientOptions) -> ClientProtocol:
+def client_protocol(
+    host: str, port: int, options: ClientOptions
+) -> Union[ClientProtocol, LegacyClient]:
     """The client's sans-I/O core, set up from ``connect()``'s options (both
-    adapters).
+    adapters): callcp/2's, or with ``protocol="callcp1"`` Callcp 1.0's (its
+    WARNING logged: one per connection).
 
     Raises:
         KeyManagementError: ``client_key`` could not be loaded.
         ValueError: a malformed pin.
     """
+    log = logger_for(options.logger)
+    if options.protocol == CALLCP1:
+        log.warning(
+            "connecting to %s:%s with CALLCP 1.0's wire format (protocol='callcp1'): %s",
+            printable(str(host)),
+            port,
+            LEGACY_MISSING,
+        )
     trust = ServerTrust(
         host,
         port,
@@ -193,8 +207,10 @@ def client_protocol(host: str, port: int, options: ClientOptions) -> ClientProto
         known_hosts=options.known_hosts,
         trust_on_first_use=options.trust_on_first_use,
         insecure=options.insecure,
-        logger=logger_for(options.logger),
+        logger=log,
     )
+    if options.protocol == CALLCP1:
+        return LegacyClient(trust.verify)
     keypair = load_client_key(
         options.client_key,
         password=options.key_password,

@@ -81,11 +81,13 @@ from ._core.events import (
     ServerKeyAccepted,
     StreamStarted,
 )
+from ._core.legacy import MISSING as LEGACY_MISSING
+from ._core.legacy import LegacyClient, LegacyServer
 from ._core.protocol import ServerProtocol, State, _Protocol
 from ._core.shares import ShareKeeper, SignedShare
 from ._core.tickets import TicketKeys
 from ._core.wire import alert_frame, printable
-from ._options import ServerOptions
+from ._options import CALLCP1, ServerOptions
 from ._streams import Destination, Progress, StreamInfo, StreamReception
 from .trust import AuthorizedKeys
 
@@ -107,9 +109,13 @@ __all__ = [
 ]
 
 Address = Tuple[Any, ...]
+#: A sans-I/O core the engine drives: callcp/2's, or Callcp 1.0's (the
+#: opt-in legacy wire format, which shows the engine the same surface).
+Core = Union[_Protocol, LegacyClient, LegacyServer]
 HandshakeStep = Union[NeedData, DecryptionRequested, None]
 
 SHUTTING_DOWN = "server shutting down"
+
 PEER_LEFT = "the peer closed the connection before its key exchange"
 #: Seconds a server whose key failed to sign a share waits before asking it
 #: again (a PKCS#11 token failing): meanwhile connections are refused at no
@@ -173,7 +179,7 @@ class Keepalive:
             return "ping"
         return None
 
-    def woke(self, core: _Protocol, now: float, unsent: int) -> bool:
+    def woke(self, core: Core, now: float, unsent: int) -> bool:
         """The adapter's wait for :meth:`next_wake` ended with nothing
         heard: True if a PING was queued (write it now).
 
@@ -186,7 +192,7 @@ class Keepalive:
             raise self.unresponsive(core, now)
         return action == "ping" and core.ping()
 
-    def unresponsive(self, core: _Protocol, now: float) -> CallcpError:
+    def unresponsive(self, core: Core, now: float) -> CallcpError:
         """The peer did not answer: fail the core (a CLOSE with TIMEOUT is
         queued, should it wake up) and return the error to raise."""
         quiet = now - self.last_heard
@@ -225,7 +231,7 @@ class Engine:
 
     def __init__(
         self,
-        core: _Protocol,
+        core: Core,
         *,
         budget: Optional[MessageBudget] = None,
         keepalive: Optional[Keepalive] = None,
@@ -536,6 +542,8 @@ CHUNK = "chunk"
 DECRYPT = "decrypt"
 #: Write what is queued (a CLOSE saying why) and close the transport.
 ABORT = "abort"
+#: Wait the argument's seconds, reading nothing (a Callcp 1.0 client, after its key).
+PAUSE = "pause"
 
 Op = Tuple[str, Any]
 Procedure = Generator[Op, Any, Any]
@@ -597,6 +605,10 @@ def handshake(
                 step = engine.confirm_step()  # (first contact: the key is recorded then)
             yield _WRITE_NOW
             if step is None:
+                core = engine.core
+                pause, core.pause_after_key = core.pause_after_key, 0.0
+                if pause:  # (Callcp 1.0's server: the key and a request must not share a read)
+                    yield (PAUSE, pause)
                 return
             if step is NEED_DATA:
                 yield (READ, deadline)
@@ -607,7 +619,7 @@ def handshake(
 
 
 def send_stream(
-    core: _Protocol,
+    core: Core,
     chunks: Any,
     size: Optional[int],
     name: str,
@@ -1017,7 +1029,7 @@ class Notices:
         with self._lock:
             if now - self._start < self.WINDOW:
                 return
-            seconds = now - self._start
+            seconds = min(now, time.monotonic()) - self._start  # (now: inf when stopping)
             kinds, self._kinds = self._kinds, {}
             self._start = now
         for kind, (count, suppressed, sources) in kinds.items():
@@ -1280,7 +1292,7 @@ Buffer = Union[bytes, bytearray, memoryview]
 class ConnectionBase:
     """What both adapters' Connections show of their engine."""
 
-    _core: _Protocol
+    _core: Core
     _timeout: Optional[float]
     remote_address: Address
     _repr_name = "callcp.Connection"
@@ -1358,9 +1370,11 @@ class ServerCore:
         self.shares = ShareKeeper(
             self.keypair.private_key, options.share_lifetime, options.handshake_timeout
         )
+        #: Callcp 1.0's wire format (``protocol="callcp1"``): no shares, no tickets.
+        self.legacy = options.protocol == CALLCP1
         self.tickets = (
             TicketKeys(options.ticket_lifetime, load_ticket_key(options.ticket_key))
-            if options.ticket_lifetime
+            if options.ticket_lifetime and not self.legacy
             else None
         )
         self._spare: Optional[Tuple[Engine, SignedShare]] = None
@@ -1377,8 +1391,9 @@ class ServerCore:
         signature then costs no connection a wait), and make the next
         connection's engine: its ServerHello is ready when it arrives.  One
         spare at most, used by one connection, and only while its share is
-        the current one."""
-        if self.stopping:
+        the current one.  (A Callcp 1.0 server signs nothing: its
+        connections' engines are made at arrival.)"""
+        if self.stopping or self.legacy:
             return
         now = time.time()
         if time.monotonic() >= self._key_retry_at:
@@ -1434,7 +1449,14 @@ class ServerCore:
         why = SHUTTING_DOWN if self.stopping else self.admission.admit(source_of(addr))
         if why is not None:
             self.refused(addr, why)
+            if self.legacy:  # (Callcp 1.0 has no message for it: the connection is closed)
+                return None, b""
             return None, alert_frame(CloseCode.GOING_AWAY, f"server busy: {why}")
+        if self.legacy:
+            legacy = LegacyServer(self.keypair.private_key, defer_decryption=True)
+            legacy.start()
+            arrival = Arrival(self, addr, Engine(legacy, budget=self.budget))
+            return arrival, legacy.data_to_send()
         spare, self._spare = self._spare, None
         share = self._current_share(time.time())
         if share is None:
@@ -1476,6 +1498,16 @@ class ServerCore:
 
     def listening(self, address: Any, workers: int) -> None:
         processes = f" with {workers} worker processes" if workers > 1 else ""
+        if self.legacy:
+            self.log.warning(
+                "callcp server listening on %s%s (key %s) speaking CALLCP 1.0's wire format "
+                "(protocol='callcp1'): %s; move its clients to callcp/2",
+                address,
+                processes,
+                self.fingerprint,
+                LEGACY_MISSING,
+            )
+            return
         self.log.info(
             "callcp server listening on %s%s (key %s)", address, processes, self.fingerprint
         )
@@ -1526,5 +1558,14 @@ class ServerCore:
         """The handshake completed: the handler runs next."""
         if self.stopping:
             engine.stop()
+        if self.legacy:  # one WARNING per connection (a flood: counted, one line per window)
+            self.notices.note(
+                "Callcp 1.0 connections (protocol='callcp1')",
+                source_of(addr),
+                "Callcp 1.0 connection from %s: %s",
+                format_peer(addr),
+                LEGACY_MISSING,
+            )
+            return
         fp = engine.core.peer_fingerprint
         self.log.debug("connection from %s%s", format_peer(addr), f" as {fp}" if fp else "")

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple, TypeVar, Union
 
 if TYPE_CHECKING:
     from typing_extensions import TypedDict
@@ -31,10 +31,20 @@ __all__ = [
     "ClientKwargs",
     "ServerKwargs",
     "DEFAULT_PORT",
+    "CALLCP1",
+    "CALLCP2",
+    "PROTOCOLS",
     "default_max_connections",
 ]
 
 DEFAULT_PORT = 8436
+
+#: The wire protocols a client or server can speak: callcp/2 (the default),
+#: or Callcp 1.0's, opted into by name (never negotiated, never fallen back
+#: to): see docs/guides/migrating.md.
+CALLCP2 = "callcp/2"
+CALLCP1 = "callcp1"
+PROTOCOLS = (CALLCP2, CALLCP1)
 
 PathLike = Union[str, "os.PathLike[str]"]
 _T = TypeVar("_T", bound="_Options")
@@ -99,6 +109,18 @@ def _count(name: str, value: Any, *, low: int) -> None:
         raise ValueError(f"{name} must be a whole number >= {low}, not {value!r}")
 
 
+def _protocol(value: Any, unsupported: Sequence[Tuple[str, Any, str]]) -> None:
+    """``protocol`` is one of PROTOCOLS; with Callcp 1.0's, each option in
+    ``unsupported`` (name, value, why) must be left unset."""
+    if value not in PROTOCOLS:
+        known = ", ".join(map(repr, PROTOCOLS))
+        raise ValueError(f"protocol must be one of {known}, not {value!r}")
+    if value == CALLCP1:
+        for name, given, why in unsupported:
+            if given is not None:
+                raise ValueError(f"{name} cannot be used with protocol='callcp1': {why}")
+
+
 def _logger(value: Any) -> None:
     if value is not None and not isinstance(value, logging.Logger):
         raise ValueError(f"logger must be a logging.Logger or None, not {type(value).__name__}")
@@ -143,6 +165,11 @@ class ClientOptions(_Options):
         retry: try again after a transient failure (``callcp.Retry``): a
             failed connect or handshake, and in a pool a request the server
             cannot have received (None: fail at once).
+        protocol: ``"callcp/2"``, or ``"callcp1"`` to talk to a Callcp 1.0
+            server (its wire format: no server authentication, no forward
+            secrecy, no replay protection, messages of at most 4,068 bytes;
+            a WARNING is logged per connection; ``client_key`` and
+            keepalive cannot be used, and no tickets are offered).
         logger: where callcp logs (default: the ``callcp`` logger).
     """
 
@@ -159,10 +186,18 @@ class ClientOptions(_Options):
     keepalive_timeout: float = 10.0
     session_store: Optional[SessionStore] = PROCESS_SESSIONS
     retry: Optional[Retry] = None
+    protocol: str = CALLCP2
     logger: Optional[logging.Logger] = None
 
     def __post_init__(self) -> None:
         _positive_or_none("timeout", self.timeout)
+        _protocol(
+            self.protocol,
+            [
+                ("client_key", self.client_key, "Callcp 1.0 has no client authentication"),
+                ("keepalive_interval", self.keepalive_interval, "Callcp 1.0 has no keepalive"),
+            ],
+        )
         if self.retry is not None and not isinstance(self.retry, Retry):
             kind = type(self.retry).__name__
             raise ValueError(f"retry must be a callcp.Retry or None, not {kind}")
@@ -233,6 +268,14 @@ class ServerOptions(_Options):
         backlog: the listening socket's accept queue.
         reuse_port: set SO_REUSEPORT on the listening socket.
         workers: N > 1 forks N processes that accept on the port (Linux).
+        protocol: ``"callcp/2"``, or ``"callcp1"`` to serve Callcp 1.0
+            clients (their wire format: no server authentication, no
+            forward secrecy, no replay protection, messages of at most
+            4,068 bytes; a WARNING is logged per connection).  The key is
+            the Callcp 1.0 server's; ``authorized_keys``, ``next_key``,
+            ``ticket_key`` and keepalive cannot be used, and
+            ``max_message_size``, ``share_lifetime`` and
+            ``ticket_lifetime`` do not apply.
         logger: where callcp logs (default: the ``callcp`` logger).
     """
 
@@ -258,9 +301,19 @@ class ServerOptions(_Options):
     backlog: int = 1024
     reuse_port: bool = False
     workers: int = 1
+    protocol: str = CALLCP2
     logger: Optional[logging.Logger] = None
 
     def __post_init__(self) -> None:
+        _protocol(
+            self.protocol,
+            [
+                ("authorized_keys", self.authorized_keys, "Callcp 1.0 has no client keys"),
+                ("next_key", self.next_key, "Callcp 1.0 cannot announce a key"),
+                ("ticket_key", self.ticket_key, "Callcp 1.0 has no session tickets"),
+                ("keepalive_interval", self.keepalive_interval, "Callcp 1.0 has no keepalive"),
+            ],
+        )
         if self.max_connections is None:
             object.__setattr__(self, "max_connections", default_max_connections())
         _count("max_connections", self.max_connections, low=1)
@@ -331,6 +384,7 @@ class ClientKwargs(TypedDict, total=False):
     keepalive_timeout: float
     session_store: Optional[SessionStore]
     retry: Optional[Retry]
+    protocol: str
     logger: Optional[logging.Logger]
 
 
@@ -359,4 +413,5 @@ class ServerKwargs(TypedDict, total=False):
     backlog: int
     reuse_port: bool
     workers: int
+    protocol: str
     logger: Optional[logging.Logger]

@@ -21,6 +21,8 @@ import socket
 import time
 from typing import Any, Callable, List, Optional, Tuple
 
+from ._options import CALLCP1
+
 __all__ = ["reserve_port", "WorkerPool", "check_workers", "for_server"]
 
 
@@ -71,7 +73,8 @@ def for_server(
     except OSError as exc:
         raise translate_oserror(exc, f"listening on {host}:{port}") from exc
     worker_options = options.replace(key=keypair, workers=1, reuse_port=True)
-    if worker_options.ticket_key is None:  # the workers resume each other's sessions
+    if worker_options.ticket_key is None and options.protocol != CALLCP1:
+        # the workers resume each other's sessions
         worker_options = worker_options.replace(ticket_key=os.urandom(32))
     pool = WorkerPool(options.workers, target, (handler, host, address[1], worker_options))
     pool.reserved, pool.address = sock, address

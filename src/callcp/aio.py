@@ -272,6 +272,8 @@ class Connection(ConnectionBase):
                     await link.wait(link.loop.time() + arg - time.monotonic())
                 elif op is _engine.DECRYPT:
                     run.reply = await self._decrypt(arg)
+                elif op is _engine.PAUSE:
+                    await asyncio.sleep(arg)
                 else:
                     link.abort()
             except BaseException as exc:

@@ -378,6 +378,8 @@ class Connection(SocketLink, ConnectionBase):
                     self._read(remaining(arg))
                 elif op is _engine.DECRYPT:
                     run.reply = self._decrypt(arg)
+                elif op is _engine.PAUSE:
+                    time.sleep(arg)
                 else:
                     self._abort()
             except BaseException as exc:

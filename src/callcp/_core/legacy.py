@@ -21,13 +21,24 @@ exactly, and fix what a careful peer can fix on its side:
   1.0's receiver reads 4,096 bytes at most); the end of the TCP stream
   between messages is the end of the session (there is no close message).
 
-The cores do no I/O and no logging.  ``receive_data``, ``next_event`` and
-``data_to_send`` work as those of the callcp/2 cores; ``send_bytes`` returns
-a message's record to write (it does not queue it), as there.  After a
-close or a failure ``next_event`` raises.  A driver writes the client's
-key (``data_to_send()`` after the handshake) on its own, then waits
-:data:`PAUSE_AFTER_KEY` before the first request: Callcp 1.0's server
-drops a connection whose key and first request arrive in one read.
+The cores do no I/O and no logging.  They show the connection engine
+(``callcp._engine``) the same surface as the callcp/2 cores (``state``,
+``receive_data``, ``next_event``, ``data_to_send_parts``, ``send_bytes``,
+``close``, ``fail``, ``closed_error``...), so both adapters drive them
+unchanged: ``send_bytes`` returns a message's record to write (it does not
+queue it), the handshake ends with a HandshakeCompleted (after a
+DecryptionRequested with ``defer_decryption``), the peer's end of TCP
+between two messages is a CloseReceived, and after a close or a failure
+``next_event`` raises.  Callcp 1.0 has no close message, no keepalive and no
+streams: ``close`` only ends the session (the driver closes TCP), ``ping``
+does nothing, and the stream calls raise LocalProtocolError.  A driver
+writes the client's key (``data_to_send()`` after the handshake) on its own,
+then waits :data:`PAUSE_AFTER_KEY` (``pause_after_key``) before the first
+request: Callcp 1.0's server drops a connection whose key and first request
+arrive in one read.  A client trusts the server's key (``verify_server_key``)
+when it arrives, but calls what the check returned (a trust-on-first-use
+record) only once the first reply authenticated: only the holder of the
+private key could have made it.
 
 Within a session, a record whose nonce was already seen (sent by this side,
 or received) is refused: a man in the middle cannot reflect a request back
@@ -38,9 +49,8 @@ by :data:`ATTEMPT_STEP` bytes (an honest record arrives in a few reads).
 
 from __future__ import annotations
 
-import enum
 import os
-from typing import Callable, Optional, Set, Union
+from typing import Callable, List, Optional, Set, Tuple, Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -49,9 +59,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import keys as _keys
 from .errors import (
+    CallcpError,
     CloseCode,
+    ConnectionClosed,
     ConnectionClosedError,
+    ConnectionClosedOK,
+    ConnectionLost,
     CryptoError,
+    HandshakeAborted,
     HandshakeError,
     LocalProtocolError,
     RemoteProtocolError,
@@ -64,6 +79,8 @@ from .events import (
     MessageReceived,
     NeedData,
 )
+from .protocol import State
+from .wire import MAGIC, printable
 
 __all__ = ["MAX_PEM", "MAX_PLAINTEXT", "MAX_RECORD", "LegacyClient", "LegacyServer"]
 
@@ -89,84 +106,231 @@ MAX_BUFFERED = 1024 + MAX_RECORD
 
 Event = Union[NeedData, HandshakeCompleted, MessageReceived, CloseReceived, DecryptionRequested]
 Entropy = Callable[[int], bytes]
+#: What a client's key check returns: None, or what to do once the server
+#: proved that it holds the key (its first reply authenticated).
+Verifier = Callable[[str, bytes], Optional[Callable[[], None]]]
 
+#: What a Callcp 1.0 session lacks (the WARNING each connection logs says so).
+MISSING = (
+    "no server authentication, no forward secrecy, no replay protection, "
+    "no framing (messages of at most 4068 bytes)"
+)
 
-class State(enum.Enum):
-    WAIT_KEY = "wait server key"
-    WAIT_CLIENT_KEY = "wait client key"
-    WAIT_DECRYPTION = "wait decryption"
-    NEW = "not started"
-    READY = "ready to send"
-    WAIT_REPLY = "wait reply"
-    WAIT_REQUEST = "wait request"
-    REPLYING = "replying"
-    CLOSED = "closed"
-    FAILED = "failed"
+_LIVE = frozenset({State.WAIT_SERVER_HELLO, State.WAIT_CLIENT_HELLO, State.OPEN})
+NO_STREAMS = (
+    "Callcp 1.0 has no streams: send messages of at most 4068 bytes (or move this peer to callcp/2)"
+)
 
 
 class _Legacy:
-    """What both sides share: buffers, sealing, accumulating a message."""
+    """What both sides share: buffers, sealing, accumulating a message, and
+    the surface the connection engine drives (see the module docstring)."""
+
+    _role = ""
+    #: (the engine's global budget counts partial callcp/2 messages; a
+    #: Callcp 1.0 message is at most MAX_RECORD bytes, bounded per connection)
+    _fragments_size = 0
+    _close_received: Optional[Tuple[int, str]] = None  # (Callcp 1.0 has no close message)
+    sending_stream = False
+    owes = False
+    #: Seconds the driver waits after the client's key (0: none).
+    pause_after_key = 0.0
 
     def __init__(self, entropy: Entropy) -> None:
         self._entropy = entropy
         self._buf = bytearray()
-        self._out = bytearray()
+        self._out: List[bytes] = []
         self._eof = False
+        self._overflow = False
         self._aes: Optional[AESGCM] = None
-        self.state = State.NEW
-        self.error: Optional[Exception] = None
+        self.state = State.FAILED  # (set by the subclasses)
+        self.error: Optional[CallcpError] = None
+        self.version: Optional[int] = None
+        self.peer_fingerprint: Optional[str] = None
         self._nonces: Set[bytes] = set()  # (nonces seen in this session, either way)
         self._attempts = 0
         self._tried_at = 0
+        self._in_flight = False  # a request waits for its reply
+        self._pending: Optional[HandshakeCompleted] = None  # handed out by next_event first
+        self._close_sent = False
+        self._peer_closed = False  # the peer ended the session between two messages
+        self.delivered = 0
+        self.sent = 0
 
-    def receive_data(self, data: Union[bytes, memoryview]) -> None:
+    # ------------------------------------------------------------ bytes in
+
+    def receive_data(self, data: Union[bytes, bytearray, memoryview]) -> None:
         """Bytes read from the peer; ``b""``: it closed the TCP stream."""
         if not data:
             self._eof = True
             return
-        if self.state in (State.CLOSED, State.FAILED):
+        if self._eof or self.state is State.FAILED or self.state is State.CLOSED:
+            return
+        if len(self._buf) + len(data) > MAX_BUFFERED:
+            self._overflow = True  # (raised by next_event; nothing more is kept)
             return
         self._buf += data
-        if len(self._buf) > MAX_BUFFERED:
-            self._fail(
-                RemoteProtocolError(
-                    f"the peer sent more than {MAX_BUFFERED} bytes that are no Callcp 1.0 "
-                    "record (Callcp 1.0 is strict request/response)"
-                )
-            )
 
-    def _check_open(self) -> None:
-        """(next_event) Raise once the session is over, or before it began."""
-        if self.state is State.FAILED:
-            assert self.error is not None
-            raise self.error
-        if self.state is State.CLOSED:
-            raise ConnectionClosedError("the Callcp 1.0 session is over")
-        if self.state is State.NEW:
-            raise LocalProtocolError("start() the server before asking for events")
+    def receive_message(self, data: Union[bytes, bytearray, memoryview]) -> Optional[bytes]:
+        """``receive_data(data)``; None: ask :meth:`next_event` (the callcp/2
+        cores' fast path, which Callcp 1.0 does not need)."""
+        self.receive_data(data)
+        return None
 
-    def data_to_send(self) -> bytes:
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+    @property
+    def needs_data(self) -> bool:
+        """``next_event()`` could only answer NEED_DATA: read first."""
+        return (
+            self._pending is None
+            and not self._buf
+            and not self._eof
+            and not self._overflow
+            and self.state in _LIVE
+        )
 
     @property
     def buffered(self) -> int:
         return len(self._buf)
 
-    def close(self) -> None:
-        """End the session (the caller closes the TCP stream: Callcp 1.0 has
-        no close message)."""
-        if self.state is not State.FAILED:
-            self.state = State.CLOSED
+    def next_event(self) -> Event:
+        """The next event: the handshake's end (a server with
+        ``defer_decryption`` first asks for its RSA decryption), a message,
+        the peer's end of the session (CloseReceived), or NEED_DATA.
 
-    def _fail(self, err: Exception) -> Exception:
-        self.state = State.FAILED
-        self.error = err
+        Raises:
+            HandshakeError, RemoteProtocolError (CryptoError), ConnectionLost:
+                the peer failed the session (it is over).
+            ConnectionClosed: the session is over already.
+            LocalProtocolError: a server before start(), or before its
+                decryption's result.
+        """
+        state = self.state
+        if state is State.FAILED or state is State.CLOSED:
+            raise self.closed_error()
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            return pending
+        if state is State.WAIT_DECRYPTION:
+            raise LocalProtocolError("call premaster_decrypted() before asking for more events")
+        try:
+            if self._overflow:
+                raise RemoteProtocolError(
+                    f"the peer sent more than {MAX_BUFFERED} bytes that are no Callcp 1.0 "
+                    "record (Callcp 1.0 is strict request/response)"
+                )
+            return self._next()
+        except CallcpError as exc:
+            raise self._fail(exc) from None
+
+    def _next(self) -> Event:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ bytes out
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def data_to_send_parts(self) -> List[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    @property
+    def can_send(self) -> bool:
+        """True when ``send_bytes`` would succeed."""
+        return self._may_send() is None
+
+    def _may_send(self) -> Optional[str]:
+        """Why ``send_bytes`` is refused now (None: it is not)."""
+        raise NotImplementedError
+
+    def send_bytes(self, message: Union[bytes, bytearray, memoryview]) -> bytes:
+        """One message's record, to write (not queued).
+
+        Raises:
+            ConnectionClosed: the session is over.
+            LocalProtocolError: not now (Callcp 1.0 is strict request/response:
+                a client sends one request, then waits for its reply; a
+                server only replies to the request it received), or the
+                message is over MAX_PLAINTEXT bytes (nothing is sent).
+        """
+        if self.state is State.FAILED or (self.state is State.CLOSED and not self._close_sent):
+            raise self.closed_error()
+        if self._close_sent:
+            raise LocalProtocolError("send() after close()")
+        why = self._may_send()
+        if why is not None:
+            raise LocalProtocolError(why)
+        record = self._seal(message)
+        self._in_flight = not self._in_flight
+        self.sent += 1
+        return record
+
+    def start_stream(self, *args: object, **kwargs: object) -> None:
+        raise LocalProtocolError(NO_STREAMS)
+
+    send_stream_data = abort_stream = start_stream
+
+    def end_stream(self) -> Tuple[int, Optional[bytes]]:
+        raise LocalProtocolError(NO_STREAMS)
+
+    def ping(self) -> bool:
+        """Callcp 1.0 has no keepalive: nothing is sent."""
+        return False
+
+    # ------------------------------------------------------------ the end
+
+    def close(
+        self, code: int = CloseCode.NORMAL, reason: str = "", *, counted: bool = True
+    ) -> None:
+        """End the session (idempotent).  Callcp 1.0 has no close message:
+        nothing is queued; the driver closes the TCP stream."""
+        if self._close_sent or self.state is State.FAILED:
+            return
+        self._close_sent = True
+        self.state = State.CLOSED
         self._buf.clear()
-        return err
 
-    def _seal(self, message: bytes) -> bytes:
+    def fail(self, exc: CallcpError) -> None:
+        """Mark the session failed because of ``exc`` (a local decision, such
+        as a timeout)."""
+        self._fail(exc)
+
+    def _fail(self, exc: CallcpError) -> CallcpError:
+        if self.state is not State.FAILED:
+            self.state = State.FAILED
+            self.error = exc
+        self._buf.clear()
+        self._aes = None
+        self._pending = None
+        return exc
+
+    def closed_error(self) -> ConnectionClosed:
+        """The exception for using this session after it ended."""
+        error = self.error
+        if error is not None:
+            if isinstance(error, ConnectionClosed):
+                return error
+            return ConnectionClosedError(
+                f"the connection failed: {error}",
+                code=getattr(error, "code", None),
+                reason=str(error),
+            )
+        if self._peer_closed:
+            return ConnectionClosedOK("the peer closed the connection", code=CloseCode.NORMAL)
+        if self._close_sent:
+            return ConnectionClosedOK("the connection was closed locally", code=CloseCode.NORMAL)
+        return ConnectionClosedError("the connection is closed")
+
+    def discard_keys(self) -> None:
+        """(the engine's hook) Nothing ephemeral to forget: Callcp 1.0's
+        session key goes with the session."""
+
+    # ------------------------------------------------------------ records
+
+    def _seal(self, message: Union[bytes, bytearray, memoryview]) -> bytes:
         assert self._aes is not None
         if len(message) > MAX_PLAINTEXT:
             raise LocalProtocolError(
@@ -188,109 +352,106 @@ class _Legacy:
         self._tried_at = size
         return True
 
-    def _message(self, whose: str) -> Union[bytes, NeedData, CloseReceived]:
-        """The message accumulated so far, once its tag verifies.  The end
-        of the stream before a message is the end of the session for a
-        server (the client left), and an error for a client (no reply)."""
+    def _peer_ended(self) -> CloseReceived:
+        """The peer closed TCP between two messages: the session's normal end."""
+        self._peer_closed = True
+        self.state = State.CLOSED
+        return CloseReceived(CloseCode.NORMAL, "")
+
+    def _message(self, whose: str) -> Union[bytes, NeedData]:
+        """The message accumulated so far, once its tag verifies."""
         buf = self._buf
-        if not buf:
-            if not self._eof:
-                return NEED_DATA
-            if whose == "server":
-                raise self._fail(
-                    ConnectionClosedError("the server closed the connection before replying")
-                )
-            self.state = State.CLOSED
-            return CloseReceived(CloseCode.NORMAL, "")
         if len(buf) >= _NONCE + _TAG and self._worth_trying(len(buf)):
             assert self._aes is not None
             view = memoryview(buf)
             try:
-                plaintext = self._aes.decrypt(view[:_NONCE], view[_NONCE:], None)
+                plaintext: Optional[bytes] = self._aes.decrypt(view[:_NONCE], view[_NONCE:], None)
             except InvalidTag:
                 plaintext = None
             nonce = bytes(view[:_NONCE])
             view.release()
             if plaintext is not None:
                 if nonce in self._nonces:
-                    raise self._fail(
-                        CryptoError(
-                            f"the {whose} sent a record seen before in this session "
-                            "(a replay, or this side's own record reflected)"
-                        )
+                    raise CryptoError(
+                        f"the {whose} sent a record seen before in this session "
+                        "(a replay, or this side's own record reflected)"
                     )
                 self._nonces.add(nonce)
                 buf.clear()
                 self._attempts = self._tried_at = 0
+                self.delivered += 1
                 return plaintext
         if len(buf) >= MAX_RECORD:
-            raise self._fail(
-                CryptoError(
-                    f"the {whose}'s message did not authenticate within {MAX_RECORD} bytes "
-                    "(a wrong key, or tampering)"
-                )
+            raise CryptoError(
+                f"the {whose}'s message did not authenticate within {MAX_RECORD} bytes "
+                "(a wrong key, or tampering)"
             )
         if self._eof:
-            raise self._fail(
-                ConnectionClosedError(
-                    f"the {whose} closed the connection in the middle of a message"
-                )
+            raise ConnectionLost(
+                f"the {whose} closed the connection in the middle of a message"
+                f" ({len(buf)} bytes of it received)"
             )
         return NEED_DATA
 
 
 class LegacyClient(_Legacy):
     """The client side.  ``verify_server_key(fingerprint, der)`` decides
-    whether the server's key is trusted (it raises to refuse it)."""
+    whether the server's key is trusted: it raises to refuse it, and may
+    return what to do once the server proved it holds the key (its first
+    reply authenticated)."""
 
-    def __init__(
-        self,
-        verify_server_key: Callable[[str, bytes], object],
-        *,
-        entropy: Entropy = os.urandom,
-    ) -> None:
+    _role = "client"
+    pause_after_key = PAUSE_AFTER_KEY
+
+    def __init__(self, verify_server_key: Verifier, *, entropy: Entropy = os.urandom) -> None:
         super().__init__(entropy)
         self._verify = verify_server_key
-        self.peer_fingerprint: Optional[str] = None
-        self.state = State.WAIT_KEY
-        self._requests = 0
+        self._on_proved: Optional[Callable[[], None]] = None
+        self.state = State.WAIT_SERVER_HELLO
 
-    def next_event(self) -> Event:
-        """The next event: the handshake's end, a reply, the end of the session.
-
-        Raises:
-            the session's error once it failed; ConnectionClosedError once
-            it is over.
-        """
-        self._check_open()
-        if self.state is State.WAIT_KEY:
+    def _next(self) -> Event:
+        if self.state is State.WAIT_SERVER_HELLO:
             return self._server_key()
-        if self.state is State.WAIT_REPLY:
+        buf = self._buf
+        if self._in_flight:
+            if not buf and self._eof:
+                raise ConnectionLost("the server closed the connection before replying")
             got = self._message("server")
-            if isinstance(got, bytes):
-                self.state = State.READY
-                return MessageReceived(got)
-            return got
-        if self.state is State.READY:
-            if not self._requests:  # (the PEM's last line break, in a read of its own)
-                while self._buf and self._buf[0] in b"\r\n":
-                    del self._buf[:1]
-            if self._buf:
-                raise self._fail(RemoteProtocolError("the server sent bytes nobody asked for"))
-            if self._eof:
-                self.state = State.CLOSED
-                return CloseReceived(CloseCode.NORMAL, "")
+            if isinstance(got, NeedData):
+                return got
+            self._in_flight = False
+            proved, self._on_proved = self._on_proved, None
+            if proved is not None:  # only the key's holder could have sealed this reply
+                proved()
+            return MessageReceived(got)
+        if not self.sent:  # (the PEM's last line break, in a read of its own)
+            while buf and buf[0] in b"\r\n":
+                del buf[:1]
+        if buf:
+            raise RemoteProtocolError("the server sent bytes nobody asked for")
+        if self._eof:
+            return self._peer_ended()
         return NEED_DATA
 
     def _server_key(self) -> Event:
         buf = self._buf
+        if buf and (buf[0] in (3, 4) or (buf[0] == 1 and buf[5:11] == MAGIC)):
+            raise HandshakeError(
+                "not a Callcp 1.0 server: it speaks callcp/2 (connect without "
+                "protocol='callcp1', or --protocol callcp1)"
+            )
         end = buf.find(PEM_END)
         if end > MAX_PEM:
             end = -1
         if end < 0:
+            if not buf and self._eof:
+                raise HandshakeAborted(
+                    "the server closed the connection before sending its key (busy?)"
+                )
             if len(buf) > MAX_PEM + len(PEM_END) or self._eof:
-                raise self._fail(
-                    HandshakeError("not a Callcp 1.0 server: no PEM public key in its first bytes")
+                shown = printable(bytes(buf[:40]).decode("latin-1"))
+                raise HandshakeError(
+                    f"not a Callcp 1.0 server: no PEM public key in its first bytes ('{shown}')"
                 )
             return NEED_DATA
         end += len(PEM_END)
@@ -301,56 +462,43 @@ class LegacyClient(_Legacy):
         try:
             key = serialization.load_pem_public_key(pem)
         except (ValueError, TypeError):
-            raise self._fail(HandshakeError("the server's PEM public key does not load")) from None
+            raise HandshakeError("the server's PEM public key does not load") from None
         if not isinstance(key, rsa.RSAPublicKey):
-            raise self._fail(HandshakeError("the server's key is not an RSA key"))
+            raise HandshakeError("the server's key is not an RSA key")
         problem = _keys.rsa_key_problem(key)
         if problem is not None:
-            raise self._fail(HandshakeError(f"the server's RSA key {problem}"))
+            raise HandshakeError(f"the server's RSA key {problem}")
         if buf:
-            raise self._fail(RemoteProtocolError("the server sent bytes after its key"))
+            raise RemoteProtocolError("the server sent bytes after its key")
         der = _keys.public_der(key)
         fingerprint = _keys.fingerprint_der(der)
-        try:
-            self._verify(fingerprint, der)
-        except Exception as exc:
-            raise self._fail(exc) from None
+        self._on_proved = self._verify(fingerprint, der)  # (raises to refuse the key)
         aes_key = self._entropy(AES_KEY_SIZE)
         self._aes = AESGCM(aes_key)
-        self._out += key.encrypt(aes_key, OAEP)
+        self._out.append(key.encrypt(aes_key, OAEP))
         self.peer_fingerprint = fingerprint
-        self.state = State.READY
+        self.version = VERSION
+        self.state = State.OPEN
         return HandshakeCompleted(VERSION, fingerprint)
 
-    def send_bytes(self, message: bytes) -> bytes:
-        """One request's record, to write (not queued).
-
-        Raises:
-            LocalProtocolError: not now (before the handshake; before the
-                key was taken with data_to_send(), to be written on its own;
-                before the last request's reply: Callcp 1.0 is strict
-                request/response), or the message is over MAX_PLAINTEXT bytes.
-        """
-        if self.state is not State.READY:
-            raise LocalProtocolError(
-                "Callcp 1.0 is strict request/response: one request, then its reply"
-                if self.state is State.WAIT_REPLY
-                else f"cannot send in state {self.state.value!r}"
-            )
+    def _may_send(self) -> Optional[str]:
+        if self.state is not State.OPEN:
+            return f"cannot send in state '{self.state.value}'"
+        if self._in_flight:
+            return "Callcp 1.0 is strict request/response: one request, then its reply"
         if self._out:
-            raise LocalProtocolError(
+            return (
                 "write the key (data_to_send()) on its own, and wait PAUSE_AFTER_KEY, "
                 "before the first request"
             )
-        record = self._seal(message)
-        self._requests += 1
-        self.state = State.WAIT_REPLY
-        return record
+        return None
 
 
 class LegacyServer(_Legacy):
     """The server side, for ``private_key``; ``public_pem`` is sent as it is
     (Callcp 1.0's ``server_public.pem``), else made from the key."""
+
+    _role = "server"
 
     def __init__(
         self,
@@ -381,31 +529,26 @@ class LegacyServer(_Legacy):
                 raise LocalProtocolError("public_pem is not the private key's public key")
         self._pem = public_pem or own
         self._defer = defer_decryption
-        self.peer_fingerprint: Optional[str] = None
+        self._started = False
+        self.state = State.WAIT_CLIENT_HELLO
 
     def start(self) -> None:
         """Queue the server's key: the first bytes on the wire."""
-        self._out += self._pem
-        self.state = State.WAIT_CLIENT_KEY
+        if not self._started:
+            self._started = True
+            self._out.append(self._pem)
 
-    def next_event(self) -> Event:
-        """The next event: the handshake's end (or, with ``defer_decryption``,
-        a DecryptionRequested first), a request, the end of the session.
-
-        Raises:
-            the session's error once it failed; ConnectionClosedError once
-            it is over; LocalProtocolError before start().
-        """
-        self._check_open()
-        if self.state is State.WAIT_CLIENT_KEY:
-            if len(self._buf) < self._size:
+    def _next(self) -> Event:
+        if not self._started:
+            raise LocalProtocolError("start() the server before asking for events")
+        buf = self._buf
+        if self.state is State.WAIT_CLIENT_HELLO:
+            if len(buf) < self._size:
                 if self._eof:
-                    raise self._fail(
-                        ConnectionClosedError("the client closed the connection before its key")
-                    )
+                    raise self._no_key()
                 return NEED_DATA
-            ciphertext = bytes(self._buf[: self._size])
-            del self._buf[: self._size]  # (the rest is the first request: kept)
+            ciphertext = bytes(buf[: self._size])
+            del buf[: self._size]  # (the rest is the first request: kept)
             if self._defer:
                 self.state = State.WAIT_DECRYPTION
                 return DecryptionRequested(self._key, ciphertext, None)
@@ -414,46 +557,52 @@ class LegacyServer(_Legacy):
             except ValueError:
                 aes_key = None
             return self._keyed(aes_key)
-        if self.state is State.WAIT_REQUEST:
-            got = self._message("client")
-            if isinstance(got, bytes):
-                self.state = State.REPLYING
-                return MessageReceived(got)
-            return got
-        if self.state is State.REPLYING and self._buf:
-            raise self._fail(
-                RemoteProtocolError(
+        if self._in_flight:
+            if buf:
+                raise RemoteProtocolError(
                     "the client sent a request before the reply to its last one "
                     "(Callcp 1.0 does not pipeline)"
                 )
-            )
-        return NEED_DATA
+            return NEED_DATA
+        if not buf and self._eof:
+            return self._peer_ended()
+        got = self._message("client")
+        if isinstance(got, NeedData):
+            return got
+        self._in_flight = True
+        return MessageReceived(got)
 
-    def premaster_decrypted(self, aes_key: Optional[bytes]) -> HandshakeCompleted:
-        """(``defer_decryption``) DecryptionRequested.run()'s result: the
-        handshake's end."""
+    def _no_key(self) -> CallcpError:
+        """The client closed before its whole key: say what it seems to be."""
+        buf = self._buf
+        if not buf:
+            return HandshakeAborted("the client closed the connection before sending its key")
+        if buf[0] == 3 and len(buf) >= 7:  # a callcp/2 ALERT (0x03, u32 length, u16 code)
+            return HandshakeError(
+                "a callcp/2 client: it refused this Callcp 1.0 server (point it at a callcp/2 port)"
+            )
+        return HandshakeAborted(
+            f"the client closed the connection after {len(buf)} of its key's {self._size} bytes"
+        )
+
+    def premaster_decrypted(self, aes_key: Optional[bytes]) -> None:
+        """(``defer_decryption``) DecryptionRequested.run()'s result (None: it
+        failed); the next event is the handshake's end."""
         if self.state is not State.WAIT_DECRYPTION:
+            if self.state is State.FAILED:
+                return  # (timed out meanwhile: nothing to finish)
             raise LocalProtocolError("premaster_decrypted() without a DecryptionRequested")
-        return self._keyed(aes_key)
+        self._pending = self._keyed(aes_key)
 
     def _keyed(self, aes_key: Optional[bytes]) -> HandshakeCompleted:
         if aes_key is None or len(aes_key) != AES_KEY_SIZE:  # implicit rejection: see the module
             aes_key = self._entropy(AES_KEY_SIZE)
         self._aes = AESGCM(aes_key)
-        self.state = State.WAIT_REQUEST
+        self.version = VERSION
+        self.state = State.OPEN
         return HandshakeCompleted(VERSION, None)
 
-    def send_bytes(self, message: bytes) -> bytes:
-        """The reply's record, to write (not queued), to the request just received.
-
-        Raises:
-            LocalProtocolError: no request waits for a reply, or the reply
-                is over MAX_PLAINTEXT bytes.
-        """
-        if self.state is not State.REPLYING:
-            raise LocalProtocolError(
-                "Callcp 1.0 is strict request/response: a server only replies to a request"
-            )
-        record = self._seal(message)
-        self.state = State.WAIT_REQUEST
-        return record
+    def _may_send(self) -> Optional[str]:
+        if self.state is not State.OPEN or not self._in_flight:
+            return "Callcp 1.0 is strict request/response: a server only replies to a request"
+        return None

@@ -284,6 +284,9 @@ class _Protocol:
 
     _TABLE: Dict[Tuple[State, int], str] = {}
     _role = ""
+    #: Seconds a driver waits after the handshake before the first message
+    #: (the Callcp 1.0 client's; none here).
+    pause_after_key = 0.0
 
     def __init__(
         self,
