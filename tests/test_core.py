@@ -303,7 +303,12 @@ def test_server_start_twice_is_local_error(server_key: rsa.RSAPrivateKey) -> Non
 def test_handshake_eof_is_handshake_error(server_key: rsa.RSAPrivateKey) -> None:
     p = Pair(server_key)
     p.server.receive_data(b"")
-    with pytest.raises(HandshakeError, match="during the handshake"):
+    with pytest.raises(HandshakeError, match="without sending a byte: as a Callcp 1.0 client"):
+        drain(p.server)
+    p = Pair(server_key)
+    p.server.receive_data(b"\x02\x00")
+    p.server.receive_data(b"")
+    with pytest.raises(HandshakeError, match="during the handshake .2 bytes"):
         drain(p.server)
 
 

@@ -31,7 +31,7 @@ import callcp._common
 import callcp.sync
 from callcp._core.errors import CloseCode, ConnectionClosedError, HandshakeError
 from callcp._core.protocol import ClientProtocol, ServerProtocol
-from callcp._core.wire import MAGIC, FrameType
+from callcp._core.wire import LEGACY_TRIPWIRE, MAGIC, FrameType
 from tests.sock_proxy import FrameProxy, Relay, hook_on, make_frame
 from tests.sock_support import (
     REQUEST,
@@ -151,8 +151,14 @@ def _strip_version_5(relay: Relay, index: int, frame: bytes) -> Sequence[bytes]:
     n = body[len(MAGIC)]
     start = len(MAGIC) + 1
     offered = struct.unpack(f">{n}H", body[start : start + 2 * n])
-    assert offered == (4, 5)
-    forged = body[: len(MAGIC)] + bytes([1]) + struct.pack(">H", 4) + body[start + 2 * n :]
+    assert offered == (4, 5, *LEGACY_TRIPWIRE)  # (the Callcp 1.0 tripwire: reserved values)
+    kept = (4, *LEGACY_TRIPWIRE)
+    forged = (
+        body[: len(MAGIC)]
+        + bytes([len(kept)])
+        + struct.pack(f">{len(kept)}H", *kept)
+        + body[start + 2 * n :]
+    )
     return [make_frame(frame[0], forged)]
 
 

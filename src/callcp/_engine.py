@@ -1439,6 +1439,7 @@ class ServerCore:
             share=share,
             tickets=self.tickets,
             next_key=self.next_keypair.private_key if self.next_keypair else None,
+            legacy_tripwire=True,
         )
         core.start()
         return Engine(core, budget=self.budget)

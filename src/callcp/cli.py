@@ -99,6 +99,7 @@ from callcp._inbox import (
     Refused,
     safe_file_name,
 )
+from callcp._options import CALLCP1, CALLCP2, PROTOCOLS
 from callcp.hsm import is_pkcs11_uri
 from callcp.keys import PASSPHRASE_ENV, _write_new, load_public_key
 from callcp.sync import _stopping_on_signals
@@ -360,6 +361,17 @@ def _client_options() -> _Parser:
     return p
 
 
+def _protocol_option(p: argparse.ArgumentParser, legacy_use: str) -> None:
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=CALLCP2,
+        help=f"the wire protocol (default: {CALLCP2}); {CALLCP1}: {legacy_use}, with "
+        "Callcp 1.0's weaknesses (no server authentication, no forward secrecy, no replay "
+        "protection, messages of at most 4068 bytes), a warning per connection",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``callcp`` argument parser."""
     parser = _Parser(
@@ -500,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count,
         help="run N server processes accepting on the port (SO_REUSEPORT; Linux); default: 1",
     )
+    _protocol_option(p, "serve Callcp 1.0 clients (on a port of their own, beside callcp/2)")
     p.set_defaults(func=cmd_serve)
 
     # -- send
@@ -528,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --raw: write the bytes even to a terminal (a hostile server's escape "
         "sequences then reach it)",
     )
+    _protocol_option(p, "talk to a Callcp 1.0 server")
     p.set_defaults(func=cmd_send)
 
     # -- send-file
@@ -754,6 +768,7 @@ def _connect(args: argparse.Namespace) -> Connection:
         insecure=args.insecure,
         client_key=args.client_key,
         allow_insecure_permissions=args.insecure_key_permissions,
+        protocol=getattr(args, "protocol", CALLCP2),
         logger=logger,
     )
 
@@ -1211,6 +1226,18 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
         OSError, CallcpError: as :func:`callcp.serve`.
     """
     inbox: Optional[Inbox] = None
+    if args.protocol == CALLCP1:
+        for name, given, lacks in (
+            ("--receive-dir", args.receive_dir, "no streams"),
+            ("--authorized-keys", args.authorized_keys, "no client keys"),
+            ("--next-key", args.next_key, "no way to announce a key"),
+        ):
+            if given is not None:
+                raise CommandError(
+                    f"{name} needs callcp/2: Callcp 1.0 has {lacks} (run a callcp/2 server "
+                    "beside this one, on another port)",
+                    EXIT_USAGE,
+                )
     if args.receive_dir is not None:
         receive_dir = Path(os.path.expanduser(args.receive_dir))
         limits = InboxLimits(
@@ -1244,6 +1271,7 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
         "max_connections": args.max_connections,
         "workers": args.workers,
         "allow_insecure_permissions": args.insecure_key_permissions or None,
+        "protocol": args.protocol,
     }
     options = {k: v for k, v in options.items() if v is not None}
     if args.idle_timeout is not None:
@@ -1282,7 +1310,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if main_thread and allowed is not None:
                 hangup = signal.signal(signal.SIGHUP, lambda signum, frame: _reload_soon(allowed))
             host, port = server.server_address[:2]
-            _say(f"listening on {_addr(host, port)} (server key {server.fingerprint})")
+            legacy = " speaking Callcp 1.0 (--protocol callcp1)" if args.protocol == CALLCP1 else ""
+            _say(f"listening on {_addr(host, port)} (server key {server.fingerprint}){legacy}")
             if args.receive_dir is not None:
                 log.info("storing received files in %s", os.path.expanduser(args.receive_dir))
             server.serve_forever(handle_signals=main_thread)

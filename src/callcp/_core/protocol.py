@@ -93,6 +93,7 @@ from .wire import (
     DELIVERED_UNKNOWN,
     HEADER,
     HEADER_SIZE,
+    LEGACY_TRIPWIRE,
     MAX_FRAGMENT,
     MAX_PLAINTEXT_FRAME,
     MAX_RECORD_BODY,
@@ -829,7 +830,8 @@ class _Protocol:
         if first.startswith(b"-----BEGIN"):
             text = (
                 f"not a callcp/2 {peer}: it sent a PEM public key, as a Callcp 1.0 server "
-                "does (the Callcp 1.0 wire format, which callcp/2 does not speak)"
+                "does; to speak its wire format, connect with protocol='callcp1' "
+                "(callcp send --protocol callcp1)"
             )
         elif spoken is None:
             text = f"not a callcp {peer}: its first bytes are not a callcp/2 frame ('{shown}')"
@@ -886,6 +888,12 @@ class _Protocol:
     def _on_eof(self) -> None:
         partial = len(self._buf) - self._pos
         detail = f" ({partial} bytes of an incomplete frame buffered)" if partial else ""
+        if self.state is State.WAIT_CLIENT_HELLO and not self.buffered:
+            raise HandshakeAborted(
+                "the client closed the connection without sending a byte: as a Callcp 1.0 "
+                "client does on a callcp/2 ServerHello (serve those with protocol='callcp1' "
+                "on a port of their own), or a port check"
+            )
         if self.state in _HANDSHAKE_STATES:
             raise HandshakeAborted(f"the peer closed the connection during the handshake{detail}")
         if self._close_sent and not self._fragments and self.state is _OPEN:
@@ -1168,14 +1176,15 @@ class ClientProtocol(_Protocol):
     def _on_server_hello(self, header: bytes, body: bytes) -> Optional[Event]:
         hello = ServerHello.decode(body)
         common = split_versions(hello.versions, self._versions)
+        offered = [v for v in hello.versions if v not in LEGACY_TRIPWIRE]  # (shown)
         if not common:
             raise VersionMismatch(
-                f"the server offers protocol versions {list(hello.versions)}; "
+                f"the server offers protocol versions {offered}; "
                 f"this client supports {list(self._versions)}"
             )
         if not hello.rsa_public_der:  # (the server offered no version of this layout)
             raise VersionMismatch(
-                f"the server offers protocol versions {list(hello.versions)}, whose "
+                f"the server offers protocol versions {offered}, whose "
                 f"ServerHello this client cannot read; it speaks {list(SUPPORTED_VERSIONS)}"
             )
         self.version = common[0]
@@ -1378,12 +1387,15 @@ class ServerProtocol(_Protocol):
         tickets: Optional[TicketKeys] = None,
         clock: Callable[[], float] = time.time,
         next_key: Optional[rsa.RSAPrivateKey] = None,
+        legacy_tripwire: bool = False,
     ) -> None:
         super().__init__(
             max_message_size=max_message_size,
             key_update_interval=key_update_interval,
             entropy=entropy,
         )
+        #: Append LEGACY_TRIPWIRE to the ServerHello's versions (§3).
+        self.legacy_tripwire = legacy_tripwire
         self._key = server_key
         self._public_der = server_public_der or public_der(server_key)
         self._authorize = authorize_client
@@ -1451,7 +1463,7 @@ class ServerProtocol(_Protocol):
             )
         self._eph = share.private
         hello = ServerHello(
-            versions=self._versions,
+            versions=self._versions + (LEGACY_TRIPWIRE if self.legacy_tripwire else ()),
             random=self._entropy.random(32),
             x25519_public=share.public,
             share_expiry=share.expiry,

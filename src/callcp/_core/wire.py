@@ -26,6 +26,7 @@ __all__ = [
     "MAGIC",
     "VERSION_4",
     "SUPPORTED_VERSIONS",
+    "LEGACY_TRIPWIRE",
     "HEADER",
     "HEADER_SIZE",
     "TAG_SIZE",
@@ -44,6 +45,13 @@ MAGIC = b"CALLCP"
 #: unsigned per-connection share, is no longer spoken).
 VERSION_4 = 4
 SUPPORTED_VERSIONS: Tuple[int, ...] = (VERSION_4,)
+#: Reserved version numbers, never a version: the ASCII of a PEM block's end
+#: marker, ``-----END PUBLIC KEY-----``, as 12 u16.  A server appends them to
+#: its ServerHello's list (the Callcp 1.0 tripwire, PROTOCOL.md §3, §11): a
+#: Callcp 1.0 client, which reads until that marker, then fails to parse a
+#: key and closes at once, instead of waiting for a PEM that never comes.
+#: A client ignores them, as any version it does not speak.
+LEGACY_TRIPWIRE: Tuple[int, ...] = tuple(struct.unpack(">12H", b"-----END PUBLIC KEY-----"))
 
 HEADER = struct.Struct(">BI")
 HEADER_SIZE = HEADER.size  # 5
