@@ -3,8 +3,10 @@
 Code written for Callcp 1.0 runs unchanged on these two classes.  They are thin
 wrappers over the blocking API (:mod:`callcp.sync`): no protocol logic and no
 sockets live here, so they speak callcp/2 with everything it brings (forward
-secrecy, server authentication, framing for messages of any size).  What
-changed under the same calls:
+secrecy, server authentication, framing for messages of any size); with
+``protocol="callcp1"`` they speak Callcp 1.0's own wire format instead, to
+serve or reach unchanged Callcp 1.0 peers during a migration (loudly: see
+``docs/guides/migrating.md``).  What changed under the same calls:
 
 - ``SecureTCPServer.start()`` serves many clients at once (one thread each,
   bounded by ``max_connections``); the ``message_callback`` is called from those
@@ -96,8 +98,9 @@ from ._core.errors import (
     SecureTCPServerError,
     TransportError,
 )
+from ._core.legacy import MAX_PLAINTEXT as LEGACY_MAX_PLAINTEXT
 from ._core.protocol import DEFAULT_MAX_MESSAGE_SIZE
-from ._options import ClientOptions, ServerOptions
+from ._options import CALLCP1, ClientOptions, ServerOptions
 from .display import Display, make_display, printable
 from .hsm import is_pkcs11_uri
 from .keys import KeyPair
@@ -286,7 +289,9 @@ class SecureTCPServer:
     ``authorized_keys`` (require client keys), ``max_connections``,
     ``max_handshakes``, ``handshake_timeout``, ``idle_timeout``,
     ``max_message_size``, ``backlog``, ``reuse_port``, ``shutdown_timeout``
-    (seconds in-flight requests get to finish on shutdown).
+    (seconds in-flight requests get to finish on shutdown), ``protocol``
+    (``"callcp1"``: speak Callcp 1.0's own wire format, to serve unchanged
+    Callcp 1.0 clients; see ``docs/guides/migrating.md``).
 
     Raises:
         TypeError: ``message_callback`` is not callable, or ``logger`` is not
@@ -315,6 +320,7 @@ class SecureTCPServer:
         backlog: int = ServerOptions.backlog,
         reuse_port: bool = False,
         shutdown_timeout: float = ServerOptions.shutdown_timeout,
+        protocol: str = ServerOptions.protocol,
     ) -> None:
         if message_callback is not None and not callable(message_callback):
             raise TypeError(
@@ -340,6 +346,7 @@ class SecureTCPServer:
         self._idle_timeout = idle_timeout
         self._max_message_size = max_message_size
         self._reuse_port = reuse_port
+        self.protocol = protocol
         #: The server key, once :meth:`initialize` has run.
         self.keypair: Optional[KeyPair] = None
         #: Set once :meth:`start` is listening; cleared when it returns.
@@ -459,6 +466,7 @@ class SecureTCPServer:
                 shutdown_timeout=self.shutdown_timeout,
                 backlog=self._backlog,
                 reuse_port=self._reuse_port,
+                protocol=self.protocol,
                 logger=self.logger,
             )
         except ValueError as exc:
@@ -483,7 +491,9 @@ class SecureTCPServer:
         if stop:  # shutdown() was called while we were binding
             return
         if self.display is not None:
-            self.display.startup_banner(self.host, self.port, keypair.fingerprint)
+            self.display.startup_banner(
+                self.host, self.port, keypair.fingerprint, legacy=self.protocol == CALLCP1
+            )
         self.ready.set()
         try:
             with _displaying_info(self.display):  # its "listening" line: the banner
@@ -535,7 +545,7 @@ class SecureTCPServer:
         display = self.display
         if display is not None:
             display.connection_banner(peer, conn.peer_fingerprint)
-            display.channel_panel()
+            display.channel_panel(legacy=self.protocol == CALLCP1)
         count = 0
         for message in conn:
             count += 1
@@ -547,6 +557,10 @@ class SecureTCPServer:
                 return
             if not isinstance(reply, (bytes, bytearray, memoryview)):
                 what = f"returned {type(reply).__name__}, not bytes"
+                self._callback_failed(conn, peer, count, what)
+                return
+            if self.protocol == CALLCP1 and len(reply) > LEGACY_MAX_PLAINTEXT:
+                what = f"returned {len(reply)} bytes, over Callcp 1.0's {LEGACY_MAX_PLAINTEXT}"
                 self._callback_failed(conn, peer, count, what)
                 return
             conn.send(reply)
@@ -584,7 +598,9 @@ class SecureTCPClient:
     and each reply; None waits forever), ``server_fingerprint``,
     ``known_hosts``, ``trust_on_first_use``, ``insecure``, ``client_key``
     (KeyPair, RSA key or PEM path, for servers that require client keys),
-    ``key_password``, ``max_message_size`` (the largest reply accepted).
+    ``key_password``, ``max_message_size`` (the largest reply accepted),
+    ``protocol`` (``"callcp1"``: speak Callcp 1.0's own wire format, to talk
+    to an unchanged Callcp 1.0 server; see ``docs/guides/migrating.md``).
 
     Raises:
         TypeError: ``logger`` is not a ``logging.Logger`` (the other
@@ -607,6 +623,7 @@ class SecureTCPClient:
         client_key: Optional[KeySource] = None,
         key_password: Optional[str] = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        protocol: str = ClientOptions.protocol,
     ) -> None:
         _check_logger(logger)
         self.host = host
@@ -622,6 +639,7 @@ class SecureTCPClient:
         self.client_key = client_key
         self.key_password = key_password
         self.max_message_size = max_message_size
+        self.protocol = protocol
         self._conn: Optional[sync.Connection] = None
         self._lock = threading.Lock()
 
@@ -681,8 +699,10 @@ class SecureTCPClient:
             extra=_shown(display),
         )
         if display is not None:
-            display.handshake_panel(f"{self.host}:{self.port}", conn.peer_fingerprint)
-            display.channel_panel()
+            legacy = self.protocol == CALLCP1
+            peer = f"{self.host}:{self.port}"
+            display.handshake_panel(peer, conn.peer_fingerprint, legacy=legacy)
+            display.channel_panel(legacy=legacy)
 
     def _check_types(self) -> None:
         """TypeError for an argument of a type :meth:`connect` never takes."""
@@ -718,6 +738,7 @@ class SecureTCPClient:
                 client_key=self.client_key,
                 key_password=self.key_password,
                 max_message_size=self.max_message_size,
+                protocol=self.protocol,
                 logger=self.logger,
             )
         except ValueError as exc:

@@ -119,17 +119,26 @@ class Display:
             self._Panel(body, title=printable(title), border_style=style, expand=False)
         )
 
-    def startup_banner(self, host: str, port: int, fingerprint: str) -> None:
-        """The server's banner: where it listens and which key it proves."""
+    def startup_banner(
+        self, host: str, port: int, fingerprint: str, *, legacy: bool = False
+    ) -> None:
+        """The server's banner: where it listens and which key it proves
+        (``legacy``: Callcp 1.0's wire format, and what it lacks)."""
+        protocol = (
+            "Protocol      CALLCP 1.0 wire format (RSA-OAEP, AES-256-GCM): no server\n"
+            "              authentication, forward secrecy or replay protection"
+            if legacy
+            else "Protocol      callcp/2 (RSA-2048 + X25519, AES-256-GCM)"
+        )
         self._panel(
             [
                 f"Listening on  {host}:{port}",
                 f"Server key    {fingerprint}",
-                "Protocol      callcp/2 (RSA-2048 + X25519, AES-256-GCM)",
+                protocol,
                 "Press Ctrl-C to stop",
             ],
             "callcp server",
-            "blue",
+            "yellow" if legacy else "blue",
         )
 
     def connection_banner(self, peer: str, fingerprint: Optional[str] = None) -> None:
@@ -139,16 +148,29 @@ class Display:
             lines.append(f"Key     {fingerprint}")
         self._panel(lines, "New connection", "cyan")
 
-    def handshake_panel(self, peer: str, fingerprint: Optional[str]) -> None:
-        """The handshake finished with ``peer`` (``fingerprint``: its key, if known)."""
+    def handshake_panel(
+        self, peer: str, fingerprint: Optional[str], *, legacy: bool = False
+    ) -> None:
+        """The handshake finished with ``peer`` (``fingerprint``: its key, if
+        known; ``legacy``: Callcp 1.0's wire format)."""
         lines = [f"Peer        {peer}"]
         if fingerprint:
             lines.append(f"Peer key    {fingerprint}")
-        lines.append("Key exchange  RSA-OAEP-SHA256 + X25519 -> HKDF-SHA256")
-        self._panel(lines, "Handshake complete", "green")
+        if legacy:
+            lines.append("Key exchange  RSA-OAEP-SHA256 only (Callcp 1.0: no forward secrecy)")
+        else:
+            lines.append("Key exchange  RSA-OAEP-SHA256 + X25519 -> HKDF-SHA256")
+        self._panel(lines, "Handshake complete", "yellow" if legacy else "green")
 
-    def channel_panel(self) -> None:
-        """Show the 'Encrypted channel active' panel."""
+    def channel_panel(self, *, legacy: bool = False) -> None:
+        """Show the 'Encrypted channel active' panel (``legacy``: Callcp 1.0's)."""
+        if legacy:
+            self._panel(
+                ["AES-256-GCM, Callcp 1.0 wire format: NOT replay-protected, 4068 bytes at most"],
+                "Encrypted channel active (Callcp 1.0)",
+                "yellow",
+            )
+            return
         self._panel(
             ["AES-256-GCM, authenticated and replay-protected"], "Encrypted channel active", "green"
         )
