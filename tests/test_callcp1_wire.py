@@ -1,7 +1,7 @@
 """The Callcp 1.0 wire format, against a faithful Callcp 1.0 peer
 (tests/callcp1_peer.py, written from ../shared/CALLCP1-WIRE.md with both of
-its bugs): what callcp does today when it meets one.  (An opt-in legacy
-mode that speaks it is issue 12's work.)"""
+its bugs): the peer itself, and a callcp/2 client meeting one.  The opt-in
+mode that speaks it (``protocol="callcp1"``): tests/test_legacy.py."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def test_the_faithful_peer_has_callcp1s_server_bug(callcp1_server: Callcp1Server
 
 def test_a_callcp2_client_names_a_callcp1_server_at_once(callcp1_server: Callcp1Server) -> None:
     started = time.monotonic()
-    with pytest.raises(callcp.HandshakeError, match="as a Callcp 1.0 server does"):
+    named = "as a Callcp 1.0 server does; .* connect with protocol='callcp1'"
+    with pytest.raises(callcp.HandshakeError, match=named):
         callcp.connect("127.0.0.1", callcp1_server.port, insecure=True, timeout=10)
     assert time.monotonic() - started < 5.0  # (no timeout waited out)

@@ -295,9 +295,13 @@ def test_pipelined_requests_and_floods_are_refused(server_key: rsa.RSAPrivateKey
         server.next_event()
 
 
-def test_a_trickled_record_costs_a_bounded_number_of_tag_checks(
+def test_a_trickled_record_is_found_when_whole_at_one_tag_check_per_read(
     server_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One byte per read: the record is delivered at its last byte (a bound
+    on tries per size, as the core had, left such a record unread), with at
+    most one tag check per read and none when nothing new arrived; bytes
+    that never authenticate are refused at MAX_RECORD."""
     from callcp._core import legacy
 
     tries: List[int] = []
@@ -316,10 +320,21 @@ def test_a_trickled_record_costs_a_bounded_number_of_tag_checks(
 
     monkeypatch.setattr(legacy, "AESGCM", Counting)
     client, server = _pair(server_key)
-    for byte in os.urandom(MAX_RECORD - 1):
+    record = client.send_bytes(b"m" * 3000)
+    for byte in record[:-1]:
         server.receive_data(bytes([byte]))
         assert server.next_event() is NEED_DATA
-    assert len(tries) <= legacy.MAX_ATTEMPTS + MAX_RECORD // legacy.ATTEMPT_STEP + 1
+        assert server.next_event() is NEED_DATA  # (no new byte: no new check)
+    server.receive_data(record[-1:])
+    assert server.next_event() == MessageReceived(b"m" * 3000)
+    assert len(tries) <= len(record)
+    tries.clear()
+    client, server = _pair(server_key)
+    with pytest.raises(CryptoError, match=f"did not authenticate within {MAX_RECORD}"):
+        for byte in os.urandom(MAX_RECORD):
+            server.receive_data(bytes([byte]))
+            assert server.next_event() is NEED_DATA
+    assert len(tries) <= MAX_RECORD
 
 
 def test_events_after_the_end_and_before_the_start(server_key: rsa.RSAPrivateKey) -> None:
