@@ -1324,3 +1324,88 @@ def test_the_receive_dir_swapped_for_a_link_later_changes_nothing(
     assert result.returncode == 0, err(result)
     assert list(elsewhere.iterdir()) == []
     assert [p.name for p in (tmp_path / "inbox.old").iterdir()] == ["f.bin"]
+
+
+# ============================================== --protocol callcp1 (issue 12)
+
+
+def test_serve_and_send_with_protocol_callcp1(
+    run: Callable[..., Result], serve: Callable[..., InProcessServer]
+) -> None:
+    """A legacy listener answers Callcp 1.0's own client and ``send
+    --protocol callcp1``, which warns on stderr; plain ``send`` is told the
+    option; a message over 4,068 bytes is refused before it is sent."""
+    from tests.callcp1_peer import callcp1_request
+
+    server = serve("--protocol", "callcp1")
+    assert callcp1_request(server.port, [b"old client"]) == [b"old client"]
+    result = run(
+        "send",
+        *server.address,
+        "hello",
+        "--protocol",
+        "callcp1",
+        "--fingerprint",
+        server.fingerprint,
+    )
+    assert result.returncode == 0 and out(result) == "hello\n"
+    assert "with CALLCP 1.0's wire format (protocol='callcp1'): no server authentication" in err(
+        result
+    )
+    line = error_line(
+        run("send", *server.address, "hello", "--fingerprint", server.fingerprint), EXIT_HANDSHAKE
+    )
+    assert "(callcp send --protocol callcp1)" in line
+    result = run(
+        "send",
+        *server.address,
+        "-",
+        "--protocol",
+        "callcp1",
+        "--fingerprint",
+        server.fingerprint,
+        stdin=b"x" * 4069,
+    )
+    assert result.returncode == EXIT_PROTOCOL
+    assert "at most 4068 bytes; this one has 4069 (nothing was sent" in err(result)
+    assert "Traceback" not in err(result)
+    assert "Callcp 1.0 connection from" in server.log()
+
+
+def test_send_with_protocol_callcp1_to_a_callcp1_server(
+    run: Callable[..., Result], server_key: rsa.RSAPrivateKey
+) -> None:
+    from tests.callcp1_peer import Callcp1Server
+
+    old = Callcp1Server(server_key)
+    try:
+        fingerprint = callcp.KeyPair(server_key).fingerprint
+        result = run(
+            "send",
+            "127.0.0.1",
+            str(old.port),
+            "hi",
+            "--protocol",
+            "callcp1",
+            "--fingerprint",
+            fingerprint,
+        )
+        assert result.returncode == 0 and out(result) == "hi\n"
+        assert old.dropped == 0 and old.served == 1
+    finally:
+        old.close()
+
+
+@pytest.mark.parametrize(
+    ("option", "lacks"),
+    [
+        (["--receive-dir", "inbox"], "no streams"),
+        (["--authorized-keys", "keys.txt"], "no client keys"),
+        (["--next-key", "next.pem"], "no way to announce a key"),
+    ],
+)
+def test_serve_protocol_callcp1_refuses_what_callcp1_lacks(
+    run: Callable[..., Result], option: List[str], lacks: str
+) -> None:
+    line = error_line(run("serve", "--port", "0", "--protocol", "callcp1", *option), 2)
+    assert f"{option[0]} needs callcp/2: Callcp 1.0 has {lacks}" in line
