@@ -1,0 +1,229 @@
+"""The PROXY protocol header reader (callcp._core.proxy), in memory: both
+versions as HAProxy sends them, every kind of malformed header, and a fuzz
+test (any bytes, any split: a header, NEED_DATA, or ProxyHeaderError; never
+another exception, never more than MAX_HEADER bytes held)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import struct
+from typing import List, Optional, Tuple
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from callcp._core.proxy import (
+    MAX_HEADER,
+    V2_SIGNATURE,
+    ProxyHeaderError,
+    ProxyHeaderReader,
+    ProxyInfo,
+    looks_like_proxy_header,
+)
+
+HELLO = b"\x02\x00\x00\x00\x10client hello..."
+
+
+def v2(
+    command: int = 1,
+    family: int = 0x11,
+    src: str = "203.0.113.7",
+    dst: str = "10.0.0.1",
+    sport: int = 51234,
+    dport: int = 8436,
+    tlvs: bytes = b"",
+    version: int = 2,
+) -> bytes:
+    if family >> 4 == 1:
+        addresses = (
+            ipaddress.IPv4Address(src).packed
+            + ipaddress.IPv4Address(dst).packed
+            + struct.pack(">HH", sport, dport)
+        )
+    elif family >> 4 == 2:
+        addresses = (
+            ipaddress.IPv6Address(src).packed
+            + ipaddress.IPv6Address(dst).packed
+            + struct.pack(">HH", sport, dport)
+        )
+    elif family >> 4 == 3:
+        addresses = b"/tmp/a".ljust(108, b"\0") + b"/tmp/b".ljust(108, b"\0")
+    else:
+        addresses = b""
+    if command == 0:
+        addresses = b""
+    body = addresses + tlvs
+    return V2_SIGNATURE + struct.pack(">BBH", version << 4 | command, family, len(body)) + body
+
+
+def read_all(data: bytes, step: Optional[int] = None) -> Tuple[ProxyInfo, bytes]:
+    reader = ProxyHeaderReader()
+    chunks = [data] if step is None else [data[i : i + step] for i in range(0, len(data), step)]
+    for chunk in chunks:
+        got = reader.feed(chunk)
+        if got is not None:
+            return got
+    raise AssertionError("no header")
+
+
+@pytest.mark.parametrize("step", [None, 1, 7])
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (
+            b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 8436\r\n",
+            ProxyInfo(1, ("203.0.113.7", 51234), ("10.0.0.1", 8436)),
+        ),
+        (
+            b"PROXY TCP6 2001:db8::7 2001:db8::1 0 65535\r\n",
+            ProxyInfo(1, ("2001:db8::7", 0), ("2001:db8::1", 65535)),
+        ),
+        (b"PROXY UNKNOWN\r\n", ProxyInfo(1, None, None)),
+        (b"PROXY UNKNOWN ffff:f::1 ffff:f::2 1 2\r\n", ProxyInfo(1, None, None)),
+        (v2(), ProxyInfo(2, ("203.0.113.7", 51234), ("10.0.0.1", 8436))),
+        (
+            v2(family=0x21, src="2001:db8::7", dst="::1"),
+            ProxyInfo(2, ("2001:db8::7", 51234), ("::1", 8436)),
+        ),
+        (v2(command=0), ProxyInfo(2, None, None)),  # LOCAL: HAProxy's own health check
+        (v2(family=0x00), ProxyInfo(2, None, None)),  # UNSPEC
+        (v2(family=0x31), ProxyInfo(2, None, None)),  # UNIX
+        (v2(family=0x12), ProxyInfo(2, None, None)),  # UDP: no TCP client to name
+        (
+            v2(tlvs=b"\x05\x00\x04abcd" + b"\x04\x00\x00"),  # unique id, NOOP
+            ProxyInfo(2, ("203.0.113.7", 51234), ("10.0.0.1", 8436)),
+        ),
+    ],
+)
+def test_headers_as_proxies_send_them(
+    header: bytes, expected: ProxyInfo, step: Optional[int]
+) -> None:
+    info, rest = read_all(header + HELLO, step)
+    assert info == expected
+    assert HELLO.startswith(rest)  # (what arrived with the header's end: the client's)
+    reader = ProxyHeaderReader()
+    got = reader.feed(header + HELLO)
+    assert got == (expected, HELLO)  # (what follows is the client's, untouched)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (HELLO, "no PROXY protocol header from a trusted proxy"),
+        (b"GET / HTTP/1.1\r\n", "no PROXY protocol header"),
+        (b"PROXX TCP4", "no PROXY protocol header"),
+        (b"\r\n\r\n\x00\r\nQUIX\n", "no PROXY protocol header"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", "malformed PROXY protocol v1 line"),
+        (b"PROXY TCP4 " + b"1" * 120, "within 107 bytes"),
+        (b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n", "malformed PROXY protocol v1 line"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n", "malformed"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 \r\n", "malformed"),
+        (b"PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n", "malformed"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n", "over 65535"),
+        (b"PROXY TCP4 1.2.3.256 5.6.7.8 1 2\r\n", "not an IPv4 address"),
+        (b"PROXY TCP4 ::1 5.6.7.8 1 2\r\n", "not an IPv4 address"),
+        (b"PROXY TCP6 1.2.3.4 ::1 1 2\r\n", "not an IPv6 address"),
+        (
+            b"PROXY TCP4 \x1b[2J 5.6.7.8 1 2\r\n",
+            "malformed PROXY protocol v1 line ('PROXY TCP4 \\x1b[2J",
+        ),
+        (v2(version=1), "version 1 is not supported"),
+        (v2(command=2), "unknown PROXY protocol v2 command 2"),
+        (v2(family=0x41), "unknown PROXY protocol v2 address family 0x41"),
+        (v2(family=0x13), "unknown PROXY protocol v2 address family 0x13"),
+        (
+            V2_SIGNATURE + struct.pack(">BBH", 0x21, 0x11, 8) + b"\0" * 8,
+            "too short for its family",
+        ),
+        (v2(tlvs=b"\x05\x00"), "TLV is cut short"),
+        (v2(tlvs=b"\x05\x00\x09abc"), "TLV runs past the header"),
+        (
+            V2_SIGNATURE + struct.pack(">BBH", 0x21, 0x11, MAX_HEADER),
+            f"(the limit is {MAX_HEADER})",
+        ),
+    ],
+)
+def test_malformed_headers_are_refused(data: bytes, message: str) -> None:
+    with pytest.raises(ProxyHeaderError, match=re.escape(message)):
+        read_all(data + b"\r\n" * 60)
+    with pytest.raises(ProxyHeaderError):  # (however it is split)
+        read_all(data + b"\r\n" * 60, 1)
+
+
+def test_a_stranger_is_refused_at_its_first_byte_and_a_header_waits_for_its_end() -> None:
+    with pytest.raises(ProxyHeaderError):
+        ProxyHeaderReader().feed(b"\x02")
+    reader = ProxyHeaderReader()
+    for byte in b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r":
+        assert reader.feed(bytes([byte])) is None
+    assert reader.feed(b"\n") == (ProxyInfo(1, ("1.2.3.4", 1), ("5.6.7.8", 2)), b"")
+    reader = ProxyHeaderReader()
+    assert reader.feed(b"PROXY TCP4 1.2") is None
+    with pytest.raises(ProxyHeaderError, match="closed the connection before a whole"):
+        reader.feed(b"")
+
+
+def test_looks_like_proxy_header() -> None:
+    assert looks_like_proxy_header(b"PROXY TCP4 ...")
+    assert looks_like_proxy_header(b"PRO")
+    assert looks_like_proxy_header(V2_SIGNATURE[:5])
+    assert not looks_like_proxy_header(HELLO)
+    assert not looks_like_proxy_header(b"")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    prefix=st.sampled_from([b"", b"PROXY ", b"PROXY TCP4 ", b"PROXY UNKNOWN", V2_SIGNATURE]),
+    data=st.binary(max_size=600),
+    cuts=st.lists(st.integers(min_value=1, max_value=64), max_size=20),
+)
+def test_fuzz_any_bytes_any_split(prefix: bytes, data: bytes, cuts: List[int]) -> None:
+    blob = prefix + data
+    reader = ProxyHeaderReader()
+    pieces, at = [], 0
+    for cut in cuts:
+        pieces.append(blob[at : at + cut])
+        at += cut
+    pieces.append(blob[at:])
+    fed = b""
+    try:
+        for piece in pieces:
+            if not piece:
+                continue
+            fed += piece
+            got = reader.feed(piece)
+            assert reader.buffered <= MAX_HEADER + len(piece)
+            if got is not None:
+                info, rest = got
+                assert fed.endswith(rest)
+                assert info.version in (1, 2)
+                if info.source is not None:
+                    ipaddress.ip_address(info.source[0])
+                    assert 0 <= info.source[1] <= 65535
+                return
+    except ProxyHeaderError as exc:
+        assert "\x1b" not in str(exc) and "\r" not in str(exc)  # escaped for the log
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    src=st.ip_addresses(v=4),
+    dst=st.ip_addresses(v=4),
+    sport=st.integers(0, 65535),
+    dport=st.integers(0, 65535),
+    tlvs=st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), max_size=5),
+)
+def test_fuzz_valid_v2_headers_round_trip(
+    src: ipaddress.IPv4Address,
+    dst: ipaddress.IPv4Address,
+    sport: int,
+    dport: int,
+    tlvs: List[Tuple[int, bytes]],
+) -> None:
+    encoded = b"".join(bytes([kind]) + struct.pack(">H", len(v)) + v for kind, v in tlvs)
+    header = v2(src=str(src), dst=str(dst), sport=sport, dport=dport, tlvs=encoded)
+    info, rest = read_all(header + HELLO, 3)
+    assert info == ProxyInfo(2, (str(src), sport), (str(dst), dport))
+    assert HELLO.startswith(rest)
