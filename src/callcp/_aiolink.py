@@ -157,7 +157,9 @@ class Link(asyncio.Protocol):
         """Bytes before the key exchange: is the ClientHello whole yet?"""
         arrival = self.arrival
         assert arrival is not None and self.start is not None
-        if not arrival.received(data):
+        done = arrival.received(data)
+        self.addr = arrival.addr  # (the client's, once a trusted proxy's header named it)
+        if not done:
             return
         # From here bytes go to the core (bounded by PAUSE_READING_AT): reading
         # goes on, so a peer that leaves while its hello waits is seen to go.

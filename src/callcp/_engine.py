@@ -68,6 +68,7 @@ from ._core.errors import (
     MessagePending,
     MessageTooLarge,
     PeerUnresponsive,
+    ServerBusy,
     StreamPending,
     StreamTooLarge,
 )
@@ -84,6 +85,7 @@ from ._core.events import (
 from ._core.legacy import MISSING as LEGACY_MISSING
 from ._core.legacy import LegacyClient, LegacyServer
 from ._core.protocol import ServerProtocol, State, _Protocol
+from ._core.proxy import ProxyHeaderError, ProxyHeaderReader
 from ._core.shares import ShareKeeper, SignedShare
 from ._core.tickets import TicketKeys
 from ._core.wire import alert_frame, printable
@@ -736,6 +738,33 @@ def _source_of_host(host: str) -> str:
     return str(ip)
 
 
+def via_proxy(addr: Any) -> str:
+    """The admission's name for a trusted proxy's connection before its
+    PROXY header said whose it is."""
+    return f"proxy {source_of(addr)}"
+
+
+class TrustedProxies:
+    """The addresses (networks) whose connections must begin with a PROXY
+    protocol header: ``trusted_proxies``, validated by the options."""
+
+    __slots__ = ("_networks",)
+
+    def __init__(self, entries: Any) -> None:
+        self._networks = tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+    def trusts(self, addr: Any) -> bool:
+        if not addr or not isinstance(addr, tuple):
+            return False
+        try:
+            ip = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self._networks)
+
+
 # ================================================================ admission
 
 
@@ -759,12 +788,19 @@ class Admission:
         self.open = 0
         self._by_source: Dict[str, int] = {}
 
-    def admit(self, source: str) -> Optional[str]:
-        """Count a new connection in; None if admitted, else why not."""
+    def admit(self, source: str, *, per_source: bool = True) -> Optional[str]:
+        """Count a new connection in; None if admitted, else why not.
+        ``per_source=False``: a trusted proxy's connection, not yet known to
+        be whose (see :meth:`move`): counted, but not held to the per-source
+        limits."""
         with self._lock:
             mine = self._by_source.get(source, 0)
             if self.open >= self.max_connections:
                 return f"too many connections: max_connections ({self.max_connections}) reached"
+            if not per_source:
+                self.open += 1
+                self._by_source[source] = mine + 1
+                return None
             if self.per_source and mine >= self.per_source:
                 return (
                     "too many connections from one address: "
@@ -774,6 +810,27 @@ class Admission:
                 return "nearly full: the last places are kept for other addresses"
             self.open += 1
             self._by_source[source] = mine + 1
+            return None
+
+    def move(self, old: str, new: str) -> Optional[str]:
+        """A counted connection turns out to be ``new``'s (a PROXY header
+        named its client): count it there, held to the per-source limit.
+        None if moved; else why not (it stays counted under ``old``)."""
+        with self._lock:
+            mine = self._by_source.get(new, 0)
+            if self.per_source and mine >= self.per_source:
+                return (
+                    "too many connections from one address: "
+                    f"max_connections_per_source ({self.per_source}) reached"
+                )
+            if self.open >= self.max_connections - self._reserved and mine >= self.FEW:
+                return "nearly full: the last places are kept for other addresses"
+            self._by_source[new] = mine + 1
+            left = self._by_source.get(old, 1) - 1
+            if left > 0:
+                self._by_source[old] = left
+            else:
+                self._by_source.pop(old, None)
             return None
 
     def release(self, source: str) -> None:
@@ -1085,25 +1142,41 @@ class Arrival:
         "state",
         "io",
         "released",
+        "counted_as",
+        "proxy",
         "__weakref__",
     )
 
-    def __init__(self, server: ServerCore, addr: Any, engine: Engine) -> None:
+    def __init__(
+        self, server: ServerCore, addr: Any, engine: Engine, *, proxied: bool = False
+    ) -> None:
         self.io: Any = None  #: the adapter's transport (a socket, an asyncio link)
         self.server = server
+        #: The peer's address: the client's, once a trusted proxy's PROXY
+        #: header named it (logs, limits and ``remote_address`` use it).
         self.addr = addr
         self.engine = engine
         self.deadline = time.monotonic() + server.options.handshake_timeout
         engine.handshake_deadline = (self.deadline, server.options.handshake_timeout)
+        #: Whom the admission counts this connection under.
+        self.counted_as = via_proxy(addr) if proxied else source_of(addr)
         engine.source = source_of(addr)
         self.released = False
         self.ticket: Optional[HandshakeTicket] = None
         self.state = "hello"
+        #: (a trusted proxy's connection) its PROXY header, until read
+        self.proxy: Optional[ProxyHeaderReader] = ProxyHeaderReader() if proxied else None
 
     def received(self, data: bytes) -> bool:
-        """Bytes of the hello (``b""``: the peer closed).  True once the
-        hello is whole or the connection was dropped (a malformed hello)."""
+        """Bytes of the hello (``b""``: the peer closed), after a trusted
+        proxy's PROXY header.  True once the hello is whole or the
+        connection was dropped (a malformed hello or header, or the client
+        the header names is over its limits)."""
         try:
+            if self.proxy is not None:
+                data = self._proxy_header(data)
+                if not data:
+                    return False
             self.engine.feed(data)
             return self.engine.poll_hello()
         except CallcpError as exc:
@@ -1117,6 +1190,37 @@ class Arrival:
                 self.engine.core.fail(err)
             self._drop(err)
             return True
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """Read the PROXY header: the bytes after it (b"": none yet).
+
+        Raises:
+            ProxyHeaderError: no valid header (the proxy's fault, or a
+                stranger's bytes).
+            ServerBusy: the client it names is over its limits.
+        """
+        reader = self.proxy
+        assert reader is not None
+        try:
+            got = reader.feed(data)
+        except ProxyHeaderError as exc:
+            self.engine.core.fail(exc)  # (an ALERT says why, to whoever reads it)
+            raise
+        if got is None:
+            return b""
+        self.proxy = None
+        info, rest = got
+        if info.source is not None:
+            self.addr = info.source
+            source = source_of(self.addr)
+            why = self.server.admission.move(self.counted_as, source)
+            if why is not None:
+                self.server.refused(self.addr, why)
+                err = ServerBusy(f"server busy: {why}")
+                self.engine.core.fail(err)  # (the ALERT tells the client why)
+                raise err
+            self.counted_as = self.engine.source = source
+        return rest
 
     def queue(
         self, start: Callable[[], None], alive: Callable[[], bool], drop: Callable[[], None]
@@ -1235,7 +1339,7 @@ class Arrival:
         """The connection is over: give back its place (once, whoever asks)."""
         if not self.released:
             self.released = True
-            self.server.release(self.addr, self.engine)
+            self.server.release(self.counted_as, self.engine)
         if self.state != "started":  # (a started key exchange lets go of them itself)
             self.engine.core.discard_keys()  # the share's private key, for one
 
@@ -1370,6 +1474,10 @@ class ServerCore:
         self.shares = ShareKeeper(
             self.keypair.private_key, options.share_lifetime, options.handshake_timeout
         )
+        #: The proxies whose connections start with a PROXY header (None: off).
+        self.proxies = (
+            TrustedProxies(options.trusted_proxies) if options.proxy_protocol else None
+        )
         #: Callcp 1.0's wire format (``protocol="callcp1"``): no shares, no tickets.
         self.legacy = options.protocol == CALLCP1
         self.tickets = (
@@ -1447,7 +1555,13 @@ class ServerCore:
     def arrive(self, addr: Any) -> Tuple[Optional[Arrival], bytes]:
         """A connection was accepted: its :class:`Arrival` (None: refused)
         and what to write to it now (its ServerHello, or the refusal)."""
-        why = SHUTTING_DOWN if self.stopping else self.admission.admit(source_of(addr))
+        proxied = self.proxies is not None and self.proxies.trusts(addr)
+        if self.stopping:
+            why: Optional[str] = SHUTTING_DOWN
+        elif proxied:  # (whose it is, the PROXY header says: then its limits apply)
+            why = self.admission.admit(via_proxy(addr), per_source=False)
+        else:
+            why = self.admission.admit(source_of(addr))
         if why is not None:
             self.refused(addr, why)
             if self.legacy:  # (Callcp 1.0 has no message for it: the connection is closed)
@@ -1456,7 +1570,7 @@ class ServerCore:
         if self.legacy:
             legacy = LegacyServer(self.keypair.private_key, defer_decryption=True)
             legacy.start()
-            arrival = Arrival(self, addr, Engine(legacy, budget=self.budget))
+            arrival = Arrival(self, addr, Engine(legacy, budget=self.budget), proxied=proxied)
             return arrival, legacy.data_to_send()
         spare, self._spare = self._spare, None
         share = self._current_share(time.time())
@@ -1467,7 +1581,7 @@ class ServerCore:
         engine.keepalive = keepalive_for(
             self.options.keepalive_interval, self.options.keepalive_timeout
         )
-        arrival = Arrival(self, addr, engine)
+        arrival = Arrival(self, addr, engine, proxied=proxied)
         return arrival, arrival.engine.core.data_to_send()
 
     def internal_error(self, addr: Any, exc: BaseException) -> None:
@@ -1549,9 +1663,10 @@ class ServerCore:
             )
         engine.close(outcome.close_code, outcome.close_reason)
 
-    def release(self, addr: Any, engine: Optional[Engine]) -> None:
-        """A connection admitted by :meth:`admit` is over."""
-        self.admission.release(source_of(addr))
+    def release(self, counted_as: str, engine: Optional[Engine]) -> None:
+        """A connection admitted by :meth:`arrive` is over (``counted_as``:
+        the source its admission counts it under)."""
+        self.admission.release(counted_as)
         if engine is not None:
             engine.release()
 

@@ -9,6 +9,7 @@ option.  Like h2's ``H2Configuration``, it has almost no behaviour of its own.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import math
 import os
@@ -119,6 +120,32 @@ def _protocol(value: Any, unsupported: Sequence[Tuple[str, Any, str]]) -> None:
         for name, given, why in unsupported:
             if given is not None:
                 raise ValueError(f"{name} cannot be used with protocol='callcp1': {why}")
+
+
+def _proxies(enabled: Any, entries: Any) -> None:
+    """``trusted_proxies`` is a list of addresses or networks, given with
+    ``proxy_protocol=True`` (and only then)."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"proxy_protocol must be True or False, not {enabled!r}")
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, (list, tuple, set, frozenset)):
+        raise ValueError(
+            "trusted_proxies must be a list of addresses or networks "
+            f'(["10.0.0.0/8", "127.0.0.1"]), not {entries!r}'
+        )
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"trusted_proxies: {entry!r} is not an IP address or network"
+            ) from None
+    if enabled and not entries:
+        raise ValueError(
+            "proxy_protocol=True needs trusted_proxies: the load balancers whose "
+            "connections carry a PROXY header"
+        )
+    if entries and not enabled:
+        raise ValueError("trusted_proxies is only used with proxy_protocol=True")
 
 
 def _logger(value: Any) -> None:
@@ -268,6 +295,15 @@ class ServerOptions(_Options):
         backlog: the listening socket's accept queue.
         reuse_port: set SO_REUSEPORT on the listening socket.
         workers: N > 1 forks N processes that accept on the port (Linux).
+        proxy_protocol: connections from ``trusted_proxies`` must begin with
+            a PROXY protocol header (v1 or v2, as HAProxy's ``send-proxy``
+            and ``send-proxy-v2`` send): the client it names is the
+            connection's ``remote_address``, in the logs, and what the
+            per-source limits count.  A missing or malformed header is
+            refused, and so is a header from any other address.
+        trusted_proxies: the load balancers' addresses or networks
+            (``"10.0.0.0/8"``, ``"127.0.0.1"``, ``"fd00::/8"``); required
+            with ``proxy_protocol``.
         protocol: ``"callcp/2"``, or ``"callcp1"`` to serve Callcp 1.0
             clients (their wire format: no server authentication, no
             forward secrecy, no replay protection, messages of at most
@@ -301,10 +337,14 @@ class ServerOptions(_Options):
     backlog: int = 1024
     reuse_port: bool = False
     workers: int = 1
+    proxy_protocol: bool = False
+    trusted_proxies: Sequence[str] = ()
     protocol: str = CALLCP2
     logger: Optional[logging.Logger] = None
 
     def __post_init__(self) -> None:
+        _proxies(self.proxy_protocol, self.trusted_proxies)
+        object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
         _protocol(
             self.protocol,
             [
@@ -413,5 +453,7 @@ class ServerKwargs(TypedDict, total=False):
     backlog: int
     reuse_port: bool
     workers: int
+    proxy_protocol: bool
+    trusted_proxies: Sequence[str]
     protocol: str
     logger: Optional[logging.Logger]

@@ -512,6 +512,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count,
         help="run N server processes accepting on the port (SO_REUSEPORT; Linux); default: 1",
     )
+    p.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="behind a TCP load balancer: connections from --trusted-proxy addresses must "
+        "begin with a PROXY protocol header (v1 or v2: HAProxy's send-proxy / send-proxy-v2), "
+        "which names the real client (logs, per-address limits); refused otherwise",
+    )
+    p.add_argument(
+        "--trusted-proxy",
+        metavar="ADDR[/BITS]",
+        action="append",
+        default=[],
+        help="with --proxy-protocol: a load balancer's address or network (repeat for more)",
+    )
     _protocol_option(p, "serve Callcp 1.0 clients (on a port of their own, beside callcp/2)")
     p.set_defaults(func=cmd_serve)
 
@@ -1272,11 +1286,19 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
         "workers": args.workers,
         "allow_insecure_permissions": args.insecure_key_permissions or None,
         "protocol": args.protocol,
+        "proxy_protocol": args.proxy_protocol or None,
+        "trusted_proxies": args.trusted_proxy or None,
     }
     options = {k: v for k, v in options.items() if v is not None}
     if args.idle_timeout is not None:
         options["idle_timeout"] = args.idle_timeout or None
-    server = callcp.serve(_make_handler(args.upper, inbox), args.host, args.port, **options)
+    try:
+        server = callcp.serve(_make_handler(args.upper, inbox), args.host, args.port, **options)
+    except ValueError as exc:  # (an option's value, or a combination: in the command's terms)
+        text = str(exc)
+        for name, flag in _OPTION_FLAGS:
+            text = text.replace(name, flag)
+        raise CommandError(text, EXIT_USAGE) from None
     if first_run and os.path.exists(key):
         # The key was made now: said, with its public half beside it (a
         # server's identity is not something to make silently).
@@ -1286,6 +1308,13 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
             "generated a new server key %s in %s (public key: %s)", server.fingerprint, key, public
         )
     return server
+
+
+#: ServerOptions' names in their errors, and the `callcp serve` flags they are.
+_OPTION_FLAGS = (
+    ("proxy_protocol=True", "--proxy-protocol"),
+    ("trusted_proxies", "--trusted-proxy"),
+)
 
 
 def _reload_soon(allowed: Any) -> None:

@@ -627,6 +627,7 @@ class Server(ServerBase):
         core, options = self._core, self._core.options
         addr, engine = arrival.addr, arrival.engine
         conn = Connection(arrival.io, engine, timeout=options.idle_timeout, decrypt=arrival.decrypt)
+        conn.remote_address = addr  # (the client's, when a trusted proxy's header named it)
         with self._lock:
             self._active.add(conn)
             self._busy += 1

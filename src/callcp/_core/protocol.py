@@ -78,6 +78,8 @@ from .events import (
     StreamStarted,
 )
 from .keys import fingerprint_der, load_public_der, public_der
+from .proxy import V1_PREFIX as PROXY_V1_PREFIX
+from .proxy import V2_SIGNATURE as PROXY_V2_SIGNATURE
 from .records import DEFAULT_KEY_UPDATE_INTERVAL, RecordReceiver, RecordSender
 from .schedule import HandshakeSecrets, derive_handshake_secrets, refusal_key
 from .shares import SignedShare, check_share, sign_share
@@ -229,7 +231,11 @@ _FOREIGN = (
 )
 
 
-_FOREIGN_PREFIXES = tuple(prefix for prefix, _ in _FOREIGN) + (b"-----BEGIN",)
+_FOREIGN_PREFIXES = tuple(prefix for prefix, _ in _FOREIGN) + (
+    b"-----BEGIN",
+    PROXY_V1_PREFIX,
+    PROXY_V2_SIGNATURE,
+)
 
 
 def _finished_mac(key: bytes, transcript_hash: bytes) -> bytes:
@@ -827,7 +833,12 @@ class _Protocol:
         spoken = next((name for prefix, name in _FOREIGN if first.startswith(prefix)), None)
         line = first.split(b"\n", 1)[0].rstrip(b"\r")[:60]
         shown = printable(line.decode("utf-8", "replace"))
-        if first.startswith(b"-----BEGIN"):
+        if first.startswith((PROXY_V1_PREFIX, PROXY_V2_SIGNATURE)):
+            text = (
+                "a PROXY protocol header from an address that is not a trusted proxy "
+                "(a server takes one only from its trusted_proxies, with proxy_protocol=True)"
+            )
+        elif first.startswith(b"-----BEGIN"):
             text = (
                 f"not a callcp/2 {peer}: it sent a PEM public key, as a Callcp 1.0 server "
                 "does; to speak its wire format, connect with protocol='callcp1' "
