@@ -393,3 +393,27 @@ def test_the_pems_last_line_break_may_come_later(server_key: rsa.RSAPrivateKey) 
     assert isinstance(client.next_event(), HandshakeCompleted)
     client.receive_data(pem[-1:])
     assert client.next_event() is NEED_DATA
+
+
+def test_a_record_longer_than_callcp1_can_carry_is_refused_whole_or_in_pieces(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    """A record over MAX_RECORD bytes is refused even when it authenticates
+    and arrives in one read (Callcp 1.0's receiver could not have read it)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    for split in (False, True):
+        client, server = _pair(server_key)
+        aes = client._aes
+        assert isinstance(aes, AESGCM)
+        nonce = os.urandom(12)
+        record = nonce + aes.encrypt(nonce, b"z" * (MAX_PLAINTEXT + 1), None)
+        assert len(record) == MAX_RECORD + 1
+        if split:
+            server.receive_data(record[:MAX_RECORD])
+            with pytest.raises(CryptoError, match="did not authenticate within 4096"):
+                server.next_event()
+        else:
+            server.receive_data(record)
+            with pytest.raises(RemoteProtocolError, match="4097 bytes where one Callcp 1.0"):
+                server.next_event()

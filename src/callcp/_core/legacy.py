@@ -358,6 +358,11 @@ class _Legacy:
     def _message(self, whose: str) -> Union[bytes, NeedData]:
         """The message accumulated so far, once its tag verifies."""
         buf = self._buf
+        if len(buf) > MAX_RECORD:  # (whatever its tag says: Callcp 1.0 could not read it)
+            raise RemoteProtocolError(
+                f"the {whose} sent {len(buf)} bytes where one Callcp 1.0 message "
+                f"(at most {MAX_RECORD} bytes) was due"
+            )
         if len(buf) >= _NONCE + _TAG and self._worth_trying(len(buf)):
             assert self._aes is not None
             view = memoryview(buf)
@@ -434,8 +439,8 @@ class LegacyClient(_Legacy):
         buf = self._buf
         if buf and (buf[0] in (3, 4) or (buf[0] == 1 and buf[5:11] == MAGIC)):
             raise HandshakeError(
-                "not a Callcp 1.0 server: it speaks callcp/2 (connect without "
-                "protocol='callcp1', or --protocol callcp1)"
+                "not a Callcp 1.0 server: it speaks callcp/2 (connect to it without "
+                "protocol='callcp1' or --protocol callcp1)"
             )
         end = buf.find(PEM_END)
         if end > MAX_PEM:
