@@ -221,7 +221,7 @@ def test_ticket_key_option(tmp_path: Path) -> None:
     with pytest.raises(KeyManagementError, match="readable by others"):
         load_ticket_key(path)
     path.chmod(0o600)
-    assert load_ticket_key(str(path)) == path.read_bytes()
+    assert load_ticket_key(str(path)) == [path.read_bytes()]
     path.write_bytes(b"x" * 8)
     with pytest.raises(KeyManagementError, match="at least 32"):
         load_ticket_key(path)
@@ -322,3 +322,112 @@ def test_a_forked_child_does_not_reuse_the_parents_tickets() -> None:
     os.waitpid(pid, 0)
     assert os.read(read, 1) == b"1"
     assert store.take("h", 1) is not None  # the parent keeps its own
+
+
+# ------------------------------------------------ ticket key files and rotation
+
+
+def test_ticket_key_files_of_hex_lines_and_rotation_in_memory(tmp_path: Path) -> None:
+    """A file of hex lines: the first seals, every line opens; a ticket
+    sealed under a key rotated out of first place still opens, one under a
+    key dropped from the file no longer does."""
+    from callcp._common import load_ticket_key, parse_ticket_keys
+
+    a, b, c = os.urandom(32), os.urandom(32), os.urandom(32)
+    path = tmp_path / "tickets"
+    path.write_text(f"# comment\n{b.hex()}  # current\n\n{a.hex()}\n")
+    path.chmod(0o600)
+    assert load_ticket_key(path) == [b, a]
+    assert parse_ticket_keys(b"not hex at all, and long enough to be one raw secret") is None
+    assert parse_ticket_keys(b"abc\n") is None  # (odd or short: a raw secret, checked as such)
+    server_hash = bytes(32)
+    old = TicketKeys(3600, a)
+    ticket = old.seal(1000.0, 4, server_hash, None, b"s" * 32)
+    rotated = TicketKeys(3600, b, previous=[a])
+    assert rotated.open(ticket, 1001.0, server_hash) is not None
+    new_ticket = rotated.seal(1001.0, 4, server_hash, None, b"t" * 32)
+    assert old.open(new_ticket, 1002.0, server_hash) is None  # (a server not yet given b)
+    assert TicketKeys(3600, c, previous=[b]).open(ticket, 1002.0, server_hash) is None
+
+
+def test_keygen_ticket_key_and_rotate(tmp_path: Path) -> None:
+    from callcp import cli
+    from callcp._common import load_ticket_key
+
+    path = tmp_path / "tickets"
+    assert cli.main(["keygen", "--ticket-key", str(path), "-q"]) == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    first = load_ticket_key(path)
+    assert first is not None and len(first) == 1 and len(first[0]) == 32
+    assert cli.main(["keygen", "--ticket-key", str(path), "-q"]) == 7  # never overwritten
+    for _ in range(4):
+        assert cli.main(["keygen", "--ticket-key", str(path), "--rotate", "-q"]) == 0
+    keys = load_ticket_key(path)
+    assert keys is not None and len(keys) == 3 and first[0] not in keys
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_two_servers_on_one_key_and_ticket_file_resume_each_other(
+    server_key: rsa.RSAPrivateKey, tmp_path: Path
+) -> None:
+    """Behind one address (a proxy switching backends), a client resumes on
+    the other server; after a rotation of the file, read again by both
+    within a second, old tickets still open and new ones are sealed under
+    the new key."""
+    import logging
+    import threading
+
+    from tests.sock_proxy import FrameProxy
+    from tests.sock_support import wait_until
+
+    path = tmp_path / "tickets"
+    path.write_text(os.urandom(32).hex() + "\n")
+    path.chmod(0o600)
+    handler = Resumed()
+    logs: List[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logs.append(record.getMessage())
+
+    logger = logging.getLogger(f"callcp.test.tickets.{os.getpid()}")
+    logger.addHandler(Capture())
+    logger.setLevel(logging.INFO)
+    servers = [
+        callcp.serve(
+            handler.sync, "127.0.0.1", 0, key=callcp.KeyPair(server_key), ticket_key=path,
+            logger=logger,
+        )
+        for _ in range(2)
+    ]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    proxy = FrameProxy(("127.0.0.1", servers[0].port))
+    store = SessionStore()
+    try:
+
+        def request(backend: int) -> None:
+            proxy.target = ("127.0.0.1", servers[backend].port)
+            with callcp.connect(
+                *proxy.address, server_fingerprint=servers[0].fingerprint, session_store=store
+            ) as conn:
+                assert conn.request(b"x") == b"x"
+
+        request(0)
+        request(1)
+        request(0)
+        assert handler.resumed == [False, True, True]
+        os.replace(path, tmp_path / "old")  # (a rotation: a new file, the old key second)
+        rotated = tmp_path / "new"
+        rotated.write_text(os.urandom(32).hex() + "\n" + (tmp_path / "old").read_text())
+        rotated.chmod(0o600)
+        os.replace(rotated, path)
+        assert wait_until(lambda: sum("read again" in line for line in logs) == 2, timeout=10)
+        request(1)  # the ticket from before the rotation: opened by the previous key
+        request(0)  # the one just sealed under the new key
+        assert handler.resumed[-2:] == [True, True]
+    finally:
+        proxy.close()
+        for s in servers:
+            s.shutdown()

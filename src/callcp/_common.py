@@ -6,9 +6,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import socket
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -234,19 +235,27 @@ def client_protocol(
     )
 
 
-def load_ticket_key(source: Union[bytes, PathLike, None]) -> Optional[bytes]:
-    """A server's ``ticket_key`` option as bytes (None: a random key).
+def load_ticket_key(source: Union[bytes, PathLike, None]) -> Optional[List[bytes]]:
+    """A server's ``ticket_key`` option as its master secrets, the one that
+    seals first (None: a random key, this server's alone).
+
+    A file holds one secret per line, 64 hex digits (32 bytes; ``#``
+    comments and blank lines allowed): the first line seals new tickets,
+    every line opens them (the previous secrets, kept across a rotation
+    while their tickets live: ``callcp keygen --ticket-key FILE --rotate``).
+    A file that is not such lines is one secret, its raw bytes (at least 32).
 
     Raises:
         KeyManagementError: the file is missing, unreadable, readable by
-            group or others, or shorter than 32 bytes.
+            group or others, or holds less than 32 bytes of secret.
     """
     if source is None or isinstance(source, (bytes, bytearray)):
-        return None if source is None else bytes(source)
+        return None if source is None else [bytes(source)]
     path = Path(os.path.expanduser(source))
     try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
+        with open(path, "rb") as handle:  # (links followed: a Kubernetes secret is one)
+            mode = os.fstat(handle.fileno()).st_mode  # (the file read, not the path's)
+            data = handle.read(TICKET_FILE_LIMIT + 1)
     except OSError as exc:
         raise KeyManagementError(
             f"cannot read the ticket key file {path}: {exc.strerror}"
@@ -256,12 +265,45 @@ def load_ticket_key(source: Union[bytes, PathLike, None]) -> Optional[bytes]:
             f"the ticket key file {path} is readable by others (mode {mode & 0o777:o}); "
             f"make it private: chmod 600 {path}"
         )
+    if len(data) > TICKET_FILE_LIMIT:
+        raise KeyManagementError(f"the ticket key file {path} is over {TICKET_FILE_LIMIT} bytes")
+    secrets = parse_ticket_keys(data)
+    if secrets is not None:
+        return secrets
     if len(data) < 32:
         raise KeyManagementError(
             f"the ticket key file {path} holds {len(data)} bytes; it needs at least 32 "
-            f"random bytes (e.g. head -c 32 /dev/urandom > {path})"
+            f"random bytes (callcp keygen --ticket-key {path})"
         )
-    return data
+    return [data]
+
+
+#: A ticket key file is small: a few lines of 64 hex digits.
+TICKET_FILE_LIMIT = 64 * 1024
+_HEX_SECRET = re.compile(r"[0-9a-fA-F]{64,}")
+
+
+def parse_ticket_keys(data: bytes) -> Optional[List[bytes]]:
+    """The secrets of a ticket key file of hex lines, first first; None if
+    the file is not one (it is then one raw secret)."""
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    secrets = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if not _HEX_SECRET.fullmatch(line) or len(line) % 2:
+            return None
+        secrets.append(bytes.fromhex(line))
+    return secrets or None
+
+
+def ticket_key_line(secret: bytes) -> str:
+    """One line of a ticket key file."""
+    return secret.hex()
 
 
 def load_server_key(

@@ -41,6 +41,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -736,6 +737,15 @@ def _source_of_host(host: str) -> str:
             return str(embedded)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+#: Seconds between two looks at a ticket key file (has it changed?).
+TICKET_FILE_CHECK = 1.0
+
+
+def _file_stamp(path: Any) -> Tuple[int, int, int]:
+    st = os.stat(os.path.expanduser(path))
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def via_proxy(addr: Any) -> str:
@@ -1480,11 +1490,12 @@ class ServerCore:
         )
         #: Callcp 1.0's wire format (``protocol="callcp1"``): no shares, no tickets.
         self.legacy = options.protocol == CALLCP1
-        self.tickets = (
-            TicketKeys(options.ticket_lifetime, load_ticket_key(options.ticket_key))
-            if options.ticket_lifetime and not self.legacy
-            else None
-        )
+        self.tickets: Optional[TicketKeys] = None
+        #: (a ticket key file) what it was when read: (mtime_ns, size, inode)
+        self._ticket_file: Optional[Tuple[int, int, int]] = None
+        self._ticket_checked = time.monotonic()
+        if options.ticket_lifetime and not self.legacy:
+            self.tickets = self._ticket_keys()
         self._spare: Optional[Tuple[Engine, SignedShare]] = None
         self._key_retry_at = 0.0  # (monotonic) the key failed: not asked again before
         self._traceback_logged = -Notices.WINDOW  # (monotonic) internal_error()'s last traceback
@@ -1492,6 +1503,46 @@ class ServerCore:
     @property
     def fingerprint(self) -> str:
         return self.keypair.fingerprint
+
+    def _ticket_keys(self) -> TicketKeys:
+        """The ticket keys from ``ticket_key`` (a file: read now, and noted
+        so that :meth:`prepare` reads it again when it changes)."""
+        source = self.options.ticket_key
+        if source is not None and not isinstance(source, (bytes, bytearray)):
+            try:
+                self._ticket_file = _file_stamp(source)
+            except OSError:
+                pass  # (load_ticket_key says why, in its terms)
+        secrets = load_ticket_key(source)
+        if secrets is None:
+            return TicketKeys(self.options.ticket_lifetime)
+        return TicketKeys(self.options.ticket_lifetime, secrets[0], previous=secrets[1:])
+
+    def _reload_ticket_keys(self) -> None:
+        """(at most once a second) A ticket key file that changed is read
+        again: a rotation reaches a running server.  A file that cannot be
+        read leaves the keys as they were (logged)."""
+        now = time.monotonic()
+        if self._ticket_file is None or now - self._ticket_checked < TICKET_FILE_CHECK:
+            return
+        self._ticket_checked = now
+        source = self.options.ticket_key
+        assert source is not None and not isinstance(source, (bytes, bytearray))
+        try:
+            stamp = _file_stamp(source)
+            if stamp == self._ticket_file:
+                return
+            keys = self._ticket_keys()
+        except (OSError, KeyManagementError) as exc:
+            self.notices.note(
+                "ticket key file unreadable",
+                "ticket key",
+                "the ticket key file could not be read again (the keys stay as they were): %s",
+                printable(str(getattr(exc, "strerror", None) or exc)),
+            )
+            return
+        self.tickets = keys
+        self.log.info("ticket keys read again from %s", printable(str(source)))
 
     def prepare(self) -> None:
         """(the accepting thread, when it has nothing else to do; at least
@@ -1503,6 +1554,8 @@ class ServerCore:
         connections' engines are made at arrival.)"""
         if self.stopping or self.legacy:
             return
+        if self._ticket_file is not None:
+            self._reload_ticket_keys()
         now = time.time()
         if time.monotonic() >= self._key_retry_at:
             try:

@@ -90,7 +90,12 @@ from callcp import (
     StreamTooLarge,
     TransportError,
 )
-from callcp._common import DEFAULT_PORT, DEFAULT_SERVER_KEY
+from callcp._common import (
+    DEFAULT_PORT,
+    DEFAULT_SERVER_KEY,
+    load_ticket_key,
+    ticket_key_line,
+)
 from callcp._core.wire import printable
 from callcp._inbox import (
     DEFAULT_LIMITS,
@@ -101,7 +106,7 @@ from callcp._inbox import (
 )
 from callcp._options import CALLCP1, CALLCP2, PROTOCOLS
 from callcp.hsm import is_pkcs11_uri
-from callcp.keys import PASSPHRASE_ENV, _write_new, load_public_key
+from callcp.keys import PASSPHRASE_ENV, _write_new, _write_temp, load_public_key
 from callcp.sync import _stopping_on_signals
 from callcp.trust import (
     DEFAULT_KNOWN_HOSTS,
@@ -513,6 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N server processes accepting on the port (SO_REUSEPORT; Linux); default: 1",
     )
     p.add_argument(
+        "--ticket-key",
+        metavar="FILE",
+        help="session ticket keys shared with other servers (callcp keygen --ticket-key), so "
+        "a client resumes on any of them; read again when it changes (default: a random "
+        "key, this server's alone)",
+    )
+    p.add_argument(
         "--proxy-protocol",
         action="store_true",
         help="behind a TCP load balancer: connections from --trusted-proxy addresses must "
@@ -618,6 +630,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"make the key the server will use next: {DEFAULT_NEXT_KEY} unless -o is "
         "given (announce it with serve --next-key; switch to it later with --key)",
+    )
+    p.add_argument(
+        "--ticket-key",
+        metavar="FILE",
+        help="make a session ticket key file instead (32 random bytes as hex, mode 0600): "
+        "give the same file to every server that should resume the others' sessions "
+        "(serve --ticket-key FILE)",
+    )
+    p.add_argument(
+        "--rotate",
+        action="store_true",
+        help=f"with --ticket-key: put a new key first in FILE (it seals new tickets) and keep "
+        f"the previous ones after it (their tickets still open), {TICKET_KEYS_KEPT} keys at "
+        "most; running servers read the file again within a second",
     )
     p.set_defaults(func=cmd_keygen)
 
@@ -986,7 +1012,45 @@ def _keygen_in_token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: Keys a ticket key file keeps across rotations: the current one and the
+#: previous ones, whose tickets a server still opens.
+TICKET_KEYS_KEPT = 3
+TICKET_FILE_HEADER = (
+    "# callcp session ticket keys: the first line seals new tickets, every line opens them.\n"
+    "# Secret: keep it private (mode 0600), the same file on every server.\n"
+)
+
+
+def _keygen_ticket(args: argparse.Namespace) -> int:
+    path = Path(os.path.expanduser(args.ticket_key))
+    new = os.urandom(32)
+    if args.rotate:
+        kept = load_ticket_key(str(path)) or []  # (checks it is private, too)
+        keys = [new, *kept][:TICKET_KEYS_KEPT]
+    else:
+        keys = [new]
+    data = (TICKET_FILE_HEADER + "".join(ticket_key_line(key) + "\n" for key in keys)).encode()
+    if args.rotate or args.force:
+        tmp = _write_temp(path, data, 0o600)
+        os.replace(tmp, path)
+    elif not _write_new(path, data, 0o600, "ticket key file"):
+        raise CommandError(
+            f"{path} already exists; not overwriting it (--rotate adds a new key and keeps "
+            "the others; --force replaces the file: tickets sealed under it no longer open)",
+            EXIT_LOCAL,
+        )
+    if args.rotate:
+        _say(f"ticket key file: {path}: a new key first, {len(keys) - 1} previous kept")
+    else:
+        _say(f"ticket key file: {path} (mode 0600): give it to every server (--ticket-key)")
+    return EXIT_OK
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
+    if args.rotate and args.ticket_key is None:
+        raise CommandError("--rotate goes with --ticket-key FILE", EXIT_USAGE)
+    if args.ticket_key is not None:
+        return _keygen_ticket(args)
     if args.pkcs11 is not None:
         return _keygen_in_token(args)
     if args.next and args.output == str(DEFAULT_SERVER_KEY):
@@ -1286,6 +1350,7 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
         "workers": args.workers,
         "allow_insecure_permissions": args.insecure_key_permissions or None,
         "protocol": args.protocol,
+        "ticket_key": os.path.expanduser(args.ticket_key) if args.ticket_key else None,
         "proxy_protocol": args.proxy_protocol or None,
         "trusted_proxies": args.trusted_proxy or None,
     }
@@ -1314,6 +1379,8 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
 _OPTION_FLAGS = (
     ("proxy_protocol=True", "--proxy-protocol"),
     ("trusted_proxies", "--trusted-proxy"),
+    ("ticket_key", "--ticket-key"),
+    ("protocol='callcp1'", "--protocol callcp1"),
 )
 
 

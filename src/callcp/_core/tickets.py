@@ -26,7 +26,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -82,34 +82,40 @@ class Session:
 
 class TicketKeys:
     """A server's ticket keys, derived per epoch from ``master`` (any length,
-    at least 32 bytes; None: a random one, this process's alone)."""
+    at least 32 bytes; None: a random one, this process's alone), which
+    seals; ``previous`` masters (a rotation's older ones) still open the
+    tickets they sealed, while those live."""
 
     def __init__(
         self,
         lifetime: float,
         master: Optional[bytes] = None,
         random: Callable[[int], bytes] = os.urandom,
+        previous: Sequence[bytes] = (),
     ) -> None:
         self._random = random  # (the nonces; tests fix it for known answers)
         if master is None:
             master = os.urandom(32)
-        if len(master) < 32:
+        if any(len(secret) < 32 for secret in (master, *previous)):
             raise ValueError("a ticket key must be at least 32 bytes")
         self.lifetime = lifetime
         self.period = min(lifetime, MAX_KEY_PERIOD)
         self._back = math.ceil(lifetime / self.period)  # epochs a valid ticket may be old
-        self._master = HKDF(hashes.SHA256(), 32, None, b"callcp/2 ticket master").derive(master)
-        self._keys: Dict[int, AESGCM] = {}
+        self._masters = [
+            HKDF(hashes.SHA256(), 32, None, b"callcp/2 ticket master").derive(secret)
+            for secret in (master, *previous)
+        ]
+        self._keys: Dict[Tuple[int, int], AESGCM] = {}
 
-    def _key(self, epoch: int) -> AESGCM:
-        key = self._keys.get(epoch)
+    def _key(self, epoch: int, which: int = 0) -> AESGCM:
+        key = self._keys.get((which, epoch))
         if key is None:
-            if len(self._keys) > 8:  # (derived again when needed: cheap)
+            if len(self._keys) > 8 * len(self._masters):  # (derived again when needed: cheap)
                 self._keys.clear()
             raw = HKDFExpand(
                 hashes.SHA256(), 32, b"callcp/2 ticket key" + _EPOCH.pack(epoch)
-            ).derive(self._master)
-            key = self._keys[epoch] = AESGCM(raw)
+            ).derive(self._masters[which])
+            key = self._keys[(which, epoch)] = AESGCM(raw)
         return key
 
     def _epoch(self, now: float) -> int:
@@ -147,11 +153,14 @@ class TicketKeys:
         if not 0 <= current - epoch <= self._back:
             return None
         nonce = ticket[_EPOCH.size : _EPOCH.size + _NONCE_SIZE]
-        try:
-            plaintext = self._key(epoch).decrypt(
-                nonce, ticket[_EPOCH.size + _NONCE_SIZE :], ticket[: _EPOCH.size]
-            )
-        except InvalidTag:
+        sealed, head = ticket[_EPOCH.size + _NONCE_SIZE :], ticket[: _EPOCH.size]
+        for which in range(len(self._masters)):  # (the current master first)
+            try:
+                plaintext = self._key(epoch, which).decrypt(nonce, sealed, head)
+                break
+            except InvalidTag:
+                continue
+        else:
             return None
         version, expiry, server, has_client, client, secret = _TICKET_PLAINTEXT.unpack(plaintext)
         if now > expiry or server != server_key_hash or has_client > 1:
