@@ -6,14 +6,18 @@ another exception, never more than MAX_HEADER bytes held)."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
+import socket
 import struct
-from typing import List, Optional, Tuple
+import time
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from callcp import CallcpError
 from callcp._core.proxy import (
     MAX_HEADER,
     V2_SIGNATURE,
@@ -22,6 +26,11 @@ from callcp._core.proxy import (
     ProxyInfo,
     looks_like_proxy_header,
 )
+from tests.adapters import Adapter, Echo
+from tests.proxy_relay import HeaderFn, HeaderRelay
+from tests.proxy_relay import v1 as v1_header
+from tests.proxy_relay import v2 as v2_header
+from tests.sock_support import wait_until
 
 HELLO = b"\x02\x00\x00\x00\x10client hello..."
 
@@ -87,7 +96,7 @@ def read_all(data: bytes, step: Optional[int] = None) -> Tuple[ProxyInfo, bytes]
             v2(family=0x21, src="2001:db8::7", dst="::1"),
             ProxyInfo(2, ("2001:db8::7", 51234), ("::1", 8436)),
         ),
-        (v2(command=0), ProxyInfo(2, None, None)),  # LOCAL: HAProxy's own health check
+        (v2(command=0), ProxyInfo(2, None, None, local=True)),  # LOCAL: a health check
         (v2(family=0x00), ProxyInfo(2, None, None)),  # UNSPEC
         (v2(family=0x31), ProxyInfo(2, None, None)),  # UNIX
         (v2(family=0x12), ProxyInfo(2, None, None)),  # UDP: no TCP client to name
@@ -227,3 +236,152 @@ def test_fuzz_valid_v2_headers_round_trip(
     info, rest = read_all(header + HELLO, 3)
     assert info == ProxyInfo(2, (str(src), sport), (str(dst), dport))
     assert HELLO.startswith(rest)
+
+
+# ================================================ over sockets, both adapters
+
+TRUSTED = {"proxy_protocol": True, "trusted_proxies": ["127.0.0.1"]}
+
+
+@pytest.fixture
+def relays() -> Iterator[Callable[..., HeaderRelay]]:
+    made: List[HeaderRelay] = []
+
+    def make(target: int, header: HeaderFn, **kw: str) -> HeaderRelay:
+        relay = HeaderRelay(("127.0.0.1", target), header, **kw)
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        relay.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_client_a_trusted_proxy_names_is_the_connections_peer(
+    adapter: Adapter, relays: Callable[..., HeaderRelay], version: int
+) -> None:
+    """remote_address, the logs and the handler see the client the header
+    names, not the proxy."""
+    server = adapter.serve(Echo(), **TRUSTED)
+    make = relay_v1 if version == 1 else relay_v2
+    relay = relays(server.port, make(("203.0.113.7", 40001)))
+    with server_connect(adapter, server, relay.port) as conn:
+        assert conn.request(b"hi") == b"hi"
+    remote, _ = server.behaviour.addresses.get(timeout=10)
+    assert remote[:2] == ("203.0.113.7", 40001)
+    v6 = relays(server.port, make(("2001:db8::7", 40002)))
+    with server_connect(adapter, server, v6.port) as conn:
+        assert conn.request(b"hi") == b"hi"
+    remote, _ = server.behaviour.addresses.get(timeout=10)
+    assert remote[:2] == ("2001:db8::7", 40002)
+
+
+def test_per_source_limits_count_the_named_client(
+    adapter: Adapter, relays: Callable[..., HeaderRelay]
+) -> None:
+    """All connections come from the proxy's one address; the per-source
+    limit counts each client the headers name."""
+    server = adapter.serve(Echo(), max_connections_per_source=2, **TRUSTED)
+    one = relays(server.port, relay_v2(("198.51.100.1", 1)))
+    other = relays(server.port, relay_v2(("198.51.100.2", 1)))
+    held = [server_connect(adapter, server, one.port) for _ in range(2)]
+    for conn in held:
+        assert conn.request(b"x") == b"x"
+    refused(adapter, server, one.port)
+    with server_connect(adapter, server, other.port) as conn:  # (another client: served)
+        assert conn.request(b"y") == b"y"
+    assert server.log is not None
+    assert wait_until(lambda: server.log.about("refused 198.51.100.1:1: too many connections"))
+    for conn in held:
+        conn.close()
+
+
+def test_a_trusted_proxys_connection_without_a_header_is_refused(
+    adapter: Adapter, relays: Callable[..., HeaderRelay]
+) -> None:
+    server = adapter.serve(Echo(), **TRUSTED)
+    bare = relays(server.port, lambda client: None)
+    refused(adapter, server, bare.port)
+    assert server.log is not None
+    assert wait_until(lambda: server.log.about("no PROXY protocol header from a trusted proxy"))
+    assert server.behaviour.calls == 0
+
+
+def test_a_header_from_an_untrusted_address_is_refused_and_direct_clients_are_served(
+    adapter: Adapter, relays: Callable[..., HeaderRelay]
+) -> None:
+    server = adapter.serve(Echo(), **TRUSTED)
+    forged = relays(server.port, relay_v1(("192.0.2.66", 666)), source="127.0.0.2")
+    refused(adapter, server, forged.port)
+    assert server.log is not None
+    assert wait_until(
+        lambda: server.log.about("a PROXY protocol header from an address that is not")
+    )
+    direct = relays(server.port, lambda client: None, source="127.0.0.2")
+    with server_connect(adapter, server, direct.port) as conn:  # (no header: itself)
+        assert conn.request(b"z") == b"z"
+    remote, _ = server.behaviour.addresses.get(timeout=10)
+    assert remote[0] == "127.0.0.2"
+
+
+def test_a_health_check_is_not_logged_and_a_slow_header_times_out(
+    adapter: Adapter, relays: Callable[..., HeaderRelay]
+) -> None:
+    """HAProxy's check (v2 LOCAL, read the ServerHello, close) leaves no
+    WARNING; a header trickled a byte at a time is dropped at the handshake
+    deadline, while a client is served."""
+    server = adapter.serve(Echo(), handshake_timeout=1.0, **TRUSTED)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(relay_v2_local())
+        assert b"CALLCP" in sock.recv(4096)
+        check = f"127.0.0.1:{sock.getsockname()[1]}"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        started = time.monotonic()
+        header = v1_header(("203.0.113.9", 9))
+        closed = False
+        for byte in header[:-1]:
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.1)
+            if time.monotonic() - started > 3:
+                break
+        relay = relays(server.port, relay_v1(("203.0.113.10", 10)))
+        with server_connect(adapter, server, relay.port) as conn:
+            assert conn.request(b"ok") == b"ok"
+        slow.settimeout(3)
+        try:
+            closed = closed or slow.recv(4096) is not None
+        except OSError:
+            closed = True
+        assert closed
+    assert server.log is not None
+    assert wait_until(lambda: server.log.about("timed out"))
+    assert not [line for line in server.log.messages(logging.INFO) if check in line]
+
+
+def relay_v1(client: Tuple[str, int]) -> Callable[[Tuple[str, int]], bytes]:
+    return lambda _: v1_header(client)
+
+
+def relay_v2(client: Tuple[str, int]) -> Callable[[Tuple[str, int]], bytes]:
+    return lambda _: v2_header(client)
+
+
+def relay_v2_local() -> bytes:
+    return v2_header(("0.0.0.0", 0), local=True)
+
+
+def refused(adapter: Adapter, server: Any, port: int) -> None:
+    """A connection through ``port`` is refused before its first message."""
+    calls = server.behaviour.calls
+    with pytest.raises(CallcpError):
+        server_connect(adapter, server, port).request(b"x")
+    assert server.behaviour.calls == calls
+
+
+def server_connect(adapter: Adapter, server: Any, port: int) -> Any:
+    return adapter.connect(port, server_fingerprint=server.fingerprint)

@@ -63,6 +63,7 @@ from ._core.errors import (
     ConnectionClosedError,
     ConnectionClosedOK,
     ConnectionLost,
+    HandshakeAborted,
     HandshakeError,
     HandshakeTimeout,
     KeyManagementError,
@@ -1154,6 +1155,7 @@ class Arrival:
         "released",
         "counted_as",
         "proxy",
+        "health_check",
         "__weakref__",
     )
 
@@ -1176,6 +1178,9 @@ class Arrival:
         self.state = "hello"
         #: (a trusted proxy's connection) its PROXY header, until read
         self.proxy: Optional[ProxyHeaderReader] = ProxyHeaderReader() if proxied else None
+        #: The proxy said (PROXY v2 LOCAL) that this is its own connection,
+        #: a health check: its end, without a ClientHello, is not logged.
+        self.health_check = False
 
     def received(self, data: bytes) -> bool:
         """Bytes of the hello (``b""``: the peer closed), after a trusted
@@ -1220,6 +1225,7 @@ class Arrival:
             return b""
         self.proxy = None
         info, rest = got
+        self.health_check = info.local
         if info.source is not None:
             self.addr = info.source
             source = source_of(self.addr)
@@ -1355,6 +1361,9 @@ class Arrival:
 
     def _drop(self, exc: BaseException) -> None:
         self.state = "dropped"
+        if self.health_check and isinstance(exc, HandshakeAborted):  # (the proxy's check)
+            self.server.log.debug("health check from %s", format_peer(self.addr))
+            return
         self.server.handshake_failed(self.addr, exc)
 
 

@@ -82,6 +82,8 @@ class ProxyInfo:
     version: int
     source: Optional[Address]
     destination: Optional[Address]
+    #: v2's LOCAL command: the proxy's own connection, such as its health check.
+    local: bool = False
 
 
 def looks_like_proxy_header(first: bytes) -> bool:
@@ -184,7 +186,7 @@ class ProxyHeaderReader:
             )
         _check_tlvs(body[used:] if command == 1 else b"")
         if command == 0 or transport != 1 or family not in (1, 2):  # LOCAL, UNSPEC, UNIX, DGRAM
-            return ProxyInfo(2, None, None), rest
+            return ProxyInfo(2, None, None, local=command == 0), rest
         if family == 1:
             src = str(ipaddress.IPv4Address(body[0:4]))
             dst = str(ipaddress.IPv4Address(body[4:8]))
