@@ -1178,8 +1178,9 @@ class Arrival:
         self.state = "hello"
         #: (a trusted proxy's connection) its PROXY header, until read
         self.proxy: Optional[ProxyHeaderReader] = ProxyHeaderReader() if proxied else None
-        #: The proxy said (PROXY v2 LOCAL) that this is its own connection,
-        #: a health check: its end, without a ClientHello, is not logged.
+        #: The trusted proxy's own connection, a health check (a PROXY v2
+        #: LOCAL header, or no byte at all): its end without a ClientHello
+        #: is logged at DEBUG only.
         self.health_check = False
 
     def received(self, data: bytes) -> bool:
@@ -1219,6 +1220,9 @@ class Arrival:
         try:
             got = reader.feed(data)
         except ProxyHeaderError as exc:
+            # The proxy connected and left without a byte: its health check
+            # (one that sends no header), not worth a WARNING each time.
+            self.health_check = not data and not reader.buffered
             self.engine.core.fail(exc)  # (an ALERT says why, to whoever reads it)
             raise
         if got is None:
@@ -1361,7 +1365,7 @@ class Arrival:
 
     def _drop(self, exc: BaseException) -> None:
         self.state = "dropped"
-        if self.health_check and isinstance(exc, HandshakeAborted):  # (the proxy's check)
+        if self.health_check and isinstance(exc, (HandshakeAborted, ProxyHeaderError)):
             self.server.log.debug("health check from %s", format_peer(self.addr))
             return
         self.server.handshake_failed(self.addr, exc)

@@ -1039,7 +1039,9 @@ def _keygen_ticket(args: argparse.Namespace) -> int:
             "the others; --force replaces the file: tickets sealed under it no longer open)",
             EXIT_LOCAL,
         )
-    if args.rotate:
+    if args.quiet:
+        pass
+    elif args.rotate:
         _say(f"ticket key file: {path}: a new key first, {len(keys) - 1} previous kept")
     else:
         _say(f"ticket key file: {path} (mode 0600): give it to every server (--ticket-key)")
