@@ -1,6 +1,6 @@
 """One callcp server process behind HAProxy (tests/test_haproxy.py).
 
-``python -m tests.haproxy_backend NAME PORT KEY TICKET_KEY TRUSTED_PROXY``:
+``python -m tests.haproxy_backend NAME PORT KEY TICKET_KEY TRUSTED_PROXY [LEVEL]``:
 the server key and the ticket key file are the ones every backend shares;
 connections from TRUSTED_PROXY must begin with a PROXY header.  It answers
 ``whoami`` with ``NAME HOST:PORT RESUMED`` (the client as it sees it, and
@@ -18,8 +18,9 @@ import callcp
 
 def main() -> None:
     name, port, key, tickets, trusted = sys.argv[1:6]
+    level = sys.argv[6] if len(sys.argv) > 6 else "DEBUG"
     logging.basicConfig(
-        level=logging.DEBUG, stream=sys.stderr, format=f"{name} %(levelname)s %(message)s"
+        level=getattr(logging, level), stream=sys.stderr, format=f"{name} %(levelname)s %(message)s"
     )
 
     def handler(conn: callcp.Connection) -> None:
