@@ -126,6 +126,21 @@ def callcp1_request(
         return replies
 
 
+def callcp1_send(port: int, message: bytes, *, host: str = "127.0.0.1") -> None:
+    """A Callcp 1.0 client that sends one message and leaves without
+    waiting for the reply (fire and forget)."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        pem = sock.recv(4096)
+        if END_MARKER not in pem:
+            pem += sock.recv(4096)
+        public = serialization.load_pem_public_key(pem)
+        assert isinstance(public, rsa.RSAPublicKey)
+        aes_key = os.urandom(32)
+        sock.sendall(public.encrypt(aes_key, OAEP))
+        threading.Event().wait(0.05)
+        sock.sendall(seal(aes_key, message))
+
+
 def first_bytes_of(port: int, timeout: float = 5.0) -> Optional[bytes]:
     """What a server sends first (up to 4096 bytes), or None if nothing in time."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:

@@ -32,7 +32,13 @@ from callcp import (
 )
 from callcp._core.legacy import MAX_PLAINTEXT, MAX_RECORD, OAEP
 from tests.adapters import FLAVOURS, Adapter, Echo, Handlers, fresh_logger
-from tests.callcp1_peer import Callcp1Server, callcp1_request, open_sealed, seal
+from tests.callcp1_peer import (
+    Callcp1Server,
+    callcp1_request,
+    callcp1_send,
+    open_sealed,
+    seal,
+)
 from tests.sock_support import wait_until
 
 LEGACY = {"protocol": "callcp1"}
@@ -454,3 +460,40 @@ def test_the_callcp1_api_reports_a_callback_reply_over_the_limit(
         server.shutdown()
         thread.join(10)
         logger.removeHandler(handler)
+
+
+def test_a_handler_that_does_not_reply_ends_when_its_client_leaves(adapter: Adapter) -> None:
+    """A handler reading without replying, a client that sends and leaves:
+    the handler's next read ends the session (before: the blocking server
+    spun until idle_timeout, the asyncio one froze); others are served."""
+    ended = threading.Event()
+
+    def sync(conn: callcp.sync.Connection) -> None:
+        for message in conn:
+            if message != b"quiet":
+                conn.send(message)
+        ended.set()
+
+    async def aio(conn: callcp.aio.Connection) -> None:
+        async for message in conn:
+            if message != b"quiet":
+                await conn.send(message)
+        ended.set()
+
+    server = adapter.serve(Handlers(sync, aio), idle_timeout=60.0, **LEGACY)
+    callcp1_send(server.port, b"quiet")
+    assert ended.wait(5)
+    assert callcp1_request(server.port, [b"served"]) == [b"served"]
+
+
+def test_a_send_only_client_on_first_use_is_warned_that_the_key_is_unrecorded(
+    adapter: Adapter, tmp_path: Path, client_log: tuple
+) -> None:
+    logger, handler = client_log
+    known = tmp_path / "known_hosts"
+    server = _echo(adapter)
+    conn = server.connect(known_hosts=str(known), logger=logger, **LEGACY)
+    conn.send(b"notification")
+    conn.close()
+    assert handler.about("was not recorded in the known hosts: no reply came", logging.WARNING)
+    assert not known.exists() or KnownHosts(known).lookup("127.0.0.1", server.port) is None

@@ -417,3 +417,84 @@ def test_a_record_longer_than_callcp1_can_carry_is_refused_whole_or_in_pieces(
             server.receive_data(record)
             with pytest.raises(RemoteProtocolError, match="4097 bytes where one Callcp 1.0"):
                 server.next_event()
+
+
+def test_a_long_session_remembers_a_bounded_window_of_nonces(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    """Memory for replay checks is bounded (the last NONCE_WINDOW nonces),
+    and a reflection of the request just sent is still refused."""
+    from callcp._core.legacy import NONCE_WINDOW
+
+    client, server = _pair(server_key)
+    for i in range(3 * NONCE_WINDOW):
+        server.receive_data(client.send_bytes(b"%d" % i))
+        assert server.next_event() == MessageReceived(b"%d" % i)
+        client.receive_data(server.send_bytes(b"ok"))
+        assert client.next_event() == MessageReceived(b"ok")
+    assert len(server._nonces._set) <= NONCE_WINDOW and len(client._nonces._order) <= NONCE_WINDOW
+    request = client.send_bytes(b"reflect me")
+    client.receive_data(request)
+    with pytest.raises(CryptoError, match="reflected"):
+        client.next_event()
+
+
+def test_the_server_ends_a_session_whose_client_left_before_the_reply(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    """A request, then the end of TCP: the next event is the session's end,
+    never NEED_DATA again (a reader would wait, or spin, for nothing)."""
+    client, server = _pair(server_key)
+    server.receive_data(client.send_bytes(b"fire and forget"))
+    assert server.next_event() == MessageReceived(b"fire and forget")
+    server.receive_data(b"")
+    assert isinstance(server.next_event(), CloseReceived)
+
+
+def test_close_leaves_the_readers_buffer_alone(server_key: rsa.RSAPrivateKey) -> None:
+    """close() may come from another thread while the reader decrypts: it
+    changes flags only."""
+    client, server = _pair(server_key)
+    record = client.send_bytes(b"partial")
+    server.receive_data(record[:20])
+    server.close(counted=False)
+    assert server.buffered == 20
+
+
+def test_the_first_reply_may_follow_the_pems_late_line_break(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    server = LegacyServer(server_key)
+    server.start()
+    pem = server.data_to_send()
+    assert pem.endswith(b"\n")
+    client = LegacyClient(lambda fp, der: None)
+    client.receive_data(pem[:-1])  # (the PEM's last line break comes later)
+    assert isinstance(client.next_event(), HandshakeCompleted)
+    server.receive_data(client.data_to_send())
+    assert isinstance(server.next_event(), HandshakeCompleted)
+    server.receive_data(client.send_bytes(b"hello"))
+    assert server.next_event() == MessageReceived(b"hello")
+    client.receive_data(b"\n" + server.send_bytes(b"world"))
+    assert client.next_event() == MessageReceived(b"world")
+    server.receive_data(client.send_bytes(b"again"))
+    assert server.next_event() == MessageReceived(b"again")
+    client.receive_data(b"\n" + server.send_bytes(b"no"))  # (only before the first reply)
+    with pytest.raises((CryptoError, ConnectionClosedError, RemoteProtocolError)):
+        client.receive_data(b"")
+        client.next_event()
+
+
+def test_a_client_whose_key_no_reply_proved_says_so_at_close(
+    server_key: rsa.RSAPrivateKey,
+) -> None:
+    unproved: List[int] = []
+    server = LegacyServer(server_key)
+    server.start()
+    client = LegacyClient(lambda fp, der: lambda: None, on_unproved=lambda: unproved.append(1))
+    client.receive_data(server.data_to_send())
+    assert isinstance(client.next_event(), HandshakeCompleted)
+    client.close()
+    assert unproved == [1]
+    client.close()
+    assert unproved == [1]

@@ -211,7 +211,17 @@ def client_protocol(
         logger=log,
     )
     if options.protocol == CALLCP1:
-        return LegacyClient(trust.verify)
+
+        def unproved() -> None:  # (trust on first use: the key waited for a reply)
+            log.warning(
+                "the key of %s:%s was not recorded in the known hosts: no reply came to "
+                "prove it (Callcp 1.0 proves a key only by replying); until it is, each "
+                "connection trusts whatever key it is shown: pin it with server_fingerprint=",
+                printable(str(host)),
+                port,
+            )
+
+        return LegacyClient(trust.verify, on_unproved=unproved)
     keypair = load_client_key(
         options.client_key,
         password=options.key_password,

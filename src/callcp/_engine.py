@@ -300,6 +300,10 @@ class Engine:
             event = core.next_event()
             if event is NEED_DATA:
                 self.check_interrupt()
+                if core._eof:  # (as in next_event: no byte will come)
+                    err = HandshakeAborted("the peer closed the connection during the handshake")
+                    core.fail(err)
+                    raise err
                 return NEED_DATA
             if isinstance(event, DecryptionRequested):
                 return event
@@ -402,6 +406,10 @@ class Engine:
                 if type(event) is MessageReceived:
                     return event
                 if event is NEED_DATA:
+                    if core._eof:  # (a core waiting after the end of the stream: nothing comes)
+                        err = self.lost_error()
+                        core.fail(err)
+                        raise err
                     if self.interruption is not None and (
                         not getattr(self.interruption, "graceful", False) or self.at_boundary
                     ):

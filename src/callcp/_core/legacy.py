@@ -52,7 +52,8 @@ trickles in is found as soon as it is whole; one that has not verified at
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional, Set, Tuple, Union
+from collections import deque
+from typing import Callable, Deque, List, Optional, Set, Tuple, Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -100,6 +101,8 @@ OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256()
 VERSION = 1
 #: Seconds a client driver waits between its key and its first request.
 PAUSE_AFTER_KEY = 0.05
+#: The nonces a session remembers (the last ones, sent and received).
+NONCE_WINDOW = 1024
 #: The most bytes buffered from a peer at any time (a key of up to 8192
 #: bits, and one record, or the PEM).
 MAX_BUFFERED = 1024 + MAX_RECORD
@@ -147,7 +150,7 @@ class _Legacy:
         self.error: Optional[CallcpError] = None
         self.version: Optional[int] = None
         self.peer_fingerprint: Optional[str] = None
-        self._nonces: Set[bytes] = set()  # (nonces seen in this session, either way)
+        self._nonces = _NonceWindow()  # (the last nonces of this session, either way)
         self._tried_at = 0  # the record's size at its last tag check
         self._in_flight = False  # a request waits for its reply
         self._pending: Optional[HandshakeCompleted] = None  # handed out by next_event first
@@ -288,9 +291,8 @@ class _Legacy:
         nothing is queued; the driver closes the TCP stream."""
         if self._close_sent or self.state is State.FAILED:
             return
-        self._close_sent = True
+        self._close_sent = True  # (any thread: the reader's buffer is left to the reader)
         self.state = State.CLOSED
-        self._buf.clear()
 
     def fail(self, exc: CallcpError) -> None:
         """Mark the session failed because of ``exc`` (a local decision, such
@@ -337,7 +339,7 @@ class _Legacy:
                 f"{len(message)} (nothing was sent; callcp/2 has no such limit)"
             )
         nonce = self._entropy(_NONCE)
-        while nonce in self._nonces:  # (never twice in a session)
+        while nonce in self._nonces:  # (never one of the window's)
             nonce = self._entropy(_NONCE)
         self._nonces.add(nonce)
         return nonce + self._aes.encrypt(nonce, bytes(message), None)
@@ -355,24 +357,29 @@ class _Legacy:
         self.state = State.CLOSED
         return CloseReceived(CloseCode.NORMAL, "")
 
-    def _message(self, whose: str) -> Union[bytes, NeedData]:
-        """The message accumulated so far, once its tag verifies."""
+    def _message(self, whose: str, skip: int = 0) -> Union[bytes, NeedData]:
+        """The message accumulated so far, once its tag verifies.  ``skip``:
+        up to that many leading CR or LF bytes may precede it (the client's
+        first reply: the end of the server's PEM, arrived late)."""
         buf = self._buf
-        if len(buf) > MAX_RECORD:  # (whatever its tag says: Callcp 1.0 could not read it)
+        if len(buf) > MAX_RECORD + skip:  # (whatever its tag says: Callcp 1.0 could not read it)
             raise RemoteProtocolError(
                 f"the {whose} sent {len(buf)} bytes where one Callcp 1.0 message "
                 f"(at most {MAX_RECORD} bytes) was due"
             )
         if len(buf) >= _NONCE + _TAG and self._worth_trying(len(buf)):
             assert self._aes is not None
-            view = memoryview(buf)
-            try:
-                plaintext: Optional[bytes] = self._aes.decrypt(view[:_NONCE], view[_NONCE:], None)
-            except InvalidTag:
-                plaintext = None
-            nonce = bytes(view[:_NONCE])
-            view.release()
-            if plaintext is not None:
+            data = bytes(buf)  # (a copy: a close from another thread may clear the buffer)
+            starts = [0]
+            while len(starts) <= skip and data[starts[-1] : starts[-1] + 1] in (b"\r", b"\n"):
+                starts.append(starts[-1] + 1)
+            for start in starts:
+                record = data[start:]
+                try:
+                    plaintext = self._aes.decrypt(record[:_NONCE], record[_NONCE:], None)
+                except (InvalidTag, ValueError):
+                    continue
+                nonce = record[:_NONCE]
                 if nonce in self._nonces:
                     raise CryptoError(
                         f"the {whose} sent a record seen before in this session "
@@ -383,7 +390,7 @@ class _Legacy:
                 self._tried_at = 0
                 self.delivered += 1
                 return plaintext
-        if len(buf) >= MAX_RECORD:
+        if len(buf) >= MAX_RECORD + skip:
             raise CryptoError(
                 f"the {whose}'s message did not authenticate within {MAX_RECORD} bytes "
                 "(a wrong key, or tampering)"
@@ -396,6 +403,27 @@ class _Legacy:
         return NEED_DATA
 
 
+class _NonceWindow:
+    """The last :data:`NONCE_WINDOW` nonces of a session (sent and received):
+    a record that reuses one is refused (a reflection, a recent replay).
+    Bounded, so a long session costs a fixed amount of memory."""
+
+    __slots__ = ("_order", "_set")
+
+    def __init__(self) -> None:
+        self._order: Deque[bytes] = deque()
+        self._set: Set[bytes] = set()
+
+    def __contains__(self, nonce: object) -> bool:
+        return nonce in self._set
+
+    def add(self, nonce: bytes) -> None:
+        self._order.append(nonce)
+        self._set.add(nonce)
+        if len(self._order) > NONCE_WINDOW:
+            self._set.discard(self._order.popleft())
+
+
 class LegacyClient(_Legacy):
     """The client side.  ``verify_server_key(fingerprint, der)`` decides
     whether the server's key is trusted: it raises to refuse it, and may
@@ -405,11 +433,28 @@ class LegacyClient(_Legacy):
     _role = "client"
     pause_after_key = PAUSE_AFTER_KEY
 
-    def __init__(self, verify_server_key: Verifier, *, entropy: Entropy = os.urandom) -> None:
+    def __init__(
+        self,
+        verify_server_key: Verifier,
+        *,
+        entropy: Entropy = os.urandom,
+        on_unproved: Optional[Callable[[], None]] = None,
+    ) -> None:
         super().__init__(entropy)
         self._verify = verify_server_key
         self._on_proved: Optional[Callable[[], None]] = None
+        #: Called at the session's end if what the key check returned (a
+        #: trust-on-first-use record) never ran: no reply proved the key.
+        self._on_unproved = on_unproved
         self.state = State.WAIT_SERVER_HELLO
+
+    def close(
+        self, code: int = CloseCode.NORMAL, reason: str = "", *, counted: bool = True
+    ) -> None:
+        unproved, self._on_proved = self._on_proved, None
+        super().close(code, reason, counted=counted)
+        if unproved is not None and self._on_unproved is not None:
+            self._on_unproved()
 
     def _next(self) -> Event:
         if self.state is State.WAIT_SERVER_HELLO:
@@ -418,7 +463,7 @@ class LegacyClient(_Legacy):
         if self._in_flight:
             if not buf and self._eof:
                 raise ConnectionLost("the server closed the connection before replying")
-            got = self._message("server")
+            got = self._message("server", skip=2 if not self.delivered else 0)
             if isinstance(got, NeedData):
                 return got
             self._in_flight = False
@@ -427,7 +472,7 @@ class LegacyClient(_Legacy):
                 proved()
             return MessageReceived(got)
         if not self.sent:  # (the PEM's last line break, in a read of its own)
-            while buf and buf[0] in b"\r\n":
+            while buf and buf[0] in b"\r\n" and len(buf) <= 2:
                 del buf[:1]
         if buf:
             raise RemoteProtocolError("the server sent bytes nobody asked for")
@@ -565,6 +610,8 @@ class LegacyServer(_Legacy):
                     "the client sent a request before the reply to its last one "
                     "(Callcp 1.0 does not pipeline)"
                 )
+            if self._eof:  # (it left without waiting for the reply: the session is over)
+                return self._peer_ended()
             return NEED_DATA
         if not buf and self._eof:
             return self._peer_ended()
