@@ -385,3 +385,32 @@ def refused(adapter: Adapter, server: Any, port: int) -> None:
 
 def server_connect(adapter: Adapter, server: Any, port: int) -> Any:
     return adapter.connect(port, server_fingerprint=server.fingerprint)
+
+
+def test_worker_processes_read_the_header_too(
+    relays: Callable[..., HeaderRelay], server_key: Any
+) -> None:
+    """workers=2: each process takes the trusted proxy's header."""
+    import threading
+
+    import callcp
+
+    def whoami(conn: Any) -> None:
+        for _ in conn:
+            conn.send(repr(conn.remote_address[:2]).encode())
+
+    server = callcp.serve(
+        whoami, "127.0.0.1", 0, key=callcp.KeyPair(server_key), workers=2, **TRUSTED
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for i in range(6):
+            relay = relays(server.port, relay_v2((f"203.0.113.{i + 1}", 1000 + i)))
+            with callcp.connect(
+                "127.0.0.1", relay.port, server_fingerprint=server.fingerprint, timeout=10
+            ) as conn:
+                assert conn.request(b"?") == repr((f"203.0.113.{i + 1}", 1000 + i)).encode()
+    finally:
+        server.shutdown()
+        thread.join(10)
