@@ -315,7 +315,7 @@ def test_the_default_server_refuses_a_callcp1_client_at_once(adapter: Adapter) -
             callcp1_request(server.port, [b"hello"])
         assert time.monotonic() - started < 1.0
         assert wait_until(
-            lambda: server.log.about("as a Callcp 1.0 client does", logging.WARNING), timeout=1.0
+            lambda: server.log.about("as a Callcp 1.0 client does", logging.INFO), timeout=1.0
         )
         with server.connect() as conn:
             assert conn.request(b"callcp/2") == b"callcp/2"

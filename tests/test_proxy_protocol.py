@@ -325,17 +325,19 @@ def test_a_header_from_an_untrusted_address_is_refused_and_direct_clients_are_se
     assert remote[0] == "127.0.0.2"
 
 
-def test_a_health_check_is_not_logged_and_a_slow_header_times_out(
+def test_health_checks_are_not_logged_and_a_slow_header_times_out(
     adapter: Adapter, relays: Callable[..., HeaderRelay]
 ) -> None:
-    """HAProxy's check (v2 LOCAL, read the ServerHello, close) leaves no
-    WARNING; a header trickled a byte at a time is dropped at the handshake
-    deadline, while a client is served."""
+    """The proxy's checks (v2 LOCAL, v1 UNKNOWN, or no header; read the
+    ServerHello, close) are logged at DEBUG only; a header trickled a byte
+    at a time is dropped at the handshake deadline, while a client is served."""
     server = adapter.serve(Echo(), handshake_timeout=1.0, **TRUSTED)
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(relay_v2_local())
-        assert b"CALLCP" in sock.recv(4096)
-        check = f"127.0.0.1:{sock.getsockname()[1]}"
+    checks = []
+    for header in (relay_v2_local(), b"PROXY UNKNOWN\r\n", b""):  # (v2 LOCAL, v1, no header)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(header)
+            assert b"CALLCP" in sock.recv(4096)
+            checks.append(f"127.0.0.1:{sock.getsockname()[1]}")
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
         started = time.monotonic()
         header = v1_header(("203.0.113.9", 9))
@@ -360,7 +362,8 @@ def test_a_health_check_is_not_logged_and_a_slow_header_times_out(
         assert closed
     assert server.log is not None
     assert wait_until(lambda: server.log.about("timed out"))
-    assert not [line for line in server.log.messages(logging.INFO) if check in line]
+    assert not [line for line in server.log.messages(logging.INFO) for c in checks if c in line]
+    assert len(server.log.about("health check")) == 3  # (at DEBUG)
 
 
 def relay_v1(client: Tuple[str, int]) -> Callable[[Tuple[str, int]], bytes]:
@@ -414,3 +417,15 @@ def test_worker_processes_read_the_header_too(
     finally:
         server.shutdown()
         thread.join(10)
+
+
+def test_a_port_probe_from_elsewhere_is_logged_at_info(adapter: Adapter) -> None:
+    """A connection that closes without a byte (a TCP probe, a monitor, a
+    Callcp 1.0 client) is noted at INFO, not WARNING."""
+    server = adapter.serve(Echo())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        assert b"CALLCP" in sock.recv(4096)
+        probe = f"127.0.0.1:{sock.getsockname()[1]}"
+    assert server.log is not None
+    assert wait_until(lambda: server.log.about(f"connection from {probe} closed without a byte"))
+    assert not [line for line in server.log.messages(logging.WARNING) if probe in line]

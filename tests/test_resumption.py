@@ -218,11 +218,16 @@ def test_ticket_key_option(tmp_path: Path) -> None:
     path = tmp_path / "ticket.key"
     path.write_bytes(os.urandom(32))
     path.chmod(0o644)
-    with pytest.raises(KeyManagementError, match="readable by others"):
+    with pytest.raises(KeyManagementError, match="readable by every user"):
+        load_ticket_key(path)
+    path.chmod(0o640)  # (a group that may only read: as for the server key)
+    assert load_ticket_key(path) == [path.read_bytes()]
+    path.chmod(0o620)
+    with pytest.raises(KeyManagementError, match="writable by its group"):
         load_ticket_key(path)
     path.chmod(0o600)
     assert load_ticket_key(str(path)) == [path.read_bytes()]
-    path.write_bytes(b"x" * 8)
+    path.write_bytes(bytes(8))
     with pytest.raises(KeyManagementError, match="at least 32"):
         load_ticket_key(path)
 
@@ -332,14 +337,20 @@ def test_ticket_key_files_of_hex_lines_and_rotation_in_memory(tmp_path: Path) ->
     sealed under a key rotated out of first place still opens, one under a
     key dropped from the file no longer does."""
     from callcp._common import load_ticket_key, parse_ticket_keys
+    from callcp._core.errors import KeyManagementError
 
     a, b, c = os.urandom(32), os.urandom(32), os.urandom(32)
     path = tmp_path / "tickets"
     path.write_text(f"# comment\n{b.hex()}  # current\n\n{a.hex()}\n")
     path.chmod(0o600)
     assert load_ticket_key(path) == [b, a]
-    assert parse_ticket_keys(b"not hex at all, and long enough to be one raw secret") is None
-    assert parse_ticket_keys(b"abc\n") is None  # (odd or short: a raw secret, checked as such)
+    assert parse_ticket_keys(bytes(range(256))) is None  # (binary: one raw secret)
+    for bad in (b"abc\n", a.hex()[:63].encode(), b"# only a comment\n", (a.hex() + "0").encode()):
+        with pytest.raises(ValueError):  # (a text file must be whole keys)
+            parse_ticket_keys(bad)
+    path.write_text(f"{b.hex()}\n{a.hex()[:40]}\n")  # (a copy cut short)
+    with pytest.raises(KeyManagementError, match="line 2 is not a key"):
+        load_ticket_key(path)
     server_hash = bytes(32)
     old = TicketKeys(3600, a)
     ticket = old.seal(1000.0, 4, server_hash, None, b"s" * 32)
@@ -365,6 +376,12 @@ def test_keygen_ticket_key_and_rotate(tmp_path: Path) -> None:
     keys = load_ticket_key(path)
     assert keys is not None and len(keys) == 3 and first[0] not in keys
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    if os.geteuid() == 0:  # (a rotation by root keeps the file the service's)
+        os.chown(path, 12345, 23456)
+        path.chmod(0o640)
+        assert cli.main(["keygen", "--ticket-key", str(path), "--rotate", "-q"]) == 0
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (12345, 23456, 0o640)
 
 
 def test_two_servers_on_one_key_and_ticket_file_resume_each_other(

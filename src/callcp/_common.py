@@ -28,6 +28,7 @@ from ._core.wire import printable
 from ._options import CALLCP1, DEFAULT_PORT, ClientOptions
 from .hsm import is_pkcs11_uri
 from .keys import KeyPair
+from .keys import _check_mode as check_secret_file_mode
 from .trust import AuthorizedKeys, ServerKeyPolicy
 
 __all__ = [
@@ -245,7 +246,9 @@ def client_protocol(
     )
 
 
-def load_ticket_key(source: Union[bytes, PathLike, None]) -> Optional[List[bytes]]:
+def load_ticket_key(
+    source: Union[bytes, PathLike, None], *, insecure_ok: bool = False
+) -> Optional[List[bytes]]:
     """A server's ``ticket_key`` option as its master secrets, the one that
     seals first (None: a random key, this server's alone).
 
@@ -253,31 +256,34 @@ def load_ticket_key(source: Union[bytes, PathLike, None]) -> Optional[List[bytes
     comments and blank lines allowed): the first line seals new tickets,
     every line opens them (the previous secrets, kept across a rotation
     while their tickets live: ``callcp keygen --ticket-key FILE --rotate``).
-    A file that is not such lines is one secret, its raw bytes (at least 32).
+    A file that is not text is one secret, its raw bytes (at least 32: a
+    file from ``head -c 32 /dev/urandom``).  Its permissions follow the
+    server key's rule (0600, or 0640 for a group that may only read;
+    ``insecure_ok``: only warned about).
 
     Raises:
-        KeyManagementError: the file is missing, unreadable, readable by
-            group or others, or holds less than 32 bytes of secret.
+        KeyManagementError: the file is missing, unreadable, exposed (see
+            above), a text file with a line that is not a key, or holds
+            less than 32 bytes of secret.
     """
     if source is None or isinstance(source, (bytes, bytearray)):
         return None if source is None else [bytes(source)]
     path = Path(os.path.expanduser(source))
     try:
         with open(path, "rb") as handle:  # (links followed: a Kubernetes secret is one)
-            mode = os.fstat(handle.fileno()).st_mode  # (the file read, not the path's)
+            st = os.fstat(handle.fileno())  # (the file read, not the path's)
             data = handle.read(TICKET_FILE_LIMIT + 1)
     except OSError as exc:
         raise KeyManagementError(
             f"cannot read the ticket key file {path}: {exc.strerror}"
         ) from None
-    if mode & 0o077:
-        raise KeyManagementError(
-            f"the ticket key file {path} is readable by others (mode {mode & 0o777:o}); "
-            f"make it private: chmod 600 {path}"
-        )
+    check_secret_file_mode(path, st, insecure_ok, "ticket key")
     if len(data) > TICKET_FILE_LIMIT:
         raise KeyManagementError(f"the ticket key file {path} is over {TICKET_FILE_LIMIT} bytes")
-    secrets = parse_ticket_keys(data)
+    try:
+        secrets = parse_ticket_keys(data)
+    except ValueError as exc:
+        raise KeyManagementError(f"the ticket key file {path}: {exc}") from None
     if secrets is not None:
         return secrets
     if len(data) < 32:
@@ -290,25 +296,37 @@ def load_ticket_key(source: Union[bytes, PathLike, None]) -> Optional[List[bytes
 
 #: A ticket key file is small: a few lines of 64 hex digits.
 TICKET_FILE_LIMIT = 64 * 1024
-_HEX_SECRET = re.compile(r"[0-9a-fA-F]{64,}")
+_HEX_SECRET = re.compile(r"(?:[0-9a-fA-F]{2}){32,}")
 
 
 def parse_ticket_keys(data: bytes) -> Optional[List[bytes]]:
     """The secrets of a ticket key file of hex lines, first first; None if
-    the file is not one (it is then one raw secret)."""
+    the file is not text (it is then one raw secret).
+
+    Raises:
+        ValueError: a text file with a line that is not 64 or more hex
+            digits (a truncated or mistyped key), or with no key at all.
+    """
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
         return None
+    if any(ch < " " and ch not in "\n\r\t" for ch in text) or "\x7f" in text:
+        return None  # (control bytes: a raw secret that happens to be ASCII)
     secrets = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        if not _HEX_SECRET.fullmatch(line) or len(line) % 2:
-            return None
+        if not _HEX_SECRET.fullmatch(line):
+            raise ValueError(
+                f"line {number} is not a key (64 or more hex digits, an even number): "
+                "a truncated or mistyped copy?"
+            )
         secrets.append(bytes.fromhex(line))
-    return secrets or None
+    if not secrets:
+        raise ValueError("no key in it (lines of 64 hex digits: callcp keygen --ticket-key)")
+    return secrets
 
 
 def ticket_key_line(secret: bytes) -> str:

@@ -1082,10 +1082,13 @@ class Notices:
         self._start = time.monotonic()
         # kind -> [count, suppressed, sources]
         self._kinds: Dict[str, Tuple[int, int, Set[str]]] = {}
+        self._levels: Dict[str, int] = {}  # kind -> its lines' level
 
-    def note(self, kind: str, source: str, message: str, *args: Any) -> None:
+    def note(
+        self, kind: str, source: str, message: str, *args: Any, level: int = logging.WARNING
+    ) -> None:
         """One event of ``kind`` (e.g. "refused ...: busy") from ``source``;
-        ``message % args`` is its own line, if it is logged."""
+        ``message % args`` is its own line (at ``level``), if it is logged."""
         now = time.monotonic()
         if now - self._start >= self.WINDOW:
             self.flush(now)
@@ -1095,8 +1098,9 @@ class Notices:
                 sources.add(source)
             loud = count < self.BURST
             self._kinds[kind] = (count + 1, suppressed + (not loud), sources)
+            self._levels[kind] = level
         if loud:
-            self._log.warning(message, *args)
+            self._log.log(level, message, *args)
 
     def flush(self, now: Optional[float] = None) -> None:
         """End the window if it is over: one summary line per kind that had
@@ -1112,7 +1116,8 @@ class Notices:
             if suppressed:
                 many = f"{len(sources)}+" if len(sources) >= self.MAX_SOURCES else len(sources)
                 plural = "" if len(sources) == 1 else "s"
-                self._log.warning(
+                self._log.log(
+                    self._levels.get(kind, logging.WARNING),
                     "%s: %d in the last %.0f s from %s source%s (%d not logged one by one)",
                     kind,
                     count,
@@ -1237,7 +1242,7 @@ class Arrival:
             return b""
         self.proxy = None
         info, rest = got
-        self.health_check = info.local
+        self.health_check = info.source is None  # (v2 LOCAL, v1 UNKNOWN: the proxy's own)
         if info.source is not None:
             self.addr = info.source
             source = source_of(self.addr)
@@ -1534,7 +1539,7 @@ class ServerCore:
                 self._ticket_file = _file_stamp(source)
             except OSError:
                 pass  # (load_ticket_key says why, in its terms)
-        secrets = load_ticket_key(source)
+        secrets = load_ticket_key(source, insecure_ok=self.options.allow_insecure_permissions)
         if secrets is None:
             return TicketKeys(self.options.ticket_lifetime)
         return TicketKeys(self.options.ticket_lifetime, secrets[0], previous=secrets[1:])
@@ -1711,6 +1716,16 @@ class ServerCore:
         if not isinstance(exc, CallcpError):  # a bug, not the peer: loudly, with the traceback
             self.log.error(
                 "internal error in the handshake with %s", format_peer(addr), exc_info=exc
+            )
+            return
+        if getattr(exc, "without_a_byte", False):  # (port checks, probes: not a warning)
+            self.notices.note(
+                "connections closed without a byte",
+                source_of(addr),
+                "connection from %s closed without a byte: %s",
+                format_peer(addr),
+                exc,
+                level=logging.INFO,
             )
             return
         self.notices.note(

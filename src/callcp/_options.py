@@ -249,9 +249,9 @@ class ServerOptions(_Options):
         key: the server's key (KeyPair, RSA private key or PEM path,
             generated there on first use; default ``~/.callcp/server_key.pem``).
         key_password: the passphrase of an encrypted key file.
-        allow_insecure_permissions: load key files (``key``, ``next_key``)
-            that others may read or write (logged); else they are refused
-            (``chmod 600``).
+        allow_insecure_permissions: load key files (``key``, ``next_key``,
+            a ``ticket_key`` file) that others may read or write (logged);
+            else they are refused (``chmod 600``).
         authorized_keys: require client authentication and admit only these
             keys (a file path or fingerprints).
         max_connections: open connections at once, in every phase (None:
@@ -273,10 +273,14 @@ class ServerOptions(_Options):
             the ticket key changes (0: issue and accept no tickets; at most
             7 days).
         ticket_key: what the ticket keys derive from: 32 or more secret
-            bytes, or the path of a file holding them (mode 0600), shared by
-            every server that should resume each other's sessions (None: a
-            random key, this server's alone; with ``workers=N``, shared by
-            its N processes).
+            bytes, or the path of a ticket key file (``callcp keygen
+            --ticket-key``: lines of 64 hex digits, the first sealing new
+            tickets and every line opening them; mode 0600, or 0640 for a
+            group that may only read), shared by every server that should
+            resume each other's sessions.  A file is read again within a
+            second of a change (a rotation: ``--rotate``).  None: a random
+            key, this server's alone (with ``workers=N``, shared by its N
+            processes).
         share_lifetime: seconds the server uses one signed X25519 share for
             its ServerHellos (one RSA signature each; 1 to 3,600).  A share
             is valid for ``share_lifetime + handshake_timeout`` seconds.

@@ -93,7 +93,7 @@ from callcp import (
 from callcp._common import (
     DEFAULT_PORT,
     DEFAULT_SERVER_KEY,
-    load_ticket_key,
+    parse_ticket_keys,
     ticket_key_line,
 )
 from callcp._core.wire import printable
@@ -1021,18 +1021,48 @@ TICKET_FILE_HEADER = (
 )
 
 
+def _ticket_keys_kept(path: Path) -> List[bytes]:
+    """The keys a rotation keeps (the file keeps its owner, group and mode:
+    whose it is does not matter here, as it does to a server reading it)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror or exc}", EXIT_LOCAL) from None
+    try:
+        keys = parse_ticket_keys(data)
+    except ValueError as exc:
+        raise CommandError(f"{path}: {exc}", EXIT_LOCAL) from None
+    if keys is None:
+        if len(data) < 32:
+            raise CommandError(f"{path} holds {len(data)} bytes: not a ticket key", EXIT_LOCAL)
+        keys = [data]
+    return keys
+
+
 def _keygen_ticket(args: argparse.Namespace) -> int:
     path = Path(os.path.expanduser(args.ticket_key))
     new = os.urandom(32)
     if args.rotate:
-        kept = load_ticket_key(str(path)) or []  # (checks it is private, too)
+        kept = _ticket_keys_kept(path)
         keys = [new, *kept][:TICKET_KEYS_KEPT]
     else:
         keys = [new]
     data = (TICKET_FILE_HEADER + "".join(ticket_key_line(key) + "\n" for key in keys)).encode()
     if args.rotate or args.force:
         tmp = _write_temp(path, data, 0o600)
-        os.replace(tmp, path)
+        try:
+            if args.rotate:  # (the file stays whose it was, and as readable: 0640 at most)
+                st = path.stat()
+                if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                    os.chown(tmp, st.st_uid, st.st_gid)
+                os.chmod(tmp, stat.S_IMODE(st.st_mode) & 0o640)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise CommandError(
+                f"cannot rotate {path}: {exc.strerror or exc} (its owner, or root, can)",
+                EXIT_LOCAL,
+            ) from None
     elif not _write_new(path, data, 0o600, "ticket key file"):
         raise CommandError(
             f"{path} already exists; not overwriting it (--rotate adds a new key and keeps "

@@ -900,11 +900,13 @@ class _Protocol:
         partial = len(self._buf) - self._pos
         detail = f" ({partial} bytes of an incomplete frame buffered)" if partial else ""
         if self.state is State.WAIT_CLIENT_HELLO and not self.buffered:
-            raise HandshakeAborted(
+            err = HandshakeAborted(
                 "the client closed the connection without sending a byte: as a Callcp 1.0 "
                 "client does on a callcp/2 ServerHello (serve those with protocol='callcp1' "
                 "on a port of their own), or a port check"
             )
+            err.without_a_byte = True  # type: ignore[attr-defined]  # (logged at INFO)
+            raise err
         if self.state in _HANDSHAKE_STATES:
             raise HandshakeAborted(f"the peer closed the connection during the handshake{detail}")
         if self._close_sent and not self._fragments and self.state is _OPEN:
