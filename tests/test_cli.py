@@ -1409,3 +1409,22 @@ def test_serve_protocol_callcp1_refuses_what_callcp1_lacks(
 ) -> None:
     line = error_line(run("serve", "--port", "0", "--protocol", "callcp1", *option), 2)
     assert f"{option[0]} needs callcp/2: Callcp 1.0 has {lacks}" in line
+
+
+def test_serve_per_source_limits_and_shutdown_timeout(
+    serve: Callable[..., InProcessServer], run: Callable[..., Result]
+) -> None:
+    server = serve(
+        "--max-connections-per-source",
+        "0",
+        "--max-handshakes-per-source",
+        "0",
+        "--shutdown-timeout",
+        "2.5",
+    )
+    options = server.server.options
+    assert options.max_connections_per_source == 0
+    assert options.max_handshakes_per_source == 0
+    assert options.shutdown_timeout == 2.5
+    line = error_line(run("serve", "--port", "0", "--shutdown-timeout", "0"), 2)
+    assert "--shutdown-timeout must be" in line

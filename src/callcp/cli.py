@@ -259,6 +259,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _count_or_zero(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected an integer >= 0")
+    return value
+
+
 _SIZE = re.compile(r"([0-9]+)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
 
 
@@ -510,6 +520,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count,
         help="serve at most N clients at once; more are refused (default: what the "
         "file-descriptor limit allows, at most 10000)",
+    )
+    p.add_argument(
+        "--max-connections-per-source",
+        metavar="N",
+        type=_count_or_zero,
+        help="serve at most N connections from one address (an IPv6 /64) at once; 0: no "
+        "such limit, e.g. behind a balancer without --proxy-protocol (default: 512)",
+    )
+    p.add_argument(
+        "--max-handshakes-per-source",
+        metavar="N",
+        type=_count_or_zero,
+        help="handshakes (waiting or running) from one address at once; 0: no such limit "
+        "(default: 64)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        metavar="S",
+        type=_seconds,
+        help="on Ctrl-C or SIGTERM, seconds in-flight requests get to finish (default: 5)",
     )
     p.add_argument(
         "--workers",
@@ -1379,6 +1409,9 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
         "max_message_size": args.max_message_size,
         "handshake_timeout": args.handshake_timeout,
         "max_connections": args.max_connections,
+        "max_connections_per_source": args.max_connections_per_source,
+        "max_handshakes_per_source": args.max_handshakes_per_source,
+        "shutdown_timeout": args.shutdown_timeout,
         "workers": args.workers,
         "allow_insecure_permissions": args.insecure_key_permissions or None,
         "protocol": args.protocol,
@@ -1412,6 +1445,7 @@ _OPTION_FLAGS = (
     ("proxy_protocol=True", "--proxy-protocol"),
     ("trusted_proxies", "--trusted-proxy"),
     ("ticket_key", "--ticket-key"),
+    ("shutdown_timeout", "--shutdown-timeout"),
     ("protocol='callcp1'", "--protocol callcp1"),
 )
 
