@@ -11,6 +11,7 @@ proxy; clients connect to it from 127.0.0.1."""
 
 from __future__ import annotations
 
+import select
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ defaults
     timeout connect 2s
     timeout client 60s
     timeout server 60s
+    timeout check 2s
     retries 3
     option redispatch 1
 
@@ -93,6 +95,8 @@ class Backend:
                 stderr=log,
             )
         assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        assert ready, f"{self.name} did not start within 30 s: {self.log.read_text()}"
         line = self.proc.stdout.readline().decode()
         assert line.startswith("listening "), (line, self.log.read_text())
         self.port = int(line.split()[1])

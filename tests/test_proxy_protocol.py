@@ -293,6 +293,7 @@ def test_per_source_limits_count_the_named_client(
         assert conn.request(b"y") == b"y"
     assert server.log is not None
     assert wait_until(lambda: server.log.about("refused 198.51.100.1:1: too many connections"))
+    assert len(server.log.about("198.51.100.1", logging.WARNING)) == 1  # (logged once)
     for conn in held:
         conn.close()
 
@@ -429,3 +430,54 @@ def test_a_port_probe_from_elsewhere_is_logged_at_info(adapter: Adapter) -> None
     assert server.log is not None
     assert wait_until(lambda: server.log.about(f"connection from {probe} closed without a byte"))
     assert not [line for line in server.log.messages(logging.WARNING) if probe in line]
+
+
+def test_a_header_naming_no_client_keeps_the_proxys_own_limits(
+    adapter: Adapter, relays: Callable[..., HeaderRelay]
+) -> None:
+    """v2 LOCAL or v1 UNKNOWN names no client: the connection is the proxy's
+    own, held to the per-source limits under the proxy's address (else such
+    a header would lift them).  A refusal is logged once."""
+    server = adapter.serve(Echo(), max_connections_per_source=2, **TRUSTED)
+    local = relays(server.port, lambda _: relay_v2_local())
+    unknown = relays(server.port, lambda _: b"PROXY UNKNOWN\r\n")
+    held = [
+        server_connect(adapter, server, local.port),
+        server_connect(adapter, server, unknown.port),
+    ]
+    for conn in held:
+        assert conn.request(b"x") == b"x"
+    refused(adapter, server, local.port)
+    assert server.log is not None
+    assert wait_until(lambda: server.log.about("refused 127.0.0.1:"))
+    assert len(server.log.about("too many connections", logging.WARNING)) == 1
+    for conn in held:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (["0.0.0.0/0"], "trusts every address"),
+        (["::/0"], "trusts every address"),
+        ([0], "not an IP address or network"),
+        ([b"10.0.0.1"], "not an IP address or network"),
+        ("10.0.0.1", "must be a list"),
+        (["10.0.0.300"], "not an IP address or network"),
+    ],
+)
+def test_trusted_proxies_are_checked(entries: Any, message: str) -> None:
+    import callcp
+
+    with pytest.raises(ValueError, match=message):
+        callcp.ServerOptions(proxy_protocol=True, trusted_proxies=entries)
+
+
+def test_an_ipv4_mapped_trusted_entry_matches_the_ipv4_peer() -> None:
+    from callcp._engine import TrustedProxies
+
+    trusted = TrustedProxies(["::ffff:10.0.0.5", "::ffff:192.0.2.0/120"])
+    assert trusted.trusts(("10.0.0.5", 1))
+    assert trusted.trusts(("::ffff:10.0.0.5", 1, 0, 0))
+    assert trusted.trusts(("192.0.2.77", 1))
+    assert not trusted.trusts(("10.0.0.6", 1))

@@ -351,6 +351,14 @@ def test_ticket_key_files_of_hex_lines_and_rotation_in_memory(tmp_path: Path) ->
     path.write_text(f"{b.hex()}\n{a.hex()[:40]}\n")  # (a copy cut short)
     with pytest.raises(KeyManagementError, match="line 2 is not a key"):
         load_ticket_key(path)
+    path.write_text("".join(os.urandom(32).hex() + "\n" for _ in range(9)))
+    with pytest.raises(KeyManagementError, match="9 keys; at most 8"):
+        load_ticket_key(path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)  # (opened without blocking, and refused)
+    with pytest.raises(KeyManagementError, match="not a regular file"):
+        load_ticket_key(fifo)
+    path.write_text(f"# comment\n{b.hex()}  # current\n\n{a.hex()}\n")
     server_hash = bytes(32)
     old = TicketKeys(3600, a)
     ticket = old.seal(1000.0, 4, server_hash, None, b"s" * 32)
@@ -376,6 +384,14 @@ def test_keygen_ticket_key_and_rotate(tmp_path: Path) -> None:
     keys = load_ticket_key(path)
     assert keys is not None and len(keys) == 3 and first[0] not in keys
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    shared = tmp_path / "shared.keys"  # (a link to a shared file: the file is rotated)
+    os.replace(path, shared)
+    path.symlink_to(shared)
+    assert cli.main(["keygen", "--ticket-key", str(path), "--rotate", "-q"]) == 0
+    assert path.is_symlink() and load_ticket_key(shared) == load_ticket_key(path)
+    assert load_ticket_key(shared) is not None and load_ticket_key(shared)[1:] == keys[:2]
+    path.unlink()
+    os.replace(shared, path)
     if os.geteuid() == 0:  # (a rotation by root keeps the file the service's)
         os.chown(path, 12345, 23456)
         path.chmod(0o640)
@@ -448,3 +464,52 @@ def test_two_servers_on_one_key_and_ticket_file_resume_each_other(
         proxy.close()
         for s in servers:
             s.shutdown()
+
+
+def test_a_key_removed_from_the_file_opens_nothing_more(
+    server_key: rsa.RSAPrivateKey, tmp_path: Path
+) -> None:
+    """After the file is replaced without the old key (--force: a key that
+    leaked), the very next connection's ticket, sealed under it, no longer
+    opens: a full handshake (the server's ready-made next connection held
+    the old keys: it is made again)."""
+    import logging
+    import threading
+
+    from callcp import cli
+    from tests.sock_support import wait_until
+
+    path = tmp_path / "tickets"
+    assert cli.main(["keygen", "--ticket-key", str(path), "-q"]) == 0
+    handler = Resumed()
+    logs: List[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logs.append(record.getMessage())
+
+    logger = logging.getLogger(f"callcp.test.removed.{os.getpid()}")
+    logger.addHandler(Capture())
+    logger.setLevel(logging.INFO)
+    server = callcp.serve(
+        handler.sync, "127.0.0.1", 0, key=callcp.KeyPair(server_key), ticket_key=path, logger=logger
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    store = SessionStore()
+    try:
+        for _ in range(2):
+            with callcp.connect(
+                "127.0.0.1", server.port, server_fingerprint=server.fingerprint, session_store=store
+            ) as conn:
+                conn.request(b"x")
+        assert handler.resumed == [False, True]
+        assert cli.main(["keygen", "--ticket-key", str(path), "--force", "-q"]) == 0
+        assert wait_until(lambda: any("read again" in line for line in logs), timeout=10)
+        with callcp.connect(
+            "127.0.0.1", server.port, server_fingerprint=server.fingerprint, session_store=store
+        ) as conn:
+            conn.request(b"x")
+        assert handler.resumed[-1] is False
+    finally:
+        server.shutdown()

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+import stat
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -270,8 +271,13 @@ def load_ticket_key(
         return None if source is None else [bytes(source)]
     path = Path(os.path.expanduser(source))
     try:
-        with open(path, "rb") as handle:  # (links followed: a Kubernetes secret is one)
+        # (links followed: a Kubernetes secret is one; O_NONBLOCK: a FIFO put
+        # there does not block the server, which reads this while accepting)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as handle:
             st = os.fstat(handle.fileno())  # (the file read, not the path's)
+            if not stat.S_ISREG(st.st_mode):
+                raise KeyManagementError(f"the ticket key file {path} is not a regular file")
             data = handle.read(TICKET_FILE_LIMIT + 1)
     except OSError as exc:
         raise KeyManagementError(
@@ -296,6 +302,8 @@ def load_ticket_key(
 
 #: A ticket key file is small: a few lines of 64 hex digits.
 TICKET_FILE_LIMIT = 64 * 1024
+#: The most keys a ticket key file may hold (the current one and the previous).
+MAX_TICKET_KEYS = 8
 _HEX_SECRET = re.compile(r"(?:[0-9a-fA-F]{2}){32,}")
 
 
@@ -326,6 +334,10 @@ def parse_ticket_keys(data: bytes) -> Optional[List[bytes]]:
         secrets.append(bytes.fromhex(line))
     if not secrets:
         raise ValueError("no key in it (lines of 64 hex digits: callcp keygen --ticket-key)")
+    if len(secrets) > MAX_TICKET_KEYS:
+        raise ValueError(
+            f"{len(secrets)} keys; at most {MAX_TICKET_KEYS} (each one a forged ticket tries)"
+        )
     return secrets
 
 

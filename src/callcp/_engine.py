@@ -757,6 +757,16 @@ def _file_stamp(path: Any) -> Tuple[int, int, int]:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _unmapped(network: Any) -> Any:
+    """An IPv4-mapped IPv6 network (``::ffff:10.0.0.5``) as the IPv4 network
+    it stands for: peers are matched as IPv4 (see TrustedProxies.trusts)."""
+    if network.version == 6 and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}", strict=False)
+    return network
+
+
 def via_proxy(addr: Any) -> str:
     """The admission's name for a trusted proxy's connection before its
     PROXY header said whose it is."""
@@ -770,7 +780,7 @@ class TrustedProxies:
     __slots__ = ("_networks",)
 
     def __init__(self, entries: Any) -> None:
-        self._networks = tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+        self._networks = tuple(_unmapped(ipaddress.ip_network(e, strict=False)) for e in entries)
 
     def trusts(self, addr: Any) -> bool:
         if not addr or not isinstance(addr, tuple):
@@ -1245,14 +1255,15 @@ class Arrival:
         self.health_check = info.source is None  # (v2 LOCAL, v1 UNKNOWN: the proxy's own)
         if info.source is not None:
             self.addr = info.source
-            source = source_of(self.addr)
-            why = self.server.admission.move(self.counted_as, source)
-            if why is not None:
-                self.server.refused(self.addr, why)
-                err = ServerBusy(f"server busy: {why}")
-                self.engine.core.fail(err)  # (the ALERT tells the client why)
-                raise err
-            self.counted_as = self.engine.source = source
+        # (no client named: the connection's own endpoints, the proxy's, and its limits)
+        source = source_of(self.addr)
+        why = self.server.admission.move(self.counted_as, source)
+        if why is not None:
+            self.server.refused(self.addr, why)
+            err = ServerBusy(f"server busy: {why}")
+            self.engine.core.fail(err)  # (the ALERT tells the client why)
+            raise err
+        self.counted_as = self.engine.source = source
         return rest
 
     def queue(
@@ -1378,6 +1389,8 @@ class Arrival:
 
     def _drop(self, exc: BaseException) -> None:
         self.state = "dropped"
+        if isinstance(exc, ServerBusy):  # (refused after its PROXY header: logged as such)
+            return
         if self.health_check and isinstance(exc, (HandshakeAborted, ProxyHeaderError)):
             self.server.log.debug("health check from %s", format_peer(self.addr))
             return
@@ -1568,6 +1581,7 @@ class ServerCore:
             )
             return
         self.tickets = keys
+        self._spare = None  # (it holds the old keys: a removed key opens nothing more)
         self.log.info("ticket keys read again from %s", printable(str(source)))
 
     def prepare(self) -> None:

@@ -134,11 +134,18 @@ def _proxies(enabled: Any, entries: Any) -> None:
         )
     for entry in entries:
         try:
-            ipaddress.ip_network(entry, strict=False)
+            if not isinstance(entry, str):
+                raise TypeError
+            network = ipaddress.ip_network(entry, strict=False)
         except (ValueError, TypeError):
             raise ValueError(
-                f"trusted_proxies: {entry!r} is not an IP address or network"
+                f"trusted_proxies: {entry!r} is not an IP address or network (a str)"
             ) from None
+        if network.prefixlen == 0:
+            raise ValueError(
+                f"trusted_proxies: {entry!r} trusts every address: anyone could name "
+                "any client; give the load balancers' addresses"
+            )
     if enabled and not entries:
         raise ValueError(
             "proxy_protocol=True needs trusted_proxies: the load balancers whose "

@@ -1071,6 +1071,8 @@ def _ticket_keys_kept(path: Path) -> List[bytes]:
 
 def _keygen_ticket(args: argparse.Namespace) -> int:
     path = Path(os.path.expanduser(args.ticket_key))
+    if args.rotate or args.force:  # (through a link: the file it names, shared, is changed)
+        path = Path(os.path.realpath(path))
     new = os.urandom(32)
     if args.rotate:
         kept = _ticket_keys_kept(path)
