@@ -1070,9 +1070,10 @@ def _ticket_keys_kept(path: Path) -> List[bytes]:
 
 
 def _keygen_ticket(args: argparse.Namespace) -> int:
-    path = Path(os.path.expanduser(args.ticket_key))
+    shown = Path(os.path.expanduser(args.ticket_key))
+    path = shown
     if args.rotate or args.force:  # (through a link: the file it names, shared, is changed)
-        path = Path(os.path.realpath(path))
+        path = Path(os.path.realpath(shown))
     new = os.urandom(32)
     if args.rotate:
         kept = _ticket_keys_kept(path)
@@ -1104,9 +1105,9 @@ def _keygen_ticket(args: argparse.Namespace) -> int:
     if args.quiet:
         pass
     elif args.rotate:
-        _say(f"ticket key file: {path}: a new key first, {len(keys) - 1} previous kept")
+        _say(f"ticket key file: {shown}: a new key first, {len(keys) - 1} previous kept")
     else:
-        _say(f"ticket key file: {path} (mode 0600): give it to every server (--ticket-key)")
+        _say(f"ticket key file: {shown} (mode 0600): give it to every server (--ticket-key)")
     return EXIT_OK
 
 
