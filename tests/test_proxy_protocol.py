@@ -392,32 +392,34 @@ def server_connect(adapter: Adapter, server: Any, port: int) -> Any:
 
 
 def test_worker_processes_read_the_header_too(
-    relays: Callable[..., HeaderRelay], server_key: Any
+    relays: Callable[..., HeaderRelay], home: Any, tmp_path: Any
 ) -> None:
-    """workers=2: each process takes the trusted proxy's header."""
-    import threading
-
+    """``callcp serve --workers 2 --proxy-protocol``: each worker process
+    takes the trusted proxy's header, and logs the client it names.  (A
+    server process of its own: worker processes forked from this test
+    process would inherit whatever its other threads hold.)"""
     import callcp
+    from tests.cli_support import CliServer
 
-    def whoami(conn: Any) -> None:
-        for _ in conn:
-            conn.send(repr(conn.remote_address[:2]).encode())
-
-    server = callcp.serve(
-        whoami, "127.0.0.1", 0, key=callcp.KeyPair(server_key), workers=2, **TRUSTED
+    log = tmp_path / "serve.log"
+    server = CliServer(
+        home,
+        ["--port", "0", "--workers", "2", "-vv"]
+        + ["--proxy-protocol", "--trusted-proxy", "127.0.0.1"],
+        log,
     )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        for i in range(6):
-            relay = relays(server.port, relay_v2((f"203.0.113.{i + 1}", 1000 + i)))
+        clients = [(f"203.0.113.{i + 1}", 1000 + i) for i in range(6)]
+        for client in clients:
+            relay = relays(server.port, relay_v2(client))
             with callcp.connect(
                 "127.0.0.1", relay.port, server_fingerprint=server.fingerprint, timeout=10
             ) as conn:
-                assert conn.request(b"?") == repr((f"203.0.113.{i + 1}", 1000 + i)).encode()
+                assert conn.request(b"?") == b"?"
+        for host, port in clients:
+            assert wait_until(lambda h=host, p=port: f"connection from {h}:{p}" in server.log())
     finally:
-        server.shutdown()
-        thread.join(10)
+        server.stop()
 
 
 def test_a_port_probe_from_elsewhere_is_logged_at_info(adapter: Adapter) -> None:

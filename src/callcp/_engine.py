@@ -119,7 +119,6 @@ Core = Union[_Protocol, LegacyClient, LegacyServer]
 HandshakeStep = Union[NeedData, DecryptionRequested, None]
 
 SHUTTING_DOWN = "server shutting down"
-
 PEER_LEFT = "the peer closed the connection before its key exchange"
 #: Seconds a server whose key failed to sign a share waits before asking it
 #: again (a PKCS#11 token failing): meanwhile connections are refused at no
@@ -1201,9 +1200,9 @@ class Arrival:
         self.state = "hello"
         #: (a trusted proxy's connection) its PROXY header, until read
         self.proxy: Optional[ProxyHeaderReader] = ProxyHeaderReader() if proxied else None
-        #: The trusted proxy's own connection, a health check (a PROXY v2
-        #: LOCAL header, or no byte at all): its end without a ClientHello
-        #: is logged at DEBUG only.
+        #: The trusted proxy's own connection, a health check (a header
+        #: naming no client: v2 LOCAL, v1 UNKNOWN; or no byte at all): its
+        #: end without a ClientHello is logged at DEBUG only.
         self.health_check = False
 
     def received(self, data: bytes) -> bool:
