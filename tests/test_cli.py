@@ -1421,10 +1421,16 @@ def test_serve_per_source_limits_and_shutdown_timeout(
         "0",
         "--shutdown-timeout",
         "2.5",
+        "--keepalive-interval",
+        "20",
+        "--ticket-lifetime",
+        "0",
     )
     options = server.server.options
     assert options.max_connections_per_source == 0
     assert options.max_handshakes_per_source == 0
     assert options.shutdown_timeout == 2.5
+    assert options.keepalive_interval == 20
+    assert options.ticket_lifetime == 0
     line = error_line(run("serve", "--port", "0", "--shutdown-timeout", "0"), 2)
     assert "--shutdown-timeout must be" in line

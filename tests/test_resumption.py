@@ -513,3 +513,24 @@ def test_a_key_removed_from_the_file_opens_nothing_more(
         assert handler.resumed[-1] is False
     finally:
         server.shutdown()
+
+
+def test_rotations_at_once_lose_no_key(tmp_path: Path) -> None:
+    """Two `keygen --rotate` at the same time: one waits for the other (a
+    lock beside the file), so both new keys are kept."""
+    import subprocess
+    import sys
+
+    from callcp._common import load_ticket_key
+
+    path = tmp_path / "tickets"
+    rotate = [sys.executable, "-m", "callcp", "keygen", "--ticket-key", str(path), "--rotate", "-q"]
+    for _ in range(5):
+        path.unlink(missing_ok=True)
+        assert subprocess.run(rotate[:-2] + ["-q"], check=False).returncode == 0
+        first = load_ticket_key(path)
+        runs = [subprocess.Popen(rotate) for _ in range(2)]
+        assert [run.wait(60) for run in runs] == [0, 0]
+        keys = load_ticket_key(path)
+        assert keys is not None and first is not None
+        assert len(keys) == 3 and keys[2] == first[0]

@@ -515,6 +515,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="close connections silent for this long (default: 300; 0: never)",
     )
     p.add_argument(
+        "--keepalive-interval",
+        metavar="S",
+        type=_seconds,
+        help="ping a client silent for this long, to find a dead peer or keep a NAT or load "
+        "balancer mapping alive (default: never)",
+    )
+    p.add_argument(
+        "--ticket-lifetime",
+        metavar="S",
+        type=_seconds,
+        help="seconds a session ticket stays valid (default: 3600; 0: no tickets)",
+    )
+    p.add_argument(
         "--max-connections",
         metavar="N",
         type=_count,
@@ -1074,6 +1087,34 @@ def _keygen_ticket(args: argparse.Namespace) -> int:
     path = shown
     if args.rotate or args.force:  # (through a link: the file it names, shared, is changed)
         path = Path(os.path.realpath(shown))
+    with _rotation_lock(path if args.rotate else None):
+        return _write_ticket_keys(args, shown, path)
+
+
+@contextlib.contextmanager
+def _rotation_lock(path: Optional[Path]) -> Iterator[None]:
+    """(--rotate) One rotation of a file at a time: two at once would each
+    keep the keys they read, and one new key would be lost.  An advisory
+    lock on ``<file>.lock`` beside it."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    try:
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise CommandError(
+            f"cannot lock {path} for its rotation: {exc.strerror or exc}", EXIT_LOCAL
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_ticket_keys(args: argparse.Namespace, shown: Path, path: Path) -> int:
     new = os.urandom(32)
     if args.rotate:
         kept = _ticket_keys_kept(path)
@@ -1415,6 +1456,8 @@ def make_server(args: argparse.Namespace) -> callcp.Server:
         "max_connections_per_source": args.max_connections_per_source,
         "max_handshakes_per_source": args.max_handshakes_per_source,
         "shutdown_timeout": args.shutdown_timeout,
+        "keepalive_interval": args.keepalive_interval or None,
+        "ticket_lifetime": args.ticket_lifetime,
         "workers": args.workers,
         "allow_insecure_permissions": args.insecure_key_permissions or None,
         "protocol": args.protocol,
@@ -1449,6 +1492,8 @@ _OPTION_FLAGS = (
     ("trusted_proxies", "--trusted-proxy"),
     ("ticket_key", "--ticket-key"),
     ("shutdown_timeout", "--shutdown-timeout"),
+    ("ticket_lifetime", "--ticket-lifetime"),
+    ("keepalive_interval", "--keepalive-interval"),
     ("protocol='callcp1'", "--protocol callcp1"),
 )
 
