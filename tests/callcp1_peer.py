@@ -95,6 +95,19 @@ class Callcp1Server:
         self.sock.close()
 
 
+def _key_exchange(sock: socket.socket) -> bytes:
+    """Callcp 1.0's client handshake: one recv(4096) for the PEM (one more
+    if its end marker is missing), then the AES key, RSA-OAEP encrypted."""
+    pem = sock.recv(4096)
+    if END_MARKER not in pem:
+        pem += sock.recv(4096)
+    public = serialization.load_pem_public_key(pem)
+    assert isinstance(public, rsa.RSAPublicKey)
+    aes_key = os.urandom(32)
+    sock.sendall(public.encrypt(aes_key, OAEP))
+    return aes_key
+
+
 def callcp1_request(
     port: int, messages: List[bytes], *, pause: float = 0.0, host: str = "127.0.0.1"
 ) -> List[bytes]:
@@ -107,13 +120,7 @@ def callcp1_request(
             not load, a reply that does not decrypt, a closed connection).
     """
     with socket.create_connection((host, port), timeout=10) as sock:
-        pem = sock.recv(4096)
-        if END_MARKER not in pem:
-            pem += sock.recv(4096)
-        public = serialization.load_pem_public_key(pem)
-        assert isinstance(public, rsa.RSAPublicKey)
-        aes_key = os.urandom(32)
-        sock.sendall(public.encrypt(aes_key, OAEP))
+        aes_key = _key_exchange(sock)
         if pause:
             threading.Event().wait(pause)
         replies = []
@@ -130,13 +137,7 @@ def callcp1_send(port: int, message: bytes, *, host: str = "127.0.0.1") -> None:
     """A Callcp 1.0 client that sends one message and leaves without
     waiting for the reply (fire and forget)."""
     with socket.create_connection((host, port), timeout=10) as sock:
-        pem = sock.recv(4096)
-        if END_MARKER not in pem:
-            pem += sock.recv(4096)
-        public = serialization.load_pem_public_key(pem)
-        assert isinstance(public, rsa.RSAPublicKey)
-        aes_key = os.urandom(32)
-        sock.sendall(public.encrypt(aes_key, OAEP))
+        aes_key = _key_exchange(sock)
         threading.Event().wait(0.05)
         sock.sendall(seal(aes_key, message))
 

@@ -825,20 +825,11 @@ class Admission:
             mine = self._by_source.get(source, 0)
             if self.open >= self.max_connections:
                 return f"too many connections: max_connections ({self.max_connections}) reached"
-            if not per_source:
+            why = None if not per_source else self._over_limits(mine)
+            if why is None:
                 self.open += 1
                 self._by_source[source] = mine + 1
-                return None
-            if self.per_source and mine >= self.per_source:
-                return (
-                    "too many connections from one address: "
-                    f"max_connections_per_source ({self.per_source}) reached"
-                )
-            if self.open >= self.max_connections - self._reserved and mine >= self.FEW:
-                return "nearly full: the last places are kept for other addresses"
-            self.open += 1
-            self._by_source[source] = mine + 1
-            return None
+            return why
 
     def move(self, old: str, new: str) -> Optional[str]:
         """A counted connection turns out to be ``new``'s (a PROXY header
@@ -846,29 +837,35 @@ class Admission:
         None if moved; else why not (it stays counted under ``old``)."""
         with self._lock:
             mine = self._by_source.get(new, 0)
-            if self.per_source and mine >= self.per_source:
-                return (
-                    "too many connections from one address: "
-                    f"max_connections_per_source ({self.per_source}) reached"
-                )
-            if self.open >= self.max_connections - self._reserved and mine >= self.FEW:
-                return "nearly full: the last places are kept for other addresses"
-            self._by_source[new] = mine + 1
-            left = self._by_source.get(old, 1) - 1
-            if left > 0:
-                self._by_source[old] = left
-            else:
-                self._by_source.pop(old, None)
-            return None
+            why = self._over_limits(mine)
+            if why is None:
+                self._by_source[new] = mine + 1
+                self._forget(old)
+            return why
 
     def release(self, source: str) -> None:
         with self._lock:
             self.open -= 1
-            left = self._by_source.get(source, 1) - 1
-            if left > 0:
-                self._by_source[source] = left
-            else:
-                self._by_source.pop(source, None)
+            self._forget(source)
+
+    def _over_limits(self, mine: int) -> Optional[str]:
+        """(under the lock) Why a source with ``mine`` connections may not
+        have one more; None: it may."""
+        if self.per_source and mine >= self.per_source:
+            return (
+                "too many connections from one address: "
+                f"max_connections_per_source ({self.per_source}) reached"
+            )
+        if self.open >= self.max_connections - self._reserved and mine >= self.FEW:
+            return "nearly full: the last places are kept for other addresses"
+        return None
+
+    def _forget(self, source: str) -> None:
+        left = self._by_source.get(source, 1) - 1
+        if left > 0:
+            self._by_source[source] = left
+        else:
+            self._by_source.pop(source, None)
 
 
 class HandshakeTicket:
